@@ -1,0 +1,1 @@
+"""Graph wrappers, ONNX export, TensorRT engine build and Polygraphy validation."""

@@ -1,0 +1,1 @@
+"""PyTorch definition of Dia2 and checkpoint loading (export-time only)."""

@@ -1,0 +1,333 @@
+"""Dia2 in PyTorch: backbone (``transformer``) and audio decoder (``depformer``).
+
+Parameter names and shapes are those of the official ``model.safetensors``.
+Everything runs in float32: the reference computes in float32 on CPU, and the
+fp16 graphs are made from the fp32 export, not from here.
+
+Each attention module has two ways of consuming its KV cache:
+
+* ``attend_reference`` writes the new K/V into a cache tensor and runs SDPA over
+  the whole cache with the reference's additive mask -- the same kernels in the
+  same order as nari-labs/dia2, so the PyTorch reference loop is bit-identical.
+* ``attend_split`` leaves the cache untouched and attends to ``[cache, new]``
+  by computing the scores of the two parts separately (see ``_split_attention``).
+  This is the form the exported step graphs use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Dia2Config
+
+
+def _activation(name: str) -> nn.Module:
+    name = name.lower()
+    if name in ("silu", "swish", "swiglu"):
+        return nn.SiLU()
+    if name in ("gelu", "geglu"):
+        return nn.GELU()
+    if name == "relu":
+        return nn.ReLU()
+    return nn.Identity()
+
+
+class Rotary(nn.Module):
+    """RoPE with the reference's half-split rotation and cached tables."""
+
+    def __init__(self, head_dim: int, min_timescale: float, max_timescale: float, max_positions: int) -> None:
+        super().__init__()
+        fraction = (2.0 * torch.arange(0, head_dim // 2)) / head_dim
+        timescale = min_timescale * (max_timescale / min_timescale) ** fraction
+        inv_freq = (1.0 / timescale).to(torch.float32)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.einsum("i,j->ij", t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, H, D]; positions: [B or 1, T]
+        cos = self.cos[positions].unsqueeze(2)
+        sin = self.sin[positions].unsqueeze(2)
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _reference_mask(length: torch.Tensor, capacity: int, dtype: torch.dtype) -> torch.Tensor:
+    positions = torch.arange(capacity, device=length.device)
+    masked = (positions >= length).view(1, 1, 1, capacity)
+    return torch.zeros(masked.shape, dtype=dtype).masked_fill(masked, torch.finfo(dtype).min)
+
+
+def _split_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
+) -> torch.Tensor:
+    """Attention over ``concat(cache[:, :, valid], new)`` without building the concat.
+
+    q: [B, H, D]; k_new/v_new: [B, Hkv, D]; caches: [B, Hkv, S, D]; valid: [S] bool.
+    Concatenating would copy the whole cache every step inside the graph; scoring
+    the cache and the new key separately only reads it, so the runtime (ORT or
+    TensorRT) can keep the cache in place and write just the new row.
+    """
+    b, h, d = q.shape
+    hkv = k_new.shape[1]
+    qg = q.view(b, hkv, h // hkv, d)
+    scores_cache = torch.matmul(qg, k_cache.transpose(-1, -2))  # [B, Hkv, G, S]
+    scores_cache = scores_cache.masked_fill(~valid, torch.finfo(q.dtype).min)
+    score_new = (qg * k_new.unsqueeze(2)).sum(-1, keepdim=True)  # [B, Hkv, G, 1]
+    probs = torch.softmax(torch.cat((scores_cache, score_new), dim=-1), dim=-1)
+    out = torch.matmul(probs[..., :-1], v_cache) + probs[..., -1:] * v_new.unsqueeze(2)
+    return out.reshape(b, h * d)
+
+
+class MultiStreamEmbedding(nn.Module):
+    """Main + second text stream through one table; pads in the second stream add nothing."""
+
+    def __init__(self, vocab: int, dim: int, pad_id: int, low_rank_dim: int | None = None) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        base = low_rank_dim if low_rank_dim is not None else dim
+        self.embedding = nn.Embedding(vocab, base)
+        self.main_proj = nn.Linear(base, dim, bias=False)
+        self.second_proj = nn.Linear(base, dim, bias=False)
+
+    def forward(self, main: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        out_main = self.main_proj(self.embedding(main))
+        out_second = self.second_proj(self.embedding(second))
+        use_second = (second != self.pad_id).unsqueeze(-1)
+        return out_main + torch.where(use_second, out_second, torch.zeros_like(out_second))
+
+
+class Mlp(nn.Module):
+    """Two-activation gated MLP: ``wo(act0(gate) * act1(up))`` with ``[gate, up] = wi(x)``."""
+
+    def __init__(self, dim: int, hidden: int, activations: list[str]) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.wi = nn.Linear(dim, 2 * hidden, bias=False)
+        self.wo = nn.Linear(hidden, dim, bias=False)
+        self.act0 = _activation(activations[0])
+        self.act1 = _activation(activations[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.wi(x).view(*x.shape[:-1], 2, self.hidden).unbind(dim=-2)
+        return self.wo(self.act0(gate) * self.act1(up))
+
+
+class Attention(nn.Module):
+    """Backbone GQA attention: q/k RMSNorm per head, RoPE, scale 1.0."""
+
+    def __init__(self, cfg: Dia2Config) -> None:
+        super().__init__()
+        dec, eps = cfg.model.decoder, cfg.model.normalization_layer_epsilon
+        self.heads, self.kv_heads, self.head_dim = dec.gqa_query_heads, dec.kv_heads, dec.gqa_head_dim
+        self.q_proj = nn.Linear(dec.n_embd, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dec.n_embd, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dec.n_embd, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, dec.n_embd, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary):
+        """x: [B, 1, E] -> q [B, H, 1, D], k/v [B, Hkv, 1, D]."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        return rotary(q, positions).transpose(1, 2), rotary(k, positions).transpose(1, 2), v.transpose(1, 2)
+
+    def attend_reference(self, q, k, v, k_cache, v_cache, length: torch.Tensor) -> torch.Tensor:
+        """Write at ``length`` and attend over the whole cache, exactly as the reference."""
+        k_cache[:, :, length] = k[:, :, 0]
+        v_cache[:, :, length] = v[:, :, 0]
+        mask = _reference_mask(length + 1, k_cache.shape[2], q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k_cache, v_cache, attn_mask=mask, scale=1.0, enable_gqa=self.heads != self.kv_heads
+        )
+        b = q.shape[0]
+        return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.heads * self.head_dim))
+
+    def attend_split(self, q, k, v, k_cache, v_cache, valid: torch.Tensor) -> torch.Tensor:
+        out = _split_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache, v_cache, valid)
+        return self.o_proj(out.unsqueeze(1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Dia2Config) -> None:
+        super().__init__()
+        dec, eps = cfg.model.decoder, cfg.model.normalization_layer_epsilon
+        self.pre_norm = nn.RMSNorm(dec.n_embd, eps=eps)
+        self.attn = Attention(cfg)
+        self.post_norm = nn.RMSNorm(dec.n_embd, eps=eps)
+        self.mlp = Mlp(dec.n_embd, dec.n_hidden, cfg.model.mlp_activations)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.post_norm(x))
+
+
+class Backbone(nn.Module):
+    """The per-frame transformer (checkpoint prefix ``transformer.``)."""
+
+    def __init__(self, cfg: Dia2Config, max_positions: int) -> None:
+        super().__init__()
+        d, dec = cfg.data, cfg.model.decoder
+        self.audio_embeds = nn.ModuleList(nn.Embedding(d.audio_vocab_size, dec.n_embd) for _ in range(d.audio_channels))
+        self.text_embed = MultiStreamEmbedding(d.text_vocab_size, dec.n_embd, d.text_pad_token_id, dec.low_rank_dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(dec.n_layer))
+        self.norm = nn.RMSNorm(dec.n_embd, eps=cfg.model.normalization_layer_epsilon)
+        self.action_head = nn.Linear(dec.n_embd, d.action_vocab_size, bias=False)
+        self.cb0_head = nn.Linear(dec.n_embd, d.audio_vocab_size, bias=False)
+        m = cfg.model
+        self.rotary = Rotary(dec.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, max_positions)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, C, 1] -> [B, 1, E]; audio terms added in channel order like the reference."""
+        hidden = self.text_embed(tokens[:, 0, :], tokens[:, 1, :])
+        for idx, table in enumerate(self.audio_embeds):
+            hidden = hidden + table(tokens[:, idx + 2, :])
+        return hidden
+
+    def heads(self, x: torch.Tensor):
+        hidden = self.norm(x)
+        return hidden, self.action_head(hidden), self.cb0_head(hidden)
+
+    def step_reference(self, tokens, positions, k_cache, v_cache, length):
+        """One frame, writing into ``[L, B, Hkv, S, D]`` caches at ``length`` (a 0-d tensor)."""
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)
+            x = layer.mlp_residual(x + layer.attn.attend_reference(q, k, v, k_cache[i], v_cache[i], length))
+        return self.heads(x)
+
+    def step(self, tokens, position, k_cache, v_cache):
+        """Export form. tokens [B, C] int64, position [1] int64, caches [L, B, Hkv, S, D].
+
+        Returns (hidden [B, E], action [B, A], cb0 [B, V], k_new, v_new [L, B, Hkv, D]);
+        the caller stores k_new/v_new at ``position`` before the next step.
+        """
+        x = self.embed(tokens.unsqueeze(-1))
+        positions = position.view(1, 1)
+        valid = torch.arange(k_cache.shape[3], device=position.device) < position
+        k_out, v_out = [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)
+            x = layer.mlp_residual(x + layer.attn.attend_split(q, k, v, k_cache[i], v_cache[i], valid))
+            k_out.append(k[:, :, 0])
+            v_out.append(v[:, :, 0])
+        hidden, action, cb0 = self.heads(x)
+        return hidden[:, 0], action[:, 0], cb0[:, 0], torch.stack(k_out), torch.stack(v_out)
+
+
+class ScheduleAttention(nn.Module):
+    """Depformer attention: fused QKV and output projections picked per stage by the weights schedule."""
+
+    def __init__(self, cfg: Dia2Config) -> None:
+        super().__init__()
+        dep, eps = cfg.model.depformer, cfg.model.normalization_layer_epsilon
+        self.schedule = list(cfg.runtime.weights_schedule)
+        self.heads, self.head_dim = dep.gqa_query_heads, dep.gqa_head_dim
+        ids = [str(i) for i in sorted(set(self.schedule))]
+        inner = self.heads * self.head_dim
+        self.in_proj = nn.ModuleDict({i: nn.Linear(dep.n_embd, 3 * inner, bias=False) for i in ids})
+        self.out_proj = nn.ModuleDict({i: nn.Linear(inner, dep.n_embd, bias=False) for i in ids})
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
+
+    def project(self, x: torch.Tensor, stage: int, rotary: Rotary | None):
+        """x: [B, 1, E] -> q, k, v each [B, H, 1, D]."""
+        b, t, _ = x.shape
+        proj = self.in_proj[str(self.schedule[stage])](x).view(b, t, 3, self.heads, self.head_dim)
+        q, k, v = self.q_norm(proj[:, :, 0]), self.k_norm(proj[:, :, 1]), proj[:, :, 2]
+        if rotary is not None:
+            pos = torch.full((1, 1), stage, dtype=torch.long, device=x.device)
+            q, k = rotary(q, pos), rotary(k, pos)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def output(self, attn: torch.Tensor, stage: int) -> torch.Tensor:
+        return self.out_proj[str(self.schedule[stage])](attn)
+
+
+class DepformerLayer(nn.Module):
+    def __init__(self, cfg: Dia2Config) -> None:
+        super().__init__()
+        dep, eps = cfg.model.depformer, cfg.model.normalization_layer_epsilon
+        self.pre_norm = nn.RMSNorm(dep.n_embd, eps=eps)
+        self.post_norm = nn.RMSNorm(dep.n_embd, eps=eps)
+        self.self_attention = ScheduleAttention(cfg)
+        self.mlp = Mlp(dep.n_embd, dep.n_hidden, dep.mlp_activations)
+
+
+class Depformer(nn.Module):
+    """The audio decoder: one stage per codebook after cb0 (checkpoint prefix ``depformer.``)."""
+
+    def __init__(self, cfg: Dia2Config) -> None:
+        super().__init__()
+        d, dep, m = cfg.data, cfg.model.depformer, cfg.model
+        self.num_depth = cfg.num_depth
+        self.schedule = list(cfg.runtime.weights_schedule)
+        self.audio_embeds = nn.ModuleList(nn.Embedding(d.audio_vocab_size, dep.n_embd) for _ in range(self.num_depth))
+        self.text_embed = (
+            MultiStreamEmbedding(d.text_vocab_size, dep.n_embd, d.text_pad_token_id) if dep.text_embedding else None
+        )
+        ids = [str(i) for i in sorted(set(self.schedule))]
+        self.depformer_in = nn.ModuleDict({i: nn.Linear(m.decoder.n_embd, dep.n_embd, bias=False) for i in ids})
+        self.layers = nn.ModuleList(DepformerLayer(cfg) for _ in range(dep.n_layer))
+        self.norm = nn.RMSNorm(dep.n_embd, eps=m.normalization_layer_epsilon)
+        self.logits = nn.ModuleList(nn.Linear(dep.n_embd, d.audio_vocab_size, bias=False) for _ in range(self.num_depth))
+        self.vocab_limit = min(d.audio_pad_token_id, d.audio_bos_token_id)
+        # The reference builds this table with its default length, 1500.
+        self.rotary = Rotary(dep.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, 1500) if dep.apply_rope else None
+
+    def stage_input(self, stage: int, prev_audio, hidden, main_text, second_text) -> torch.Tensor:
+        """prev_audio/main/second: [B] int64; hidden: [B, E_backbone] -> [B, 1, E]."""
+        emb = self.audio_embeds[stage](prev_audio[:, None])
+        if stage == 0 and self.text_embed is not None:
+            emb = emb + self.text_embed(main_text[:, None], second_text[:, None])
+        return self.depformer_in[str(self.schedule[stage])](hidden[:, None]) + emb
+
+    def stage_logits(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[stage](self.norm(x))[:, 0, : self.vocab_limit]
+
+    def stage_reference(self, stage, prev_audio, hidden, main_text, second_text, k_cache, v_cache):
+        """One stage with the reference's per-frame cache ``[L, B, H, num_depth, D]``."""
+        x = self.stage_input(stage, prev_audio, hidden, main_text, second_text)
+        length = torch.tensor(stage)
+        for i, layer in enumerate(self.layers):
+            att = layer.self_attention
+            q, k, v = att.project(layer.pre_norm(x), stage, self.rotary)
+            k_cache[i][:, :, stage] = k[:, :, 0]
+            v_cache[i][:, :, stage] = v[:, :, 0]
+            mask = _reference_mask(length + 1, k_cache.shape[3], q.dtype)
+            out = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], attn_mask=mask, scale=1.0)
+            b = q.shape[0]
+            x = x + att.output(out.transpose(1, 2).reshape(b, 1, att.heads * att.head_dim), stage)
+            x = x + layer.mlp(layer.post_norm(x))
+        return self.stage_logits(stage, x)
+
+    def stage_split(self, stage, prev_audio, hidden, main_text, second_text, past: list[list[tuple]]):
+        """Export form: ``past[i]`` lists the (k, v) of earlier stages of layer i; appended in place."""
+        x = self.stage_input(stage, prev_audio, hidden, main_text, second_text)
+        for i, layer in enumerate(self.layers):
+            att = layer.self_attention
+            q, k, v = att.project(layer.pre_norm(x), stage, self.rotary)
+            past[i].append((k, v))
+            keys = torch.cat([kv[0] for kv in past[i]], dim=2)
+            values = torch.cat([kv[1] for kv in past[i]], dim=2)
+            # The per-frame cache holds at most num_depth rows: concat is cheap here.
+            out = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)), dim=-1) @ values
+            b = q.shape[0]
+            x = x + att.output(out.transpose(1, 2).reshape(b, 1, att.heads * att.head_dim), stage)
+            x = x + layer.mlp(layer.post_norm(x))
+        return self.stage_logits(stage, x)
+
+
+class Dia2Model(nn.Module):
+    def __init__(self, cfg: Dia2Config, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = Backbone(cfg, max_positions or cfg.runtime.max_context_steps)
+        self.depformer = Depformer(cfg)

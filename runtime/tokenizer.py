@@ -1,0 +1,31 @@
+"""Text tokenizer over the ``tokenizers`` library (the runtime has no transformers).
+
+Ids must equal the reference's ``AutoTokenizer(use_fast=False)`` ids; the
+export step checks that on the real tokenizer files and records the special
+token ids in the manifest, so here we only encode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "TextTokenizer":
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer.json not found in {path}")
+        return cls(Tokenizer.from_file(str(file)))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
