@@ -1,0 +1,156 @@
+"""checkpoint -> artifact directory (graphs + tokenizer + manifest), built atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
+from dia2_trt.models.tokens import resolve_token_ids
+
+from .codec import export_codec_decoder, export_codec_encoder
+from .graphs import BackboneStep, DepformerFrame
+from .manifest import build_manifest, sha256, write_manifest
+from .onnx_io import export_module, save_model, signature
+
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_OPSET = 20  # TensorRT 10.x parses opsets <= 20 (22 from 10.9); ORT runs all.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+class BuildError(ValueError):
+    """Bad build request: unknown precision, unusable output directory."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    prefix_frames: int = 0  # cache rows reserved for an audio prefix (voice continuation)
+    overwrite: bool = False
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work if the result could not be put in place."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BuildError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise BuildError(f"parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BuildError(f"cannot write to {parent}")
+
+
+def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
+                    progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Export every graph into a temporary sibling of ``out``, then rename it into place."""
+    if options.precision not in PRECISIONS:
+        raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    out = Path(out)
+    check_output_dir(out, options.overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
+    try:
+        manifest = _build_into(files, tmp, options, progress)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progress) -> dict:
+    started = time.perf_counter()
+    progress(f"loading checkpoint {files.config_path.parent}")
+    model = load_model(files)
+    cfg = model.config
+    capacity = cfg.runtime.max_context_steps + 1 + options.prefix_frames
+    if capacity > model.transformer.rotary.cos.shape[0]:
+        model.transformer.rotary = type(model.transformer.rotary)(
+            cfg.model.decoder.gqa_head_dim, cfg.model.rope_min_timescale, cfg.model.rope_max_timescale, capacity)
+    ids = resolve_token_ids(cfg, files.tokenizer_dir)
+    mimi = load_mimi(files.mimi_ref)
+    graphs = {}
+    progress("exporting backbone step")
+    graphs["backbone"] = _export_step(BackboneStep(model), BackboneStep.example_inputs(model, capacity),
+                                      tmp / "backbone.onnx", options)
+    progress("exporting depformer frame")
+    graphs["depformer"] = _export_step(DepformerFrame(model, ids), DepformerFrame.example_inputs(model),
+                                       tmp / "depformer.onnx", options)
+    progress("exporting codec decoder step")
+    q = cfg.data.audio_channels
+    graphs["codec_decoder"] = _codec_entry(export_codec_decoder(
+        mimi, tmp / "codec_decoder.onnx", opset=options.opset, precision=options.precision, num_quantizers=q),
+        tmp / "codec_decoder.onnx")
+    progress("exporting codec encoder")
+    graphs["codec_encoder"] = _codec_entry(export_codec_encoder(
+        mimi, tmp / "codec_encoder.onnx", opset=options.opset, precision=options.precision, num_quantizers=q),
+        tmp / "codec_encoder.onnx")
+    _copy_tokenizer(files.tokenizer_dir, tmp / "tokenizer")
+    codec = {"frame_rate": float(mimi.config.frame_rate), "sample_rate": int(mimi.config.sampling_rate),
+             "frame_samples": graphs["codec_decoder"]["frame_samples"]}
+    manifest = build_manifest(cfg, ids, precision=options.precision, opset=options.opset, capacity=capacity,
+                              prefix_frames=options.prefix_frames, codec=codec, graphs=graphs,
+                              source=_source(files))
+    write_manifest(manifest, tmp)
+    progress(f"done in {time.perf_counter() - started:.1f}s")
+    return manifest
+
+
+def _export_step(module, args, path: Path, options: BuildOptions) -> dict:
+    proto = export_module(module, args, module.input_names, module.output_names, path, options.opset)
+    if options.precision == "fp16":
+        from .precision import to_fp16
+
+        proto = to_fp16(proto)
+        save_model(proto, path)
+    return {"file": path.name, **_files_entry(path), **signature(proto)}
+
+
+def _codec_entry(spec: dict, path: Path) -> dict:
+    entry = dict(spec)
+    entry.update(file=path.name, **_files_entry(path))
+    return entry
+
+
+def _files_entry(path: Path) -> dict:
+    entry = {"sha256": sha256(path)}
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        entry["external_data"] = {"file": data.name, "sha256": sha256(data)}
+    return entry
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    dst.mkdir()
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _source(files: CheckpointFiles) -> dict:
+    return {
+        "repo_id": files.repo_id,
+        "checkpoint": str(files.config_path.parent),
+        "mimi": files.mimi_ref,
+        "files": {p.name: sha256(p) for p in (files.config_path, files.weights_path)},
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap the finished directory in; an old one is removed only after the new one is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,159 @@
+"""``dia2-export``: build artifacts, validate them, and run the PyTorch reference loop."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .build import DEFAULT_OPSET, PRECISIONS, BuildOptions
+
+SIZES = ("tiny", "1B", "2B")
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _checkpoint_files(size: str | None, checkpoint: str | None):
+    from dia2_trt.models.sources import resolve_checkpoint
+
+    if (size is None) == (checkpoint is None):
+        _fail("give exactly one of --size or --checkpoint")
+    return resolve_checkpoint(size=size, checkpoint=checkpoint)
+
+
+def _source_options(fn):
+    fn = click.option("--checkpoint", type=click.Path(), help="Local checkpoint directory (config.json, model.safetensors, tokenizer).")(fn)
+    return click.option("--size", type=click.Choice(SIZES, case_sensitive=False), help="Model size: tiny (offline, random), 1B or 2B (Hugging Face).")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Export Dia2 to ONNX / TensorRT artifacts and check them against PyTorch."""
+
+
+@main.command()
+@_source_options
+@click.option("--precision", default="fp32", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
+@click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int)
+@click.option("--prefix-frames", default=0, show_default=True, type=click.IntRange(0),
+              help="Extra KV-cache frames reserved for an audio prefix.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
+def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite):
+    """Export the backbone, depformer and codec graphs with a manifest."""
+    from .build import build_artifacts, check_output_dir
+
+    if precision not in PRECISIONS:
+        _fail(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_output_dir(Path(out), overwrite)
+    files = _checkpoint_files(size, checkpoint)
+    options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite)
+    build_artifacts(files, Path(out), options, progress=lambda msg: click.echo(f"[build] {msg}", err=True))
+    click.echo(str(out))
+
+
+@main.command()
+@click.argument("artifacts", type=click.Path())
+@_source_options
+@click.option("--steps", default=64, show_default=True, type=click.IntRange(1), help="Teacher-forced decode steps.")
+@click.option("--codec-frames", default=320, show_default=True, type=click.IntRange(1))
+@click.option("--report", type=click.Path(), help="Write the JSON report here (default: ARTIFACTS/validation.json).")
+@click.option("--seed", default=0, show_default=True, type=int)
+def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed):
+    """Compare every graph with PyTorch through Polygraphy; exit 1 past tolerance."""
+    from .validate import validate_artifacts
+
+    source = _checkpoint_files(size, checkpoint) if (size or checkpoint) else None
+    result = validate_artifacts(Path(artifacts), source, steps=steps, codec_frames=codec_frames, seed=seed,
+                                echo=lambda msg: click.echo(msg, err=True))
+    path = Path(report) if report else Path(artifacts) / "validation.json"
+    _write_atomic(path, json.dumps(result, indent=1) + "\n")
+    click.echo(f"report: {path}", err=True)
+    if not result["passed"]:
+        _fail("validation failed: " + ", ".join(result["failures"]))
+
+
+@main.command()
+@_source_options
+@click.option("--input", "input_file", required=True, type=click.Path(), help="Script file ('-' for stdin).")
+@click.option("--temperature", type=click.FloatRange(0), help="Both streams (default: text 0.6, audio 0.8).")
+@click.option("--top-k", default=50, show_default=True, type=click.IntRange(0))
+@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=float)
+@click.option("--cfg-filter-k", default=50, show_default=True, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--tokens-out", required=True, type=click.Path(), help="JSON with aligned tokens and word timestamps.")
+@click.option("--out", "wav_out", type=click.Path(), help="Also decode to a WAV file with transformers' Mimi.")
+def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_filter_k, seed, tokens_out, wav_out):
+    """Generate with the eager PyTorch reference loop."""
+    from dia2_trt.runtime.params import GenerationParams
+
+    text = _read_script(input_file)
+    params = _params(GenerationParams, temperature, top_k, cfg_scale, cfg_filter_k, seed)
+    files = _checkpoint_files(size, checkpoint)
+    from .reference_run import run_reference
+
+    result, pcm, rate = run_reference(files, text, params, decode=wav_out is not None)
+    _write_atomic(Path(tokens_out), json.dumps(
+        {"tokens": result.tokens.tolist(), "timestamps": [[w, s] for w, s in result.timestamps]}) + "\n")
+    if wav_out:
+        _write_wav(Path(wav_out), pcm, rate)
+    click.echo(f"{result.frames} frames, {result.tokens.shape[1]} aligned", err=True)
+
+
+def _params(cls, temperature, top_k, cfg_scale, cfg_filter_k, seed):
+    kwargs = dict(text_top_k=top_k, audio_top_k=top_k, cfg_scale=cfg_scale, cfg_filter_k=cfg_filter_k, seed=seed)
+    if temperature is not None:
+        kwargs.update(text_temperature=temperature, audio_temperature=temperature)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _read_script(path: str) -> str:
+    from dia2_trt.runtime.script import ScriptError, check_script
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror}")
+    try:
+        check_script(text)
+    except ScriptError as exc:
+        _fail(str(exc))
+    return text.strip()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _fail(f"cannot write {path}: {exc.strerror}")
+
+
+def _write_wav(path: Path, pcm, rate: int) -> None:
+    import soundfile as sf
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        sf.write(str(tmp), pcm, rate, format="WAV", subtype="PCM_16")
+        tmp.replace(path)
+    except (OSError, sf.LibsndfileError) as exc:
+        tmp.unlink(missing_ok=True)
+        _fail(f"cannot write {path}: {exc}")
+
+
+def run() -> None:
+    """Entry point: library errors (ValueError and friends) become one-line messages."""
+    try:
+        main(standalone_mode=True)
+    except (ValueError, FileNotFoundError) as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,142 @@
+"""The modules that become the backbone-step and depformer-frame graphs.
+
+Both are pure functions of their inputs (no Python state, no data-dependent
+control flow), so one trace gives a static-shape graph that ONNX Runtime and
+TensorRT run as is. The CFG pair (conditional row 0, unconditional row 1) is
+the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dia2_trt.models.dia2 import Dia2Model
+from dia2_trt.runtime.state_machine import TokenIds
+
+BRANCHES = 2
+
+# Uniform noise is clamped away from 0 and 1 before the Gumbel transform so that
+# -log(-log(u)) stays finite (1 - 2**-24 is the largest float32 below 1).
+_U_MIN, _U_MAX = 1e-12, 1.0 - 2.0**-24
+
+
+class BackboneStep(nn.Module):
+    """One frame of the backbone for the CFG pair.
+
+    The cache is read, never written: new K/V rows come out as outputs and the
+    runtime stores them at ``position``. Writing in-graph would need either a
+    whole-cache copy per step (Concat / ScatterND produce new tensors) or opset-24
+    TensorScatter with input/output aliasing, which ONNX Runtime does not
+    guarantee and TensorRT < 10.15 cannot import. A [L, 2, Hkv, D] row write on
+    the host (or one cudaMemcpy2D on the device) is the cheapest portable option.
+    """
+
+    input_names = ["tokens", "position", "k_cache", "v_cache"]
+    output_names = ["hidden", "action_logits", "cb0_logits", "k_new", "v_new"]
+
+    def __init__(self, model: Dia2Model) -> None:
+        super().__init__()
+        self.backbone = model.transformer
+
+    def forward(self, tokens, position, k_cache, v_cache):
+        return self.backbone.step(tokens, position, k_cache, v_cache)
+
+    @staticmethod
+    def example_inputs(model: Dia2Model, capacity: int, position: int = 0):
+        cfg = model.config
+        dec = cfg.model.decoder
+        cache = torch.zeros(dec.n_layer, BRANCHES, dec.kv_heads, capacity, dec.gqa_head_dim)
+        tokens = torch.zeros(BRANCHES, cfg.data.channels, dtype=torch.long)
+        return tokens, torch.tensor([position], dtype=torch.long), cache, cache.clone()
+
+
+def guide(logits: torch.Tensor, cfg_scale: torch.Tensor, filter_k: torch.Tensor) -> torch.Tensor:
+    """The reference's CFG: the conditional row, limited to the guided top-k.
+
+    logits [2, V] -> [V]. ``cfg_scale == 1`` disables guidance (and the filter),
+    ``filter_k == 0`` disables only the filter. torch.lerp's two-branch formula
+    is spelled out so the guided values round like the reference's.
+    """
+    cond, uncond = logits[0], logits[1]
+    diff = cond - uncond
+    guided = torch.where(cfg_scale.abs() < 0.5, uncond + cfg_scale * diff, cond - diff * (1.0 - cfg_scale))
+    threshold = kth_largest(guided, filter_k)
+    filtered = torch.where(guided >= threshold, cond, torch.full_like(cond, float("-inf")))
+    use_filter = (cfg_scale != 1.0) & (filter_k > 0)
+    return torch.where(use_filter, filtered, cond)
+
+
+def kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor for a runtime ``k`` (clamped to [1, len]).
+
+    A full descending sort has a static shape (TopK with k = len), unlike TopK
+    with a data-dependent k, which TensorRT handles poorly.
+    """
+    n = values.shape[0]
+    k = k.clamp(1, n)
+    ordered = torch.sort(values, descending=True).values
+    return torch.gather(ordered, 0, k - 1)
+
+
+def sample(logits: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """The reference sampler in closed form: argmax at temperature 0, else
+    softmax(l / T) restricted to the top-k, drawn by Gumbel-max from uniform noise."""
+    greedy = torch.argmax(logits, dim=0, keepdim=True)
+    scaled = logits / temperature.clamp_min(1e-6)
+    n = logits.shape[0]
+    k = torch.where((top_k > 0) & (top_k < n), top_k, torch.full_like(top_k, n))
+    scaled = torch.where(scaled >= kth_largest(scaled, k), scaled, torch.full_like(scaled, float("-inf")))
+    gumbel = -torch.log(-torch.log(noise.clamp(_U_MIN, _U_MAX)))
+    drawn = torch.argmax(scaled + gumbel, dim=0, keepdim=True)
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+class DepformerFrame(nn.Module):
+    """All audio codebooks of one frame: cb0 from the backbone's logits, then every depformer stage.
+
+    Guidance, masking and sampling happen in-graph so a frame is one call
+    (the reference's per-stage host round trips leave a GPU mostly idle).
+    """
+
+    input_names = ["hidden", "cb0_logits", "text_tokens", "noise", "temperature", "top_k", "cfg_scale", "cfg_filter_k"]
+    output_names = ["audio_tokens"]
+
+    def __init__(self, model: Dia2Model, ids: TokenIds) -> None:
+        super().__init__()
+        self.depformer = model.depformer
+        self.n_layer = len(model.depformer.layers)
+        vocab = model.config.data.audio_vocab_size
+        special = torch.zeros(vocab, dtype=torch.bool)
+        special[[ids.audio_pad, ids.audio_bos]] = True
+        self.register_buffer("special", special, persistent=False)
+
+    def forward(self, hidden, cb0_logits, text_tokens, noise, temperature, top_k, cfg_scale, cfg_filter_k):
+        main = text_tokens[0:1].expand(BRANCHES)
+        second = text_tokens[1:2].expand(BRANCHES)
+        cb0 = guide(cb0_logits, cfg_scale, cfg_filter_k)
+        cb0 = cb0.masked_fill(self.special, torch.finfo(cb0.dtype).min)
+        token = sample(cb0, noise[0], temperature, top_k)
+        tokens = [token]
+        past: list[list] = [[] for _ in range(self.n_layer)]
+        limit = self.depformer.vocab_limit
+        for stage in range(self.depformer.num_depth):
+            logits = self.depformer.stage_split(stage, token.expand(BRANCHES), hidden, main, second, past)
+            token = sample(guide(logits, cfg_scale, cfg_filter_k), noise[stage + 1, :limit], temperature, top_k)
+            tokens.append(token)
+        return torch.cat(tokens)
+
+    @staticmethod
+    def example_inputs(model: Dia2Model):
+        cfg = model.config
+        q, vocab = cfg.data.audio_channels, cfg.data.audio_vocab_size
+        return (
+            torch.zeros(BRANCHES, cfg.model.decoder.n_embd),
+            torch.zeros(BRANCHES, vocab),
+            torch.zeros(2, dtype=torch.long),
+            torch.full((q, vocab), 0.5),
+            torch.zeros(1),
+            torch.tensor([50], dtype=torch.long),
+            torch.ones(1),
+            torch.tensor([50], dtype=torch.long),
+        )

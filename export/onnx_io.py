@@ -1,0 +1,64 @@
+"""torch -> ONNX for our static-shape graphs, and reading I/O signatures back."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
+# Protobuf cannot serialise a model over 2 GB; such graphs keep weights in a side file.
+_PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+                  path: Path, opset: int, dynamic_shapes=None) -> onnx.ModelProto:
+    """Export with the dynamo exporter (torch >= 2.9 has no other maintained path).
+
+    Weights are written as initializers; a graph too large for one protobuf gets
+    external data next to it.
+    """
+    module.eval()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False,
+            optimize=True, verify=False, report=False,
+        )
+    model = program.model_proto
+    save_model(model, path)
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    path = Path(path)
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        data = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        onnx.checker.check_model(str(path))
+    else:
+        onnx.checker.check_model(model)
+        onnx.save_model(model, str(path))
+
+
+def signature(model: onnx.ModelProto) -> dict[str, list[dict]]:
+    """{"inputs": [{name, shape, dtype}], "outputs": [...]} as the manifest records it."""
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+            out.append({"name": v.name, "shape": shape, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type))})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
