@@ -252,8 +252,10 @@ def _validate(cfg: Dia2Config, source: str) -> None:
         problems.append(f"data.channels must be >= 3 (text, second text, >= 1 audio codebook), got {d.channels}")
     if len(d.delay_pattern) != d.audio_channels:
         problems.append(f"data.delay_pattern has {len(d.delay_pattern)} entries, expected {d.audio_channels} (channels - 2)")
-    if any(v < 0 for v in d.delay_pattern):
-        problems.append("data.delay_pattern entries must be >= 0")
+    if any(v < 1 for v in d.delay_pattern):
+        # At frame 0 nothing is generated yet: a codebook with delay 0 would read an
+        # empty slot (the reference crashes there), so every codebook starts on bos.
+        problems.append("data.delay_pattern entries must be >= 1")
     if len(cfg.runtime.weights_schedule) != cfg.num_depth:
         problems.append(
             f"runtime.weights_schedule has {len(cfg.runtime.weights_schedule)} entries, "
