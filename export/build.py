@@ -41,7 +41,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise BuildError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BuildError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     if not parent.is_dir():
         raise BuildError(f"parent directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -55,8 +55,11 @@ def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
         raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
     check_output_dir(out, options.overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
+    except OSError as exc:
+        raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
     try:
         manifest = _build_into(files, tmp, options, progress)
         _replace_dir(tmp, out)

@@ -1,0 +1,170 @@
+"""ONNX export of the Mimi codec: the one-frame streaming decoder step and the whole-clip encoder.
+
+Both exporters return an I/O description (plain JSON-able dict) that runtime/codec.py consumes:
+  {"inputs": [{"name", "shape", "dtype"}], "outputs": [...],
+   "state": [{"input": "state.<x>", "output": "next.<x>"}], plus codec facts (rates, sizes, precision)}.
+Shapes are lists of ints; a dynamic dimension is a string naming it.
+
+Exporter: both paths produce correct graphs on torch 2.13 (checked: decoder parity and encoder codes
+for off-grid lengths).  The dynamo exporter (dynamo=True) is used first: it is the maintained path and
+keeps the encoder's input length symbolic through the padding arithmetic as a plain shape expression.
+The TorchScript exporter (dynamo=False, deprecated) stays as a fallback for torch versions whose
+torch.export rejects the modules; it takes `dynamic_axes` instead of `dynamic_shapes`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+from transformers import MimiModel
+
+from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+STATE_IN, STATE_OUT = "state.", "next."
+_TWO_GB = 2**31
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+
+
+def export_codec_decoder(
+    mimi: MimiModel, path: str | Path, *, opset: int = 18, precision: str = "fp32", num_quantizers: int | None = None
+) -> dict:
+    """Export the streaming decoder step: codes [1,Q,1] int64 + state -> pcm [1,1,1920] float32 + next state.
+
+    precision "fp16": weights and activations fp16, with RoPE, LayerNorm statistics, attention softmax,
+    state I/O and pcm kept fp32."""
+    _check_precision(precision)
+    decoder = MimiStreamingDecoder(mimi if precision == "fp32" else copy.deepcopy(mimi), num_quantizers).eval()
+    if precision == "fp16":
+        decoder.half_compute()
+    codes = torch.zeros((1, decoder.num_quantizers, 1), dtype=torch.int64)
+    args = (codes, *decoder.initial_state())
+    names = decoder.state_names
+    inputs = ["codes"] + [STATE_IN + n for n in names]
+    outputs = ["pcm"] + [STATE_OUT + n for n in names]
+    _export(decoder, args, Path(path), inputs, outputs, opset=opset)
+    config = mimi.config
+    return _checked_spec(path, {
+        "graph": "codec_decoder",
+        "precision": precision,
+        "inputs": [_io("codes", codes.shape, torch.int64)]
+        + [_io(STATE_IN + n, shape, dtype) for n, shape, dtype in decoder.state_specs],
+        "outputs": [_io("pcm", (1, 1, decoder.frame_samples), torch.float32)]
+        + [_io(STATE_OUT + n, shape, dtype) for n, shape, dtype in decoder.state_specs],
+        "state": [{"input": STATE_IN + n, "output": STATE_OUT + n} for n in names],
+        "num_quantizers": decoder.num_quantizers,
+        "codebook_size": config.codebook_size,
+        "frame_samples": decoder.frame_samples,
+        "sample_rate": config.sampling_rate,
+    })
+
+
+def export_codec_encoder(
+    mimi: MimiModel, path: str | Path, *, opset: int = 18, precision: str = "fp32", num_quantizers: int | None = None
+) -> dict:
+    """Export the encoder: pcm [1,1,samples] float32 -> codes [1,Q,frames] int64.
+
+    Always computed in fp32, whatever `precision`: nearest-centroid search flips codes under fp16 rounding,
+    and the encoder runs once per voice prompt, off the streaming path."""
+    _check_precision(precision)
+    encoder = MimiEncoderGraph(mimi, num_quantizers).eval()
+    frame = int(mimi.config.frame_size)
+    pcm = torch.zeros((1, 1, 3 * frame), dtype=torch.float32)
+    path = Path(path)
+    _export(encoder, (pcm,), path, ["pcm"], ["codes"], opset=opset, dynamic={"pcm": {2: "samples"}})
+    _name_dim(path, "codes", 2, "frames")
+    return _checked_spec(path, {
+        "graph": "codec_encoder",
+        "precision": "fp32",
+        "requested_precision": precision,
+        "inputs": [_io("pcm", (1, 1, "samples"), torch.float32)],
+        "outputs": [_io("codes", (1, encoder.num_quantizers, "frames"), torch.int64)],
+        "state": [],
+        "num_quantizers": encoder.num_quantizers,
+        "frame_samples": frame,
+        "sample_rate": mimi.config.sampling_rate,
+    })
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _io(name: str, shape, dtype: torch.dtype) -> dict:
+    return {"name": name, "shape": list(shape), "dtype": _DTYPES[dtype]}
+
+
+def _checked_spec(path: str | Path, spec: dict) -> dict:
+    """The spec, once the written graph is known to have exactly its inputs and outputs."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for kind, values in (("inputs", graph.input), ("outputs", graph.output)):
+        actual = [_value_io(value) for value in values]
+        if actual != spec[kind]:
+            raise ValueError(f"{path}: graph {kind} {actual} differ from the expected {spec[kind]}")
+    return spec
+
+
+def _value_io(value: onnx.ValueInfoProto) -> dict:
+    tensor = value.type.tensor_type
+    shape = [dim.dim_param if dim.HasField("dim_param") else dim.dim_value for dim in tensor.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    return {"name": value.name, "shape": shape, "dtype": dtype}
+
+
+def _export(module, args, path: Path, inputs, outputs, *, opset: int, dynamic: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        try:
+            _export_dynamo(module, args, path, inputs, outputs, opset, dynamic)
+        except Exception as err:  # torch.export failures have many types; any of them means "try the old path"
+            log.warning("dynamo ONNX export failed (%s); falling back to the TorchScript exporter", err)
+            torch.onnx.export(
+                module, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
+                dynamo=False, dynamic_axes=dynamic,
+            )
+    _validate(path)
+
+
+def _export_dynamo(module, args, path: Path, inputs, outputs, opset: int, dynamic: dict | None) -> None:
+    shapes = None
+    if dynamic:
+        shapes = tuple(
+            {axis: torch.export.Dim(label) for axis, label in dynamic.get(name, {}).items()} or None
+            for name in inputs
+        )
+    program = torch.onnx.export(
+        module, args, None, input_names=inputs, output_names=outputs, opset_version=opset,
+        dynamo=True, dynamic_shapes=shapes,
+    )
+    # external_data=None: weights go to a side file only when the graph would pass protobuf's 2 GB cap
+    program.save(str(path), external_data=None)
+
+
+def _validate(path: Path) -> None:
+    onnx.checker.check_model(str(path))  # by path: works for graphs with external data too
+    model = onnx.load(str(path), load_external_data=False)
+    foreign = {node.domain for node in model.graph.node if node.domain not in ("", "ai.onnx")}
+    if foreign:
+        raise ValueError(f"{path}: non-standard ONNX domains {sorted(foreign)} (TensorRT cannot parse them)")
+
+
+def _name_dim(path: Path, output: str, axis: int, label: str) -> None:
+    # the exporter spells the encoder's frame count as a long symbolic formula of the sample count
+    model = onnx.load(str(path))
+    for value in model.graph.output:
+        if value.name == output:
+            value.type.tensor_type.shape.dim[axis].dim_param = label
+    _save(model, path)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    large = sum(t.ByteSize() for t in model.graph.initializer) > _TWO_GB - 2**26
+    onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+    onnx.checker.check_model(str(path))

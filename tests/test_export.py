@@ -1,0 +1,238 @@
+"""The exported graphs against the PyTorch model, and the build/validate CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from dia2_trt.export.graphs import BackboneStep, DepformerFrame
+from dia2_trt.models.reference import guidance, mask_special_audio
+from dia2_trt.models.sources import load_model, resolve_checkpoint
+from dia2_trt.models.tokens import resolve_token_ids
+from dia2_trt.runtime.params import GenerationParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint, tiny_artifacts):
+    files = resolve_checkpoint(checkpoint=tiny_checkpoint)
+    model = load_model(files)
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    return model, resolve_token_ids(model.config, files.tokenizer_dir), manifest
+
+
+def _session(artifacts: Path, manifest: dict, graph: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(artifacts / manifest["graphs"][graph]["file"]), providers=["CPUExecutionProvider"])
+
+
+def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifacts):
+    model, _, manifest = tiny
+    session = _session(tiny_artifacts, manifest, "backbone")
+    gen = torch.Generator().manual_seed(1)
+    tokens, _, k_cache, v_cache = BackboneStep.example_inputs(model, manifest["cache_capacity"])
+    cfg = model.config
+    worst = 0.0
+    for t in range(50):
+        tokens[:, :2] = torch.randint(0, cfg.data.text_vocab_size, (2, 2), generator=gen)
+        tokens[:, 2:] = torch.randint(0, cfg.data.audio_vocab_size, (2, cfg.data.audio_channels), generator=gen)
+        # The reference path writes the cache itself and attends with SDPA: an independent check.
+        positions = torch.full((2, 1), t)
+        with torch.no_grad():
+            ref_hidden, ref_action, ref_cb0 = model.transformer.step_reference(
+                tokens.unsqueeze(-1), positions, k_cache, v_cache, torch.tensor(t))
+        feeds = {"tokens": tokens.numpy(), "position": np.array([t]), "k_cache": k_cache.numpy(), "v_cache": v_cache.numpy()}
+        hidden, action, cb0, k_new, v_new = session.run(None, feeds)
+        for ours, ref in ((hidden, ref_hidden[:, 0]), (action, ref_action[:, 0]), (cb0, ref_cb0[:, 0])):
+            worst = max(worst, float(np.abs(ours - ref.numpy()).max()))
+        # k_new must be exactly what the reference wrote at row t (used by the next step).
+        np.testing.assert_allclose(k_new, k_cache[:, :, :, t].numpy(), atol=1e-5)
+        np.testing.assert_allclose(v_new, v_cache[:, :, :, t].numpy(), atol=1e-5)
+    assert worst <= 1e-4
+
+
+def _reference_frame(model, ids, hidden, cb0_logits, main, second, params):
+    """The PyTorch loop's per-stage path (models/reference.py) at temperature 0."""
+    dep = model.depformer
+    cfg = model.config
+    dshape = (len(dep.layers), 2, cfg.model.depformer.kv_heads, max(dep.num_depth, 1), cfg.model.depformer.gqa_head_dim)
+    dk, dv = torch.zeros(dshape), torch.zeros(dshape)
+    token = int(torch.argmax(mask_special_audio(guidance(cb0_logits, params), ids)))
+    out = [token]
+    mains, seconds = torch.full((2,), main), torch.full((2,), second)
+    for stage in range(dep.num_depth):
+        logits = dep.stage_reference(stage, torch.full((2,), token), hidden, mains, seconds, dk, dv)
+        token = int(torch.argmax(guidance(logits, params)))
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("cfg_scale", [2.0, 1.0])
+def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny_artifacts, cfg_scale):
+    model, ids, manifest = tiny
+    session = _session(tiny_artifacts, manifest, "depformer")
+    params = GenerationParams(audio_temperature=0.0, cfg_scale=cfg_scale)
+    gen = torch.Generator().manual_seed(2)
+    cfg = model.config
+    q, vocab = cfg.data.audio_channels, cfg.data.audio_vocab_size
+    for _ in range(40):
+        hidden = torch.randn(2, cfg.model.decoder.n_embd, generator=gen) * 3
+        cb0 = torch.randn(2, vocab, generator=gen) * 4
+        main, second = (int(x) for x in torch.randint(0, cfg.data.text_vocab_size, (2,), generator=gen))
+        with torch.no_grad():
+            expected = _reference_frame(model, ids, hidden, cb0[:, None], main, second, params)
+        feeds = {"hidden": hidden.numpy(), "cb0_logits": cb0.numpy(), "text_tokens": np.array([main, second]),
+                 "noise": np.random.default_rng(0).random((q, vocab), dtype=np.float32),
+                 "temperature": np.zeros(1, np.float32), "top_k": np.array([50]),
+                 "cfg_scale": np.array([cfg_scale], np.float32), "cfg_filter_k": np.array([50])}
+        (tokens,) = session.run(None, feeds)
+        assert tokens.tolist() == expected
+
+
+def _reference_cb0_distribution(cb0: torch.Tensor, ids, temperature: float, top_k: int, params) -> np.ndarray:
+    """Exact probabilities of the reference sampler (softmax -> top-k -> renormalise) for cb0."""
+    logits = mask_special_audio(guidance(cb0[:, None], params), ids).reshape(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    top, idx = torch.topk(probs, top_k)
+    out = torch.zeros_like(probs)
+    out[idx] = top / top.sum()
+    return out.numpy().astype(np.float64)
+
+
+def test_depformer_sampling_follows_the_reference_distribution(tiny, tiny_artifacts):
+    """Chi-square goodness of fit of the in-graph Gumbel-max sampler for cb0."""
+    model, ids, manifest = tiny
+    session = _session(tiny_artifacts, manifest, "depformer")
+    cfg = model.config
+    q, vocab = cfg.data.audio_channels, cfg.data.audio_vocab_size
+    params = GenerationParams(cfg_scale=2.0, cfg_filter_k=12)
+    torch.manual_seed(3)
+    cb0 = torch.randn(2, vocab)
+    temperature, top_k, draws = 0.9, 8, 3000
+    expected = _reference_cb0_distribution(cb0, ids, temperature, top_k, params)
+    rng = np.random.default_rng(4)
+    feeds = {"hidden": np.zeros((2, cfg.model.decoder.n_embd), np.float32), "cb0_logits": cb0.numpy(),
+             "text_tokens": np.array([5, 6]), "temperature": np.array([temperature], np.float32),
+             "top_k": np.array([top_k]), "cfg_scale": np.array([2.0], np.float32), "cfg_filter_k": np.array([12])}
+    counts = np.zeros(vocab)
+    for _ in range(draws):
+        feeds["noise"] = rng.random((q, vocab), dtype=np.float32)
+        counts[session.run(None, feeds)[0][0]] += 1
+    support = expected > 0
+    assert counts[~support].sum() == 0, "sampled a token outside the reference's support"
+    stat = float(((counts[support] - draws * expected[support]) ** 2 / (draws * expected[support])).sum())
+    # 99.9% quantile of chi-square with (support - 1) <= 7 degrees of freedom is 24.3.
+    assert stat < 24.3, f"chi-square {stat:.1f} over {support.sum()} tokens"
+
+
+def test_graphs_are_portable_onnx(tiny_artifacts):
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    for name, graph in manifest["graphs"].items():
+        model = onnx.load(str(tiny_artifacts / graph["file"]))
+        domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
+        assert not domains, f"{name} uses non-standard ops: {domains}"
+        if name != "codec_encoder":  # the encoder takes clips of any length
+            for value in list(model.graph.input) + list(model.graph.output):
+                dims = value.type.tensor_type.shape.dim
+                assert all(d.HasField("dim_value") for d in dims), f"{name}.{value.name} has a dynamic shape"
+        assert graph["sha256"]
+
+
+def test_manifest_describes_the_artifacts(tiny_artifacts, tiny_checkpoint):
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert manifest["format"] == "dia2-trt-artifacts" and manifest["version"] == 1
+    assert manifest["delays"] == config["data"]["delay_pattern"]
+    assert manifest["cache_capacity"] >= config["runtime"]["max_context_steps"] + 1
+    assert manifest["token_ids"]["bos"] == 1 and manifest["max_padding"] == 6
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["tools"])
+    assert set(manifest["source"]["files"]) == {"config.json", "model.safetensors"}
+    inputs = {io["name"]: io for io in manifest["graphs"]["backbone"]["inputs"]}
+    assert inputs["k_cache"]["shape"][3] == manifest["cache_capacity"]
+    assert (tiny_artifacts / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_fp16_artifacts_validate(artifacts_factory, tiny_checkpoint):
+    art = artifacts_factory("default", 0, "fp16")
+    manifest = json.loads((art / "manifest.json").read_text())
+    types = {io["name"]: io["dtype"] for io in manifest["graphs"]["backbone"]["inputs"]}
+    assert types["k_cache"] == "float16" and types["tokens"] == "int64"
+    result = _run_cli("validate", str(art), "--checkpoint", str(tiny_checkpoint), "--steps", "12",
+                      "--codec-frames", "8", "--report", str(art / "report.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((art / "report.json").read_text())
+    assert report["passed"] and report["precision"] == "fp16"
+
+
+def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dia2_trt.export", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert lines and lines[-1].startswith("Error: "), result.stderr
+    return lines[-1]
+
+
+def test_validate_cli_reports_per_output_errors(tiny_artifacts, tiny_checkpoint, tmp_path):
+    report = tmp_path / "report.json"
+    result = _run_cli("validate", str(tiny_artifacts), "--checkpoint", str(tiny_checkpoint), "--steps", "50",
+                      "--codec-frames", "310", "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    backbone = data["graphs"]["backbone"]
+    assert backbone["iterations"] == 50 and backbone["outputs"]["cb0_logits"]["max_abs"] <= 1e-4
+    assert data["graphs"]["codec_decoder"]["vs_batch_decode_max_abs"] <= 1e-4
+    assert data["graphs"]["depformer"]["token_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "3B"], "invalid value for '--size'"),
+    (["--size", "tiny", "--precision", "int3"], "unknown precision"),
+])
+def test_build_rejects_bad_options(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = _run_cli("build", *args, "--out", str(out))
+    assert message in _error_line(result).lower()
+    assert not out.exists()
+
+
+def test_build_rejects_missing_checkpoint_files(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    out = tmp_path / "out"
+    line = _error_line(_run_cli("build", "--checkpoint", str(broken), "--out", str(out)))
+    assert "model.safetensors" in line
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_build_rejects_unwritable_output(tiny_checkpoint, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    # root ignores directory modes; /proc refuses new entries to everyone.
+    parent = Path("/proc") if os.access(locked, os.W_OK) else locked
+    try:
+        line = _error_line(_run_cli("build", "--checkpoint", str(tiny_checkpoint), "--out", str(parent / "dia2-out")))
+        assert "cannot write" in line
+        assert not (parent / "dia2-out").exists()
+    finally:
+        locked.chmod(0o700)
+
+
+def test_build_refuses_to_clobber_a_non_empty_directory(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    line = _error_line(_run_cli("build", "--checkpoint", str(tiny_checkpoint), "--out", str(out)))
+    assert "--overwrite" in line and (out / "keep.txt").read_text() == "mine"
