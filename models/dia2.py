@@ -39,14 +39,22 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, min_timescale: float, max_timescale: float, max_positions: int) -> None:
         super().__init__()
+        self.shape = (head_dim, min_timescale, max_timescale, max_positions)
+        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        if self.cos.device.type != "meta":
+            self.build_tables()
+
+    def build_tables(self) -> None:
+        """(Re)compute the tables, e.g. after materialising a model built on the meta device."""
+        head_dim, min_timescale, max_timescale, max_positions = self.shape
         fraction = (2.0 * torch.arange(0, head_dim // 2)) / head_dim
         timescale = min_timescale * (max_timescale / min_timescale) ** fraction
         inv_freq = (1.0 / timescale).to(torch.float32)
         t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.einsum("i,j->ij", t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        emb = torch.cat((torch.einsum("i,j->ij", t, inv_freq),) * 2, dim=-1)
+        self.cos = emb.cos().to(self.cos.device)
+        self.sin = emb.sin().to(self.sin.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [B, T, H, D]; positions: [B or 1, T]
@@ -331,3 +339,14 @@ class Dia2Model(nn.Module):
         self.config = cfg
         self.transformer = Backbone(cfg, max_positions or cfg.runtime.max_context_steps)
         self.depformer = Depformer(cfg)
+
+    @classmethod
+    def empty(cls, cfg: Dia2Config) -> "Dia2Model":
+        """Uninitialised weights (to be loaded), skipping the seconds-long random init of a 2B model."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
+        for module in model.modules():
+            if isinstance(module, Rotary):
+                module.build_tables()
+        return model

@@ -250,7 +250,7 @@ def load_model(files: CheckpointFiles):
     from .dia2 import Dia2Model
 
     cfg = load_config(files.config_path)
-    model = Dia2Model(cfg).eval()
+    model = Dia2Model.empty(cfg).eval()  # every tensor is overwritten below
     state = model.state_dict()
     path = files.weights_path
     try:
