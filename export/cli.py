@@ -78,6 +78,28 @@ def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed):
 
 
 @main.command()
+@click.argument("artifacts", type=click.Path(exists=True, file_okay=False))
+@click.option("--graphs", default="backbone,depformer,codec_decoder,codec_encoder", show_default=True,
+              help="Comma-separated graph names.")
+@click.option("--workspace-gib", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Reuse/update a TensorRT timing cache.")
+@click.option("--no-validate", is_flag=True, help="Skip the Polygraphy comparison with ONNX Runtime.")
+def engines(artifacts, graphs, workspace_gib, timing_cache, no_validate):
+    """Build TensorRT engines (strongly typed: precision from the ONNX) next to the graphs."""
+    from .tensorrt import EngineOptions, build_engines, have_gpu_tensorrt
+
+    available, reason = have_gpu_tensorrt()
+    if not available:
+        _fail(f"cannot build TensorRT engines here: {reason}")
+    options = EngineOptions(workspace_gib=workspace_gib, timing_cache=Path(timing_cache) if timing_cache else None)
+    built = build_engines(Path(artifacts), tuple(g.strip() for g in graphs.split(",") if g.strip()), options,
+                          validate=not no_validate, echo=lambda msg: click.echo(msg, err=True))
+    failed = [name for name, e in built.items() if not e.get("validation", {"passed": True})["passed"]]
+    if failed:
+        _fail("engines differ from ONNX Runtime beyond tolerance: " + ", ".join(failed))
+
+
+@main.command()
 @_source_options
 @click.option("--input", "input_file", required=True, type=click.Path(), help="Script file ('-' for stdin).")
 @click.option("--temperature", type=click.FloatRange(0), help="Both streams (default: text 0.6, audio 0.8).")

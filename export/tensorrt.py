@@ -1,0 +1,175 @@
+"""ONNX -> TensorRT engines, validated against ONNX Runtime with Polygraphy.
+
+Every network is built *strongly typed*: precision comes from the ONNX tensor
+types (fp16 ONNX -> fp16 kernels, Q/DQ ONNX -> INT8), which is the only way
+TensorRT 11 offers (no FP16/INT8 builder flags, no implicit calibration) and
+works the same on TensorRT 10.x.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .manifest import sha256
+
+# The step graphs are static; only the prefix encoder takes clips of any length.
+ENGINE_GRAPHS = ("backbone", "depformer", "codec_decoder", "codec_encoder")
+ENCODER_SAMPLES = (1920, 1920 * 125, 1920 * 750)  # min / opt / max: 0.08 s, 10 s, 60 s
+
+
+class EngineError(RuntimeError):
+    """TensorRT is missing or refused the network."""
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise EngineError("TensorRT is not installed (pip install 'dia2-trt[tensorrt]' on a machine with an NVIDIA GPU)") from None
+    return tensorrt
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    workspace_gib: int = 4
+    timing_cache: Path | None = None
+
+
+def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = EngineOptions()) -> dict:
+    """Parse, build and serialise one engine; returns what the manifest records about it."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # also resolves external weight files
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise EngineError(f"{onnx_path.name}: TensorRT cannot parse it: {errors[0] if errors else 'unknown error'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_gib << 30)
+    _add_profile(builder, network, config)
+    cache = _load_timing_cache(config, options.timing_cache)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"{onnx_path.name}: TensorRT could not build an engine (see its log above)")
+    _write_atomic(plan_path, bytes(plan))
+    if cache is not None:
+        _write_atomic(options.timing_cache, bytes(cache.serialize()))
+    return {"file": plan_path.name, "sha256": sha256(plan_path), "onnx": onnx_path.name,
+            "tensorrt": trt.__version__, **_device_info()}
+
+
+def _add_profile(builder, network, config) -> None:
+    """One optimisation profile covering every dynamic input (the encoder's sample axis)."""
+    dynamic = [network.get_input(i) for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
+    if not dynamic:
+        return
+    profile = builder.create_optimization_profile()
+    for tensor in dynamic:
+        shape = tuple(tensor.shape)
+        lo, opt, hi = (tuple(n if d == -1 else d for d in shape) for n in ENCODER_SAMPLES)
+        profile.set_shape(tensor.name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+
+def _load_timing_cache(config, path: Path | None):
+    if path is None:
+        return None
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _device_info() -> dict:
+    """The GPU an engine was built for: engines are specific to it and to the TensorRT version."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return {}
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        return {}
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return {"device": name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def input_ranges(manifest: dict) -> dict[str, tuple[float, float]]:
+    """Value ranges that keep random validation inputs meaningful (ids inside their tables)."""
+    topo = manifest["topology"]
+    return {
+        "tokens": (0, min(topo["text_vocab_size"], topo["audio_vocab_size"]) - 1),
+        "position": (0, manifest["cache_capacity"] - 1),
+        "text_tokens": (0, topo["text_vocab_size"] - 1),
+        "codes": (0, manifest["graphs"]["codec_decoder"].get("codebook_size", 2048) - 1),
+        "noise": (0.0, 1.0),
+        "temperature": (0.0, 1.0),
+        "top_k": (1, 50),
+        "cfg_scale": (1.0, 3.0),
+        "cfg_filter_k": (1, 50),
+    }
+
+
+def compare_engine(onnx_path: Path, plan_path: Path, ranges: dict, *, atol: float, rtol: float,
+                   iterations: int = 8) -> dict:
+    """TensorRT vs ONNX Runtime on the same random inputs, through Polygraphy."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc, DataLoader
+
+    loader = DataLoader(iterations=iterations, val_range=ranges)
+    runners = [TrtRunner(EngineFromBytes(plan_path.read_bytes())), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
+    results = Comparator.run(runners, data_loader=loader)
+    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    return {"passed": bool(accuracy), "iterations": iterations, "atol": atol, "rtol": rtol}
+
+
+def build_engines(artifacts: Path, graphs: tuple[str, ...] = ENGINE_GRAPHS, options: EngineOptions = EngineOptions(),
+                  validate: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Engines for the artifact directory's graphs, recorded under the manifest's ``engines``."""
+    manifest_path = artifacts / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    unknown = set(graphs) - set(manifest["graphs"])
+    if unknown:
+        raise EngineError(f"no such graph(s) in {artifacts}: {', '.join(sorted(unknown))}")
+    tolerance = (1e-3, 1e-3) if manifest["precision"] == "fp32" else (5e-2, 5e-2)
+    engines = dict(manifest.get("engines", {}))
+    for name in graphs:
+        onnx_path = artifacts / manifest["graphs"][name]["file"]
+        plan_path = onnx_path.with_suffix(".plan")
+        echo(f"[engine] building {plan_path.name}")
+        engines[name] = build_engine(onnx_path, plan_path, options)
+        if validate:
+            engines[name]["validation"] = compare_engine(onnx_path, plan_path, input_ranges(manifest),
+                                                         atol=tolerance[0], rtol=tolerance[1])
+            echo(f"[engine] {name}: {'ok' if engines[name]['validation']['passed'] else 'MISMATCH'} vs ONNX Runtime")
+    manifest["engines"] = engines
+    _write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    return engines
+
+
+def have_gpu_tensorrt() -> tuple[bool, str]:
+    """(available, reason) for tests and the CLI to explain a skip."""
+    try:
+        import_tensorrt()
+    except EngineError as exc:
+        return False, str(exc)
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return False, "cuda-python is not installed (pip install 'dia2-trt[tensorrt]')"
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count == 0:
+        return False, "no CUDA device visible"
+    return True, ""
+

@@ -1,0 +1,54 @@
+"""TensorRT engines and backend. GPU-only: skipped, with the reason, where TensorRT or a GPU is missing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dia2_trt.export.tensorrt import have_gpu_tensorrt
+
+AVAILABLE, REASON = have_gpu_tensorrt()
+gpu = pytest.mark.skipif(not AVAILABLE, reason=f"needs an NVIDIA GPU with TensorRT: {REASON}")
+
+
+def test_engines_cli_explains_why_it_cannot_run(tiny_artifacts):
+    if AVAILABLE:
+        pytest.skip("TensorRT is available here")
+    result = subprocess.run([sys.executable, "-m", "dia2_trt.export", "engines", str(tiny_artifacts)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: cannot build TensorRT engines here")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engines_match_onnxruntime(artifacts_factory, precision):
+    from dia2_trt.export.tensorrt import build_engines
+
+    art = artifacts_factory("default", 0, precision)
+    built = build_engines(art, echo=lambda msg: None)
+    assert all(e["validation"]["passed"] for e in built.values())
+    assert set(json.loads((art / "manifest.json").read_text())["engines"]) == set(built)
+
+
+@pytest.mark.gpu
+@gpu
+def test_tensorrt_backend_speaks_the_same_greedy_tokens(artifacts_factory):
+    from dia2_trt.export.tensorrt import build_engines
+    from dia2_trt.runtime.engine import Dia2Runtime
+    from dia2_trt.runtime.params import GenerationParams
+    from dia2_trt.runtime.tensorrt import TrtBackend
+
+    art = artifacts_factory("default", 0, "fp32")
+    build_engines(art, echo=lambda msg: None)
+    params = GenerationParams(text_temperature=0.0, audio_temperature=0.0)
+    text = "[S1] Hello there, how are you? [S2] I am fine, thanks."
+    ort = Dia2Runtime.load(art).speak(text, params)
+    trt = Dia2Runtime.load(art, backend=TrtBackend()).speak(text, params)
+    assert np.array_equal(ort.tokens, trt.tokens)
+    assert ort.timestamps == trt.timestamps
