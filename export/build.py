@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import onnx
+
 from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import resolve_token_ids
 
 from .codec import export_codec_decoder, export_codec_encoder
 from .graphs import BackboneStep, DepformerFrame
 from .manifest import build_manifest, sha256, write_manifest
-from .onnx_io import export_module, save_model, signature
+from .onnx_io import export_module, external_data_path, save_model, signature
 
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_OPSET = 20  # TensorRT 10.x parses opsets <= 20 (22 from 10.9); ORT runs all.
@@ -112,7 +114,7 @@ def _export_step(module, args, path: Path, options: BuildOptions) -> dict:
     if options.precision == "fp16":
         from .precision import to_fp16
 
-        proto = to_fp16(proto)
+        proto = to_fp16(onnx.load(str(path)))  # with its weights this time
         save_model(proto, path)
     return {"file": path.name, **_files_entry(path), **signature(proto)}
 
@@ -125,7 +127,7 @@ def _codec_entry(spec: dict, path: Path) -> dict:
 
 def _files_entry(path: Path) -> dict:
     entry = {"sha256": sha256(path)}
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
     if data.exists():
         entry["external_data"] = {"file": data.name, "sha256": sha256(data)}
     return entry

@@ -23,28 +23,38 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
                   path: Path, opset: int, dynamic_shapes=None) -> onnx.ModelProto:
     """Export with the dynamo exporter (torch >= 2.9 has no other maintained path).
 
-    Weights are written as initializers; a graph too large for one protobuf gets
-    external data next to it.
+    The program is saved straight from its in-memory IR, which references the
+    torch weights: building a ModelProto first would hold a second full copy
+    (7.7 GB for the 2B backbone) and cannot exceed protobuf's 2 GB anyway. The
+    exporter moves the weights to ``<file>.data`` past 2 GB. Returns the graph
+    without weights, for its signature.
     """
     module.eval()
+    path = Path(path)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=input_names,
-            output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False,
+            output_names=output_names, dynamic_shapes=dynamic_shapes,
             optimize=True, verify=False, report=False,
         )
-    model = program.model_proto
-    save_model(model, path)
-    return model
+        program.save(str(path))
+    del program
+    onnx.checker.check_model(str(path))  # by path: works for models with external data
+    return onnx.load(str(path), load_external_data=False)
+
+
+def external_data_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".data")
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save, moving weights to ``<file>.data`` when the graph is too big for one protobuf."""
     path = Path(path)
+    external_data_path(path).unlink(missing_ok=True)
     if model.ByteSize() > _PROTOBUF_LIMIT:
-        data = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
+                        location=external_data_path(path).name, size_threshold=1024)
         onnx.checker.check_model(str(path))
     else:
         onnx.checker.check_model(model)
