@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from importlib import metadata
 from pathlib import Path
 
 from dia2_trt.models.config import Dia2Config
+# The runtime owns the format: the exporter writes what the runtime reads.
+from dia2_trt.runtime.artifacts import FORMAT, VERSION, sha256
 from dia2_trt.runtime.state_machine import REFERENCE_MAX_PADDING, TokenIds
 
-FORMAT = "dia2-trt-artifacts"
-VERSION = 1
+__all__ = ["FORMAT", "VERSION", "build_manifest", "sha256", "tool_versions", "topology", "write_manifest"]
+
 _TOOLS = ("dia2-trt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "polygraphy", "tensorrt")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:

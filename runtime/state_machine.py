@@ -75,6 +75,14 @@ class StateMachine:
         main = self._emit_main(state, token)
         return self._multiplex_second(state, main)
 
+    def takes_entry(self, state: TextState, action: int) -> bool:
+        """Whether ``process`` with this action would take the next script entry (or mark the end).
+
+        A streaming caller asks this before ``process`` to wait for more text
+        rather than let the machine see an exhausted script.
+        """
+        return self._constrain(state, self._action_token(action), False) == self.ids.new_word
+
     def _action_token(self, action: int) -> int:
         # Action ids 1/0 map onto the text new-word/pad tokens; anything else is a pad.
         if action == 1:

@@ -10,6 +10,9 @@ import pytest
 
 # `--size tiny` builds into this cache; keep test runs hermetic and off $HOME.
 os.environ.setdefault("DIA2_TRT_CACHE", tempfile.mkdtemp(prefix="dia2-trt-test-cache-"))
+# Tiny models gain nothing from intra-op threads, and torch's idle OpenMP workers
+# spin on the cores ONNX Runtime needs next (subprocesses inherit this too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SCRIPTS = {
     "dialogue": "[S1] Hello there, how are you? [S2] I am fine, thanks.",

@@ -1,0 +1,61 @@
+"""Benchmark checkpoints that need no network: the 2B topology with random weights.
+
+``models.tiny.build_2b_topology_checkpoint`` leaves Mimi to the hub id
+(kyutai/mimi), which is not reachable offline, and the tiny Mimi's 64-entry
+codebooks do not fit the 2B's 2050-token audio vocabulary. So the benchmark
+checkpoint gets a random Mimi with transformers' default ``MimiConfig``: the real
+Mimi's shapes (~80M parameters, 32 quantizers of 2048 codes, 512 wide, 8 layers),
+so codec time is what the real codec would cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_SEED = 0
+
+
+def default_2b_dir(seed: int = DEFAULT_SEED) -> Path:
+    env = os.environ.get("DIA2_TRT_CACHE")
+    root = Path(env) if env else Path.home() / ".cache" / "dia2-trt"
+    return root / f"2b-topology-seed{seed}"
+
+
+def ensure_2b_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
+    """Reuse a finished checkpoint at ``out``, else build it in a sibling and rename it into place."""
+    out = Path(out) if out else default_2b_dir(seed)
+    if (out / "config.json").is_file() and (out / "mimi" / "model.safetensors").is_file():
+        return out
+    from dia2_trt.models.tiny import build_2b_topology_checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        build_2b_topology_checkpoint(tmp, seed=seed)
+        _add_real_size_mimi(tmp, seed)
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _add_real_size_mimi(checkpoint: Path, seed: int) -> None:
+    from transformers import MimiConfig, MimiModel
+
+    from dia2_trt.models.mimi_stream import randomize_mimi
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    codebook = config["data"]["audio_bos_token_id"]  # audio ids below bos are the codebook entries
+    mimi_config = MimiConfig(num_quantizers=len(config["data"]["delay_pattern"]), codebook_size=codebook)
+    randomize_mimi(MimiModel(mimi_config).eval(), seed).save_pretrained(checkpoint / "mimi")
+    config["assets"]["mimi"] = "mimi"
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    print(ensure_2b_checkpoint())

@@ -1,0 +1,56 @@
+"""The benchmark suite: build (or reuse) the artifacts of one model, then run ``dia2-rt bench`` on them.
+
+    python benchmarks/suite.py tiny  [--work bench-out]   # reference + fp32 and fp16 artifacts, every backend
+    python benchmarks/suite.py 2b    [--work bench-out]   # reference + fp32 artifacts, a few dozen frames
+
+Results land in WORK/<model>-bench/ (bench.json, bench.md, latency.png, breakdown.png).
+Any other arguments go to ``dia2-rt bench`` and override the plan (e.g. ``--frames 16``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_2b import export_2b  # noqa: E402
+
+# Per model: precisions to build, and bench settings sized for a 2-core CPU.
+PLANS = {
+    "tiny": {"precisions": ("fp32", "fp16"), "bench": ["--frames", "64", "--repeats", "5", "--warmup-frames", "8"]},
+    "2b": {"precisions": ("fp32",), "bench": ["--frames", "32", "--repeats", "2", "--warmup-frames", "2"]},
+}
+
+
+def build(model: str, precision: str, work: Path) -> Path:
+    out = work / f"{model}-{precision}"
+    if (out / "manifest.json").is_file():
+        return out
+    if model == "2b":
+        report = export_2b(out, precision, None, 0)
+        if report["returncode"] != 0:
+            sys.exit(f"2B export failed, see {report['log']}")
+        return out
+    subprocess.run([sys.executable, "-m", "dia2_trt.export", "build", "--size", "tiny", "--precision", precision,
+                    "--out", str(out), "--overwrite"], check=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("model", choices=sorted(PLANS))
+    parser.add_argument("--work", type=Path, default=Path("bench-out"))
+    args, extra = parser.parse_known_args()  # the rest goes to dia2-rt bench
+    args.work.mkdir(parents=True, exist_ok=True)
+    plan = PLANS[args.model]
+    artifacts = [build(args.model, p, args.work.resolve()) for p in plan["precisions"]]
+    command = [sys.executable, "-c", "from dia2_trt.runtime.cli import main; main()", "bench",
+               *[arg for a in artifacts for arg in ("--artifacts", str(a))], *plan["bench"],
+               "--out", str(args.work / f"{args.model}-bench"), *extra]
+    sys.exit(subprocess.run(command).returncode)
+
+
+if __name__ == "__main__":
+    main()

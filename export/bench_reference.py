@@ -1,0 +1,67 @@
+"""The PyTorch reference loop as a benchmark contender (torch lives here, outside the runtime).
+
+Loaded only inside its own benchmark worker (``dia2_trt.runtime.benchmark``).
+The model's ``step_reference`` (backbone), ``stage_reference`` (one depformer
+stage) and Mimi's batch decode are timed; everything else is host work. The
+reference has no streaming codec: its first audio is the batch decode's output
+after the last frame, which is what its time to first audio reports.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from dia2_trt.models import reference
+from dia2_trt.models.sources import resolve_checkpoint
+from dia2_trt.runtime.params import GenerationParams
+
+from .reference_run import decode_batch, reference_loop
+
+
+class ReferenceSubject:
+    def __init__(self, spec, clock) -> None:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.loop, self.mimi = reference_loop(resolve_checkpoint(checkpoint=spec.source))
+        self.clock = clock
+        model = self.loop.model
+        model.transformer.step_reference = clock.timed("backbone", model.transformer.step_reference,
+                                                       starts_frame=True)
+        model.depformer.stage_reference = clock.timed("depformer", model.depformer.stage_reference)
+        self.decode = clock.timed("codec", decode_batch)
+        self.sample_rate = int(self.mimi.config.sampling_rate)
+        self.frame_rate = float(self.mimi.config.frame_rate)
+
+    def run(self, text: str, seed: int, frames: int) -> dict:
+        self.clock.reset(frames + 1)  # the cap is enforced by the loop's capacity, not the clock
+        started = time.perf_counter()
+        with _frame_limit(frames):
+            result = self.loop.run(text, GenerationParams(seed=seed))
+        self.clock.end()
+        pcm = self.decode(self.mimi, result.tokens)
+        first = time.perf_counter() - started if pcm.size else None
+        return self.clock.report(time.perf_counter() - started, int(pcm.size), first)
+
+
+@contextmanager
+def _frame_limit(frames: int):
+    """Stop the reference loop after ``frames`` steps through its own capacity check.
+
+    Only the loop bound changes: the KV caches keep their full size, so each
+    step costs what it costs in an uncapped run.
+    """
+    original = reference._Run
+
+    class Capped(original):
+        def __init__(self, loop, params) -> None:
+            super().__init__(loop, params)
+            self.capacity = min(self.capacity, frames + 1)
+
+    reference._Run = Capped
+    try:
+        yield
+    finally:
+        reference._Run = original

@@ -1,0 +1,63 @@
+"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .artifacts import ArtifactError, load_manifest
+from .benchmark import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
+from .bench_report import markdown, plot
+
+
+@click.command()
+@click.option("--artifacts", "artifacts", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="Artifact directory (repeat for fp32 and fp16 builds of one checkpoint).")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also run the PyTorch reference loop (needs torch; skipped with a note otherwise).")
+@click.option("--checkpoint", type=click.Path(file_okay=False),
+              help="Checkpoint for the reference [default: the one the artifacts were built from].")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(BACKENDS),
+              help="Runtime backends to try [default: all; those that cannot load here are skipped].")
+@click.option("--frames", default=64, show_default=True, type=click.IntRange(1),
+              help="Frames per measured run (fewer if the script ends first).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--warmup-frames", default=4, show_default=True, type=click.IntRange(1),
+              help="Frames of the unmeasured warm-up run per contender.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--text", default=DEFAULT_TEXT, help="Dialogue script to speak.")
+@click.option("--threads", type=click.IntRange(1), help="Threads per contender [default: each one's own default].")
+@click.option("--schedule", default="auto", show_default=True, type=click.Choice(("auto", "interleaved", "sequential")),
+              help="interleaved: all workers loaded, runs alternate; sequential: one worker at a time "
+                   "(auto picks sequential when they would not fit in memory together).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Directory for bench.json, bench.md, latency.png, breakdown.png.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNGs (they need matplotlib, the [bench] extra).")
+def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_frames, seed, text, threads,
+          schedule, out, no_plots) -> None:
+    """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
+    the memory-bandwidth roofline, for each contender in its own worker process."""
+    try:
+        manifests = [load_manifest(a) for a in artifacts]
+    except ArtifactError as exc:
+        raise click.ClickException(str(exc)) from None
+    ref_checkpoint = (checkpoint or manifests[0].raw.get("source", {}).get("checkpoint")) if reference else None
+    contenders, skipped = plan_contenders([Path(a) for a in artifacts], backends or BACKENDS, ref_checkpoint, threads)
+    if not contenders:
+        raise click.ClickException("no contender can run here: " + "; ".join(s["reason"] for s in skipped))
+    echo = lambda msg: click.echo(f"[bench] {msg}", err=True)  # noqa: E731
+    for s in skipped:
+        echo(f"skipped {s['contender']}: {s['reason']}")
+    settings = Settings(text=text, seed=seed, frames=frames, repeats=repeats, warmup_frames=warmup_frames,
+                        schedule=schedule)
+    result = run_bench(contenders, skipped, settings, manifests[0].raw, echo)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    (out / "bench.md").write_text(table)
+    if not no_plots:
+        plot(result, out)
+    click.echo(table)

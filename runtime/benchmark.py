@@ -1,0 +1,480 @@
+"""Side-by-side performance of the PyTorch reference loop and the runtime's backends.
+
+Every contender runs in its own worker process (``python -m
+dia2_trt.runtime.benchmark WORKER_JSON``), loaded once, so its peak RSS is its
+own (``ru_maxrss``) and no contender's allocations or caches flatter another.
+The parent sends "run" requests to the workers in turn, rotating the order each
+repeat, so machine noise is spread over all contenders alike. The reference
+contender (torch) lives in ``dia2_trt.export.bench_reference`` and is imported
+only inside its worker: this module needs neither torch nor onnx.
+
+Timing inside a worker: the graph calls are wrapped (``Graph.run`` of the
+backbone and depformer, ``StreamingCodec.decode_frame``; the reference's
+``step_reference`` / ``stage_reference`` / Mimi decode), so the split between
+backbone, depformer, codec and host is measured inside a real generation.
+A frame starts when its backbone call starts; host time is everything else
+(sampling, the text state machine, buffer copies, Python).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .artifacts import load_manifest
+from .params import GenerationParams
+
+COMPONENTS = ("backbone", "depformer", "codec")
+DEFAULT_TEXT = ("[S1] Hello there, how are you doing today? [S2] I'm fine, thanks for asking. "
+                "[S1] We'll meet at 10 o'clock near the old station.")
+BACKENDS = ("onnxruntime", "tensorrt")
+_PROTOCOL = "@@bench "  # prefix of the worker's protocol lines: stray output cannot be mistaken for one
+
+
+# --- contenders --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str  # "runtime" or "reference"
+    source: str  # artifact directory (runtime) or checkpoint directory (reference)
+    precision: str
+    backend: str | None = None
+    threads: int | None = None
+
+
+def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], reference: str | None,
+                    threads: int | None) -> tuple[list[Contender], list[dict]]:
+    """The reference (if a checkpoint is given) plus every (artifacts, backend) pair that can run here.
+
+    Returns (contenders, skipped), each skipped entry saying why.
+    """
+    contenders, skipped = [], []
+    if reference is not None:
+        reason = reference_unavailable()
+        if reason:
+            skipped.append({"contender": "reference", "reason": reason})
+        else:
+            contenders.append(Contender("reference", "reference", str(reference), "fp32", threads=threads))
+    for backend in backends:
+        reason = backend_unavailable(backend)
+        for directory in artifacts:
+            precision = load_manifest(directory).precision
+            name = f"{backend}-{precision}"
+            if reason:
+                skipped.append({"contender": name, "reason": reason})
+            else:
+                contenders.append(Contender(name, "runtime", str(directory), precision, backend, threads))
+    return contenders, skipped
+
+
+def reference_unavailable() -> str | None:
+    try:
+        import torch  # noqa: F401
+        import dia2_trt.export.bench_reference  # noqa: F401
+    except ImportError as exc:
+        return f"torch or the export extra is not installed ({exc})"
+    return None
+
+
+def backend_unavailable(name: str) -> str | None:
+    from .backends import create_backend
+
+    try:
+        create_backend(name)
+    except Exception as exc:  # missing packages, no GPU, no driver: each means "not here", with its reason
+        return f"backend {name} cannot load here ({exc})"
+    return None
+
+
+# --- per-frame clock ---------------------------------------------------------------------------
+
+
+class FrameCap(Exception):
+    """Raised from a wrapped backbone call once the requested number of frames has run."""
+
+
+@dataclass
+class FrameClock:
+    """Frame starts and time per component; a capped run stops at the start of frame ``cap``."""
+
+    cap: int = 0
+    starts: list[float] = field(default_factory=list)
+    stop: float | None = None
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def reset(self, cap: int) -> None:
+        self.cap, self.starts, self.stop = cap, [], None
+        self.totals = dict.fromkeys(COMPONENTS, 0.0)
+
+    def frame(self) -> None:
+        now = time.perf_counter()
+        if len(self.starts) >= self.cap:
+            self.stop = now
+            raise FrameCap
+        self.starts.append(now)
+
+    def end(self) -> None:
+        """The last frame is over (called where the generation loop is known to have ended)."""
+        if self.stop is None:
+            self.stop = time.perf_counter()
+
+    def timed(self, component: str, fn: Callable, starts_frame: bool = False) -> Callable:
+        def wrapper(*args, **kwargs):
+            if starts_frame:
+                self.frame()
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[component] += time.perf_counter() - began
+        return wrapper
+
+    def frame_seconds(self) -> list[float]:
+        """Start-to-start durations; the last frame only when its end is known."""
+        marks = self.starts + ([self.stop] if self.stop is not None else [])
+        return list(np.diff(marks)) if len(marks) > 1 else []
+
+    def report(self, wall: float, samples: int, first_audio: float | None) -> dict:
+        return {"frames": len(self.starts), "wall_seconds": wall, "samples": samples,
+                "first_audio_seconds": first_audio, "frame_seconds": self.frame_seconds(),
+                "component_seconds": dict(self.totals)}
+
+
+# --- the runtime contender (runs inside a worker) ----------------------------------------------
+
+
+class RuntimeSubject:
+    def __init__(self, spec: Contender) -> None:
+        from .engine import Dia2Runtime
+
+        self.runtime = rt = Dia2Runtime.load(spec.source, backend=spec.backend, threads=spec.threads)
+        self.clock = clock = FrameClock()
+        rt.backbone.run = clock.timed("backbone", rt.backbone.run, starts_frame=True)
+        rt.depformer.run = clock.timed("depformer", rt.depformer.run)
+        rt.codec.decode_frame = clock.timed("codec", rt.codec.decode_frame)
+        self.sample_rate, self.frame_rate = rt.sample_rate, rt.manifest.frame_rate
+
+    def run(self, text: str, seed: int, frames: int) -> dict:
+        self.clock.reset(frames)
+        samples, first = 0, None
+        started = time.perf_counter()
+        try:
+            for chunk in self.runtime.stream(text, GenerationParams(seed=seed)):
+                if chunk.pcm.size and first is None:
+                    first = time.perf_counter() - started
+                samples += chunk.pcm.size
+        except FrameCap:
+            pass  # enough frames: the session is abandoned mid-utterance
+        return self.clock.report(time.perf_counter() - started, samples, first)
+
+
+def load_subject(spec: Contender):
+    if spec.kind == "reference":
+        from dia2_trt.export.bench_reference import ReferenceSubject
+
+        return ReferenceSubject(spec, FrameClock())
+    return RuntimeSubject(spec)
+
+
+def peak_rss_bytes() -> int:
+    """This process's RSS high-water mark.
+
+    VmHWM belongs to the address space exec() created, so unlike ru_maxrss it does
+    not inherit the parent's peak (which fork + exec carries over on Linux).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def worker_main(spec_json: str) -> None:
+    """Load one contender, then answer run requests on stdin until "quit"."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # library prints must not reach the protocol pipe
+
+    def send(message: dict) -> None:
+        protocol.write(_PROTOCOL + json.dumps(message) + "\n")
+
+    spec = Contender(**json.loads(spec_json))
+    started = time.perf_counter()
+    subject = load_subject(spec)
+    send({"event": "ready", "load_seconds": time.perf_counter() - started, "peak_rss_load_bytes": peak_rss_bytes(),
+          "sample_rate": subject.sample_rate, "frame_rate": subject.frame_rate})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "quit":
+            break
+        result = subject.run(request["text"], request["seed"], request["frames"])
+        send({"event": "result", **result, "peak_rss_bytes": peak_rss_bytes()})
+
+
+class Worker:
+    """The parent's handle on one contender's worker process."""
+
+    def __init__(self, spec: Contender) -> None:
+        self.spec = spec
+        self.proc = subprocess.Popen([sys.executable, "-m", "dia2_trt.runtime.benchmark", json.dumps(asdict(spec))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.info = self._receive()
+
+    def _receive(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(_PROTOCOL):
+                return json.loads(line[len(_PROTOCOL):])
+        raise RuntimeError(f"benchmark worker {self.spec.name} exited with status {self.proc.wait()}")
+
+    def run(self, text: str, seed: int, frames: int) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": "run", "text": text, "seed": seed, "frames": frames}) + "\n")
+        return self._receive()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+# --- memory bandwidth and the roofline ---------------------------------------------------------
+
+
+# Read kernels for the bandwidth probe: a float sum can be compute-bound on one core,
+# an integer max rarely is; the fastest one is the truest measure of the memory.
+_READ_KERNELS = {
+    "sum_float32": lambda part: float(part.sum()),
+    "max_int64": lambda part: int(part.view(np.int64).max()),
+}
+
+
+def measure_bandwidth(mib: int = 256, repeats: int = 5) -> dict:
+    """Best-of-N read bandwidth over a float32 array far larger than any cache, per kernel and thread count.
+
+    Weights are only read during a step, so a read stream is the right yardstick;
+    numpy releases the GIL in reductions, so threads read disjoint slices in parallel.
+    """
+    data = np.ones(mib * 2**20 // 4, dtype=np.float32)
+    results = {}
+    for kernel, fn in _READ_KERNELS.items():
+        for threads in sorted({1, os.cpu_count() or 1}):
+            parts = np.array_split(data, threads)
+            best = float("inf")
+            for _ in range(repeats):
+                began = time.perf_counter()
+                _parallel(fn, parts)
+                best = min(best, time.perf_counter() - began)
+            results[f"{kernel}/{threads}"] = data.nbytes / best
+    return {"array_bytes": data.nbytes, "repeats": repeats, "read_bytes_per_second_by_kernel_threads": results,
+            "read_bytes_per_second": max(results.values())}
+
+
+def _parallel(fn: Callable, parts: list) -> None:
+    threads = [threading.Thread(target=fn, args=(part,)) for part in parts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def weight_elements_per_frame(topology: dict) -> dict[str, int]:
+    """Weight elements one frame reads, from the manifest's topology (the checkpoint's parameter shapes).
+
+    Matrices are read whole; an embedding lookup reads one row per CFG branch.
+    The backbone runs once per frame; each depformer stage reads its own
+    scheduled depformer_in / in_proj / out_proj, the shared MLPs and norms, and
+    its own logits head.
+    """
+    e, f, d = topology["n_embd"], topology["n_hidden"], topology["head_dim"]
+    h, kv = topology["heads"], topology["kv_heads"]
+    audio_v, q = topology["audio_vocab_size"], topology["audio_channels"]
+    base = topology.get("low_rank_dim") or e
+    rows = 2  # conditional and unconditional branch
+    layer = 2 * e + 2 * d + e * h * d * 2 + e * kv * d * 2 + e * 2 * f + f * e
+    backbone = (2 * rows * base + 2 * base * e  # text: main + second lookups and projections
+                + q * rows * e  # audio embeddings
+                + topology["n_layer"] * layer
+                + e + topology["action_vocab_size"] * e + audio_v * e)
+    dep = topology["depformer"]
+    de, df, dh, dd = dep["n_embd"], dep["n_hidden"], dep["heads"], dep["head_dim"]
+    dep_layer = 2 * de + 2 * dd + de * 3 * dh * dd + dh * dd * de + de * 2 * df + df * de
+    stage = rows * de + e * de + dep["n_layer"] * dep_layer + de + de * audio_v
+    text = (2 * rows * de + 2 * de * de) if dep.get("text_embedding") else 0  # stage 0 only
+    return {"backbone": backbone, "depformer": topology["num_depth"] * stage + text}
+
+
+def kv_cache_elements_per_frame(topology: dict, capacity: int) -> int:
+    """The backbone attends over the whole fixed-capacity K and V cache (masked), every frame."""
+    return 2 * topology["n_layer"] * 2 * topology["kv_heads"] * capacity * topology["head_dim"]
+
+
+def roofline(manifest_raw: dict, precision: str, bandwidth: float) -> dict:
+    """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth."""
+    size = 2 if precision == "fp16" else 4
+    elements = weight_elements_per_frame(manifest_raw["topology"])
+    weights = {k: v * size for k, v in elements.items()}
+    total = sum(weights.values())
+    cache = kv_cache_elements_per_frame(manifest_raw["topology"], manifest_raw["cache_capacity"]) * size
+    return {"weight_bytes_per_frame": {**weights, "total": total}, "kv_cache_bytes_per_frame": cache,
+            "bandwidth_bytes_per_second": bandwidth, "min_frame_seconds": total / bandwidth,
+            "max_frames_per_second": bandwidth / total,
+            "min_frame_seconds_with_cache": (total + cache) / bandwidth}
+
+
+# --- statistics and the orchestration ----------------------------------------------------------
+
+
+def spread(values: Iterable[float]) -> dict | None:
+    values = np.asarray(list(values), dtype=np.float64)
+    if values.size == 0:
+        return None
+    p10, q1, median, q3, p90 = np.percentile(values, [10, 25, 50, 75, 90])
+    return {"median": median, "p10": p10, "q1": q1, "q3": q3, "p90": p90, "n": int(values.size)}
+
+
+def summarize(spec: Contender, info: dict, runs: list[dict], manifest_raw: dict, bandwidth: float) -> dict:
+    frames = sum(r["frames"] for r in runs)
+    frame_rate = info["frame_rate"]
+    frame_seconds = [s for r in runs for s in r["frame_seconds"]]
+    median_frame = float(np.median(frame_seconds)) if frame_seconds else sum(r["wall_seconds"] for r in runs) / frames
+    line = roofline(manifest_raw, spec.precision, bandwidth)
+    line["achieved_over_roofline"] = line["min_frame_seconds"] / median_frame
+    return {
+        **asdict(spec),
+        "load_seconds": info["load_seconds"],
+        "peak_rss_load_bytes": info["peak_rss_load_bytes"],
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        "frames_per_run": [r["frames"] for r in runs],
+        "frames_per_second": spread(r["frames"] / r["wall_seconds"] for r in runs),
+        "steady_frames_per_second": 1.0 / median_frame,
+        "real_time_factor": spread(r["wall_seconds"] * frame_rate / r["frames"] for r in runs),
+        "first_audio_seconds": spread(r["first_audio_seconds"] for r in runs if r["first_audio_seconds"] is not None),
+        "frame_seconds": spread(frame_seconds),
+        "breakdown_seconds_per_frame": _breakdown(runs),
+        "roofline": line,
+        "raw": {"frame_seconds": frame_seconds, "runs": [{k: v for k, v in r.items() if k != "frame_seconds"}
+                                                          for r in runs]},
+    }
+
+
+def _breakdown(runs: list[dict]) -> dict[str, float]:
+    """Each run's time per frame in each component (host: the rest of its wall time), median over runs.
+
+    A median, because one slow repeat (a cold kernel for a new shape, a busy
+    machine) would otherwise dominate the split.
+    """
+    per_run = []
+    for r in runs:
+        parts = {c: r["component_seconds"][c] / r["frames"] for c in COMPONENTS}
+        parts["host"] = r["wall_seconds"] / r["frames"] - sum(parts.values())
+        per_run.append(parts)
+    return {k: float(np.median([p[k] for p in per_run])) for k in (*COMPONENTS, "host")}
+
+
+def choose_schedule(contenders: list[Contender], requested: str) -> str:
+    """Interleave unless the workers would not fit in memory together (then one after another)."""
+    if requested != "auto":
+        return requested
+    need = sum(_resident_estimate(c) for c in contenders)
+    return "interleaved" if need < 0.8 * _available_memory() else "sequential"
+
+
+def _resident_estimate(spec: Contender) -> int:
+    """Peak RSS from the weights on disk, by the ratios measured on the 2B: the reference holds
+    its model plus the mmapped safetensors (1.9x), ONNX Runtime its weights plus buffers (1.15x)."""
+    root = Path(spec.source)
+    if spec.kind == "reference":
+        return 2 * sum(p.stat().st_size for p in root.rglob("*.safetensors"))
+    return int(1.2 * sum(p.stat().st_size for p in root.iterdir() if p.suffix in (".onnx", ".data")))
+
+
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemTotal"])
+
+
+@dataclass(frozen=True)
+class Settings:
+    text: str = DEFAULT_TEXT
+    seed: int = 0
+    frames: int = 64
+    repeats: int = 3
+    warmup_frames: int = 4
+    schedule: str = "auto"
+
+
+def run_bench(contenders: list[Contender], skipped: list[dict], settings: Settings, manifest_raw: dict,
+              echo: Callable[[str], None] = lambda msg: None) -> dict:
+    """Measure every contender (warm-up excluded) and summarize; ``manifest_raw`` gives the topology."""
+    echo("measuring memory bandwidth")
+    before = measure_bandwidth()
+    schedule = choose_schedule(contenders, settings.schedule)
+    echo(f"{len(contenders)} contenders, {schedule}")
+    groups = [contenders] if schedule == "interleaved" else [[c] for c in contenders]
+    measured = [m for group in groups for m in _measure_group(group, settings, echo)]
+    # Measured again at the end and the better probe kept: a busy machine only ever lowers it.
+    bandwidth = max(before, measure_bandwidth(), key=lambda b: b["read_bytes_per_second"])
+    summaries = [summarize(spec, info, runs, manifest_raw, bandwidth["read_bytes_per_second"])
+                 for spec, info, runs in measured]
+    _relative_to_reference(summaries)
+    return {"machine": machine_info(), "bandwidth": bandwidth, "settings": {**asdict(settings), "schedule": schedule},
+            "skipped": skipped, "contenders": summaries}
+
+
+def _measure_group(group: list[Contender], settings: Settings, echo) -> list[tuple[Contender, dict, list[dict]]]:
+    """Load the group's workers, warm each up, then run them in turn, rotating who goes first."""
+    workers = []
+    try:
+        for spec in group:
+            echo(f"loading {spec.name}")
+            workers.append(Worker(spec))
+        for w in workers:
+            echo(f"warm-up {w.spec.name}")
+            w.run(settings.text, settings.seed, settings.warmup_frames)
+        runs = {w.spec.name: [] for w in workers}
+        for rep in range(settings.repeats):
+            for w in workers[rep % len(workers):] + workers[: rep % len(workers)]:
+                result = w.run(settings.text, settings.seed, settings.frames)
+                echo(f"repeat {rep + 1}/{settings.repeats} {w.spec.name}: {result['frames']} frames "
+                     f"in {result['wall_seconds']:.2f}s")
+                runs[w.spec.name].append(result)
+        return [(w.spec, w.info, runs[w.spec.name]) for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+
+
+def _relative_to_reference(summaries: list[dict]) -> None:
+    ref = next((s for s in summaries if s["kind"] == "reference"), None)
+    for s in summaries:
+        s["speedup_vs_reference"] = (s["frames_per_second"]["median"] / ref["frames_per_second"]["median"]
+                                     if ref else None)
+
+
+def machine_info() -> dict:
+    import onnxruntime
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+            "load_average": os.getloadavg()}
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])
