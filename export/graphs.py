@@ -32,23 +32,30 @@ class BackboneStep(nn.Module):
     the host (or one cudaMemcpy2D on the device) is the cheapest portable option.
     """
 
-    input_names = ["tokens", "position", "k_cache", "v_cache"]
     output_names = ["hidden", "action_logits", "cb0_logits", "k_new", "v_new"]
 
     def __init__(self, model: Dia2Model) -> None:
         super().__init__()
         self.backbone = model.transformer
+        self.n_layer = len(model.transformer.layers)
+        self.input_names = ["tokens", "position", *cache_names("k", self.n_layer), *cache_names("v", self.n_layer)]
 
-    def forward(self, tokens, position, k_cache, v_cache):
-        return self.backbone.step(tokens, position, k_cache, v_cache)
+    def forward(self, tokens, position, *caches):
+        return self.backbone.step(tokens, position, caches[: self.n_layer], caches[self.n_layer:])
 
     @staticmethod
     def example_inputs(model: Dia2Model, capacity: int, position: int = 0):
+        """(tokens, position, k_cache.0 .. k_cache.{L-1}, v_cache.0 .. v_cache.{L-1})."""
         cfg = model.config
         dec = cfg.model.decoder
-        cache = torch.zeros(dec.n_layer, BRANCHES, dec.kv_heads, capacity, dec.gqa_head_dim)
+        caches = [torch.zeros(BRANCHES, dec.kv_heads, capacity, dec.gqa_head_dim) for _ in range(2 * dec.n_layer)]
         tokens = torch.zeros(BRANCHES, cfg.data.channels, dtype=torch.long)
-        return tokens, torch.tensor([position], dtype=torch.long), cache, cache.clone()
+        return (tokens, torch.tensor([position], dtype=torch.long), *caches)
+
+
+def cache_names(kind: str, n_layer: int) -> list[str]:
+    """Graph input names of the per-layer caches: ``k_cache.0`` ... (the runtime reads the same scheme)."""
+    return [f"{kind}_cache.{i}" for i in range(n_layer)]
 
 
 def guide(logits: torch.Tensor, cfg_scale: torch.Tensor, filter_k: torch.Tensor) -> torch.Tensor:

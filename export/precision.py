@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 _FP32_MODULES = ("RMSNorm", "Rotary")  # by class, from the exporter's class hierarchy
 _FP32_HEADS = re.compile(r"(^|\.)(action_head|cb0_head|logits\.\d+)$")  # by module path
 _FP32_OPS = ["Softmax"]
-FP16_IO = ("k_cache", "v_cache", "k_new", "v_new", "hidden")
+FP16_IO = ("k_cache.", "v_cache.", "k_new", "v_new", "hidden")  # a trailing "." matches per-layer names
 
 
 def _meta(node: onnx.NodeProto, key: str) -> str:
@@ -58,15 +58,19 @@ def _fp16_boundary(model: onnx.ModelProto, names: set[str]) -> None:
     where the neighbouring node was kept in fp32."""
     graph = model.graph
     for value in graph.input:
-        if value.name in names and value.type.tensor_type.elem_type == TensorProto.FLOAT:
+        if _named(value.name, names) and value.type.tensor_type.elem_type == TensorProto.FLOAT:
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
             if not _drop_cast(graph, lambda n: n.input[0] == value.name, TensorProto.FLOAT16, keep=value.name):
                 _insert_cast(graph, value.name, TensorProto.FLOAT, for_input=True)
     for value in graph.output:
-        if value.name in names and value.type.tensor_type.elem_type == TensorProto.FLOAT:
+        if _named(value.name, names) and value.type.tensor_type.elem_type == TensorProto.FLOAT:
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
             if not _drop_cast(graph, lambda n: n.output[0] == value.name, TensorProto.FLOAT, keep=value.name):
                 _insert_cast(graph, value.name, TensorProto.FLOAT16, for_input=False)
+
+
+def _named(name: str, names: set[str]) -> bool:
+    return name in names or any(n.endswith(".") and name.startswith(n) for n in names)
 
 
 def _drop_cast(graph: onnx.GraphProto, match, to: int, keep: str) -> bool:

@@ -211,19 +211,21 @@ class Backbone(nn.Module):
             x = layer.mlp_residual(x + layer.attn.attend_reference(q, k, v, k_cache[i], v_cache[i], length))
         return self.heads(x)
 
-    def step(self, tokens, position, k_cache, v_cache):
-        """Export form. tokens [B, C] int64, position [1] int64, caches [L, B, Hkv, S, D].
+    def step(self, tokens, position, k_caches, v_caches):
+        """Export form. tokens [B, C] int64, position [1] int64, one [B, Hkv, S, D] cache per layer.
 
+        Per-layer caches rather than one stacked tensor: slicing a layer out of a
+        stacked graph input is a copy (a Split) in ONNX, 0.7 GB per step for 2B.
         Returns (hidden [B, E], action [B, A], cb0 [B, V], k_new, v_new [L, B, Hkv, D]);
         the caller stores k_new/v_new at ``position`` before the next step.
         """
         x = self.embed(tokens.unsqueeze(-1))
         positions = position.view(1, 1)
-        valid = torch.arange(k_cache.shape[3], device=position.device) < position
+        valid = torch.arange(k_caches[0].shape[2], device=position.device) < position
         k_out, v_out = [], []
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)
-            x = layer.mlp_residual(x + layer.attn.attend_split(q, k, v, k_cache[i], v_cache[i], valid))
+            x = layer.mlp_residual(x + layer.attn.attend_split(q, k, v, k_caches[i], v_caches[i], valid))
             k_out.append(k[:, :, 0])
             v_out.append(v[:, :, 0])
         hidden, action, cb0 = self.heads(x)

@@ -220,16 +220,26 @@ def _check_backbone(m: Manifest, where: str) -> None:
     channels = g.input("tokens").shape
     if channels != (2, 2 + m.audio_channels):
         raise ArtifactError(f"{where}: backbone tokens {list(channels)} do not match {m.audio_channels} delays")
-    cache = g.input("k_cache").shape
-    if len(cache) != 5 or cache[3] != m.cache_capacity or g.input("v_cache").shape != cache:
+    n_layer = int(m.topology["n_layer"])
+    cache = g.input(cache_name("k", 0)).shape
+    if len(cache) != 4 or cache[2] != m.cache_capacity:
         raise ArtifactError(f"{where}: backbone cache shape {list(cache)} does not match capacity {m.cache_capacity}")
-    expected_new = cache[:3] + cache[4:]
+    for i in range(n_layer):
+        for kind in ("k", "v"):
+            if g.input(cache_name(kind, i)).shape != cache:
+                raise ArtifactError(f"{where}: backbone {cache_name(kind, i)} differs from {cache_name('k', 0)}")
+    expected_new = (n_layer, *cache[:2], cache[3])
     for name in ("k_new", "v_new"):
         if g.output(name).shape != expected_new:
             raise ArtifactError(f"{where}: backbone {name} {list(g.output(name).shape)} != {list(expected_new)}")
     for spec in g.inputs + g.outputs:
         if not spec.static:
             raise ArtifactError(f"{where}: backbone {spec.name} has a dynamic shape {list(spec.shape)}")
+
+
+def cache_name(kind: str, layer: int) -> str:
+    """The backbone's per-layer cache inputs: ``k_cache.0``, ``v_cache.0``, ..."""
+    return f"{kind}_cache.{layer}"
 
 
 def _check_depformer(m: Manifest, where: str) -> None:

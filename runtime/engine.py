@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .artifacts import ArtifactError, Manifest, load_manifest
+from .artifacts import ArtifactError, Manifest, cache_name, load_manifest
 from .backends import Backend, create_backend
 from .codec import StreamingCodec
 from .frames import UNGENERATED, finish
@@ -76,9 +76,11 @@ class Dia2Runtime:
         self.backbone = backend.load(manifest.graph("backbone"))
         self.depformer = backend.load(manifest.graph("depformer"))
         self.codec = _load_codec(manifest, backend)
-        self.buffers = _StepBuffers.allocate(manifest, self.backbone.spec.input("k_cache"))
-        self.backbone.bind("k_cache", self.buffers.k_cache)
-        self.backbone.bind("v_cache", self.buffers.v_cache)
+        self.buffers = _StepBuffers.allocate(manifest, self.backbone.spec.input(cache_name("k", 0)))
+        self._cache_names = [(cache_name("k", i), cache_name("v", i)) for i in range(len(self.buffers.k_cache))]
+        for i, (k_name, v_name) in enumerate(self._cache_names):
+            self.backbone.bind(k_name, self.buffers.k_cache[i])  # a view: the layers share one allocation
+            self.backbone.bind(v_name, self.buffers.v_cache[i])
         self._active: Session | None = None
 
     @classmethod
@@ -157,7 +159,7 @@ class _StepBuffers:
     tokens: np.ndarray  # [2, C] the step tokens fed to the backbone
     audio: np.ndarray  # [Q, max_context + 1] delayed codes (both CFG rows get the same ones)
     noise: np.ndarray  # [Q, V] uniform noise for the in-graph audio sampler
-    k_cache: np.ndarray
+    k_cache: np.ndarray  # [L, 2, Hkv, S, D]; layer i is bound as the graph's k_cache.i
     v_cache: np.ndarray
 
     @classmethod
@@ -167,8 +169,8 @@ class _StepBuffers:
             tokens=np.zeros((BRANCHES, 2 + q), dtype=np.int64),
             audio=np.zeros((q, m.max_context_steps + 1), dtype=np.int64),
             noise=np.zeros((q, vocab), dtype=np.float32),
-            k_cache=cache.zeros(),
-            v_cache=cache.zeros(),
+            k_cache=np.zeros((int(m.topology["n_layer"]), *cache.shape), dtype=cache.dtype),
+            v_cache=np.zeros((int(m.topology["n_layer"]), *cache.shape), dtype=cache.dtype),
         )
 
     def reset(self, ids) -> None:
@@ -320,9 +322,10 @@ class Session:
         buf.tokens[:, 2:] = np.where(self._delays > t, ids.audio_bos, buf.audio[:, t])
         buf.tokens[1, 0], buf.tokens[1, 1] = ids.zero, ids.pad
         out = self.runtime.backbone.run({"tokens": buf.tokens, "position": t})
-        row = (slice(None), slice(None), slice(None), t)
-        self.runtime.backbone.write("k_cache", row, out["k_new"])
-        self.runtime.backbone.write("v_cache", row, out["v_new"])
+        row = (slice(None), slice(None), t)
+        for i, (k_name, v_name) in enumerate(self.runtime._cache_names):
+            self.runtime.backbone.write(k_name, row, out["k_new"][i])
+            self.runtime.backbone.write(v_name, row, out["v_new"][i])
         self._hidden, self._cb0 = out["hidden"], out["cb0_logits"]
         return sample(guide(out["action_logits"], p.cfg_scale, p.cfg_filter_k), p.text_temperature, p.text_top_k, rng)
 

@@ -4,7 +4,7 @@ Implements the runtime's ``Backend``/``Graph`` interface. Every I/O tensor gets
 one device buffer for the life of the graph, so addresses never change and a
 step can be captured once and replayed (``cudaGraphLaunch``) with no per-step
 enqueue cost. Bound inputs (the KV cache) live only on the device: the loop's
-``write(name, (:, :, :, t), k_new)`` becomes one strided device-to-device copy
+``write(name, (:, :, t), k_new[i])`` becomes one strided device-to-device copy
 from this graph's own output buffer, and the cache never crosses PCIe.
 
 tensorrt and cuda-python are imported on first use only.
@@ -112,8 +112,8 @@ class TrtGraph:
     def write(self, name: str, index: Any, values: np.ndarray) -> None:
         """``buffer[:, ..., :, i] = values`` on the device: a pitched 2-D copy.
 
-        When ``values`` is one of this graph's output mirrors (the loop passes
-        ``k_new``), the copy reads that output's device buffer directly.
+        When ``values`` lies in one of this graph's output mirrors (the loop passes
+        ``k_new[i]``), the copy reads that output's device buffer directly.
         """
         buf = self._buffers[name]
         axis, i = _row_index(index, len(buf.shape))
@@ -125,10 +125,13 @@ class TrtGraph:
                                               kind, self._b.stream))
 
     def _source(self, values: np.ndarray):
+        """The device address of ``values`` if it is a contiguous piece of an output mirror."""
+        start = values.ctypes.data
         for out in self.spec.outputs:
-            mirror = self._buffers[out.name].host
-            if values is mirror or (values.base is not None and values.base is mirror.base and values.shape == mirror.shape):
-                return int(self._buffers[out.name].device), self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            buf = self._buffers[out.name]
+            base = buf.host.ctypes.data
+            if values.flags.c_contiguous and base <= start and start + values.nbytes <= base + buf.nbytes:
+                return int(buf.device) + (start - base), self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         return np.ascontiguousarray(values).ctypes.data, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:

@@ -37,8 +37,12 @@ def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifa
     model, _, manifest = tiny
     session = _session(tiny_artifacts, manifest, "backbone")
     gen = torch.Generator().manual_seed(1)
-    tokens, _, k_cache, v_cache = BackboneStep.example_inputs(model, manifest["cache_capacity"])
+    tokens = BackboneStep.example_inputs(model, manifest["cache_capacity"])[0]
     cfg = model.config
+    dec = cfg.model.decoder
+    # Stacked [L, B, Hkv, S, D] for the reference path; the graph takes one layer per input.
+    k_cache = torch.zeros(dec.n_layer, 2, dec.kv_heads, manifest["cache_capacity"], dec.gqa_head_dim)
+    v_cache = torch.zeros_like(k_cache)
     worst = 0.0
     for t in range(50):
         tokens[:, :2] = torch.randint(0, cfg.data.text_vocab_size, (2, 2), generator=gen)
@@ -48,7 +52,9 @@ def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifa
         with torch.no_grad():
             ref_hidden, ref_action, ref_cb0 = model.transformer.step_reference(
                 tokens.unsqueeze(-1), positions, k_cache, v_cache, torch.tensor(t))
-        feeds = {"tokens": tokens.numpy(), "position": np.array([t]), "k_cache": k_cache.numpy(), "v_cache": v_cache.numpy()}
+        feeds = {"tokens": tokens.numpy(), "position": np.array([t]),
+                 **{f"k_cache.{i}": k_cache[i].numpy() for i in range(dec.n_layer)},
+                 **{f"v_cache.{i}": v_cache[i].numpy() for i in range(dec.n_layer)}}
         hidden, action, cb0, k_new, v_new = session.run(None, feeds)
         for ours, ref in ((hidden, ref_hidden[:, 0]), (action, ref_action[:, 0]), (cb0, ref_cb0[:, 0])):
             worst = max(worst, float(np.abs(ours - ref.numpy()).max()))
@@ -155,7 +161,8 @@ def test_manifest_describes_the_artifacts(tiny_artifacts, tiny_checkpoint):
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["tools"])
     assert set(manifest["source"]["files"]) == {"config.json", "model.safetensors"}
     inputs = {io["name"]: io for io in manifest["graphs"]["backbone"]["inputs"]}
-    assert inputs["k_cache"]["shape"][3] == manifest["cache_capacity"]
+    assert inputs["k_cache.0"]["shape"][2] == manifest["cache_capacity"]
+    assert {f"v_cache.{i}" for i in range(manifest["topology"]["n_layer"])} <= set(inputs)
     assert (tiny_artifacts / "tokenizer" / "tokenizer.json").is_file()
 
 
@@ -163,7 +170,7 @@ def test_fp16_artifacts_validate(artifacts_factory, tiny_checkpoint):
     art = artifacts_factory("default", 0, "fp16")
     manifest = json.loads((art / "manifest.json").read_text())
     types = {io["name"]: io["dtype"] for io in manifest["graphs"]["backbone"]["inputs"]}
-    assert types["k_cache"] == "float16" and types["tokens"] == "int64"
+    assert types["k_cache.0"] == "float16" and types["tokens"] == "int64"
     result = _run_cli("validate", str(art), "--checkpoint", str(tiny_checkpoint), "--steps", "12",
                       "--codec-frames", "8", "--report", str(art / "report.json"))
     assert result.returncode == 0, result.stderr
