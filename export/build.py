@@ -21,7 +21,9 @@ from .manifest import build_manifest, sha256, write_manifest
 from .onnx_io import export_module, external_data_path, save_model, signature
 
 PRECISIONS = ("fp32", "fp16")
-DEFAULT_OPSET = 20  # TensorRT 10.x parses opsets <= 20 (22 from 10.9); ORT runs all.
+# Opset 23 has RMSNormalization (one node instead of six; 20% off the depformer on ORT
+# CPU). For a TensorRT whose ONNX parser predates opset 23, build with --opset 20.
+DEFAULT_OPSET = 23
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
