@@ -10,6 +10,7 @@ backend (TensorRT) can keep them in device memory and write rows in place.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -43,15 +44,27 @@ class Backend(Protocol):
 
 # --- ONNX Runtime ------------------------------------------------------------
 
-# Chosen by measurement on 2 shared cores, tiny and a 12-layer/768-wide model:
-# one intra-op thread was as fast as two (a step is a chain of small kernels,
-# memory-bound for the larger model) and fastest for tiny. Spinning is off: the
-# backbone, depformer and codec sessions run one after another, and a finished
-# session's spinning workers steal the cores the next one needs (2 threads with
-# spinning ran the loop 1.6-3.7x slower). Optimisation levels basic/extended/all
-# were equal within noise; "all" stays, as ORT's default.
-DEFAULT_THREADS = 1
+# Chosen by measurement on 2 cores. Intra-op threads, when not given, depend on
+# the graph's weight bytes: a small graph is a chain of tiny kernels where thread
+# hand-offs cost more than they save (tiny: 1 thread ~1500 frames/s, 2 threads
+# ~1090), while a large one is a stream of weight reads that one core cannot
+# sustain alone (2B fp32: 517 ms/frame on 1 thread, 292 ms on 2). Spinning is
+# off: the backbone, depformer and codec sessions run one after another, and a
+# finished session's spinning workers steal the cores the next one needs (2
+# threads with spinning ran the loop 1.6-3.7x slower). Optimisation levels
+# basic/extended/all were equal within noise; "all" stays, as ORT's default.
+LARGE_GRAPH_BYTES = 64 << 20
 DEFAULT_SPINNING = False
+
+
+def auto_threads(graph_bytes: int) -> int:
+    return (os.cpu_count() or 1) if graph_bytes >= LARGE_GRAPH_BYTES else 1
+
+
+def graph_bytes(path: Path) -> int:
+    """The graph file plus its external weights, if any."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 class OrtBackend:
@@ -70,7 +83,7 @@ class OrtBackend:
         self._ort = ort
         if threads is not None and threads < 1:
             raise ValueError("threads must be >= 1")
-        self.threads = threads or DEFAULT_THREADS
+        self.threads = threads  # None: per graph, see auto_threads
         self.spinning = spinning
         self.optimization = optimization
         self.providers = self._providers(device)
@@ -84,10 +97,10 @@ class OrtBackend:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
 
-    def session_options(self):
+    def session_options(self, threads: int = 1):
         ort = self._ort
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = {
@@ -105,7 +118,8 @@ class OrtBackend:
         """A plain InferenceSession with this backend's options (the codec drives its own bindings)."""
         path = Path(path or spec.path)
         try:
-            return self._ort.InferenceSession(str(path), self.session_options(), providers=self.providers)
+            threads = self.threads or auto_threads(graph_bytes(path))
+            return self._ort.InferenceSession(str(path), self.session_options(threads), providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{path}: cannot load graph ({message})") from None
