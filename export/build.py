@@ -86,11 +86,15 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     mimi = load_mimi(files.mimi_ref)
     graphs = {}
     progress("exporting backbone step")
-    graphs["backbone"] = _export_step(BackboneStep(model), BackboneStep.example_inputs(model, capacity),
-                                      tmp / "backbone.onnx", options)
+    _export_step(BackboneStep(model), BackboneStep.example_inputs(model, capacity), tmp / "backbone.onnx", options)
     progress("exporting depformer frame")
-    graphs["depformer"] = _export_step(DepformerFrame(model, ids), DepformerFrame.example_inputs(model),
-                                       tmp / "depformer.onnx", options)
+    _export_step(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), tmp / "depformer.onnx", options)
+    del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
+    for name in ("backbone", "depformer"):
+        if options.precision == "fp16":
+            progress(f"converting {name} to fp16")
+            _convert_fp16(tmp / f"{name}.onnx")
+        graphs[name] = _step_entry(tmp / f"{name}.onnx")
     progress("exporting codec decoder step")
     q = cfg.data.audio_channels
     graphs["codec_decoder"] = _codec_entry(export_codec_decoder(
@@ -111,14 +115,20 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     return manifest
 
 
-def _export_step(module, args, path: Path, options: BuildOptions) -> dict:
-    proto = export_module(module, args, module.input_names, module.output_names, path, options.opset)
-    if options.precision == "fp16":
-        from .precision import to_fp16
+def _export_step(module, args, path: Path, options: BuildOptions) -> None:
+    export_module(module, args, module.input_names, module.output_names, path, options.opset)
 
-        proto = to_fp16(onnx.load(str(path)))  # with its weights this time
-        save_model(proto, path)
-    return {"file": path.name, **_files_entry(path), **signature(proto)}
+
+def _convert_fp16(path: Path) -> None:
+    from .precision import to_fp16
+
+    # Shape inference by path works past protobuf's 2 GB, unlike on a loaded model.
+    onnx.shape_inference.infer_shapes_path(str(path))
+    save_model(to_fp16(onnx.load(str(path))), path)
+
+
+def _step_entry(path: Path) -> dict:
+    return {"file": path.name, **_files_entry(path), **signature(onnx.load(str(path), load_external_data=False))}
 
 
 def _codec_entry(spec: dict, path: Path) -> dict:

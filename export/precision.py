@@ -47,7 +47,8 @@ def to_fp16(model: onnx.ModelProto, fp16_io: tuple[str, ...] = FP16_IO) -> onnx.
     blocked = [n.name for n in model.graph.node if _keep_fp32(n)]
     converted = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + _FP32_OPS,
-        node_block_list=blocked, disable_shape_infer=False,
+        # Shapes are inferred beforehand (by file path, which works past 2 GB).
+        node_block_list=blocked, disable_shape_infer=True,
     )
     _fp16_boundary(converted, set(fp16_io))
     return converted
