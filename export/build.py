@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -90,6 +91,7 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     progress("exporting depformer frame")
     _export_step(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), tmp / "depformer.onnx", options)
     del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
+    gc.collect()  # the exporter leaves reference cycles that still hold the weights
     for name in ("backbone", "depformer"):
         if options.precision == "fp16":
             progress(f"converting {name} to fp16")

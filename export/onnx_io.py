@@ -52,13 +52,19 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save, moving weights to ``<file>.data`` when the graph is too big for one protobuf."""
     path = Path(path)
     external_data_path(path).unlink(missing_ok=True)
-    if model.ByteSize() > _PROTOBUF_LIMIT:
+    if _initializer_bytes(model) > _PROTOBUF_LIMIT:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_data_path(path).name, size_threshold=1024)
+        external_data_path(path).chmod(path.stat().st_mode & 0o777)  # onnx creates it private
         onnx.checker.check_model(str(path))
     else:
         onnx.checker.check_model(model)
         onnx.save_model(model, str(path))
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    """Weight bytes, summed per tensor: ModelProto.ByteSize() itself fails past 2 GB."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
 
 
 def signature(model: onnx.ModelProto) -> dict[str, list[dict]]:
