@@ -10,11 +10,9 @@ after the last frame, which is what its time to first audio reports.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
-from dia2_trt.models import reference
 from dia2_trt.models.sources import resolve_checkpoint
 from dia2_trt.runtime.params import GenerationParams
 
@@ -38,30 +36,8 @@ class ReferenceSubject:
     def run(self, text: str, seed: int, frames: int) -> dict:
         self.clock.reset(frames + 1)  # the cap is enforced by the loop's capacity, not the clock
         started = time.perf_counter()
-        with _frame_limit(frames):
-            result = self.loop.run(text, GenerationParams(seed=seed))
+        result = self.loop.run(text, GenerationParams(seed=seed), max_frames=frames)
         self.clock.end()
         pcm = self.decode(self.mimi, result.tokens)
         first = time.perf_counter() - started if pcm.size else None
         return self.clock.report(time.perf_counter() - started, int(pcm.size), first)
-
-
-@contextmanager
-def _frame_limit(frames: int):
-    """Stop the reference loop after ``frames`` steps through its own capacity check.
-
-    Only the loop bound changes: the KV caches keep their full size, so each
-    step costs what it costs in an uncapped run.
-    """
-    original = reference._Run
-
-    class Capped(original):
-        def __init__(self, loop, params) -> None:
-            super().__init__(loop, params)
-            self.capacity = min(self.capacity, frames + 1)
-
-    reference._Run = Capped
-    try:
-        yield
-    finally:
-        reference._Run = original

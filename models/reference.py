@@ -84,7 +84,8 @@ class ReferenceLoop:
         return parse_script([text], self.encode, self.ids, self.frame_rate)
 
     @torch.inference_mode()
-    def run(self, text: str, params: GenerationParams) -> ReferenceResult:
+    def run(self, text: str, params: GenerationParams, max_frames: int | None = None) -> ReferenceResult:
+        """Generate; ``max_frames`` stops early (benchmarks) without changing any buffer's size."""
         machine = StateMachine(self.ids, second_stream_ahead=self.cfg.data.second_stream_ahead,
                                initial_padding=params.initial_padding)
         state = machine.new_state(self.entries(text))
@@ -92,7 +93,8 @@ class ReferenceLoop:
         max_delay = max(self.delays) if self.delays else 0
         flush_tail = max_delay + machine.max_padding
         first_word_frame, eos_cutoff, last_step = None, None, -1
-        for t in range(self.cfg.runtime.max_context_steps):
+        steps = self.cfg.runtime.max_context_steps
+        for t in range(steps if max_frames is None else min(steps, max_frames)):
             if (eos_cutoff is not None and t >= eos_cutoff) or t + 1 >= run.capacity:
                 break
             action = run.backbone(t)
