@@ -34,7 +34,7 @@ class ReferenceSubject:
         self.frame_rate = float(self.mimi.config.frame_rate)
 
     def run(self, text: str, seed: int, frames: int) -> dict:
-        self.clock.reset(frames + 1)  # the cap is enforced by the loop's capacity, not the clock
+        self.clock.reset(frames + 1)  # the loop stops itself at max_frames; the clock only sizes its buffers
         started = time.perf_counter()
         result = self.loop.run(text, GenerationParams(seed=seed), max_frames=frames)
         self.clock.end()
