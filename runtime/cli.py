@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import click
@@ -80,7 +81,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     for path in (timestamps_out, tokens_out):
         if path:
             _check_out_dir(Path(path))
-    from .engine import Dia2Runtime
+    from .engine import Dia2Runtime, TruncationWarning
 
     try:
         engine = create_backend(backend, threads)
@@ -90,11 +91,15 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
         runtime = Dia2Runtime.load(artifacts, backend=engine)
         bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
         session = runtime.stream(script, params, progress=bar)
-        result = _generate(session, target, runtime.sample_rate)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            result = _generate(session, target, runtime.sample_rate)
         if bar is not None:
             bar.finish()
     except (ArtifactError, ScriptError) as exc:
         raise CliError(str(exc)) from None
+    for warning in caught:
+        click.echo(f"warning: {warning.message}", err=True)
     _write_sidecars(result, timestamps_out, tokens_out)
     if not quiet:
         _summary(result)

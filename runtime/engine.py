@@ -11,8 +11,8 @@ soon as every codebook of them exists, so audio starts long before the script en
 from __future__ import annotations
 
 import re
-import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,6 +30,10 @@ from .state_machine import Entry, StateMachine, TextState
 from .tokenizer import TextTokenizer
 
 BRANCHES = 2  # conditional row 0, unconditional row 1: always both, as in the reference
+
+
+class TruncationWarning(UserWarning):
+    """The context ran out before the script's end (``SpeakResult.truncated`` says the same)."""
 
 
 @dataclass
@@ -420,8 +424,8 @@ class Session:
             yield chunk
         truncated = tally.eos_cutoff is None or tally.last_step + 1 < tally.eos_cutoff
         if truncated:
-            print(f"warning: the model's context ({m.max_context_steps} frames) ran out before the script "
-                  f"ended; the audio is truncated", file=sys.stderr)
+            warnings.warn(f"the model's context ({m.max_context_steps} frames) ran out before the script "
+                          f"ended; the audio is truncated", TruncationWarning, stacklevel=2)
         pcm = np.concatenate(tally.pcm) if tally.pcm else np.zeros(0, np.float32)
         self.result = SpeakResult(pcm, m.sample_rate, tokens, stamps, tally.last_step + 1,
                                   time.perf_counter() - tally.started, tally.first_audio, truncated)

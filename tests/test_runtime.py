@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
-from dia2_trt.runtime.engine import Dia2Runtime
+from dia2_trt.runtime.engine import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.sampling import guide, sample
 from dia2_trt.runtime.script import ScriptError
@@ -267,13 +267,14 @@ def test_bad_scripts_raise(runtimes, script, message):
         runtimes["default"].stream(script, GenerationParams(**GREEDY))
 
 
-def test_context_overrun_is_flagged(runtimes, monkeypatch, capsys):
+def test_context_overrun_is_flagged(runtimes, monkeypatch):
     rt = runtimes["default"]
     monkeypatch.setattr(rt, "frames_needed", lambda entries, params: 0)
-    result = rt.speak("[S1] " + "hello there friend " * 40, GenerationParams(**GREEDY))
+    with pytest.warns(TruncationWarning) as caught:
+        result = rt.speak("[S1] " + "hello there friend " * 40, GenerationParams(**GREEDY))
     assert result.truncated
     assert result.frames == rt.manifest.max_context_steps
-    assert "truncated" in capsys.readouterr().err
+    assert any("truncated" in str(w.message) for w in caught)
 
 
 # --- artifacts ------------------------------------------------------------------
