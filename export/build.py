@@ -14,7 +14,7 @@ from typing import Callable
 import onnx
 
 from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
-from dia2_trt.models.tokens import resolve_token_ids
+from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
 
 from .codec import export_codec_decoder, export_codec_encoder
 from .graphs import BackboneStep, DepformerFrame
@@ -83,6 +83,7 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     if capacity > model.transformer.rotary.cos.shape[0]:
         model.transformer.rotary = type(model.transformer.rotary)(
             cfg.model.decoder.gqa_head_dim, cfg.model.rope_min_timescale, cfg.model.rope_max_timescale, capacity)
+    check_tokenizer(files.tokenizer_dir)
     ids = resolve_token_ids(cfg, files.tokenizer_dir)
     mimi = load_mimi(files.mimi_ref)
     graphs = {}

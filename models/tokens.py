@@ -5,16 +5,43 @@ from __future__ import annotations
 from pathlib import Path
 
 from dia2_trt.runtime.state_machine import TokenIds
+from dia2_trt.runtime.tokenizer import TextTokenizer
 
 from .config import Dia2Config
+
+
+# Strings the runtime's tokenizer must encode exactly like the reference's (speaker tags
+# glued to words, apostrophes, digits, accents, typographic quotes, CJK).
+PROBES = ("[S1] Hello", "[S2] well,", "don't", "10 o'clock", "café", "naïve", "\u2019tis", "(laughs)", "東京",
+          "[S1]", "e-mail", "U.S.A.", "hmm...", "\u201cquoted\u201d")
+
+
+class TokenizerMismatch(ValueError):
+    """The tokenizers-library tokenizer would not give the reference's ids."""
+
+
+def _auto_tokenizer(tokenizer_dir: str | Path):
+    from transformers import AutoTokenizer  # export-time only
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False, trust_remote_code=True)
+
+
+def check_tokenizer(tokenizer_dir: str | Path) -> None:
+    """The runtime encodes with ``tokenizers``; the reference with transformers' AutoTokenizer.
+    Refuse to build artifacts whose runtime would tokenise differently."""
+    reference = _auto_tokenizer(tokenizer_dir)
+    ours = TextTokenizer.from_dir(tokenizer_dir)
+    for text in PROBES:
+        expected = reference.encode(text, add_special_tokens=False)
+        if ours.encode(text) != expected:
+            raise TokenizerMismatch(f"tokenizer.json encodes {text!r} as {ours.encode(text)}, the reference's "
+                                    f"tokenizer as {expected}: the runtime would not match the reference")
 
 
 def resolve_token_ids(cfg: Dia2Config, tokenizer_dir: str | Path) -> TokenIds:
     """bos falls back to 1 when the tokenizer has none (or has id 0): the reference's
     ``getattr(tokenizer, "bos_token_id", 1) or 1``; a missing speaker tag maps to new_word."""
-    from transformers import AutoTokenizer  # export-time only
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False, trust_remote_code=True)
+    tok = _auto_tokenizer(tokenizer_dir)
     vocab = tok.get_vocab()
     d = cfg.data
 

@@ -243,3 +243,13 @@ def test_build_refuses_to_clobber_a_non_empty_directory(tiny_checkpoint, tmp_pat
     (out / "keep.txt").write_text("mine")
     line = _error_line(_run_cli("build", "--checkpoint", str(tiny_checkpoint), "--out", str(out)))
     assert "--overwrite" in line and (out / "keep.txt").read_text() == "mine"
+
+
+def test_build_refuses_a_tokenizer_the_runtime_would_read_differently(tiny_checkpoint, monkeypatch):
+    from dia2_trt.models import tokens
+    from dia2_trt.runtime.tokenizer import TextTokenizer
+
+    tokens.check_tokenizer(tiny_checkpoint)  # the tiny tokenizer agrees
+    monkeypatch.setattr(TextTokenizer, "encode", lambda self, text: [0])
+    with pytest.raises(tokens.TokenizerMismatch, match="would not match the reference"):
+        tokens.check_tokenizer(tiny_checkpoint)
