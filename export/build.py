@@ -47,8 +47,10 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BuildError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
     parent = out.parent
-    if not parent.is_dir():
-        raise BuildError(f"parent directory {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot create {parent}: {exc.strerror}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BuildError(f"cannot write to {parent}")
 
