@@ -1,6 +1,7 @@
 """The PyTorch reference loop as a benchmark contender (torch lives here, outside the runtime).
 
-Loaded only inside its own benchmark worker (``dia2_trt.runtime.benchmark``).
+Run as its own benchmark worker (``python -m dia2_trt.export.bench_reference``),
+driven by ``dia2_trt.runtime.benchmark``.
 The model's ``step_reference`` (backbone), ``stage_reference`` (one depformer
 stage) and Mimi's batch decode are timed; everything else is host work. The
 reference has no streaming codec: its first audio is the batch decode's output
@@ -9,11 +10,13 @@ after the last frame, which is what its time to first audio reports.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
 
 from dia2_trt.models.sources import resolve_checkpoint
+from dia2_trt.runtime.benchmark import FrameClock, worker_main
 from dia2_trt.runtime.params import GenerationParams
 
 from .reference_run import decode_batch, reference_loop
@@ -41,3 +44,7 @@ class ReferenceSubject:
         pcm = self.decode(self.mimi, result.tokens)
         first = time.perf_counter() - started if pcm.size else None
         return self.clock.report(time.perf_counter() - started, int(pcm.size), first)
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1], lambda spec: ReferenceSubject(spec, FrameClock()))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from dia2_trt.runtime.files import AUDIO_FORMATS, write_atomic, write_audio
+
 from .build import DEFAULT_OPSET, PRECISIONS, BuildOptions
 
 SIZES = ("tiny", "1B", "2B")
@@ -108,11 +110,13 @@ def engines(artifacts, graphs, workspace_gib, timing_cache, no_validate):
 @click.option("--cfg-filter-k", default=50, show_default=True, type=click.IntRange(0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--tokens-out", required=True, type=click.Path(), help="JSON with aligned tokens and word timestamps.")
-@click.option("--out", "wav_out", type=click.Path(), help="Also decode to a WAV file with transformers' Mimi.")
+@click.option("--out", "wav_out", type=click.Path(), help="Also decode to audio (.wav, .flac, .ogg) with transformers' Mimi.")
 def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_filter_k, seed, tokens_out, wav_out):
     """Generate with the eager PyTorch reference loop."""
     from dia2_trt.runtime.params import GenerationParams
 
+    if wav_out and Path(wav_out).suffix.lower() not in AUDIO_FORMATS:
+        _fail(f"{wav_out}: unknown audio format (use .wav, .flac or .ogg)")
     text = _read_script(input_file)
     params = _params(GenerationParams, temperature, top_k, cfg_scale, cfg_filter_k, seed)
     files = _checkpoint_files(size, checkpoint)
@@ -122,7 +126,7 @@ def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_f
     _write_atomic(Path(tokens_out), json.dumps(
         {"tokens": result.tokens.tolist(), "timestamps": [[w, s] for w, s in result.timestamps]}) + "\n")
     if wav_out:
-        _write_wav(Path(wav_out), pcm, rate)
+        _write_audio(Path(wav_out), pcm, rate)
     click.echo(f"{result.frames} frames, {result.tokens.shape[1]} aligned", err=True)
 
 
@@ -151,24 +155,16 @@ def _read_script(path: str) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         _fail(f"cannot write {path}: {exc.strerror}")
 
 
-def _write_wav(path: Path, pcm, rate: int) -> None:
-    import soundfile as sf
-
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write_audio(path: Path, pcm, rate: int) -> None:
     try:
-        sf.write(str(tmp), pcm, rate, format="WAV", subtype="PCM_16")
-        tmp.replace(path)
-    except (OSError, sf.LibsndfileError) as exc:
-        tmp.unlink(missing_ok=True)
+        write_audio(path, pcm, rate)
+    except Exception as exc:  # OSError, or soundfile's own error types
         _fail(f"cannot write {path}: {exc}")
 
 

@@ -9,10 +9,11 @@ works the same on TensorRT 10.x.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from dia2_trt.runtime.files import write_atomic
 
 from .manifest import sha256
 
@@ -99,9 +100,7 @@ def _device_info() -> dict:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def input_ranges(manifest: dict) -> dict[str, tuple[float, float]]:

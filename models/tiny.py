@@ -17,13 +17,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dia2_trt.runtime.files import write_atomic
 
 from .config import Dia2Config, parse_config
 from .dia2 import Dia2Model
@@ -247,18 +248,19 @@ def write_safetensors_streaming(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape in specs:
-            tensor = make(name).to(torch.float32).contiguous()
-            if tuple(tensor.shape) != tuple(shape):
-                raise ValueError(f"{name}: made shape {list(tensor.shape)}, declared {list(shape)}")
-            f.write(tensor.numpy().tobytes())
-            del tensor
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, shape in specs:
+                tensor = make(name).to(torch.float32).contiguous()
+                if tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"{name}: made shape {list(tensor.shape)}, declared {list(shape)}")
+                f.write(tensor.numpy().tobytes())
+                del tensor
+
+    write_atomic(Path(path), write)
 
 
 def load_topology(path: str | Path) -> dict[str, Any]:

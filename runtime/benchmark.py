@@ -1,12 +1,13 @@
 """Side-by-side performance of the PyTorch reference loop and the runtime's backends.
 
 Every contender runs in its own worker process (``python -m
-dia2_trt.runtime.benchmark WORKER_JSON``), loaded once, so its peak RSS is its
+dia2_trt.runtime.benchmark WORKER_JSON``, or ``dia2_trt.export.bench_reference``
+for the reference), loaded once, so its peak RSS is its
 own (``ru_maxrss``) and no contender's allocations or caches flatter another.
 The parent sends "run" requests to the workers in turn, rotating the order each
 repeat, so machine noise is spread over all contenders alike. The reference
-contender (torch) lives in ``dia2_trt.export.bench_reference`` and is imported
-only inside its worker: this module needs neither torch nor onnx.
+contender (torch) lives in ``dia2_trt.export.bench_reference`` and is started
+by module name: this module imports neither torch, onnx nor export/.
 
 Timing inside a worker: the graph calls are wrapped (``Graph.run`` of the
 backbone and depformer, ``StreamingCodec.decode_frame``; the reference's
@@ -80,12 +81,17 @@ def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], referenc
     return contenders, skipped
 
 
+# Each contender kind's worker module, started by name: the runtime never imports export/.
+WORKER_MODULES = {"runtime": "dia2_trt.runtime.benchmark", "reference": "dia2_trt.export.bench_reference"}
+
+
 def reference_unavailable() -> str | None:
-    try:
-        import torch  # noqa: F401
-        import dia2_trt.export.bench_reference  # noqa: F401
-    except ImportError as exc:
-        return f"torch or the export extra is not installed ({exc})"
+    """Probe the reference worker's imports in a child, so torch never loads into this process."""
+    probe = subprocess.run([sys.executable, "-c", f"import {WORKER_MODULES['reference']}"],
+                           capture_output=True, text=True)
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+        return f"torch or the export extra is not installed ({last})"
     return None
 
 
@@ -181,14 +187,6 @@ class RuntimeSubject:
         return self.clock.report(time.perf_counter() - started, samples, first)
 
 
-def load_subject(spec: Contender):
-    if spec.kind == "reference":
-        from dia2_trt.export.bench_reference import ReferenceSubject
-
-        return ReferenceSubject(spec, FrameClock())
-    return RuntimeSubject(spec)
-
-
 def peak_rss_bytes() -> int:
     """This process's RSS high-water mark.
 
@@ -205,7 +203,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def worker_main(spec_json: str) -> None:
+def worker_main(spec_json: str, load_subject: Callable[[Contender], object]) -> None:
     """Load one contender, then answer run requests on stdin until "quit"."""
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # library prints must not reach the protocol pipe
@@ -231,7 +229,7 @@ class Worker:
 
     def __init__(self, spec: Contender) -> None:
         self.spec = spec
-        self.proc = subprocess.Popen([sys.executable, "-m", "dia2_trt.runtime.benchmark", json.dumps(asdict(spec))],
+        self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULES[spec.kind], json.dumps(asdict(spec))],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.info = self._receive()
 
@@ -477,4 +475,4 @@ def machine_info() -> dict:
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1])
+    worker_main(sys.argv[1], RuntimeSubject)

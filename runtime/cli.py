@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,11 +11,10 @@ import click
 import numpy as np
 
 from .artifacts import ArtifactError
+from .files import AUDIO_FORMATS, write_atomic, write_audio
 from .backends import BACKEND_NAMES, create_backend
 from .params import GenerationParams
 
-# soundfile formats by extension; OGG means Vorbis.
-_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 
 
 class CliError(click.ClickException):
@@ -148,7 +145,7 @@ def _check_out(out: str) -> Path | None:
     if out == "-":
         return None
     path = Path(out)
-    if path.suffix.lower() not in _FORMATS:
+    if path.suffix.lower() not in AUDIO_FORMATS:
         raise CliError(f"{out}: unknown audio format (use .wav, .flac or .ogg, or '-' for raw PCM)")
     _check_out_dir(path)
     return path
@@ -183,31 +180,17 @@ def _pcm16(pcm: np.ndarray) -> bytes:
 
 
 def _write_audio(path: Path, pcm: np.ndarray, rate: int) -> None:
-    import soundfile as sf
-
-    fmt, subtype = _FORMATS[path.suffix.lower()]
-    _atomic(path, lambda tmp: sf.write(tmp, pcm, rate, format=fmt, subtype=subtype))
+    try:
+        write_audio(path, pcm, rate)
+    except Exception as exc:  # OSError, or soundfile's own error types
+        raise CliError(f"cannot write {path}: {exc}") from None
 
 
 def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _atomic(path: Path, write) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: never a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, Exception):
-            raise CliError(f"cannot write {path}: {exc}") from None
-        raise
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc}") from None
 
 
 class _ProgressBar:
