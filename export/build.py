@@ -40,8 +40,14 @@ class BuildOptions:
     overwrite: bool = False
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail before any work if the result could not be put in place."""
+def check_request(out: Path, options: BuildOptions) -> None:
+    """Fail before any work (or download) if the options are bad or the result could not be put in place."""
+    if options.precision not in PRECISIONS:
+        raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    _check_output_dir(Path(out), options.overwrite)
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BuildError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -58,10 +64,8 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
                     progress: Callable[[str], None] = lambda msg: None) -> dict:
     """Export every graph into a temporary sibling of ``out``, then rename it into place."""
-    if options.precision not in PRECISIONS:
-        raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
-    check_output_dir(out, options.overwrite)
+    check_request(out, options)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
@@ -90,9 +94,12 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     mimi = load_mimi(files.mimi_ref)
     graphs = {}
     progress("exporting backbone step")
-    _export_step(BackboneStep(model), BackboneStep.example_inputs(model, capacity), tmp / "backbone.onnx", options)
+    backbone = BackboneStep(model)
+    export_module(backbone, BackboneStep.example_inputs(model, capacity), backbone.input_names,
+                  backbone.output_names, tmp / "backbone.onnx", options.opset)
     progress("exporting depformer frame")
-    _export_step(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), tmp / "depformer.onnx", options)
+    export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
+                  DepformerFrame.output_names, tmp / "depformer.onnx", options.opset)
     del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
     gc.collect()  # the exporter leaves reference cycles that still hold the weights
     for name in ("backbone", "depformer"):
@@ -118,10 +125,6 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     write_manifest(manifest, tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
     return manifest
-
-
-def _export_step(module, args, path: Path, options: BuildOptions) -> None:
-    export_module(module, args, module.input_names, module.output_names, path, options.opset)
 
 
 def _convert_fp16(path: Path) -> None:

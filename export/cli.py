@@ -47,13 +47,11 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
 def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite):
     """Export the backbone, depformer and codec graphs with a manifest."""
-    from .build import build_artifacts, check_output_dir
+    from .build import build_artifacts, check_request
 
-    if precision not in PRECISIONS:
-        _fail(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    check_output_dir(Path(out), overwrite)
-    files = _checkpoint_files(size, checkpoint)
     options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite)
+    check_request(Path(out), options)  # before resolving the checkpoint, which may download it
+    files = _checkpoint_files(size, checkpoint)
     build_artifacts(files, Path(out), options, progress=lambda msg: click.echo(f"[build] {msg}", err=True))
     click.echo(str(out))
 

@@ -20,14 +20,13 @@ _PROTOBUF_LIMIT = 2**31 - 2**24
 
 
 def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-                  path: Path, opset: int, dynamic_shapes=None) -> onnx.ModelProto:
+                  path: Path, opset: int) -> None:
     """Export with the dynamo exporter (torch >= 2.9 has no other maintained path).
 
     The program is saved straight from its in-memory IR, which references the
     torch weights: building a ModelProto first would hold a second full copy
     (7.7 GB for the 2B backbone) and cannot exceed protobuf's 2 GB anyway. The
-    exporter moves the weights to ``<file>.data`` past 2 GB. Returns the graph
-    without weights, for its signature.
+    exporter moves the weights to ``<file>.data`` past 2 GB.
     """
     module.eval()
     path = Path(path)
@@ -35,13 +34,12 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=input_names,
-            output_names=output_names, dynamic_shapes=dynamic_shapes,
+            output_names=output_names,
             optimize=True, verify=False, report=False,
         )
         program.save(str(path))
     del program
     onnx.checker.check_model(str(path))  # by path: works for models with external data
-    return onnx.load(str(path), load_external_data=False)
 
 
 def external_data_path(path: Path) -> Path:
