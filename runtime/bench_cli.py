@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
           schedule, out, no_plots) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
+    if not no_plots and importlib.util.find_spec("matplotlib") is None:  # before minutes of measuring
+        raise click.ClickException("the plots need matplotlib: pip install 'dia2-trt[bench]', or pass --no-plots")
     try:
         manifests = [load_manifest(a) for a in artifacts]
     except ArtifactError as exc:
