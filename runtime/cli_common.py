@@ -217,6 +217,9 @@ def _check_output_file(option: str, path: Path) -> None:
     parent = path.parent
     if path.is_dir():
         fail(f"{option} {path} is a directory")
+    if path.exists() and not path.is_file():
+        # Outputs are renamed into place: over /dev/null that would replace the device itself.
+        fail(f"{option} {path} is not a regular file (a device, pipe or socket); name a file")
     if not parent.is_dir():
         fail(f"{option} {path}: directory {parent} does not exist")
     reason = unwritable(parent)

@@ -22,10 +22,11 @@ _TAG = re.compile(r"<[^<>\[\]]*>|\[[^<>\[\]]*\]")
 _STRAY = re.compile(r"[<>\[\]]")
 _SPEAKERS = ("[S1]", "[S2]")
 
-# Dia2's context is 1500 frames (120 s at 12.5 Hz) and every word takes at least two
-# of them, so a script that fits has at most 750 words: a few kB of text. 1 MiB is
-# hundreds of times that, and small enough that refusing it costs milliseconds.
-MAX_SCRIPT_CHARS = 1 << 20
+# Dia2's context is 1500 frames (120 s at 12.5 Hz) and every word or break takes at least
+# one, so a script that fits is at most ~30 kB even if it were all break tags. 256 Ki
+# characters leaves room for any formatting, and bounds the worst hostile input (a flood
+# of brackets) to about a second of scanning; 10 MB used to take minutes before "too long".
+MAX_SCRIPT_CHARS = 1 << 18
 MAX_SCRIPT_BYTES = 4 * MAX_SCRIPT_CHARS  # UTF-8 needs at most 4 bytes per character
 # Longer than any Dia2 context; past this a break could only overflow the frame count.
 MAX_BREAK_SECONDS = 3600.0
@@ -70,6 +71,31 @@ def check_complete_script(text: str) -> None:
     check_script(text)
     if not _TAG.sub(" ", text).split():
         raise ScriptError("the script has no words to speak (only tags)")
+
+
+def complete_prefix(text: str) -> str:
+    """The longest prefix of ``text`` that ends on a word boundary outside any tag: what an
+    incremental feed may parse now (a break tag has a space inside it; what follows may still grow).
+
+    Up to the last whitespace, then back to where the last still-open ``<`` or ``[`` opened.
+    One pass over the brackets: walking back one opener at a time from the end took
+    minutes on a megabyte of ``<``.
+    """
+    match = re.search(r"\s\S*\Z", text)
+    end = match.start() if match else 0
+    open_at = {"<": None, "[": None}
+    opened_from_closed = end
+    for bracket in _STRAY.finditer(text, 0, end):
+        char, at = bracket.group(0), bracket.start()
+        if char in open_at:
+            if open_at["<"] is None and open_at["["] is None:
+                opened_from_closed = at
+            if open_at[char] is None:
+                open_at[char] = at
+        else:
+            open_at["<" if char == ">" else "["] = None
+    closed = open_at["<"] is None and open_at["["] is None
+    return text[:end] if closed else text[:opened_from_closed]
 
 
 def _check_tag(tag: str) -> None:

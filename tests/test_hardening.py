@@ -343,6 +343,10 @@ def test_speak_refuses_clashing_or_protected_outputs(tiny_artifacts, tmp_path):
         args = [*base, "--out", tmp_path / "o.wav", option, tiny_artifacts / name]
         assert "inside the artifact directory" in _one_error_line(_rt(args))
     assert "cannot write to /proc" in _one_error_line(_rt([*base, "--out", "/proc/o.wav"]))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # stands in for /dev/null: renaming over it would replace the device node
+    assert "not a regular file" in _one_error_line(_rt([*base, "--out", "-", "--tokens-out", fifo]))
+    fifo.unlink()
     assert list(tmp_path.iterdir()) == []
     assert not (tiny_artifacts / "x.wav").exists()
 
@@ -415,3 +419,26 @@ def test_reference_refuses_non_utf8_stdin(tmp_path):
     line = _one_error_line(_export(["reference", "--size", "tiny", "--input", "-", "--tokens-out",
                                     tmp_path / "t.json"], input=b"[S1] \xff\xfe"))
     assert "not UTF-8" in line
+
+
+def _prefix_by_walking_back(text: str) -> str:
+    """The engine's original definition: cut at the last whitespace, then before the last open bracket, repeatedly."""
+    match = re.search(r"\s(?=\S*\Z)", text)
+    prefix = text[: match.start()] if match else ""
+    while True:
+        opened = [at for o, c in (("<", ">"), ("[", "]")) if (at := prefix.rfind(o)) > prefix.rfind(c)]
+        if not opened:
+            return prefix
+        prefix = prefix[: max(opened)]
+
+
+def test_complete_prefix_is_the_walk_back_in_one_pass():
+    import random
+
+    from dia2_trt.runtime.script import complete_prefix
+
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice("ab <>[]\n") for _ in range(rng.randint(0, 14)))
+        assert complete_prefix(text) == _prefix_by_walking_back(text), repr(text)
+    assert complete_prefix('[S1] Hi <break time="1s"/> there <break ti') == '[S1] Hi <break time="1s"/> there '
