@@ -60,15 +60,17 @@ def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite):
 @click.option("--steps", default=64, show_default=True, type=click.IntRange(1), help="Teacher-forced decode steps.")
 @click.option("--codec-frames", default=320, show_default=True, type=click.IntRange(1))
 @click.option("--report", type=click.Path(), help="Write the JSON report here (default: ARTIFACTS/validation.json).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int64_range())
 def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed):
     """Compare every graph with PyTorch through Polygraphy; exit 1 past tolerance."""
     from .validate import validate_artifacts
 
+    path = Path(report) if report else Path(artifacts) / "validation.json"
+    if report or Path(artifacts).is_dir():  # a missing ARTIFACTS is validate's own one-line error
+        check_outputs({"--report": str(path)})  # before minutes of comparisons, not after
     source = _checkpoint_files(size, checkpoint) if (size or checkpoint) else None
     result = validate_artifacts(Path(artifacts), source, steps=steps, codec_frames=codec_frames, seed=seed,
                                 echo=lambda msg: click.echo(msg, err=True))
-    path = Path(report) if report else Path(artifacts) / "validation.json"
     _write_atomic(path, json.dumps(result, indent=1) + "\n")
     click.echo(f"report: {path}", err=True)
     if not result["passed"]:
