@@ -110,8 +110,6 @@ def test_roofline_counts_match_the_model(which, checkpoint_factory):
         variant = "default" if which == "tiny" else which
         model = Dia2Model(load_config(Path(checkpoint_factory(variant)) / "config.json"))
     else:
-        if not default_topology_path().is_file():
-            pytest.skip("no shared/dia2-2b-topology.json")
         model = meta_model_from_topology(default_topology_path())
     topo = topology(model.config)
     assert weight_elements_per_frame(topo) == _used_parameters(model, topo.to_json())
