@@ -45,14 +45,19 @@ def main() -> None:
 @click.option("--prefix-frames", default=0, show_default=True, type=click.IntRange(0),
               help="Extra KV-cache frames reserved for an audio prefix.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
-def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite):
+@click.option("--verbose", is_flag=True, help="Show the exporters' own logs and warnings too.")
+def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite, verbose):
     """Export the backbone, depformer and codec graphs with a manifest."""
     from .build import build_artifacts, check_request
+    from .console import BuildProgress, quiet_descriptors
 
     options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite)
     check_request(Path(out), options)  # before resolving the checkpoint, which may download it
     files = _checkpoint_files(size, checkpoint)
-    build_artifacts(files, Path(out), options, progress=lambda msg: click.echo(f"[build] {msg}", err=True))
+    with quiet_descriptors(verbose) as console:
+        progress = BuildProgress(console)
+        manifest = build_artifacts(files, Path(out), options, progress=progress)
+    click.echo(progress.summary(manifest, Path(out)), err=True)
     click.echo(str(out))
 
 
