@@ -43,14 +43,19 @@ def main() -> None:
               help="Extra KV-cache frames reserved for an audio prefix.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing artifact directory (never a directory without a dia2-trt manifest).")
-def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite):
+@click.option("--verbose", is_flag=True, help="Show the exporters' own logs and warnings too.")
+def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite, verbose):
     """Export the backbone, depformer and codec graphs with a manifest."""
     from .build import build_artifacts, check_request
+    from .console import BuildProgress, quiet_descriptors
 
     options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite)
     check_request(Path(out), options)  # before resolving the checkpoint, which may download it
     files = _checkpoint_files(size, checkpoint)
-    build_artifacts(files, Path(out), options, progress=lambda msg: click.echo(f"[build] {msg}", err=True))
+    with quiet_descriptors(verbose) as console:
+        progress = BuildProgress(console)
+        manifest = build_artifacts(files, Path(out), options, progress=progress)
+    click.echo(progress.summary(manifest, Path(out)), err=True)
     click.echo(str(out))
 
 
@@ -94,7 +99,7 @@ def engines(artifacts, graphs, workspace_gib, timing_cache, no_validate):
     options = EngineOptions(workspace_gib=workspace_gib, timing_cache=Path(timing_cache) if timing_cache else None)
     built = build_engines(Path(artifacts), tuple(g.strip() for g in graphs.split(",") if g.strip()), options,
                           validate=not no_validate, echo=lambda msg: click.echo(msg, err=True))
-    failed = [name for name, e in built.items() if not e.get("validation", {"passed": True})["passed"]]
+    failed = [name for name, e in built.items() if e.validation and not e.validation.passed]
     if failed:
         fail("engines differ from ONNX Runtime beyond tolerance: " + ", ".join(failed))
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from .artifacts import ArtifactError, GraphSpec
+from .manifest import BACKEND_NAMES
 
 
 class Graph(Protocol):
@@ -171,9 +172,6 @@ class OrtGraph:
             np.copyto(self._inputs[name], value, casting="same_kind")
         self._session.run_with_iobinding(self._binding)
         return self._outputs
-
-
-BACKEND_NAMES = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 def create_backend(name: str = "onnxruntime", threads: int | None = None) -> Backend:

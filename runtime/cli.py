@@ -42,8 +42,9 @@ def main() -> None:
 @threads_option()
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums (seconds for the 2B).")
 def speak(text, input_file, artifacts, out, seed, temperature, text_temperature, audio_temperature, top_k,
-          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet) -> None:
+          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify) -> None:
     """Speak TEXT (or --input FILE, or stdin) into --out.
 
     Every output is checked before the (slow) load and written at the end, all
@@ -61,7 +62,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
         engine = create_backend(backend, threads)
     except (ImportError, ValueError) as exc:
         fail(f"backend {backend} cannot run here: {exc}")
-    runtime = Dia2Runtime.load(artifacts, backend=engine)
+    runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
     bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
     session = runtime.stream(script, params, progress=bar)
     with warnings.catch_warnings(record=True) as caught:
