@@ -80,8 +80,9 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads per graph [1].")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums (seconds for the 2B).")
 def speak(text, input_file, artifacts, out, seed, temperature, text_temperature, audio_temperature, top_k,
-          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet) -> None:
+          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify) -> None:
     """Speak TEXT (or --input FILE, or stdin) into --out."""
     script = _read_script(text, input_file)
     from .script import ScriptError, check_script
@@ -102,7 +103,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     except (ImportError, ValueError) as exc:
         raise CliError(f"backend {backend} cannot run here: {exc}") from None
     try:
-        runtime = Dia2Runtime.load(artifacts, backend=engine)
+        runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
         bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
         session = runtime.stream(script, params, progress=bar)
         with warnings.catch_warnings(record=True) as caught:
