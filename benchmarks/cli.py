@@ -5,6 +5,7 @@ Loaded by ``dia2_trt.runtime.cli`` only when ``bench`` is the command.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
           schedule, out, no_plots, no_verify) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
+    if not no_plots and importlib.util.find_spec("matplotlib") is None:  # before minutes of measuring
+        raise click.ClickException("the plots need matplotlib: pip install 'dia2-trt[bench]', or pass --no-plots")
     try:
         manifests = [load_manifest(a, verify=not no_verify) for a in artifacts]
     except ArtifactError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import tempfile
@@ -15,8 +16,8 @@ import onnx
 
 from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
-
-from dia2_trt.runtime.artifacts import load_manifest
+from dia2_trt.runtime.artifacts import FORMAT, load_manifest
+from dia2_trt.runtime.cli_common import is_within, unwritable
 from dia2_trt.runtime.manifest import BACKBONE, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo, Manifest, SourceInfo
 
 from .codec import export_codec_decoder, export_codec_encoder
@@ -51,40 +52,120 @@ def check_request(out: Path, options: BuildOptions) -> None:
     _check_output_dir(Path(out), options.overwrite)
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BuildError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
-    parent = out.parent
+def check_source(out: Path, files: CheckpointFiles) -> None:
+    """The output must not be, hold or lie inside any directory the checkpoint is read from:
+    replacing it would delete the checkpoint, and an artifact inside it would change it."""
+    for directory in source_dirs(files):
+        if is_within(out, directory) or is_within(directory, out):
+            relation = ("is" if Path(out).resolve() == directory.resolve()
+                        else "lies inside" if is_within(out, directory) else "holds")
+            raise BuildError(f"--out {out} {relation} the checkpoint directory {directory}; "
+                             f"build the artifacts somewhere else")
+
+
+def source_dirs(files: CheckpointFiles) -> list[Path]:
+    """The local directories a checkpoint's files come from (a hub Mimi id has none)."""
+    dirs = [files.config_path.parent, files.weights_path.parent, files.tokenizer_dir]
+    if Path(files.mimi_ref).is_dir():
+        dirs.append(Path(files.mimi_ref))
+    return dirs
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """A directory holding a dia2-trt manifest: what ``--overwrite`` may replace."""
+    manifest = Path(path) / "manifest.json"
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BuildError(f"cannot create {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BuildError(f"cannot write to {parent}")
+        with open(manifest, "rb") as f:
+            raw = json.loads(f.read(64 << 20))  # manifests are kB; a huge file is not ours
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    real = out.resolve()
+    if real.parent == real:
+        raise BuildError(f"--out {out} is the root directory")
+    if real.exists() and not real.is_dir():
+        raise BuildError(f"{out} exists and is not a directory")
+    if real.exists() and any(real.iterdir()):
+        _check_replaceable(out, overwrite)
+    if real.exists() and is_within(Path.cwd(), real):
+        raise BuildError(f"--out {out} is (or holds) the current directory; build from somewhere else")
+    ancestor = _existing_ancestor(real.parent)
+    if not ancestor.is_dir():
+        raise BuildError(f"cannot create {real.parent}: {ancestor} is not a directory")
+    reason = unwritable(ancestor)
+    if reason:
+        raise BuildError(f"cannot write to {ancestor} ({reason})")
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if not overwrite:
+        raise BuildError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    if not is_artifact_dir(out):
+        raise BuildError(f"{out} is not empty and holds no dia2-trt artifacts (manifest.json); "
+                         f"--overwrite only replaces an artifact directory, so it stays untouched")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
                     progress: Callable[[str], None] = lambda msg: None) -> Manifest:
-    """Export every graph into a temporary sibling of ``out``, then rename it into place."""
-    out = Path(out)
+    """Export every graph into a temporary sibling of ``out``, then rename it into place.
+
+    A failed build leaves nothing behind: no temporary directory, no parent directories it created.
+    """
+    check_source(out, files)
     check_request(out, options)
+    out = Path(out).resolve()  # a symlinked --out replaces what it points to, not the link
+    created = _make_parents(out.parent)
+    tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
-    except OSError as exc:
-        raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
-    try:
         _build_into(files, tmp, options, progress)
         # What the runtime will read, checked by the runtime's own loader before it replaces anything;
         # this also records the big graphs' checksum stamps, so the first load does not hash them again.
         load_manifest(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _replace_dir(tmp, out, options.overwrite)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(created)
+        if isinstance(exc, OSError) and tmp is None:
+            raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
         raise
     return load_manifest(out, verify=False)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """mkdir -p that says which directories it made (outermost first), to undo on failure."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+    except OSError as exc:
+        _remove_dirs(list(reversed(missing)))
+        raise BuildError(f"cannot create {path}: {exc.strerror}") from None
+    return list(reversed(missing))
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    for path in reversed(created):
+        try:
+            path.rmdir()  # only if still empty: something else may have moved in meanwhile
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progress) -> None:
@@ -155,13 +236,15 @@ def _source(files: CheckpointFiles) -> SourceInfo:
                       files={p.name: sha256(p) for p in (files.config_path, files.weights_path)})
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap the finished directory in; an old one is removed only after the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Swap the finished directory in; an old one is removed only after the new one is complete,
+    and only if it still is an artifact directory (the export took minutes: look again)."""
+    if out.exists() and any(out.iterdir()):
+        _check_replaceable(out, overwrite)
+    if not out.exists():
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # a name nobody else uses
+    out.replace(old)  # onto the empty placeholder
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -281,3 +282,33 @@ def test_build_refuses_a_tokenizer_the_runtime_would_read_differently(tiny_check
     with pytest.raises(tokens.TokenizerMismatch, match="would not match the reference"):
         tokens.check_tokenizer(tiny_checkpoint)
 
+
+def test_build_shows_stages_and_one_summary(tiny_checkpoint, tmp_path):
+    out = tmp_path / "art"
+    result = subprocess.run([sys.executable, "-m", "dia2_trt.export", "build", "--checkpoint", str(tiny_checkpoint),
+                             "--out", str(out)], capture_output=True, text=True)  # warnings not silenced here
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("[build ") for line in lines[:-1]), result.stderr
+    assert len(lines) >= 5 and lines[-1].startswith(f"built {out} (fp32) in ")
+    assert "backbone.onnx" in lines[-1] and "in all" in lines[-1]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_build_output_drops_python_and_native_writes(verbose):
+    code = textwrap.dedent(f"""
+        import os, sys, warnings
+        from dia2_trt.export.console import quiet_descriptors
+        with quiet_descriptors({verbose}) as console:
+            print("chatter on stdout")
+            warnings.warn("a third-party warning")
+            os.write(2, b"native chatter\\n")
+            print("[build] stage", file=console)
+        print("after")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "[build] stage" in result.stderr and result.stdout.strip().endswith("after")
+    noisy = "chatter on stdout" in result.stdout and "native chatter" in result.stderr and "warning" in result.stderr
+    assert noisy == verbose, (result.stdout, result.stderr)
