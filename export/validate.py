@@ -152,7 +152,8 @@ def _depformer_check(spec: GraphSpec, model, ids, backbone_out: list[dict], gen:
         with torch.no_grad():
             torch_out.append({"audio_tokens": frame(*args).numpy()})
         feeds.append({n: a.numpy() for n, a in zip(DepformerFrame.input_names, args)})
-    ort_out = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(spec.path)))], data_loader=_cast_feeds(spec, feeds))[0][1]
+    runner = OnnxrtRunner(SessionFromOnnx(str(spec.path)))
+    ort_out = Comparator.run([runner], data_loader=_cast_feeds(spec, feeds))[0][1]
     same = [np.array_equal(t["audio_tokens"], np.asarray(o["audio_tokens"])) for t, o in zip(torch_out, ort_out)]
     return {"iterations": len(feeds), "token_agreement": float(np.mean(same))}
 

@@ -273,7 +273,8 @@ class Topology:
         ints = {f.name: _int(d[f.name], f"topology.{f.name}") for f in fields(cls)
                 if f.name not in ("depformer", "low_rank_dim")}
         low_rank = d.get("low_rank_dim")
-        return cls(**ints, depformer=depformer, low_rank_dim=None if low_rank is None else _int(low_rank, "low_rank_dim"))
+        low_rank = None if low_rank is None else _int(low_rank, "topology.low_rank_dim")
+        return cls(**ints, depformer=depformer, low_rank_dim=low_rank)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "depformer"}
