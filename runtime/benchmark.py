@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from . import node_profile
 from .artifacts import load_manifest
 from .params import GenerationParams
 
@@ -54,6 +55,7 @@ class Contender:
     precision: str
     backend: str | None = None
     threads: int | None = None
+    profile_dir: str | None = None  # runtime only: ORT per-node traces go here (node_profile)
 
 
 def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], reference: str | None,
@@ -69,11 +71,13 @@ def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], referenc
             skipped.append({"contender": "reference", "reason": reason})
         else:
             contenders.append(Contender("reference", "reference", str(reference), "fp32", threads=threads))
+    artifacts = list(artifacts)
+    precisions = [load_manifest(directory).precision for directory in artifacts]
     for backend in backends:
         reason = backend_unavailable(backend)
-        for directory in artifacts:
-            precision = load_manifest(directory).precision
-            name = f"{backend}-{precision}"
+        for directory, precision in zip(artifacts, precisions):
+            # two builds of one precision (before/after a change) are told apart by their directory
+            name = f"{backend}-{precision if precisions.count(precision) == 1 else Path(directory).name}"
             if reason:
                 skipped.append({"contender": name, "reason": reason})
             else:
@@ -164,9 +168,12 @@ class FrameClock:
 
 class RuntimeSubject:
     def __init__(self, spec: Contender) -> None:
+        from .backends import create_backend
         from .engine import Dia2Runtime
 
-        self.runtime = rt = Dia2Runtime.load(spec.source, backend=spec.backend, threads=spec.threads)
+        backend = create_backend(spec.backend, spec.threads)
+        self.profiled = node_profile.profiled(backend, spec.profile_dir) if spec.profile_dir else None
+        self.runtime = rt = Dia2Runtime.load(spec.source, backend=backend)
         self.clock = clock = FrameClock()
         rt.backbone.run = clock.timed("backbone", rt.backbone.run, starts_frame=True)
         rt.depformer.run = clock.timed("depformer", rt.depformer.run)
@@ -185,6 +192,11 @@ class RuntimeSubject:
         except FrameCap:
             pass  # enough frames: the session is abandoned mid-utterance
         return self.clock.report(time.perf_counter() - started, samples, first)
+
+    def profile(self) -> dict:
+        """Per graph, the top op types of every run so far (warm-up included)."""
+        traces = self.profiled.finish() if self.profiled else {}
+        return {graph: node_profile.summarize(path) for graph, path in traces.items()}
 
 
 def peak_rss_bytes() -> int:
@@ -220,6 +232,9 @@ def worker_main(spec_json: str, load_subject: Callable[[Contender], object]) -> 
         request = json.loads(line)
         if request["cmd"] == "quit":
             break
+        if request["cmd"] == "profile":
+            send({"event": "profile", "graphs": subject.profile() if hasattr(subject, "profile") else {}})
+            continue
         result = subject.run(request["text"], request["seed"], request["frames"])
         send({"event": "result", **result, "peak_rss_bytes": peak_rss_bytes()})
 
@@ -242,6 +257,10 @@ class Worker:
     def run(self, text: str, seed: int, frames: int) -> dict:
         self.proc.stdin.write(json.dumps({"cmd": "run", "text": text, "seed": seed, "frames": frames}) + "\n")
         return self._receive()
+
+    def profile(self) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": "profile"}) + "\n")
+        return self._receive()["graphs"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -365,6 +384,7 @@ def summarize(spec: Contender, info: dict, runs: list[dict], manifest_raw: dict,
         "frame_seconds": spread(frame_seconds),
         "breakdown_seconds_per_frame": _breakdown(runs),
         "roofline": line,
+        "node_profile": info.get("node_profile"),
         "raw": {"frame_seconds": frame_seconds, "runs": [{k: v for k, v in r.items() if k != "frame_seconds"}
                                                           for r in runs]},
     }
@@ -452,6 +472,9 @@ def _measure_group(group: list[Contender], settings: Settings, echo) -> list[tup
                 echo(f"repeat {rep + 1}/{settings.repeats} {w.spec.name}: {result['frames']} frames "
                      f"in {result['wall_seconds']:.2f}s")
                 runs[w.spec.name].append(result)
+        for w in workers:
+            if w.spec.profile_dir:
+                w.info["node_profile"] = w.profile()
         return [(w.spec, w.info, runs[w.spec.name]) for w in workers]
     finally:
         for w in workers:
