@@ -1,17 +1,22 @@
-"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run."""
+"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run.
+
+Loaded by ``dia2_trt.runtime.cli`` only when ``bench`` is the command.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
+
 from . import node_profile
-from .artifacts import ArtifactError, load_manifest
-from .benchmark import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
-from .bench_report import markdown, plot
+from .harness import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
+from .report import markdown, plot
 
 
 @click.command()
@@ -40,15 +45,18 @@ from .bench_report import markdown, plot
               help="Also trace every ONNX Runtime node and list each graph's top op types (slows the runtime "
                    "contenders: read the shares, not the timings; traces land in OUT/profile/).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNGs (they need matplotlib, the [bench] extra).")
+@click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums.")
 def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_frames, seed, text, threads,
-          schedule, out, profile, no_plots) -> None:
+          schedule, out, profile, no_plots, no_verify) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
+    if not no_plots and importlib.util.find_spec("matplotlib") is None:  # before minutes of measuring
+        raise click.ClickException("the plots need matplotlib: pip install 'dia2-trt[bench]', or pass --no-plots")
     try:
-        manifests = [load_manifest(a) for a in artifacts]
+        manifests = [load_manifest(a, verify=not no_verify) for a in artifacts]
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from None
-    ref_checkpoint = (checkpoint or manifests[0].raw.get("source", {}).get("checkpoint")) if reference else None
+    ref_checkpoint = (checkpoint or manifests[0].source.checkpoint) if reference else None
     contenders, skipped = plan_contenders([Path(a) for a in artifacts], backends or BACKENDS, ref_checkpoint, threads)
     if not contenders:
         raise click.ClickException("no contender can run here: " + "; ".join(s["reason"] for s in skipped))
@@ -60,7 +68,7 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
         echo(f"skipped {s['contender']}: {s['reason']}")
     settings = Settings(text=text, seed=seed, frames=frames, repeats=repeats, warmup_frames=warmup_frames,
                         schedule=schedule)
-    result = run_bench(contenders, skipped, settings, manifests[0].raw, echo)
+    result = run_bench(contenders, skipped, settings, manifests[0], echo)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -1,6 +1,6 @@
 """Where a graph's time goes, per op type, from ONNX Runtime's own profiler.
 
-``profiled(backend, out_dir)`` makes every session the backend opens write a
+``profiled(backend, out_dir)`` makes every graph the backend loads write a
 trace (``SessionOptions.enable_profiling``) into ``out_dir``; ``finish`` ends
 the traces and ``summarize`` folds one into the top op types by total kernel
 time. Profiling costs time per node, so a profiled run's frame timings are not
@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 class ProfiledSessions:
-    """The sessions opened through a backend since ``profiled``, by graph name (file stem)."""
+    """The sessions of the graphs loaded through a backend since ``profiled``, by graph name."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, object] = {}
@@ -26,30 +26,28 @@ class ProfiledSessions:
 
 
 def profiled(backend, out_dir: str | Path) -> ProfiledSessions:
-    """Turn on ORT profiling for the sessions ``backend`` opens from now on (an OrtBackend)."""
+    """Turn on ORT profiling for the graphs ``backend`` (an OrtBackend) loads from now on."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     opened = ProfiledSessions()
-    make_options, open_session = backend.session_options, backend.open_session
+    make_options, load = backend.session_options, backend.load
 
-    def open_profiled(spec, path=None):
-        name = Path(path or spec.path).stem
-
+    def load_profiled(spec):
         def options(threads: int = 1):
             opts = make_options(threads)
             opts.enable_profiling = True
-            opts.profile_file_prefix = str(out / name)
+            opts.profile_file_prefix = str(out / spec.name)
             return opts
 
         backend.session_options = options
         try:
-            session = open_session(spec, path)
+            graph = load(spec)
         finally:
             backend.session_options = make_options
-        opened.sessions[name] = session
-        return session
+        opened.sessions[spec.name] = graph.session
+        return graph
 
-    backend.open_session = open_profiled
+    backend.load = load_profiled
     return opened
 
 
