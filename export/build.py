@@ -41,6 +41,12 @@ class BuildOptions:
     overwrite: bool = False
     block_size: int | None = None  # weight-only precisions; None: the measured default
 
+    @staticmethod
+    def opset_floor() -> int:
+        from dia2_trt.calibration.weight_only import QUANT_MIN_OPSET
+
+        return QUANT_MIN_OPSET
+
     def weight_only_scheme(self):
         """The int8/int4 scheme asked for, or None for a float precision."""
         from dia2_trt.calibration.weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
@@ -59,12 +65,10 @@ def check_request(out: Path, options: BuildOptions) -> None:
 
 
 def _check_weight_only(options: BuildOptions) -> None:
-    from dia2_trt.calibration.weight_only import QUANT_MIN_OPSET
-
     if options.block_size is not None and options.precision not in WEIGHT_ONLY_BITS:
         raise BuildError(f"--block-size applies to {' and '.join(WEIGHT_ONLY_BITS)}, not {options.precision}")
-    if options.precision in WEIGHT_ONLY_BITS and options.opset < QUANT_MIN_OPSET:
-        raise BuildError(f"{options.precision} needs opset >= {QUANT_MIN_OPSET} (blocked DequantizeLinear), "
+    if options.precision in WEIGHT_ONLY_BITS and options.opset < options.opset_floor():
+        raise BuildError(f"{options.precision} needs opset >= {options.opset_floor()} (blocked DequantizeLinear), "
                          f"got {options.opset}")
     options.weight_only_scheme()  # a bad block size fails here, before any export
 
@@ -88,17 +92,61 @@ def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
     """Export every graph into a temporary sibling of ``out``, then rename it into place."""
     out = Path(out)
     check_request(out, options)
+    return _atomic_dir(out, lambda tmp: _build_into(files, tmp, options, progress))
+
+
+def _atomic_dir(out: Path, fill: Callable[[Path], dict]) -> dict:
+    """Run ``fill`` on a new temporary sibling of ``out``, then swap it into place (or remove it)."""
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
     except OSError as exc:
         raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
     try:
-        manifest = _build_into(files, tmp, options, progress)
+        manifest = fill(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def quantize_artifacts(src: Path, out: Path, options: BuildOptions,
+                       progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """An int8/int4 artifact directory from an fp32 one of the same checkpoint: no torch export.
+
+    The source is only read; the result is built in a temporary sibling of ``out``.
+    """
+    from dia2_trt.runtime.artifacts import load_manifest
+
+    src, out = Path(src), Path(out)
+    if options.precision not in WEIGHT_ONLY_BITS:
+        raise BuildError(f"--from-artifacts makes {' or '.join(WEIGHT_ONLY_BITS)} artifacts, not {options.precision}")
+    check_request(out, options)
+    manifest = load_manifest(src).raw
+    if manifest["precision"] != "fp32":
+        raise BuildError(f"{src} holds {manifest['precision']} graphs; quantize from fp32 artifacts")
+    if manifest["opset"] < options.opset_floor():
+        raise BuildError(f"{src} was exported at opset {manifest['opset']}; int8/int4 need >= {options.opset_floor()}")
+    return _atomic_dir(out, lambda tmp: _quantize_into(src, tmp, manifest, options, progress))
+
+
+def _quantize_into(src: Path, tmp: Path, manifest: dict, options: BuildOptions, progress) -> dict:
+    started = time.perf_counter()
+    for entry in (p for p in sorted(src.iterdir()) if p.name != "manifest.json"):
+        progress(f"copying {entry.name}")
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+    manifest = dict(manifest, precision=options.precision, graphs=dict(manifest["graphs"]))
+    scheme = options.weight_only_scheme()
+    for name in ("backbone", "depformer"):
+        progress(f"quantizing {name} weights to {options.precision}")
+        path = tmp / manifest["graphs"][name]["file"]
+        quantization = _quantize(path, scheme, name, fit=options.block_size is None)
+        manifest["graphs"][name] = {**manifest["graphs"][name], **_files_entry(path), "quantization": quantization}
+        if not external_data_path(path).exists():
+            manifest["graphs"][name].pop("external_data", None)
+    write_manifest(manifest, tmp)
+    progress(f"done in {time.perf_counter() - started:.1f}s")
     return manifest
 
 
@@ -131,8 +179,8 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
         elif scheme is not None:
-            progress(f"quantizing {name} weights to {options.precision} (block {scheme.block_size})")
-            quantization = _quantize(tmp / f"{name}.onnx", scheme, name)
+            progress(f"quantizing {name} weights to {options.precision}")
+            quantization = _quantize(tmp / f"{name}.onnx", scheme, name, fit=options.block_size is None)
         graphs[name] = _step_entry(tmp / f"{name}.onnx")
         if quantization:
             graphs[name]["quantization"] = quantization
@@ -166,11 +214,15 @@ def _convert_fp16(path: Path) -> None:
     save_model(to_fp16(onnx.load(str(path))), path)
 
 
-def _quantize(path: Path, scheme, name: str) -> dict:
-    from dia2_trt.calibration.weight_only import QuantizeError, check_block_size, quantize_model_file
+def _quantize(path: Path, scheme, name: str, fit: bool) -> dict:
+    from dia2_trt.calibration.weight_only import (QuantizeError, check_block_size, fit_block_size,
+                                                  quantize_model_file)
 
     try:
-        check_block_size(onnx.load(str(path), load_external_data=False).graph, scheme, name)
+        graph = onnx.load(str(path), load_external_data=False).graph
+        if fit:  # the default adapts to small models; a block size asked for is used as given
+            scheme = fit_block_size(graph, scheme)
+        check_block_size(graph, scheme, name)
         return scheme.record(quantize_model_file(path, scheme))
     except QuantizeError as exc:
         raise BuildError(str(exc)) from None
