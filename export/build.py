@@ -120,9 +120,9 @@ def quantize_artifacts(src: Path, out: Path, options: BuildOptions,
     from dia2_trt.runtime.artifacts import load_manifest
 
     src, out = Path(src), Path(out)
+    check_request(out, options)
     if options.precision not in WEIGHT_ONLY_BITS:
         raise BuildError(f"--from-artifacts makes {' or '.join(WEIGHT_ONLY_BITS)} artifacts, not {options.precision}")
-    check_request(out, options)
     manifest = load_manifest(src).raw
     if manifest["precision"] != "fp32":
         raise BuildError(f"{src} holds {manifest['precision']} graphs; quantize from fp32 artifacts")

@@ -325,13 +325,19 @@ def roofline(manifest_raw: dict, precision: str, bandwidth: float) -> dict:
     """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth."""
     size = 2 if precision == "fp16" else 4
     elements = weight_elements_per_frame(manifest_raw["topology"])
-    weights = {k: v * size for k, v in elements.items()}
+    weights = {k: int(v * _weight_size(manifest_raw["graphs"].get(k, {}), size)) for k, v in elements.items()}
     total = sum(weights.values())
     cache = kv_cache_elements_per_frame(manifest_raw["topology"], manifest_raw["cache_capacity"]) * size
     return {"weight_bytes_per_frame": {**weights, "total": total}, "kv_cache_bytes_per_frame": cache,
             "bandwidth_bytes_per_second": bandwidth, "min_frame_seconds": total / bandwidth,
             "max_frames_per_second": bandwidth / total,
             "min_frame_seconds_with_cache": (total + cache) / bandwidth}
+
+
+def _weight_size(graph_entry: dict, float_size: int) -> float:
+    """Bytes per weight: a weight-only graph reads its integers plus one fp32 scale per block."""
+    q = graph_entry.get("quantization")
+    return q["bits"] / 8 + 4 / q["block_size"] if q else float_size
 
 
 # --- statistics and the orchestration ----------------------------------------------------------
