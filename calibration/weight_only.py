@@ -63,20 +63,18 @@ class WeightOnlyScheme:
                                 "(ONNX Runtime's MatMulNBits kernel requires it)")
 
     def record(self, report: "QuantizeReport") -> dict:
-        """The manifest's per-graph quantization record."""
+        """The manifest's per-graph quantization record (runtime.manifest.QuantizationRecord), less its scheme."""
         return {
-            "method": "weight-only",
             "bits": self.bits,
-            "block_size": self.block_size,
             "symmetric": True,
-            "block_axis": "input",
-            "scale_dtype": "float32",
-            # Bytes count each weight once, though a weight shared by several MatMuls is stored once per reader.
-            "quantized": {"matmul_weights": report.record("matmul", self.bits),
-                          "gather_tables": report.record("gather", EMBEDDING_BITS)},
-            "float": ["norms", "rope", "softmax", "sampling", "biases", f"weights under {MIN_ELEMENTS} elements",
-                      "projections of looked-up embedding rows"],
+            "block_size": self.block_size,
+            "ops": ["MatMul", "Gather"] if report.kinds["gather"][0] else ["MatMul"],
             "ort_accuracy_level": ORT_ACCURACY_LEVEL,
+            # Bytes count each weight once, though a weight shared by several MatMuls is stored once per reader.
+            "weights": {"matmul_weights": report.record("matmul", self.bits),
+                        "gather_tables": report.record("gather", EMBEDDING_BITS)},
+            "kept_float": ["norms", "RoPE", "softmax", "sampling", f"weights under {MIN_ELEMENTS} elements",
+                           "MatMul weights applied to looked-up embedding rows", "scales (fp32)"],
         }
 
 
