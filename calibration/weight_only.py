@@ -12,8 +12,8 @@ rows are dequantized each step, not the table.
 
 Everything else (norms, RoPE tables, softmax, sampling, biases) stays float.
 
-The pass streams: weights are read one tensor at a time (memory-mapped from the
-external data file when there is one) and written straight into the new data
+The pass streams: weights are read one tensor at a time (from the external data
+file when there is one) and written straight into the new data
 file, so a 6.6 GB backbone needs about one tensor of memory, not two models.
 A weight read by several MatMuls is written once per reader (see _matmul_readers).
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -130,7 +131,7 @@ def pack_int4(q: np.ndarray) -> bytes:
 # --- tensor storage -----------------------------------------------------------
 
 class _Storage:
-    """Reads initializers (inline or memory-mapped external) and appends new ones to one data file.
+    """Reads initializers (inline or external) and appends new ones to one data file.
 
     With ``out`` None (a graph small enough for one protobuf) new tensors are stored inline.
     """
@@ -139,7 +140,7 @@ class _Storage:
         self.base = base
         self.location = location  # the data file's final name, as the graph names it
         self._out = open(out, "wb") if out else None
-        self._maps: dict[str, np.memmap] = {}
+        self._files: dict[str, BinaryIO] = {}
 
     def array(self, t: TensorProto) -> np.ndarray:
         if t.data_location != TensorProto.EXTERNAL:
@@ -148,11 +149,14 @@ class _Storage:
         location = info["location"]
         if Path(location).is_absolute() or ".." in Path(location).parts:
             raise QuantizeError(f"{t.name}: external data path {location!r} leaves the model's folder")
-        if location not in self._maps:
-            self._maps[location] = np.memmap(self.base / location, dtype=np.uint8, mode="r")
-        offset, length = int(info.get("offset", 0)), int(info["length"])
+        if location not in self._files:
+            self._files[location] = open(self.base / location, "rb")
+        # Read, not memory-mapped: mapped pages of a 6.6 GB file would all count as resident.
+        source = self._files[location]
+        source.seek(int(info.get("offset", 0)))
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        return self._maps[location][offset:offset + length].view(dtype).reshape(tuple(t.dims))
+        count = int(info["length"]) // np.dtype(dtype).itemsize
+        return np.fromfile(source, dtype=dtype, count=count).reshape(tuple(t.dims))
 
     def put(self, t: TensorProto, raw: bytes | memoryview) -> None:
         t.ClearField("raw_data")
@@ -178,7 +182,9 @@ class _Storage:
         if self._out:
             self._out.close()
             self._out = None
-        self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 def _raw(array: np.ndarray) -> bytes:
