@@ -372,13 +372,19 @@ def roofline(manifest: Manifest, precision: str, bandwidth: float) -> dict:
     """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth."""
     size = 2 if precision == "fp16" else 4
     elements = weight_elements_per_frame(manifest.topology)
-    weights = {k: v * size for k, v in elements.items()}
+    weights = {k: int(v * _weight_size(manifest.graphs.get(k), size)) for k, v in elements.items()}
     total = sum(weights.values())
     cache = kv_cache_elements_per_frame(manifest.topology, manifest.cache_capacity) * size
     return {"weight_bytes_per_frame": {**weights, "total": total}, "kv_cache_bytes_per_frame": cache,
             "bandwidth_bytes_per_second": bandwidth, "min_frame_seconds": total / bandwidth,
             "max_frames_per_second": bandwidth / total,
             "min_frame_seconds_with_cache": (total + cache) / bandwidth}
+
+
+def _weight_size(graph, float_size: int) -> float:
+    """Bytes per weight: a weight-only graph reads its integers plus one fp32 scale per block."""
+    q = graph.quantization if graph is not None else None
+    return q.bits / 8 + 4 / q.block_size if q and q.block_size else float_size
 
 
 # --- statistics and the orchestration ----------------------------------------------------------

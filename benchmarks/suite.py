@@ -2,7 +2,7 @@
 
     python benchmarks/suite.py tiny  [--work bench-out]   # reference + fp32 and fp16 artifacts, every backend
     python benchmarks/suite.py real-vocab [--work bench-out]  # tiny widths, Dia2's vocabularies and 32 codebooks
-    python benchmarks/suite.py 2b    [--work bench-out]   # reference + fp32 artifacts, a few dozen frames
+    python benchmarks/suite.py 2b    [--work bench-out]   # reference + fp32, int8, int4 artifacts, a few dozen frames
 
 Results land in WORK/<model>-bench/ (bench.json, bench.md, latency.png, breakdown.png).
 Any other arguments go to ``dia2-rt bench`` and override the plan (e.g. ``--frames 16``).
@@ -24,7 +24,7 @@ PLANS = {
     # The real vocabularies and 32 codebooks at tiny widths: the per-frame overhead the 2B
     # pays beyond its weight reads (sampling, 32 stages, codec, host), measurable on a CPU.
     "real-vocab": {"precisions": ("fp32",), "bench": ["--frames", "64", "--repeats", "5", "--warmup-frames", "8"]},
-    "2b": {"precisions": ("fp32",), "bench": ["--frames", "32", "--repeats", "2", "--warmup-frames", "2"]},
+    "2b": {"precisions": ("fp32", "int8", "int4"), "bench": ["--frames", "32", "--repeats", "2", "--warmup-frames", "2"]},
 }
 
 
@@ -33,7 +33,9 @@ def build(model: str, precision: str, work: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     if model == "2b":
-        report = export_2b(out, precision, None, 0)
+        # Weight-only precisions quantize the fp32 export (built first) instead of exporting again.
+        fp32 = work / f"{model}-fp32" if precision in ("int8", "int4") else None
+        report = export_2b(out, precision, None, 0, fp32)
         if report["returncode"] != 0:
             sys.exit(f"2B export failed, see {report['log']}")
         return out

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,15 +18,17 @@ from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
 from dia2_trt.runtime.artifacts import FORMAT, load_manifest
 from dia2_trt.runtime.cli_common import is_within, unwritable
-from dia2_trt.runtime.manifest import BACKBONE, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo, Manifest, SourceInfo
+from dia2_trt.runtime.manifest import (BACKBONE, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo, Manifest,
+                                       QuantizationRecord, SourceInfo)
 
 from .codec import export_codec_decoder, export_codec_encoder
 from .graphs import BackboneStep, DepformerFrame
 from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
 from .onnx_io import export_module, save_model
 
-# What this exporter can write (the manifest's PRECISIONS also holds the quantized ones).
-PRECISIONS = ("fp32", "fp16")
+# What this exporter can write (the manifest's PRECISIONS also holds the calibrated Q/DQ ones).
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_ONLY_BITS = {"int8": 8, "int4": 4}  # weight-only precisions: fp32 graphs, integer weights
 # Opset 23 has RMSNormalization (one node instead of six; 20% off the depformer on ORT
 # CPU). For a TensorRT whose ONNX parser predates opset 23, build with --opset 20.
 DEFAULT_OPSET = 23
@@ -43,13 +45,38 @@ class BuildOptions:
     opset: int = DEFAULT_OPSET
     prefix_frames: int = 0  # cache rows reserved for an audio prefix (voice continuation)
     overwrite: bool = False
+    block_size: int | None = None  # weight-only precisions; None: the measured default
+
+    @staticmethod
+    def opset_floor() -> int:
+        from dia2_trt.calibration.weight_only import QUANT_MIN_OPSET
+
+        return QUANT_MIN_OPSET
+
+    def weight_only_scheme(self):
+        """The int8/int4 scheme asked for, or None for a float precision."""
+        from dia2_trt.calibration.weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
+
+        if self.precision not in WEIGHT_ONLY_BITS:
+            return None
+        return WeightOnlyScheme(WEIGHT_ONLY_BITS[self.precision], self.block_size or DEFAULT_BLOCK_SIZE)
 
 
 def check_request(out: Path, options: BuildOptions) -> None:
     """Fail before any work (or download) if the options are bad or the result could not be put in place."""
     if options.precision not in PRECISIONS:
         raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    _check_weight_only(options)
     _check_output_dir(Path(out), options.overwrite)
+
+
+def _check_weight_only(options: BuildOptions) -> None:
+    if options.block_size is not None and options.precision not in WEIGHT_ONLY_BITS:
+        raise BuildError(f"--block-size applies to {' and '.join(WEIGHT_ONLY_BITS)}, not {options.precision}")
+    if options.precision in WEIGHT_ONLY_BITS and options.opset < options.opset_floor():
+        raise BuildError(f"{options.precision} needs opset >= {options.opset_floor()} (blocked DequantizeLinear), "
+                         f"got {options.opset}")
+    options.weight_only_scheme()  # a bad block size fails here, before any export
 
 
 def check_source(out: Path, files: CheckpointFiles) -> None:
@@ -122,13 +149,51 @@ def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
     """
     check_source(out, files)
     check_request(out, options)
+    return _atomic_dir(Path(out), options, lambda tmp: _build_into(files, tmp, options, progress))
+
+
+def quantize_artifacts(src: Path, out: Path, options: BuildOptions,
+                       progress: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """An int8/int4 artifact directory from an fp32 one of the same checkpoint: no torch export.
+
+    The source is only read; the result is built in a temporary sibling of ``out``.
+    """
+    src, out = Path(src), Path(out)
+    check_request(out, options)
+    if options.precision not in WEIGHT_ONLY_BITS:
+        raise BuildError(f"--from-artifacts makes {' or '.join(WEIGHT_ONLY_BITS)} artifacts, not {options.precision}")
+    if is_within(out, src) or is_within(src, out):
+        raise BuildError(f"--out {out} and --from-artifacts {src} overlap; build somewhere else")
+    manifest = load_manifest(src)
+    if manifest.precision != "fp32":
+        raise BuildError(f"{src} holds {manifest.precision} graphs; quantize from fp32 artifacts")
+    if manifest.opset < options.opset_floor():
+        raise BuildError(f"{src} was exported at opset {manifest.opset}; int8/int4 need >= {options.opset_floor()}")
+    return _atomic_dir(out, options, lambda tmp: _quantize_into(src, tmp, manifest, options, progress))
+
+
+def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptions, progress) -> None:
+    started = time.perf_counter()
+    for entry in (p for p in sorted(src.iterdir()) if p.name != "manifest.json" and not p.name.startswith(".")):
+        progress(f"copying {entry.name}")
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+    graphs = dict(manifest.graphs)
+    for name in (BACKBONE, DEPFORMER):
+        graphs[name] = _quantized_graph(tmp, graphs[name].file, name, options, progress)
+    write_manifest(replace(manifest, precision=options.precision, graphs=graphs, root=tmp), tmp)
+    progress(f"done in {time.perf_counter() - started:.1f}s")
+
+
+def _atomic_dir(out: Path, options: BuildOptions, fill: Callable[[Path], None]) -> Manifest:
+    """Run ``fill`` on a new temporary sibling of ``out``, check the result with the runtime's
+    loader, then swap it into place; on failure leave nothing behind."""
     out = Path(out).resolve()  # a symlinked --out replaces what it points to, not the link
     created = _make_parents(out.parent)
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
-        _build_into(files, tmp, options, progress)
+        fill(tmp)
         # What the runtime will read, checked by the runtime's own loader before it replaces anything;
         # this also records the big graphs' checksum stamps, so the first load does not hash them again.
         load_manifest(tmp)
@@ -191,19 +256,24 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
     gc.collect()  # the exporter leaves reference cycles that still hold the weights
     for name in (BACKBONE, DEPFORMER):
+        if options.precision in WEIGHT_ONLY_BITS:
+            graphs[name] = _quantized_graph(tmp, f"{name}.onnx", name, options, progress)
+            continue
         if options.precision == "fp16":
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
         graphs[name] = graph_spec(tmp, name, f"{name}.onnx", options.precision)
     q = cfg.data.audio_channels
+    # The codec is small and convolutional: weight-only precisions leave it fp32.
+    codec_precision = "fp32" if options.precision in WEIGHT_ONLY_BITS else options.precision
     progress("exporting codec decoder step")
     decoder = export_codec_decoder(mimi, tmp / "codec_decoder.onnx", opset=options.opset,
-                                   precision=options.precision, num_quantizers=q)
+                                   precision=codec_precision, num_quantizers=q)
     graphs[CODEC_DECODER] = graph_spec(tmp, CODEC_DECODER, "codec_decoder.onnx", decoder["precision"],
                                        decoder["state"])
     progress("exporting codec encoder")
     encoder = export_codec_encoder(mimi, tmp / "codec_encoder.onnx", opset=options.opset,
-                                   precision=options.precision, num_quantizers=q)
+                                   precision=codec_precision, num_quantizers=q)
     graphs[CODEC_ENCODER] = graph_spec(tmp, CODEC_ENCODER, "codec_encoder.onnx", encoder["precision"])
     _copy_tokenizer(files.tokenizer_dir, tmp / "tokenizer")
     codec = CodecInfo(frame_rate=float(mimi.config.frame_rate), sample_rate=int(mimi.config.sampling_rate),
@@ -222,6 +292,26 @@ def _convert_fp16(path: Path) -> None:
     # Shape inference by path works past protobuf's 2 GB, unlike on a loaded model.
     onnx.shape_inference.infer_shapes_path(str(path))
     save_model(to_fp16(onnx.load(str(path))), path)
+
+
+def _quantized_graph(root: Path, file: str, name: str, options: BuildOptions, progress):
+    """Quantize ``root/file`` in place and describe it, with its quantization record."""
+    from dia2_trt.calibration.weight_only import (QuantizeError, check_block_size, fit_block_size,
+                                                  quantize_model_file)
+
+    progress(f"quantizing {name} weights to {options.precision}")
+    path = root / file
+    scheme = options.weight_only_scheme()
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        if options.block_size is None:  # the default adapts to small models; one asked for is used as given
+            scheme = fit_block_size(graph, scheme)
+        check_block_size(graph, scheme, name)
+        record = scheme.record(quantize_model_file(path, scheme))
+    except QuantizeError as exc:
+        raise BuildError(str(exc)) from None
+    return replace(graph_spec(root, name, file, options.precision),
+                   quantization=QuantizationRecord.from_json(dict(record, scheme=options.precision)))
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

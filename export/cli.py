@@ -37,6 +37,10 @@ def main() -> None:
 @main.command()
 @_source_options
 @click.option("--precision", default="fp32", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
+@click.option("--block-size", type=int, help="int8/int4: weights per scale along the input axis "
+              "(a power of two >= 16; default 64).")
+@click.option("--from-artifacts", type=click.Path(), help="int8/int4: quantize this fp32 artifact directory "
+              "instead of exporting the checkpoint again.")
 @click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int)
 @click.option("--prefix-frames", default=0, show_default=True, type=click.IntRange(0),
@@ -44,12 +48,22 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing artifact directory (never a directory without a dia2-trt manifest).")
 @click.option("--verbose", is_flag=True, help="Show the exporters' own logs and warnings too.")
-def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite, verbose):
+def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, prefix_frames, overwrite, verbose):
     """Export the backbone, depformer and codec graphs with a manifest."""
-    from .build import build_artifacts, check_request
+    from .build import build_artifacts, check_request, quantize_artifacts
     from .console import BuildProgress, quiet_descriptors
 
-    options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite)
+    options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite,
+                           block_size=block_size)
+    if from_artifacts:
+        if size or checkpoint:
+            _fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")
+        with quiet_descriptors(verbose) as console:
+            progress = BuildProgress(console)
+            manifest = quantize_artifacts(Path(from_artifacts), Path(out), options, progress=progress)
+        click.echo(progress.summary(manifest, Path(out)), err=True)
+        click.echo(str(out))
+        return
     check_request(Path(out), options)  # before resolving the checkpoint, which may download it
     files = _checkpoint_files(size, checkpoint)
     with quiet_descriptors(verbose) as console:
