@@ -21,7 +21,8 @@ from .graphs import BackboneStep, DepformerFrame
 from .manifest import build_manifest, sha256, write_manifest
 from .onnx_io import export_module, external_data_path, save_model, signature
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_ONLY_BITS = {"int8": 8, "int4": 4}  # weight-only precisions: fp32 graphs, integer weights
 # Opset 23 has RMSNormalization (one node instead of six; 20% off the depformer on ORT
 # CPU). For a TensorRT whose ONNX parser predates opset 23, build with --opset 20.
 DEFAULT_OPSET = 23
@@ -38,13 +39,34 @@ class BuildOptions:
     opset: int = DEFAULT_OPSET
     prefix_frames: int = 0  # cache rows reserved for an audio prefix (voice continuation)
     overwrite: bool = False
+    block_size: int | None = None  # weight-only precisions; None: the measured default
+
+    def weight_only_scheme(self):
+        """The int8/int4 scheme asked for, or None for a float precision."""
+        from dia2_trt.calibration.weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
+
+        if self.precision not in WEIGHT_ONLY_BITS:
+            return None
+        return WeightOnlyScheme(WEIGHT_ONLY_BITS[self.precision], self.block_size or DEFAULT_BLOCK_SIZE)
 
 
 def check_request(out: Path, options: BuildOptions) -> None:
     """Fail before any work (or download) if the options are bad or the result could not be put in place."""
     if options.precision not in PRECISIONS:
         raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    _check_weight_only(options)
     _check_output_dir(Path(out), options.overwrite)
+
+
+def _check_weight_only(options: BuildOptions) -> None:
+    from dia2_trt.calibration.weight_only import QUANT_MIN_OPSET
+
+    if options.block_size is not None and options.precision not in WEIGHT_ONLY_BITS:
+        raise BuildError(f"--block-size applies to {' and '.join(WEIGHT_ONLY_BITS)}, not {options.precision}")
+    if options.precision in WEIGHT_ONLY_BITS and options.opset < QUANT_MIN_OPSET:
+        raise BuildError(f"{options.precision} needs opset >= {QUANT_MIN_OPSET} (blocked DequantizeLinear), "
+                         f"got {options.opset}")
+    options.weight_only_scheme()  # a bad block size fails here, before any export
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
@@ -102,19 +124,28 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
                   DepformerFrame.output_names, tmp / "depformer.onnx", options.opset)
     del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
     gc.collect()  # the exporter leaves reference cycles that still hold the weights
+    scheme = options.weight_only_scheme()
     for name in ("backbone", "depformer"):
+        quantization = None
         if options.precision == "fp16":
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
+        elif scheme is not None:
+            progress(f"quantizing {name} weights to {options.precision} (block {scheme.block_size})")
+            quantization = _quantize(tmp / f"{name}.onnx", scheme, name)
         graphs[name] = _step_entry(tmp / f"{name}.onnx")
+        if quantization:
+            graphs[name]["quantization"] = quantization
+    # The codec is small and convolutional: weight-only precisions leave it fp32.
+    codec_precision = "fp16" if options.precision == "fp16" else "fp32"
     progress("exporting codec decoder step")
     q = cfg.data.audio_channels
     graphs["codec_decoder"] = _codec_entry(export_codec_decoder(
-        mimi, tmp / "codec_decoder.onnx", opset=options.opset, precision=options.precision, num_quantizers=q),
+        mimi, tmp / "codec_decoder.onnx", opset=options.opset, precision=codec_precision, num_quantizers=q),
         tmp / "codec_decoder.onnx")
     progress("exporting codec encoder")
     graphs["codec_encoder"] = _codec_entry(export_codec_encoder(
-        mimi, tmp / "codec_encoder.onnx", opset=options.opset, precision=options.precision, num_quantizers=q),
+        mimi, tmp / "codec_encoder.onnx", opset=options.opset, precision=codec_precision, num_quantizers=q),
         tmp / "codec_encoder.onnx")
     _copy_tokenizer(files.tokenizer_dir, tmp / "tokenizer")
     codec = {"frame_rate": float(mimi.config.frame_rate), "sample_rate": int(mimi.config.sampling_rate),
@@ -133,6 +164,16 @@ def _convert_fp16(path: Path) -> None:
     # Shape inference by path works past protobuf's 2 GB, unlike on a loaded model.
     onnx.shape_inference.infer_shapes_path(str(path))
     save_model(to_fp16(onnx.load(str(path))), path)
+
+
+def _quantize(path: Path, scheme, name: str) -> dict:
+    from dia2_trt.calibration.weight_only import QuantizeError, check_block_size, quantize_model_file
+
+    try:
+        check_block_size(onnx.load(str(path), load_external_data=False).graph, scheme, name)
+        return scheme.record(quantize_model_file(path, scheme))
+    except QuantizeError as exc:
+        raise BuildError(str(exc)) from None
 
 
 def _step_entry(path: Path) -> dict:

@@ -40,16 +40,19 @@ def main() -> None:
 @main.command()
 @_source_options
 @click.option("--precision", default="fp32", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
+@click.option("--block-size", type=int, help="int8/int4: weights per scale along the input axis "
+              "(a power of two >= 16; default 64).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int)
 @click.option("--prefix-frames", default=0, show_default=True, type=click.IntRange(0),
               help="Extra KV-cache frames reserved for an audio prefix.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
-def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite):
+def build(size, checkpoint, precision, block_size, out, opset, prefix_frames, overwrite):
     """Export the backbone, depformer and codec graphs with a manifest."""
     from .build import build_artifacts, check_request
 
-    options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite)
+    options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite,
+                           block_size=block_size)
     check_request(Path(out), options)  # before resolving the checkpoint, which may download it
     files = _checkpoint_files(size, checkpoint)
     build_artifacts(files, Path(out), options, progress=lambda msg: click.echo(f"[build] {msg}", err=True))
