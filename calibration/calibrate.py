@@ -84,9 +84,9 @@ def _calibrate_into(fp32_dir: Path, scripts, tmp: Path, precision: str, every: i
         stats[name] = _quantize_graph(source.graph(name).path, tmp, amax[name], precision)
         raw["graphs"][name].pop("external_data", None)
         raw["graphs"][name].update(_file_entry(tmp / source.graph(name).path.name))
+        raw["graphs"][name]["quantization"] = _record(precision, stats[name], traces, observed, every, source)
     _copy_rest(fp32_dir, source, tmp)
     raw["precision"] = precision
-    raw["quantization"] = _record(precision, stats, traces, observed, every, source)
     (tmp / "manifest.json").write_text(json.dumps(raw, indent=1) + "\n")
     load_manifest(tmp)  # the runtime must accept what we wrote
     progress(f"done in {time.perf_counter() - started:.1f}s")
@@ -153,10 +153,10 @@ def _record(precision: str, stats: dict, traces: list[Trace], observed: int, eve
         "symmetric": True,
         "activations": {"granularity": "per-tensor", "calibration": "max"},
         "weights": {"granularity": "per-channel", "axis": 1},
-        "quantized": ["linear-layer MatMuls of backbone and depformer"],
+        "quantized": {"matmuls": stats["quantized_matmuls"], "activations": stats["activations"],
+                      "weights": stats["weights"]},
         "float": ["logits heads", "guidance and sampling", "attention score/value MatMuls", "norms", "RoPE",
-                  "softmax", "embeddings", "codec graphs"],
-        "graphs": stats,
+                  "softmax", "embeddings"],
         "calibration": {"scripts": len(traces), "steps": int(sum(t.steps for t in traces)),
                         "observed_steps": observed, "every": every, "seed": CALIBRATION_PARAMS.seed,
                         "from_manifest_sha256": sha256(source.root / "manifest.json")},

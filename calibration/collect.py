@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
-from dia2_trt.runtime.backends import OrtBackend, auto_threads, graph_bytes
+from dia2_trt.runtime.backends import OrtBackend
 from dia2_trt.runtime.engine import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.params import GenerationParams
 
@@ -147,9 +147,8 @@ class Replay:
         for name in ("backbone", "depformer"):
             spec = self.manifest.graph(name)
             path = _with_outputs(spec.path, extra.get(name, ()), Path(self._tmp.name))
-            threads_here = threads or auto_threads(graph_bytes(spec.path))
-            self.sessions[name] = backend._ort.InferenceSession(
-                str(path), backend.session_options(threads_here), providers=backend.providers)
+            # The runtime's own session options (threads, a weight-only graph's ORT accuracy level).
+            self.sessions[name] = backend.open_session(spec, path)
             self.outputs[name] = [t.name for t in spec.outputs] + list(extra.get(name, ()))
         bb = self.manifest.graph("backbone")
         self._cache = {t.name: t.zeros() for t in bb.inputs if t.name.startswith(("k_cache.", "v_cache."))}
