@@ -96,7 +96,7 @@ def _scope(node) -> str:
 
 
 def test_calibrated_artifacts_speak_greedily_end_to_end(qdq_artifacts):
-    from dia2_trt.runtime import Dia2Runtime
+    from dia2_trt.runtime.engine import Dia2Runtime
     from dia2_trt.runtime.params import GenerationParams
 
     out, _ = qdq_artifacts
@@ -109,31 +109,43 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "not found"),
-    ("\n  \n", "no calibration scripts"),
-    ("Hello without a speaker\n", "script 1"),
-])
-def test_calibrate_rejects_bad_scripts_without_leaving_a_directory(tiny_artifacts, tmp_path, content, message):
-    scripts = tmp_path / "scripts.txt"
-    if content is not None:
-        scripts.write_text(content)
+def test_calibrate_cli_rejects_missing_scripts_in_one_line_without_a_directory(tiny_artifacts, tmp_path):
     out = tmp_path / "out"
-    result = _run_cli("calibrate", str(tiny_artifacts), "--scripts", str(scripts), "--precision", "int8-qdq",
-                      "--out", str(out))
+    result = _run_cli("calibrate", str(tiny_artifacts), "--scripts", str(tmp_path / "none.txt"),
+                      "--precision", "int8-qdq", "--out", str(out))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert message in lines[0]
+    assert result.returncode == 1 and lines == [f"Error: calibration scripts not found: {tmp_path / 'none.txt'}"]
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_calibrate_rejects_unknown_precision(tiny_artifacts, tmp_path):
-    scripts = tmp_path / "scripts.txt"
-    scripts.write_text(SCRIPTS["dialogue"] + "\n")
-    result = _run_cli("calibrate", str(tiny_artifacts), "--scripts", str(scripts), "--precision", "int3-qdq",
-                      "--out", str(tmp_path / "out"))
-    assert result.returncode == 1 and "unknown calibrated precision" in result.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("content, message", [
+    ("\n  \n", "holds no calibration scripts"),
+    ("Hello without a speaker\n", "script 1: the script must start with a speaker tag"),
+])
+def test_read_scripts_rejects_empty_and_bad_files(tmp_path, content, message):
+    from dia2_trt.calibration.collect import read_scripts
+
+    (tmp_path / "s.txt").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_scripts(tmp_path / "s.txt")
+
+
+@pytest.mark.parametrize("precision, message", [("int3-qdq", "unknown calibrated precision"),
+                                                ("int8", "unknown calibrated precision")])
+def test_calibrate_rejects_bad_requests_before_any_work(tiny_artifacts, tmp_path, precision, message):
+    from dia2_trt.calibration.calibrate import calibrate_artifacts
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        calibrate_artifacts(tiny_artifacts, [SCRIPTS["dialogue"]], out, precision)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_calibrate_refuses_non_fp32_sources(artifacts_factory, tmp_path):
+    from dia2_trt.calibration.calibrate import check_calibrate_request
+
+    with pytest.raises(ValueError, match="calibrate from fp32 artifacts"):
+        check_calibrate_request(artifacts_factory(precision="fp16"), tmp_path / "out", "int8-qdq", False)
 
 
 def test_read_scripts_skips_blank_lines(tmp_path):
