@@ -26,10 +26,17 @@ def default_2b_dir(seed: int = DEFAULT_SEED) -> Path:
 
 
 def ensure_2b_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
-    """Reuse a finished checkpoint at ``out``, else build it in a sibling and rename it into place."""
+    """Reuse a finished checkpoint at ``out``, else build it in a sibling and rename it into place.
+
+    An ``out`` that exists with other things in it is refused, never deleted: it is a path
+    the user gave, and this function only replaces what it would have made itself.
+    """
     out = Path(out) if out else default_2b_dir(seed)
     if (out / "config.json").is_file() and (out / "mimi" / "model.safetensors").is_file():
         return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists but is not a finished 2B-topology checkpoint; "
+                         f"remove it yourself or choose another directory")
     from dia2_trt.models.tiny import build_2b_topology_checkpoint
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +44,7 @@ def ensure_2b_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> P
     try:
         build_2b_topology_checkpoint(tmp, seed=seed)
         _add_real_size_mimi(tmp, seed)
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
+        os.rename(tmp, out)  # onto nothing, or onto the empty directory checked above
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -10,19 +10,20 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 
+from dia2_trt.export.manifest import write_manifest
 from dia2_trt.runtime.artifacts import load_manifest, sha256
+from dia2_trt.runtime.manifest import FileRef, QuantizationRecord
 from dia2_trt.runtime.params import GenerationParams
 
 from .collect import Replay, Trace, record
@@ -60,7 +61,7 @@ def calibrate_artifacts(fp32_dir: Path, scripts: Sequence[str], out: Path, preci
     os.chmod(tmp, 0o755)
     try:
         manifest = _calibrate_into(fp32_dir, scripts, tmp, precision, every, progress)
-        _replace_dir(tmp, out)
+        _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -77,20 +78,19 @@ def _calibrate_into(fp32_dir: Path, scripts, tmp: Path, precision: str, every: i
     progress(f"observing {sum(map(len, targets.values()))} activations over "
              f"{sum(t.steps for t in traces)} steps (every {every})")
     amax, observed = observe_ranges(fp32_dir, traces, targets, every, workdir=tmp)
-    raw = copy.deepcopy(source.raw)
-    stats = {}
+    graphs = dict(source.graphs)
     for name in QUANTIZED_GRAPHS:
         progress(f"quantizing {name} ({precision})")
-        stats[name] = _quantize_graph(source.graph(name).path, tmp, amax[name], precision)
-        raw["graphs"][name].pop("external_data", None)
-        raw["graphs"][name].update(_file_entry(tmp / source.graph(name).path.name))
-        raw["graphs"][name]["quantization"] = _record(precision, stats[name], traces, observed, every, source)
-    _copy_rest(fp32_dir, source, tmp)
-    raw["precision"] = precision
-    (tmp / "manifest.json").write_text(json.dumps(raw, indent=1) + "\n")
+        spec = source.graph(name)
+        stats = _quantize_graph(spec.path, tmp, amax[name], precision)
+        graphs[name] = replace(spec, precision=precision, root=tmp, **_file_entry(tmp / spec.file),
+                               quantization=_record(precision, stats, traces, observed, every))
+    _copy_rest(source, tmp)
+    manifest = replace(source, precision=precision, graphs=graphs, root=tmp)
+    write_manifest(manifest, tmp)
     load_manifest(tmp)  # the runtime must accept what we wrote
     progress(f"done in {time.perf_counter() - started:.1f}s")
-    return raw
+    return manifest
 
 
 def observe_ranges(fp32_dir: Path, traces: list[Trace], targets: dict[str, list[str]], every: int,
@@ -125,39 +125,31 @@ def _quantize_graph(path: Path, tmp: Path, amax: dict[str, float], precision: st
 def _file_entry(path: Path) -> dict:
     from dia2_trt.export.onnx_io import external_data_path
 
-    entry = {"sha256": sha256(path)}
     data = external_data_path(path)
-    if data.exists():
-        entry["external_data"] = {"file": data.name, "sha256": sha256(data)}
-    return entry
+    return {"sha256": sha256(path),
+            "external_data": FileRef(data.name, sha256(data)) if data.exists() else None}
 
 
-def _copy_rest(fp32_dir: Path, source, tmp: Path) -> None:
+def _copy_rest(source, tmp: Path) -> None:
     """Codec graphs (not quantized) and the tokenizer, as they are."""
     for name, spec in source.graphs.items():
         if name in QUANTIZED_GRAPHS:
             continue
-        shutil.copy2(spec.path, tmp / spec.path.name)
-        extra = spec.raw.get("external_data")
-        if extra:
-            shutil.copy2(fp32_dir / extra["file"], tmp / extra["file"])
-    shutil.copytree(source.tokenizer_dir, tmp / source.raw["tokenizer"])
+        shutil.copy2(spec.path, tmp / spec.file)
+        if spec.external_data_path:
+            shutil.copy2(spec.external_data_path, tmp / spec.external_data.file)
+    shutil.copytree(source.tokenizer_dir, tmp / source.tokenizer.directory)
 
 
-def _record(precision: str, stats: dict, traces: list[Trace], observed: int, every: int, source) -> dict:
+def _record(precision: str, stats: dict, traces: list[Trace], observed: int, every: int) -> QuantizationRecord:
     scheme = SCHEMES[precision]
-    dtype = "int8" if scheme.dtype == onnx.TensorProto.INT8 else "float8e4m3fn"
-    return {
-        "method": "qdq",
-        "dtype": dtype,
-        "symmetric": True,
-        "activations": {"granularity": "per-tensor", "calibration": "max"},
-        "weights": {"granularity": "per-channel", "axis": 1},
-        "quantized": {"matmuls": stats["quantized_matmuls"], "activations": stats["activations"],
-                      "weights": stats["weights"]},
-        "float": ["logits heads", "guidance and sampling", "attention score/value MatMuls", "norms", "RoPE",
-                  "softmax", "embeddings"],
-        "calibration": {"scripts": len(traces), "steps": int(sum(t.steps for t in traces)),
-                        "observed_steps": observed, "every": every, "seed": CALIBRATION_PARAMS.seed,
-                        "from_manifest_sha256": sha256(source.root / "manifest.json")},
-    }
+    steps = sum(t.steps for t in traces)
+    return QuantizationRecord(
+        scheme=precision, bits=8, symmetric=True, block_size=None, ops=("MatMul",),
+        calibration=(f"max |x| per activation tensor over {observed} of {steps} steps (every {every}) of "
+                     f"{len(traces)} script(s) spoken by the fp32 runtime (seed {CALIBRATION_PARAMS.seed}); "
+                     f"{scheme.name}: activations per tensor, weights per output channel"),
+        weights={"matmul_weights": {"count": stats["weights"], "bits": 8},
+                 "activations": {"count": stats["activations"], "bits": 8}},
+        kept_float=("logits heads", "guidance and sampling", "attention score/value MatMuls", "norms", "RoPE",
+                    "softmax", "embeddings", "scales (fp32)"))

@@ -4,8 +4,7 @@ Every constant ``MatMul`` weight W[K, N] becomes a signed, symmetric (no zero
 point) integer tensor and a float scale per block of ``block_size`` rows along
 the input axis K, read through one ``DequantizeLinear`` (opset 21 blocked form,
 axis 0) feeding the MatMul. ONNX Runtime's CPU provider fuses that pair into its
-``MatMulNBits`` kernel; TensorRT reads the same Q/DQ form. A weight shared by
-several MatMuls gets one DequantizeLinear that all of them read.
+``MatMulNBits`` kernel; TensorRT reads the same Q/DQ form.
 
 Embedding tables E[V, D] read by ``Gather`` are blocked along D and rewritten as
 Gather(int rows) and Gather(scale rows) -> DequantizeLinear: only the looked-up
@@ -16,6 +15,7 @@ Everything else (norms, RoPE tables, softmax, sampling, biases) stays float.
 The pass streams: weights are read one tensor at a time (memory-mapped from the
 external data file when there is one) and written straight into the new data
 file, so a 6.6 GB backbone needs about one tensor of memory, not two models.
+A weight read by several MatMuls is written once per reader (see _matmul_readers).
 """
 
 from __future__ import annotations
@@ -32,10 +32,14 @@ QUANT_MIN_OPSET = 21  # blocked DequantizeLinear and INT4
 _QTYPES = {8: TensorProto.INT8, 4: TensorProto.INT4}
 # Gather has no INT4 type (ONNX Gather-13), so tables stay 8-bit in the int4 scheme too.
 EMBEDDING_BITS = 8
-# Measured on the 2B topology (see benchmarks/README.md): TODO-filled below.
+# benchmarks/weight_only_kernels.py (two 2B MLP layers, 2 threads, ORT 1.32, busy machine), speed
+# over fp32 at block 32/64/128: int8 2.3x/2.8x/2.0x, int4 4.1x/5.0x/5.3x. 64 is best for int8, near
+# best for int4, and int4 at 32 would miss the 17%-of-fp32 byte goal on the 2B backbone (17.3%).
 DEFAULT_BLOCK_SIZE = 64
 # MatMulNBits' accuracy level 4 computes with int8 activations (ONNX Runtime's
-# "session.qdq_matmulnbits_accuracy_level"; the manifest carries it to the runtime).
+# "session.qdq_matmulnbits_accuracy_level"; the manifest carries it to the runtime). Same
+# benchmark, block 64: level 1 (fp32 compute) ran int8 at 0.06x and int4 at 0.71x of fp32.
+# ORT 1.32 defaults to 4 when unset; it is set explicitly so an older ORT does not fall back.
 ORT_ACCURACY_LEVEL = 4
 # Tensors smaller than this stay float: their bytes do not matter, their error would.
 MIN_ELEMENTS = 1024
@@ -59,40 +63,39 @@ class WeightOnlyScheme:
                                 "(ONNX Runtime's MatMulNBits kernel requires it)")
 
     def record(self, report: "QuantizeReport") -> dict:
-        """The manifest's per-graph quantization record."""
+        """The manifest's per-graph quantization record (runtime.manifest.QuantizationRecord), less its scheme."""
         return {
-            "method": "weight-only",
             "bits": self.bits,
-            "block_size": self.block_size,
             "symmetric": True,
-            "block_axis": "input",
-            "scale_dtype": "float32",
-            "quantized": {"matmul_weights": {"count": report.matmul_weights, "bits": self.bits},
-                          "gather_tables": {"count": report.gather_tables, "bits": EMBEDDING_BITS}},
-            "float": ["norms", "rope", "softmax", "sampling", "biases", f"weights under {MIN_ELEMENTS} elements",
-                      "projections of looked-up embedding rows"],
-            "quantized_fp32_bytes": report.float_bytes_before,
-            "quantized_bytes": report.bytes_after,
+            "block_size": self.block_size,
+            "ops": ["MatMul", "Gather"] if report.kinds["gather"][0] else ["MatMul"],
             "ort_accuracy_level": ORT_ACCURACY_LEVEL,
+            # Bytes count each weight once, though a weight shared by several MatMuls is stored once per reader.
+            "weights": {"matmul_weights": report.record("matmul", self.bits),
+                        "gather_tables": report.record("gather", EMBEDDING_BITS)},
+            "kept_float": ["norms", "RoPE", "softmax", "sampling", f"weights under {MIN_ELEMENTS} elements",
+                           "MatMul weights applied to looked-up embedding rows", "scales (fp32)"],
         }
 
 
 @dataclass
 class QuantizeReport:
-    """What the pass did to one graph, for the manifest's quantization record."""
+    """What the pass did to one graph, per kind ("matmul", "gather"): [count, fp32 bytes, quantized bytes]."""
 
-    matmul_weights: int = 0
-    gather_tables: int = 0
-    float_bytes_before: int = 0  # bytes of the tensors that were quantized, as fp32
-    bytes_after: int = 0  # their int payload + scales
+    kinds: dict = None
+
+    def __post_init__(self) -> None:
+        self.kinds = {"matmul": [0, 0, 0], "gather": [0, 0, 0]}
 
     def add(self, kind: str, fp32_bytes: int, quantized_bytes: int) -> None:
-        if kind == "matmul":
-            self.matmul_weights += 1
-        else:
-            self.gather_tables += 1
-        self.float_bytes_before += fp32_bytes
-        self.bytes_after += quantized_bytes
+        entry = self.kinds[kind]
+        entry[0] += 1
+        entry[1] += fp32_bytes
+        entry[2] += quantized_bytes
+
+    def record(self, kind: str, bits: int) -> dict:
+        count, fp32_bytes, quantized_bytes = self.kinds[kind]
+        return {"count": count, "bits": bits, "fp32_bytes": fp32_bytes, "bytes": quantized_bytes}
 
 
 # --- numerics ----------------------------------------------------------------
@@ -227,6 +230,7 @@ def _check_opset(model: onnx.ModelProto, path: Path) -> None:
 def _rewrite(model: onnx.ModelProto, storage: _Storage, scheme: WeightOnlyScheme) -> QuantizeReport:
     graph = model.graph
     plan = plan_weights(graph, scheme)
+    readers = _matmul_readers(graph, plan)
     report = QuantizeReport()
     initializers = []
     for t in graph.initializer:
@@ -238,7 +242,8 @@ def _rewrite(model: onnx.ModelProto, storage: _Storage, scheme: WeightOnlyScheme
         bits = scheme.bits if kind == "matmul" else EMBEDDING_BITS
         w = storage.array(t)
         q, scale = quantize_blocks(w, bits, scheme.block_size, axis=0 if kind == "matmul" else 1)
-        initializers += _quantized_tensors(t.name, q, scale, bits, storage)
+        for copy in range(readers.get(t.name, 1)):
+            initializers += _quantized_tensors(t.name, copy, q, scale, bits, storage)
         report.add(kind, w.size * 4, (q.size * bits + 7) // 8 + scale.nbytes)
         del w, q, scale  # one tensor at a time
     del graph.initializer[:]
@@ -247,21 +252,37 @@ def _rewrite(model: onnx.ModelProto, storage: _Storage, scheme: WeightOnlyScheme
     return report
 
 
-def _quantized_tensors(name: str, q: np.ndarray, scale: np.ndarray, bits: int,
+def _matmul_readers(graph: onnx.GraphProto, plan: dict[str, str]) -> dict[str, int]:
+    """How many MatMuls read each planned weight: each gets its own quantized copy.
+
+    ONNX Runtime's MatMulNBits fusion repacks the integer initializer it consumes, so
+    it fuses no DequantizeLinear whose initializer is shared (measured: a weight read
+    by two MatMuls, through one or two DequantizeLinear nodes, stayed unfused). The
+    depformer's weights schedule shares one set of projections across 27 of the 2B's
+    31 stages; unfused, each stage would dequantize it whole.
+    """
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and plan.get(node.input[1]) == "matmul":
+            counts[node.input[1]] = counts.get(node.input[1], 0) + 1
+    return counts
+
+
+def _quantized_tensors(name: str, copy: int, q: np.ndarray, scale: np.ndarray, bits: int,
                        storage: _Storage) -> list[TensorProto]:
-    qt = TensorProto(name=qname(name), data_type=_QTYPES[bits], dims=q.shape)
+    qt = TensorProto(name=qname(name, copy), data_type=_QTYPES[bits], dims=q.shape)
     storage.put(qt, pack_int4(q) if bits == 4 else _raw(q))
-    st = TensorProto(name=scale_name(name), data_type=TensorProto.FLOAT, dims=scale.shape)
+    st = TensorProto(name=scale_name(name, copy), data_type=TensorProto.FLOAT, dims=scale.shape)
     storage.put(st, _raw(scale))
     return [qt, st]
 
 
-def qname(name: str) -> str:
-    return f"{name}_quantized"
+def qname(name: str, copy: int = 0) -> str:
+    return f"{name}_quantized" + (f"_{copy}" if copy else "")
 
 
-def scale_name(name: str) -> str:
-    return f"{name}_scale"
+def scale_name(name: str, copy: int = 0) -> str:
+    return f"{name}_scale" + (f"_{copy}" if copy else "")
 
 
 def plan_weights(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> dict[str, str]:
@@ -298,12 +319,22 @@ def _weights_on_dequantized_rows(graph: onnx.GraphProto, plan: dict[str, str]) -
             if n.op_type == "MatMul" and n.input[0] in rows and plan.get(n.input[1]) == "matmul"}
 
 
+def _blocked_dims(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> dict[str, int]:
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    return {name: shapes[name][0 if kind == "matmul" else 1] for name, kind in plan_weights(graph, scheme).items()}
+
+
+def fit_block_size(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> WeightOnlyScheme:
+    """The default block size, halved until it divides every blocked axis (tiny's are 32 wide)."""
+    block = scheme.block_size
+    while block > 16 and any(dim % block for dim in _blocked_dims(graph, scheme).values()):
+        block //= 2
+    return WeightOnlyScheme(scheme.bits, block, scheme.embeddings)
+
+
 def check_block_size(graph: onnx.GraphProto, scheme: WeightOnlyScheme, where: str) -> None:
     """Every planned weight's blocked axis must divide by the block size (one line otherwise)."""
-    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
-    for name, kind in plan_weights(graph, scheme).items():
-        rows, cols = shapes[name]
-        dim = rows if kind == "matmul" else cols
+    for name, dim in _blocked_dims(graph, scheme).items():
         if dim % scheme.block_size:
             raise QuantizeError(f"block size {scheme.block_size} does not divide {where} weight {name!r} "
                                 f"(blocked axis has {dim} elements)")
@@ -322,14 +353,16 @@ def _axis(node: onnx.NodeProto) -> int:
 
 
 def _rewire(graph: onnx.GraphProto, plan: dict[str, str], block: int) -> None:
-    """Insert the dequantizing nodes; a weight shared by several MatMuls gets one DequantizeLinear."""
-    nodes, emitted = [], set()
+    """Insert the dequantizing nodes: one DequantizeLinear (over its own copy) per MatMul reader."""
+    nodes, copies = [], {}
     for node in graph.node:
-        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if weight in plan and weight not in emitted:
-            nodes.append(_dq(qname(weight), scale_name(weight), weight, axis=0, block=block))
-            emitted.add(weight)
-        if node.op_type == "Gather" and node.input[0] in plan:
+        weight = node.input[1] if node.op_type == "MatMul" else None
+        if plan.get(weight) == "matmul":
+            copy = copies[weight] = copies.get(weight, -1) + 1
+            out = f"{weight}_dequantized" + (f"_{copy}" if copy else "")
+            nodes.append(_dq(qname(weight, copy), scale_name(weight, copy), out, axis=0, block=block))
+            node.input[1] = out
+        if node.op_type == "Gather" and plan.get(node.input[0]) == "gather":
             nodes += _gather_dq(node, node.input[0], block)
         nodes.append(node)
     del graph.node[:]

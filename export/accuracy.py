@@ -81,8 +81,7 @@ def _same_checkpoint(reference: Path, candidate: Path):
     ref, cand = load_manifest(reference), load_manifest(candidate)
     if ref.precision != "fp32":
         raise ValueError(f"{reference} is {ref.precision}; compare against fp32 artifacts")
-    ref_files = ref.raw.get("source", {}).get("files")
-    if ref_files != cand.raw.get("source", {}).get("files") or ref.topology != cand.topology:
+    if ref.source.files != cand.source.files or ref.topology != cand.topology:
         raise ValueError(f"{candidate} and {reference} were not built from the same checkpoint")
     return ref, cand
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from .artifacts import ArtifactError, GraphSpec
+from .manifest import BACKEND_NAMES
 
 
 class Graph(Protocol):
@@ -124,7 +125,7 @@ class OrtBackend:
         path = Path(path or spec.path)
         try:
             threads = self.threads or auto_threads(graph_bytes(path))
-            level = (spec.raw.get("quantization") or {}).get("ort_accuracy_level")
+            level = spec.quantization.ort_accuracy_level if spec.quantization else None
             return self._ort.InferenceSession(str(path), self.session_options(threads, level),
                                               providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
@@ -178,9 +179,6 @@ class OrtGraph:
             np.copyto(self._inputs[name], value, casting="same_kind")
         self._session.run_with_iobinding(self._binding)
         return self._outputs
-
-
-BACKEND_NAMES = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 def create_backend(name: str = "onnxruntime", threads: int | None = None) -> Backend:

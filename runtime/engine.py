@@ -89,8 +89,9 @@ class Dia2Runtime:
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
-             threads: int | None = None) -> "Dia2Runtime":
-        manifest = load_manifest(artifacts_dir)
+             threads: int | None = None, *, verify: bool = True) -> "Dia2Runtime":
+        """``verify=False`` skips the files' checksums (the manifest's other checks always run)."""
+        manifest = load_manifest(artifacts_dir, verify=verify)
         engine = create_backend(backend, threads) if isinstance(backend, str) else backend
         try:
             tokenizer = TextTokenizer.from_dir(manifest.tokenizer_dir)
@@ -142,7 +143,9 @@ def _load_codec(manifest: Manifest, backend: Backend) -> StreamingCodec:
     # The codec drives ONNX Runtime bindings itself; hand it a session with the backend's options.
     opener = getattr(backend, "open_session", None)
     try:
-        codec = StreamingCodec(opener(spec) if opener else spec.path, spec.raw)
+        io_spec = {**spec.to_json(), "num_quantizers": manifest.codec.num_quantizers,
+                   "codebook_size": manifest.codec.codebook_size}
+        codec = StreamingCodec(opener(spec) if opener else spec.path, io_spec)
     except (ValueError, KeyError) as exc:
         if isinstance(exc, ArtifactError):
             raise
@@ -168,13 +171,13 @@ class _StepBuffers:
 
     @classmethod
     def allocate(cls, m: Manifest, cache) -> "_StepBuffers":
-        q, vocab = m.audio_channels, int(m.topology["audio_vocab_size"])
+        q, vocab = m.audio_channels, m.topology.audio_vocab_size
         return cls(
             tokens=np.zeros((BRANCHES, 2 + q), dtype=np.int64),
             audio=np.zeros((q, m.max_context_steps + 1), dtype=np.int64),
             noise=np.zeros((q, vocab), dtype=np.float32),
-            k_cache=np.zeros((int(m.topology["n_layer"]), *cache.shape), dtype=cache.dtype),
-            v_cache=np.zeros((int(m.topology["n_layer"]), *cache.shape), dtype=cache.dtype),
+            k_cache=np.zeros((m.topology.n_layer, *cache.shape), dtype=cache.dtype),
+            v_cache=np.zeros((m.topology.n_layer, *cache.shape), dtype=cache.dtype),
         )
 
     def reset(self, ids) -> None:

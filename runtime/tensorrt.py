@@ -57,8 +57,9 @@ class TrtBackend:
         self.cuda_graphs = cuda_graphs
 
     def load(self, spec: GraphSpec, path: Path | None = None) -> "TrtGraph":
-        engines = spec.raw.get("engine") or {}
-        plan = Path(path) if path else spec.path.with_name(engines.get("file", spec.path.with_suffix(".plan").name))
+        if path is None and spec.engine is None:
+            raise ArtifactError(f"graph {spec.name!r} has no TensorRT engine in the manifest (run dia2-export engines)")
+        plan = Path(path) if path else spec.engine_path
         if not plan.is_file():
             raise ArtifactError(f"no TensorRT engine {plan.name} for graph {spec.name!r} (run dia2-export engines)")
         engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
