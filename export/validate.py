@@ -42,6 +42,9 @@ def validate_artifacts(artifacts: Path, files: CheckpointFiles | None, *, steps:
     files = files or _source_files(manifest)
     _check_source(manifest, files)
     precision = manifest.precision
+    if precision not in TOLERANCES:
+        raise ValueError(f"{precision} artifacts are judged on tokens, not against PyTorch's numbers: "
+                         f"validate them with --against FP32_ARTIFACTS")
     atol, rtol = TOLERANCES[precision]
     model = load_model(files)
     mimi = load_mimi(files.mimi_ref)
