@@ -17,7 +17,7 @@ from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
 
 from .codec import export_codec_decoder, export_codec_encoder
-from .graphs import BackboneStep, DepformerFrame
+from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
 from .manifest import build_manifest, sha256, write_manifest
 from .onnx_io import export_module, external_data_path, save_model, signature
 
@@ -100,9 +100,14 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     progress("exporting depformer frame")
     export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
                   DepformerFrame.output_names, tmp / "depformer.onnx", options.opset)
+    step_graphs = ["backbone", "depformer"]
+    if options.prefix_frames:
+        progress("exporting backbone prefill (audio-prefix warm-up)")
+        _export_prefill(model, tmp / "backbone_prefill.onnx", options.opset)
+        step_graphs.append("backbone_prefill")
     del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
     gc.collect()  # the exporter leaves reference cycles that still hold the weights
-    for name in ("backbone", "depformer"):
+    for name in step_graphs:
         if options.precision == "fp16":
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
@@ -125,6 +130,13 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     write_manifest(manifest, tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
     return manifest
+
+
+def _export_prefill(model, path: Path, opset: int) -> None:
+    """Only artifacts with prefix room get it: it holds a second copy of the backbone's weights."""
+    prefill = BackbonePrefill(model)
+    export_module(prefill, BackbonePrefill.example_inputs(model), prefill.input_names, prefill.output_names,
+                  path, opset, dynamic=BackbonePrefill.dynamic_shapes)
 
 
 def _convert_fp16(path: Path) -> None:

@@ -6,6 +6,9 @@ logits and the cb0 logits; the action is guided and sampled here; the text state
 machine turns it into (main, second) text tokens; the depformer graph samples all
 audio codebooks of frame t + 1. Aligned frames go through the streaming codec as
 soon as every codebook of them exists, so audio starts long before the script ends.
+
+With an audio prefix (``runtime/prefix.py``) the loop first warms the cache up on
+the prefix frames and then starts at frame A - 1, as the reference does.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .artifacts import ArtifactError, Manifest, cache_name, load_manifest
+from .artifacts import ArtifactError, Manifest, cache_name, load_manifest, sha256
+from .audio import file_sha256, load_mono
 from .backends import Backend, create_backend
 from .codec import StreamingCodec
 from .frames import UNGENERATED, finish
 from .params import GenerationParams
+from .prefix import ROW_SHIFT, Prefix, WarmState, delay_codes, script_free_frames, warmup_tokens
 from .sampling import guide, sample
 from .script import ScriptError, check_script, parse_script
 from .state_machine import Entry, StateMachine, TextState
 from .tokenizer import TextTokenizer
+from .voice import PrefixPlan, Voice, VoiceError, Word, build_plan, speaker_tag_for, words_to_entries
 
 BRANCHES = 2  # conditional row 0, unconditional row 1: always both, as in the reference
 
@@ -86,6 +92,7 @@ class Dia2Runtime:
             self.backbone.bind(k_name, self.buffers.k_cache[i])  # a view: the layers share one allocation
             self.backbone.bind(v_name, self.buffers.v_cache[i])
         self._active: Session | None = None
+        self._encoder = self._prefill = None  # opened on first use: only voice prompts need them
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
@@ -103,26 +110,135 @@ class Dia2Runtime:
         return self.manifest.sample_rate
 
     def open_session(self, params: GenerationParams | None = None,
-                     progress: Callable[[Progress], None] | None = None) -> "Session":
-        """Start an utterance fed incrementally; any earlier unfinished session is abandoned."""
-        session = Session(self, params or GenerationParams(), progress)
+                     progress: Callable[[Progress], None] | None = None,
+                     prefix: "Prefix | WarmState | None" = None, *, include_prefix: bool = False,
+                     prefill: bool = True) -> "Session":
+        """Start an utterance fed incrementally; any earlier unfinished session is abandoned.
+
+        ``prefix``: an audio prefix (``self.prefix(...)``) or a warmed voice pair
+        (``self.warm(...)``); ``include_prefix`` keeps its audio (and words) in the
+        output, when ``prefix`` is a WarmState. ``prefill``: warm up in one graph call
+        where the artifacts have the prefill graph (else frame by frame).
+        """
+        if isinstance(prefix, WarmState):
+            self._check_hashes(prefix.artifacts, "warm state")
+        session = Session(self, params or GenerationParams(), progress, prefix, include_prefix, prefill)
         self._active = session
         return session
 
     def stream(self, text: str, params: GenerationParams | None = None,
-               progress: Callable[[Progress], None] | None = None) -> "Session":
+               progress: Callable[[Progress], None] | None = None, **prefix_options) -> "Session":
         """The whole script at once; iterate the result for AudioChunks. Bad scripts raise here."""
-        session = self.open_session(params, progress)
+        session = self.open_session(params, progress, **prefix_options)
         session.feed(text)
         session.close()
         return session
 
     def speak(self, text: str, params: GenerationParams | None = None,
-              progress: Callable[[Progress], None] | None = None) -> SpeakResult:
-        session = self.stream(text, params, progress)
+              progress: Callable[[Progress], None] | None = None, **prefix_options) -> SpeakResult:
+        """Generate ``text``; ``prefix=``, ``include_prefix=``, ``prefill=`` as for ``open_session``."""
+        session = self.stream(text, params, progress, **prefix_options)
         for _ in session:
             pass
         return session.result
+
+    # --- voices ----------------------------------------------------------------
+
+    def voice(self, audio: str | Path, words: list[Word], speaker: int = 1) -> Voice:
+        """One speaker's prefix from an audio file and its word timings (``voice.read_words``/``transcribe``)."""
+        pcm = load_mono(audio, self.sample_rate)
+        m = self.manifest
+        tag = speaker_tag_for(speaker, self.tokenizer.token_id, m.token_ids)
+        entries, steps = words_to_entries(words, self.tokenizer.encode, tag, m.frame_rate)
+        return Voice(speaker, self.encode(pcm), list(words), entries, steps, file_sha256(audio),
+                     self.artifact_hashes())
+
+    def encode(self, pcm: np.ndarray) -> np.ndarray:
+        """Mono pcm at the codec's rate -> Mimi codes [Q, T] (the codec_encoder graph, fp32)."""
+        if self._encoder is None:
+            self._encoder = _open_plain(self.backend, self.manifest.graph("codec_encoder"))
+        codes = self._encoder.run(None, {"pcm": np.asarray(pcm, np.float32).reshape(1, 1, -1)})[0]
+        return np.ascontiguousarray(codes[0], dtype=np.int64)
+
+    def prefix(self, speaker_1: Voice | None, speaker_2: Voice | None = None,
+               include_audio: bool = False) -> Prefix | None:
+        """The reference's prefix plan from voices (speaker 2 needs speaker 1); checked against the context."""
+        voices = [v for v in (speaker_1, speaker_2) if v is not None]
+        for slot, voice in ((1, speaker_1), (2, speaker_2)):
+            if voice is not None:
+                self._check_hashes(voice.artifacts, "voice")
+        plan = build_plan(*(self._as_speaker(v, slot) if v else None for slot, v in ((1, speaker_1), (2, speaker_2))))
+        if plan is None:
+            return None
+        if voices and plan.codes.shape[0] != self.manifest.audio_channels:
+            raise VoiceError(f"the prefix has {plan.codes.shape[0]} codebooks, the model {self.manifest.audio_channels}")
+        self.check_prefix_frames(plan.frames)
+        return Prefix(plan, include_audio)
+
+    def _as_speaker(self, voice: Voice, speaker: int) -> Voice:
+        """A voice recorded for the other speaker slot gets its entries re-tokenised with this slot's tag."""
+        if voice.speaker == speaker:
+            return voice
+        tag = speaker_tag_for(speaker, self.tokenizer.token_id, self.manifest.token_ids)
+        entries, steps = words_to_entries(voice.words, self.tokenizer.encode, tag, self.manifest.frame_rate)
+        return Voice(speaker, voice.codes, voice.words, entries, steps, voice.audio_sha256, voice.artifacts)
+
+    def check_prefix_frames(self, frames: int) -> None:
+        """A prefix needs its frames in the KV cache plus room for at least one generated frame."""
+        room = self.manifest.cache_capacity - 1
+        if frames > room:
+            raise VoiceError(f"the prefix is {frames} frames ({frames / self.manifest.frame_rate:.1f} s) but these "
+                             f"artifacts hold at most {room} (rebuild them with a larger --prefix-frames)")
+
+    def artifact_hashes(self) -> dict[str, str]:
+        """What a voice depends on: the encoder that made its codes and the tokenizer that made its entries."""
+        return {"codec_encoder": self.manifest.graph("codec_encoder").sha256 or "",
+                "tokenizer": sha256(self.manifest.tokenizer_dir / "tokenizer.json")}
+
+    def _check_hashes(self, hashes: dict[str, str], what: str) -> None:
+        if hashes != self.artifact_hashes():
+            raise VoiceError(f"this {what} was made with other artifacts (codec encoder or tokenizer differ); "
+                             f"recreate it with these")
+
+    def warm(self, prefix: Prefix, prefill: bool = True) -> WarmState:
+        """Run the script-independent part of ``prefix``'s warm-up once, for reuse by many sessions."""
+        self._active = None  # the cache below is the runtime's one buffer set
+        m, buf = self.manifest, self.buffers
+        buf.reset(m.token_ids)
+        machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead, initial_padding=0,
+                               max_padding=m.max_padding)
+        seq = script_free_frames(prefix.plan, machine, m.token_ids, m.delays, buf.tokens)
+        self.fill_cache(seq, prefill)
+        rows = (slice(None), slice(None), slice(None), slice(0, len(seq)))
+        return WarmState(prefix.plan, buf.k_cache[rows].copy(), buf.v_cache[rows].copy(), seq.copy(),
+                         self.artifact_hashes())
+
+    def fill_cache(self, seq: np.ndarray, prefill: bool, start: int = 0) -> None:
+        """K/V rows start .. start+T-1 from the warm-up step tokens seq [T, 2, C] (frame t at position t)."""
+        if not len(seq):
+            return
+        graph = self._prefill_graph() if prefill and start == 0 else None
+        if graph is not None:
+            k_rows, v_rows = graph.run(None, {"tokens": np.ascontiguousarray(seq.transpose(1, 2, 0))})
+            self._write_rows(slice(0, len(seq)), k_rows, v_rows)
+            return
+        for i, tokens in enumerate(seq):
+            t = start + i
+            out = self.backbone.run({"tokens": tokens, "position": t, "cache_length": t})
+            self._write_rows(t, out["k_new"], out["v_new"])
+
+    def _write_rows(self, rows, k_new: np.ndarray, v_new: np.ndarray) -> None:
+        index = (slice(None), slice(None), rows)
+        for i, (k_name, v_name) in enumerate(self._cache_names):
+            self.backbone.write(k_name, index, k_new[i])
+            self.backbone.write(v_name, index, v_new[i])
+
+    def _prefill_graph(self):
+        """The prefill graph's session, or None (artifacts without one, or a backend that cannot run it)."""
+        if self._prefill is None and "backbone_prefill" in self.manifest.graphs \
+                and hasattr(self.backend, "open_session"):
+            self._prefill = _open_plain(self.backend, self.manifest.graph("backbone_prefill"))
+        return self._prefill
 
     def parse(self, text: str) -> list[Entry]:
         return parse_script([text], self.tokenizer.encode, self.manifest.token_ids, self.manifest.frame_rate)
@@ -135,6 +251,15 @@ class Dia2Runtime:
 
     def _owns(self, session: "Session") -> bool:
         return self._active is session
+
+
+def _open_plain(backend: Backend, spec):
+    """A plain session for a graph with a dynamic axis (the runtime's Graph binds static buffers only)."""
+    opener = getattr(backend, "open_session", None)
+    if opener is None:
+        raise ArtifactError(f"the {getattr(backend, 'name', 'selected')} backend cannot run {spec.name} "
+                            f"(dynamic shapes); use the onnxruntime backend for voice prompts")
+    return opener(spec)
 
 
 def _load_codec(manifest: Manifest, backend: Backend) -> StreamingCodec:
@@ -161,7 +286,7 @@ class _StepBuffers:
     """
 
     tokens: np.ndarray  # [2, C] the step tokens fed to the backbone
-    audio: np.ndarray  # [Q, max_context + 1] delayed codes (both CFG rows get the same ones)
+    audio: np.ndarray  # [Q, cache_capacity + max_delay + 1] delayed codes (both CFG rows get the same ones)
     noise: np.ndarray  # [Q, V] uniform noise for the in-graph audio sampler
     k_cache: np.ndarray  # [L, 2, Hkv, S, D]; layer i is bound as the graph's k_cache.i
     v_cache: np.ndarray
@@ -171,7 +296,8 @@ class _StepBuffers:
         q, vocab = m.audio_channels, int(m.topology["audio_vocab_size"])
         return cls(
             tokens=np.zeros((BRANCHES, 2 + q), dtype=np.int64),
-            audio=np.zeros((q, m.max_context_steps + 1), dtype=np.int64),
+            # a prefix moves generation A frames later: size by the cache's frames plus the delay tail
+            audio=np.zeros((q, m.cache_capacity + m.max_delay + 1), dtype=np.int64),
             noise=np.zeros((q, vocab), dtype=np.float32),
             k_cache=np.zeros((int(m.topology["n_layer"]), *cache.shape), dtype=cache.dtype),
             v_cache=np.zeros((int(m.topology["n_layer"]), *cache.shape), dtype=cache.dtype),
@@ -224,12 +350,22 @@ class Session:
     again) or, after ``close``, when the utterance is complete (``result`` is set).
     """
 
-    def __init__(self, runtime: Dia2Runtime, params: GenerationParams, progress) -> None:
+    def __init__(self, runtime: Dia2Runtime, params: GenerationParams, progress,
+                 prefix: "Prefix | WarmState | None" = None, include_prefix: bool = False,
+                 prefill: bool = True) -> None:
         m = runtime.manifest
         self.runtime, self.params, self._progress = runtime, params, progress
         self.machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead,
                                     initial_padding=params.initial_padding, max_padding=m.max_padding)
-        self.state: TextState = self.machine.new_state([])
+        self._warm = prefix if isinstance(prefix, WarmState) else None
+        self.prefix: Prefix | None = Prefix(prefix.plan, include_prefix) if self._warm else prefix
+        self._prefill = prefill
+        plan = self.prefix.plan if self.prefix else None
+        # The reference queues the prefix's words before the script's (build_prefix_plan + parse_script).
+        self.state: TextState = self.machine.new_state(list(plan.entries) if plan else [])
+        # Generation starts at frame A - 1 after a warm-up (warmup_with_prefix's return value).
+        self._start = plan.frames - 1 if plan else 0
+        self._row_shift = ROW_SHIFT if plan else 0
         self.result: SpeakResult | None = None
         self._text, self._closed, self._given, self._words_total = "", False, [], 0
         self._delays = np.asarray(m.delays)
@@ -268,11 +404,13 @@ class Session:
         if entries[: len(self._given)] != self._given:
             raise RuntimeError("internal error: the incremental parse diverged from the full parse")
         needed = self.runtime.frames_needed(entries, self.params)
-        limit = self.runtime.manifest.max_context_steps
+        m = self.runtime.manifest
+        limit = min(m.max_context_steps, m.cache_capacity - self._start - self._row_shift)
         if needed > limit:
+            with_prefix = f" after the {self._start + 1}-frame prefix" if self.prefix else ""
             raise ScriptError(f"the script is too long: it needs at least {needed} frames "
-                              f"({needed / self.runtime.manifest.frame_rate:.1f} s) but the model's context "
-                              f"holds {limit}; split it into shorter scripts")
+                              f"({needed / m.frame_rate:.1f} s) but the model's context holds {limit}"
+                              f"{with_prefix}; split it into shorter scripts")
         new = entries[len(self._given):]
         self._given.extend(new)
         self._words_total += sum(1 for entry in new if entry.tokens)
@@ -296,13 +434,19 @@ class Session:
         buffers.reset(m.token_ids)
         emitter.reset()
         tally.reset()
+        emitter.words_sent = self._dropped_words()
         rt.codec.reset()
         rng = np.random.default_rng(p.seed)
         tally.started = time.perf_counter()
+        if self.prefix is not None:
+            while not self._script_ready():
+                yield _WAIT
+            self._warm_up()
         flush_tail = m.max_delay + self.machine.max_padding
         capacity = buffers.audio.shape[1]
-        for t in range(m.max_context_steps):
-            if (tally.eos_cutoff is not None and t >= tally.eos_cutoff) or t + 1 >= capacity:
+        for t in range(self._start, self._start + m.max_context_steps):
+            if (tally.eos_cutoff is not None and t >= tally.eos_cutoff) or t + 1 >= capacity \
+                    or t + self._row_shift >= m.cache_capacity:
                 break
             action = self._backbone_step(t, rng)
             while self._starved(action):
@@ -320,16 +464,36 @@ class Session:
             self._report(t)
         yield from self._finish()
 
+    def _script_ready(self) -> bool:
+        """The warm-up's look-ahead reads the script's first words: wait for them (or the end of input)."""
+        words = sum(1 for entry in self.state.entries if entry.tokens) - len(self.prefix.plan.entries)
+        return self._closed or words >= self.machine.second_stream_ahead
+
+    def _warm_up(self) -> None:
+        """The reference's warm-up: prefix codes into the delayed buffer, forced steps through the machine,
+        and the prefix frames' K/V rows (restored from a WarmState, by the prefill graph, or step by step)."""
+        rt, m = self.runtime, self.runtime.manifest
+        plan, buf = self.prefix.plan, rt.buffers
+        delayed = delay_codes(plan.codes, m.delays, m.token_ids.audio_pad)
+        buf.audio[:, : delayed.shape[1]] = delayed
+        seq = warmup_tokens(plan, self.machine, self.state, m.token_ids, m.delays, buf.tokens)
+        done = 0
+        if self._warm is not None:
+            done = self._warm.frames
+            if not np.array_equal(seq[:done], self._warm.tokens):
+                raise RuntimeError("internal error: the warm state's frames differ from this warm-up's")
+            rows = (slice(None), slice(None), slice(None), slice(0, done))
+            buf.k_cache[rows], buf.v_cache[rows] = self._warm.k_rows, self._warm.v_rows
+        rt.fill_cache(seq[done:], self._prefill, start=done)
+
     def _backbone_step(self, t: int, rng: np.random.Generator) -> int:
         m, p, buf = self.runtime.manifest, self.params, self.runtime.buffers
         ids = m.token_ids
         buf.tokens[:, 2:] = np.where(self._delays > t, ids.audio_bos, buf.audio[:, t])
         buf.tokens[1, 0], buf.tokens[1, 1] = ids.zero, ids.pad
-        out = self.runtime.backbone.run({"tokens": buf.tokens, "position": t})
-        row = (slice(None), slice(None), t)
-        for i, (k_name, v_name) in enumerate(self.runtime._cache_names):
-            self.runtime.backbone.write(k_name, row, out["k_new"][i])
-            self.runtime.backbone.write(v_name, row, out["v_new"][i])
+        row = t + self._row_shift
+        out = self.runtime.backbone.run({"tokens": buf.tokens, "position": t, "cache_length": row})
+        self.runtime._write_rows(row, out["k_new"], out["v_new"])
         self._hidden, self._cb0 = out["hidden"], out["cb0_logits"]
         return sample(guide(out["action_logits"], p.cfg_scale, p.cfg_filter_k), p.text_temperature, p.text_top_k, rng)
 
@@ -369,15 +533,18 @@ class Session:
     def _known_crop(self) -> int | None:
         """The lead-in to cut, as soon as it is certain.
 
-        It is (first word frame - initial padding), or 0 if no main-stream new-word
-        token ever appears. With a second stream the machine always moves the
-        new-word token to the second stream, so (as in the reference) there is no
-        crop and it is known to be 0 from the start.
+        It is (first word frame - initial padding), or the start frame (0, or A - 1
+        after a prefix) if no main-stream new-word token ever appears. With a second
+        stream the machine always moves the new-word token to the second stream, so
+        (as in the reference) the crop is the start frame, known from the start.
+        A prefix kept in the output means no crop.
         """
+        if self.prefix is not None and self.prefix.include_audio:
+            return 0
         fwf = self._tally.first_word_frame
         if fwf is not None:
             return max(fwf, 0)
-        return 0 if self.machine.second_stream_ahead else None
+        return self._start if self.machine.second_stream_ahead else None
 
     def _chunk(self, stop: int, final: bool) -> AudioChunk | None:
         """Decode aligned frames [next_frame, stop) and attach the words that start in them."""
@@ -414,9 +581,12 @@ class Session:
 
     def _finish(self) -> Iterator[AudioChunk]:
         m, tally, e = self.runtime.manifest, self._tally, self._emitter
-        limit = min(tally.last_step + 2, self.runtime.buffers.audio.shape[1]) if tally.last_step >= 0 else 1
+        last = tally.last_step if tally.last_step >= self._start else None
+        limit = min(last + 2, self.runtime.buffers.audio.shape[1]) if last is not None else self._start + 1
+        keep = self.prefix is not None and self.prefix.include_audio
+        first = 0 if keep else (tally.first_word_frame if tally.first_word_frame is not None else self._start)
         tokens, stamps, crop = finish(self.runtime.buffers.audio[:, :limit], m.delays, m.token_ids.audio_pad,
-                                      tally.first_word_frame or 0, self.state.transcript, m.frame_rate)
+                                      first, self.state.transcript[self._dropped_words():], m.frame_rate)
         if e.crop is None:  # nothing went out yet: the final crop decides (it falls back to 0 on a short run)
             e.crop = e.next_frame = crop
         chunk = self._chunk(crop + tokens.shape[1], final=True)
@@ -429,6 +599,12 @@ class Session:
         pcm = np.concatenate(tally.pcm) if tally.pcm else np.zeros(0, np.float32)
         self.result = SpeakResult(pcm, m.sample_rate, tokens, stamps, tally.last_step + 1,
                                   time.perf_counter() - tally.started, tally.first_audio, truncated)
+
+    def _dropped_words(self) -> int:
+        """A trimmed prefix's words leave the timestamps (the reference drops that many transcript entries)."""
+        if self.prefix is None or self.prefix.include_audio:
+            return 0
+        return len(self.prefix.plan.entries)
 
     def _report(self, t: int) -> None:
         if self._progress is not None:
