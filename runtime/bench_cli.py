@@ -35,10 +35,18 @@ from .bench_report import markdown, plot
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Directory for bench.json, bench.md, latency.png, breakdown.png.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNGs (they need matplotlib, the [bench] extra).")
+@click.option("--prefix", is_flag=True,
+              help="Instead: time to first audio after a two-speaker audio prefix, step-wise warm-up vs the "
+                   "prefill graph vs a restored warm state (first --artifacts only; writes prefix_bench.*).")
+@click.option("--prefix-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="Length of the synthetic prefix for --prefix (split between the two speakers).")
 def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_frames, seed, text, threads,
-          schedule, out, no_plots) -> None:
+          schedule, out, no_plots, prefix, prefix_seconds) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
+    if prefix:
+        _prefix_bench(artifacts[0], prefix_seconds, repeats, text, threads, Path(out))
+        return
     try:
         manifests = [load_manifest(a) for a in artifacts]
     except ArtifactError as exc:
@@ -61,3 +69,17 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
     if not no_plots:
         plot(result, out)
     click.echo(table)
+
+
+def _prefix_bench(artifacts: str, seconds: float, repeats: int, text: str, threads, out: Path) -> None:
+    from .audio import AudioError
+    from .prefix_bench import run_prefix_bench, write_report
+    from .script import ScriptError
+    from .voice import VoiceError
+
+    echo = lambda msg: click.echo(f"[bench] {msg}", err=True)  # noqa: E731
+    try:
+        result = run_prefix_bench(artifacts, seconds, repeats, text, threads, echo)
+    except (ArtifactError, AudioError, ScriptError, VoiceError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(write_report(result, out))

@@ -14,6 +14,7 @@ from .artifacts import ArtifactError
 from .files import AUDIO_FORMATS, write_atomic, write_audio
 from .backends import BACKEND_NAMES, create_backend
 from .params import GenerationParams
+from .voice_cli import PREFIX_ERRORS, check_prefix_args, load_prefix, prefix_options
 
 
 
@@ -63,15 +64,17 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads per graph [1].")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@prefix_options
 def speak(text, input_file, artifacts, out, seed, temperature, text_temperature, audio_temperature, top_k,
-          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet) -> None:
+          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, prefix_args) -> None:
     """Speak TEXT (or --input FILE, or stdin) into --out."""
     script = _read_script(text, input_file)
     from .script import ScriptError, check_script
 
     try:
         check_script(script)  # before the (slow) artifact load
-    except ScriptError as exc:
+        check_prefix_args(prefix_args)
+    except (ScriptError, *PREFIX_ERRORS) as exc:
         raise CliError(str(exc)) from None
     params = _params(seed, temperature, text_temperature, audio_temperature, top_k, cfg_scale, cfg_filter_k)
     target = _check_out(out)
@@ -86,14 +89,16 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
         raise CliError(f"backend {backend} cannot run here: {exc}") from None
     try:
         runtime = Dia2Runtime.load(artifacts, backend=engine)
+        prefix = load_prefix(runtime, prefix_args)
         bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
-        session = runtime.stream(script, params, progress=bar)
+        session = runtime.stream(script, params, progress=bar, prefix=prefix,
+                                 prefill=not prefix_args["step_warmup"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TruncationWarning)
             result = _generate(session, target, runtime.sample_rate)
         if bar is not None:
             bar.finish()
-    except (ArtifactError, ScriptError) as exc:
+    except (ArtifactError, ScriptError, *PREFIX_ERRORS) as exc:
         raise CliError(str(exc)) from None
     for warning in caught:
         click.echo(f"warning: {warning.message}", err=True)
@@ -225,3 +230,6 @@ def _summary(result) -> None:
 from .bench_cli import bench  # noqa: E402  (dia2-rt bench lives in its own module)
 
 main.add_command(bench)
+from .voice_cli import voice  # noqa: E402  (dia2-rt voice create)
+
+main.add_command(voice)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .artifacts import ArtifactError, Manifest, cache_name, load_manifest, sha256
-from .audio import file_sha256, load_mono
+from .audio import file_sha256, load_mono, read_audio
 from .backends import Backend, create_backend
 from .codec import StreamingCodec
 from .frames import UNGENERATED, finish
@@ -33,8 +33,10 @@ from .sampling import guide, sample
 from .script import ScriptError, check_script, parse_script
 from .state_machine import Entry, StateMachine, TextState
 from .tokenizer import TextTokenizer
-from .voice import PrefixPlan, Voice, VoiceError, Word, build_plan, speaker_tag_for, words_to_entries
+from .voice import (Voice, VoiceError, Word, build_plan, parse_words, read_words, speaker_tag_for,
+                    words_to_entries)
 
+MISSING_TRANSCRIBER = "no word timings for the prefix audio: give a words JSON file or a transcriber"
 BRANCHES = 2  # conditional row 0, unconditional row 1: always both, as in the reference
 
 
@@ -93,6 +95,8 @@ class Dia2Runtime:
             self.backbone.bind(v_name, self.buffers.v_cache[i])
         self._active: Session | None = None
         self._encoder = self._prefill = None  # opened on first use: only voice prompts need them
+        # Artifacts exported before prefixes have no cache_length input: they speak, without prefixes.
+        self._row_input = any(t.name == "cache_length" for t in self.backbone.spec.inputs)
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
@@ -111,17 +115,20 @@ class Dia2Runtime:
 
     def open_session(self, params: GenerationParams | None = None,
                      progress: Callable[[Progress], None] | None = None,
-                     prefix: "Prefix | WarmState | None" = None, *, include_prefix: bool = False,
+                     prefix: "Prefix | WarmState | SpeakResult | None" = None, *, include_prefix: bool = False,
                      prefill: bool = True) -> "Session":
         """Start an utterance fed incrementally; any earlier unfinished session is abandoned.
 
-        ``prefix``: an audio prefix (``self.prefix(...)``) or a warmed voice pair
-        (``self.warm(...)``); ``include_prefix`` keeps its audio (and words) in the
-        output, when ``prefix`` is a WarmState. ``prefill``: warm up in one graph call
+        ``prefix``: an audio prefix (``self.prefix(...)``), a warmed voice pair
+        (``self.warm(...)``) or the previous turn's SpeakResult; ``include_prefix``
+        keeps its audio (and words) in the output, when ``prefix`` is not a Prefix. ``prefill``: warm up in one graph call
         where the artifacts have the prefill graph (else frame by frame).
         """
+        if isinstance(prefix, SpeakResult):  # a conversation's previous turn
+            prefix = self.prefix(self.turn_voice(prefix.tokens, prefix.timestamps), include_audio=include_prefix)
         if isinstance(prefix, WarmState):
             self._check_hashes(prefix.artifacts, "warm state")
+            self.check_prefix_frames(prefix.plan.frames)
         session = Session(self, params or GenerationParams(), progress, prefix, include_prefix, prefill)
         self._active = session
         return session
@@ -144,14 +151,56 @@ class Dia2Runtime:
 
     # --- voices ----------------------------------------------------------------
 
-    def voice(self, audio: str | Path, words: list[Word], speaker: int = 1) -> Voice:
-        """One speaker's prefix from an audio file and its word timings (``voice.read_words``/``transcribe``)."""
+    def voice(self, audio: str | Path, words: "list[Word] | str | Path | None" = None, speaker: int = 1,
+              transcriber: Callable[[Path, float], list[Word]] | None = None) -> Voice:
+        """One speaker's prefix from an audio file and its word timings.
+
+        ``words``: Word objects or a words JSON file; None transcribes with
+        ``transcriber(path, duration)`` (e.g. ``transcribe.transcribe`` over a faster-whisper model).
+        Words are checked to be in order and inside the audio.
+        """
+        raw, rate = read_audio(audio)
+        duration = raw.shape[0] / rate
+        if words is None:
+            if transcriber is None:
+                raise VoiceError(MISSING_TRANSCRIBER)
+            words = transcriber(Path(audio), duration)
+        elif isinstance(words, (str, Path)):
+            words = read_words(words, duration)
+        else:
+            words = parse_words([{"word": w.text, "start": w.start, "end": w.end} for w in words], duration)
         pcm = load_mono(audio, self.sample_rate)
+        self.check_prefix_frames(-(-pcm.size // self.manifest.samples_per_frame))  # before encoding a long clip
         m = self.manifest
         tag = speaker_tag_for(speaker, self.tokenizer.token_id, m.token_ids)
         entries, steps = words_to_entries(words, self.tokenizer.encode, tag, m.frame_rate)
         return Voice(speaker, self.encode(pcm), list(words), entries, steps, file_sha256(audio),
                      self.artifact_hashes())
+
+    def turn_voice(self, codes: np.ndarray, timestamps: list[tuple[str, float]], speaker: int = 1) -> Voice:
+        """A finished utterance (``SpeakResult.tokens``/``.timestamps``) as the next turn's prefix.
+
+        No re-encoding or transcription: its codes are the prefix codes and its word
+        times the word timings (each word lasting until the next one starts, the last
+        until the audio ends). The speaker tag goes before its first word, as for a
+        transcribed clip, so a dialogue keeps its voices turn after turn.
+        """
+        m = self.manifest
+        codes = np.ascontiguousarray(codes, dtype=np.int64)
+        vocab = int(m.topology["audio_vocab_size"]) - 2  # codebook entries; pad and bos are not audio
+        if codes.ndim != 2 or codes.shape[0] != m.audio_channels or codes.shape[1] == 0 \
+                or codes.min() < 0 or codes.max() >= vocab:
+            raise VoiceError(f"a turn prefix needs {m.audio_channels} rows of codes in [0, {vocab}), "
+                             f"got shape {codes.shape}")
+        self.check_prefix_frames(codes.shape[1])
+        end = codes.shape[1] / m.frame_rate
+        starts = [float(s) for _, s in timestamps]
+        raw = [{"word": str(w), "start": s, "end": min(max(nxt, s), end)}
+               for (w, s), nxt in zip(timestamps, [*starts[1:], end])]
+        words = parse_words(raw, end, where="turn timestamps")
+        tag = speaker_tag_for(speaker, self.tokenizer.token_id, m.token_ids)
+        entries, steps = words_to_entries(words, self.tokenizer.encode, tag, m.frame_rate)
+        return Voice(speaker, codes, words, entries, steps, None, self.artifact_hashes())
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         """Mono pcm at the codec's rate -> Mimi codes [Q, T] (the codec_encoder graph, fp32)."""
@@ -185,6 +234,9 @@ class Dia2Runtime:
 
     def check_prefix_frames(self, frames: int) -> None:
         """A prefix needs its frames in the KV cache plus room for at least one generated frame."""
+        if not self._row_input:
+            raise VoiceError(f"{self.manifest.root}: these artifacts predate audio prefixes (their backbone has no "
+                             f"cache_length input); rebuild them to use a prefix")
         room = self.manifest.cache_capacity - 1
         if frames > room:
             raise VoiceError(f"the prefix is {frames} frames ({frames / self.manifest.frame_rate:.1f} s) but these "
@@ -224,8 +276,14 @@ class Dia2Runtime:
             return
         for i, tokens in enumerate(seq):
             t = start + i
-            out = self.backbone.run({"tokens": tokens, "position": t, "cache_length": t})
+            out = self.backbone.run(self.step_feeds(tokens, t, t))
             self._write_rows(t, out["k_new"], out["v_new"])
+
+    def step_feeds(self, tokens: np.ndarray, position: int, row: int) -> dict:
+        feeds = {"tokens": tokens, "position": position}
+        if self._row_input:
+            feeds["cache_length"] = row
+        return feeds
 
     def _write_rows(self, rows, k_new: np.ndarray, v_new: np.ndarray) -> None:
         index = (slice(None), slice(None), rows)
@@ -492,7 +550,7 @@ class Session:
         buf.tokens[:, 2:] = np.where(self._delays > t, ids.audio_bos, buf.audio[:, t])
         buf.tokens[1, 0], buf.tokens[1, 1] = ids.zero, ids.pad
         row = t + self._row_shift
-        out = self.runtime.backbone.run({"tokens": buf.tokens, "position": t, "cache_length": row})
+        out = self.runtime.backbone.run(self.runtime.step_feeds(buf.tokens, t, row))
         self.runtime._write_rows(row, out["k_new"], out["v_new"])
         self._hidden, self._cb0 = out["hidden"], out["cb0_logits"]
         return sample(guide(out["action_logits"], p.cfg_scale, p.cfg_filter_k), p.text_temperature, p.text_top_k, rng)

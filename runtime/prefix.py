@@ -17,6 +17,7 @@ warm-up; restoring it and generating gives the tokens of a fresh warm-up.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -121,6 +122,8 @@ class WarmState:
     @classmethod
     def load(cls, path: str | Path) -> "WarmState":
         path = Path(path)
+        if path.is_file() and not zipfile.is_zipfile(path):
+            raise VoiceError(f"{path}: not a warm-state file")
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in ("k_rows", "v_rows", "tokens", "codes")}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -210,6 +211,8 @@ def save_voice(voice: Voice, path: str | Path) -> None:
 
 def load_voice(path: str | Path) -> Voice:
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # np.load would blame pickling for any other file
+        raise VoiceError(f"{path}: not a voice file")
     try:
         with np.load(path, allow_pickle=False) as data:
             codes, meta = data["codes"], json.loads(str(data["meta"]))
