@@ -152,6 +152,21 @@ def test_restored_warm_state_equals_a_fresh_warm_up(runtimes, tmp_path, prefill)
     assert again.tokens.tolist() == fresh.tokens.tolist() and again.timestamps == fresh.timestamps
 
 
+def test_a_finished_turn_is_the_next_turns_prefix(runtimes):
+    runtime = runtimes("default", 0)
+    params = GenerationParams(**GREEDY)
+    first = runtime.speak("[S1] Hello there, how are you? [S2] Fine, thanks.", params)
+    voice = runtime.turn_voice(first.tokens, first.timestamps)
+    assert np.array_equal(voice.codes, first.tokens)  # no re-encoding
+    assert [w.text for w in voice.words] == [w for w, _ in first.timestamps]  # no transcription
+    second = runtime.speak("[S1] Good to hear.", params, prefix=first)
+    assert second.tokens.tolist() == runtime.speak("[S1] Good to hear.", params,
+                                                   prefix=runtime.prefix(voice)).tokens.tolist()
+    assert [w for w, _ in second.timestamps] == ["Good", "to", "hear."]  # the previous turn is trimmed
+    with pytest.raises(VoiceError, match="rows of codes"):
+        runtime.turn_voice(first.tokens[:2], first.timestamps)
+
+
 # --- the reference's word -> entry rules ------------------------------------------------
 
 
@@ -277,6 +292,14 @@ def test_cli_prefix_and_voice_files_without_torch(artifacts_factory, tmp_path):
     assert (tmp_path / "b.json").read_text() == (tmp_path / "a.json").read_text()
     pcm, rate = sf.read(tmp_path / "b.wav")
     assert rate == 24000 and len(pcm) == 1920 * len(TWO["tokens"][0])
+    # the next conversation turn, from the first one's --tokens-out
+    done = _rt("speak", "--artifacts", art, "[S2] Sounds good.", "--temperature", "0", "--quiet",
+               "--prefix-turn", tmp_path / "a.json", "--out", tmp_path / "c.wav", "--tokens-out", tmp_path / "c.json")
+    assert done.returncode == 0, done.stderr
+    runtime = Dia2Runtime.load(art)
+    previous = runtime.turn_voice(np.asarray(TWO["tokens"]), [tuple(x) for x in TWO["timestamps"]])
+    expected = runtime.speak("[S2] Sounds good.", GenerationParams(**GREEDY), prefix=runtime.prefix(previous))
+    assert json.loads((tmp_path / "c.json").read_text())["tokens"] == expected.tokens.tolist()
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, list]:
