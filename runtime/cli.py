@@ -23,7 +23,24 @@ class CliError(click.ClickException):
 
 
 class _Group(click.Group):
-    """Every failure, usage errors included, is one ``Error: ...`` line (no usage dump)."""
+    """Every failure, usage errors included, is one ``Error: ...`` line (no usage dump).
+
+    Commands in ``LAZY`` are imported only when run (or listed by --help): ``bench``
+    pulls in the benchmark harness, which ``speak`` must not load.
+    """
+
+    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "voice": ("dia2_trt.runtime.voice_cli", "voice")}
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx, name: str):
+        if name in self.LAZY and name not in self.commands:
+            import importlib
+
+            module, attr = self.LAZY[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
@@ -226,10 +243,3 @@ def _summary(result) -> None:
                f"(RTF {result.real_time_factor:.3f}), first audio after {first}"
                + (" [truncated]" if result.truncated else ""), err=True)
 
-
-from .bench_cli import bench  # noqa: E402  (dia2-rt bench lives in its own module)
-
-main.add_command(bench)
-from .voice_cli import voice  # noqa: E402  (dia2-rt voice create)
-
-main.add_command(voice)

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .engine import Dia2Runtime
-from .params import GenerationParams
-from .voice import Word
+from dia2_trt.runtime.engine import Dia2Runtime
+from dia2_trt.runtime.params import GenerationParams
+from dia2_trt.runtime.voice import Word
 
 METHODS = ("step", "prefill", "warm")
 WORD_SECONDS = 0.4
@@ -59,7 +59,7 @@ def run_prefix_bench(artifacts: str | Path, prefix_seconds: float, repeats: int,
     prefix = runtime.prefix(*voices)
     echo(f"prefix: {prefix.frames} frames ({prefix.frames / runtime.manifest.frame_rate:.1f} s), "
          f"encoded in {sum(encode_s):.2f} s")
-    has_prefill = runtime._prefill_graph() is not None
+    has_prefill = runtime._prefill_binding() is not None
     started = time.perf_counter()
     warm = runtime.warm(prefix, prefill=has_prefill)
     warm_s = time.perf_counter() - started
@@ -86,12 +86,15 @@ def run_prefix_bench(artifacts: str | Path, prefix_seconds: float, repeats: int,
 
 
 def _first_audio(runtime: Dia2Runtime, text: str, params: GenerationParams, prefix, method: str) -> float:
-    session = runtime.stream(text, params, prefix=prefix, prefill=method != "step")
     started = time.perf_counter()
-    for chunk in session:
-        if chunk.pcm.size:
-            return time.perf_counter() - started
-    raise RuntimeError("the utterance produced no audio")
+    session = runtime.stream(text, params, prefix=prefix, prefill=method != "step")
+    try:
+        for chunk in session:
+            if chunk.pcm.size:
+                return time.perf_counter() - started
+        raise RuntimeError("the utterance produced no audio")
+    finally:
+        session.cancel()  # the rest of the utterance is not measured; its state goes back to the pool
 
 
 def markdown(result: dict) -> str:

@@ -1,4 +1,7 @@
-"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run."""
+"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run.
+
+Loaded by ``dia2_trt.runtime.cli`` only when ``bench`` is the command.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ from pathlib import Path
 
 import click
 
-from .artifacts import ArtifactError, load_manifest
-from .benchmark import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
-from .bench_report import markdown, plot
+from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
+
+from .harness import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
+from .report import markdown, plot
 
 
 @click.command()
@@ -72,10 +76,11 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
 
 
 def _prefix_bench(artifacts: str, seconds: float, repeats: int, text: str, threads, out: Path) -> None:
-    from .audio import AudioError
-    from .prefix_bench import run_prefix_bench, write_report
-    from .script import ScriptError
-    from .voice import VoiceError
+    from dia2_trt.runtime.audio import AudioError
+    from dia2_trt.runtime.script import ScriptError
+    from dia2_trt.runtime.voice import VoiceError
+
+    from .prefix import run_prefix_bench, write_report
 
     echo = lambda msg: click.echo(f"[bench] {msg}", err=True)  # noqa: E731
     try:
