@@ -346,3 +346,19 @@ def test_cli_bad_prefix_input_is_one_line_and_writes_nothing(artifacts_factory, 
                                        "--speaker", "1", "--words", str(_words_file(TWO["speaker_1"])),
                                        "--out", str(tmp_path / "x.voice")], standalone_mode=False)
     assert "cannot read audio" in str(result.exception) and not (tmp_path / "x.voice").exists()
+
+
+def test_bench_prefix_compares_the_three_warm_ups(artifacts_factory, tmp_path):
+    from click.testing import CliRunner
+
+    from dia2_trt.runtime.cli import main
+
+    art = artifacts_factory("default", 0, prefix_frames=PREFIX_FRAMES)
+    result = CliRunner().invoke(main, ["bench", "--prefix", "--artifacts", str(art), "--prefix-seconds", "3",
+                                       "--repeats", "1", "--text", "[S1] Hello there. [S2] Hi.",
+                                       "--out", str(tmp_path)], standalone_mode=False)
+    assert result.exception is None, result.output
+    report = json.loads((tmp_path / "prefix_bench.json").read_text())
+    assert set(report["median_s"]) == {"step", "prefill", "warm"} and report["prefix_frames"] == 38
+    assert 0 < report["script_free_frames"] <= report["prefix_frames"]
+    assert all(len(v) == 1 and v[0] > 0 for v in report["time_to_first_audio_s"].values())
