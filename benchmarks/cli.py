@@ -39,23 +39,24 @@ from .report import markdown, plot
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Directory for bench.json, bench.md, latency.png, breakdown.png.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNGs (they need matplotlib, the [bench] extra).")
+@click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums.")
 @click.option("--prefix", is_flag=True,
               help="Instead: time to first audio after a two-speaker audio prefix, step-wise warm-up vs the "
                    "prefill graph vs a restored warm state (first --artifacts only; writes prefix_bench.*).")
 @click.option("--prefix-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
               help="Length of the synthetic prefix for --prefix (split between the two speakers).")
 def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_frames, seed, text, threads,
-          schedule, out, no_plots, prefix, prefix_seconds) -> None:
+          schedule, out, no_plots, no_verify, prefix, prefix_seconds) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
     if prefix:
         _prefix_bench(artifacts[0], prefix_seconds, repeats, text, threads, Path(out))
         return
     try:
-        manifests = [load_manifest(a) for a in artifacts]
+        manifests = [load_manifest(a, verify=not no_verify) for a in artifacts]
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from None
-    ref_checkpoint = (checkpoint or manifests[0].raw.get("source", {}).get("checkpoint")) if reference else None
+    ref_checkpoint = (checkpoint or manifests[0].source.checkpoint) if reference else None
     contenders, skipped = plan_contenders([Path(a) for a in artifacts], backends or BACKENDS, ref_checkpoint, threads)
     if not contenders:
         raise click.ClickException("no contender can run here: " + "; ".join(s["reason"] for s in skipped))
@@ -64,7 +65,7 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
         echo(f"skipped {s['contender']}: {s['reason']}")
     settings = Settings(text=text, seed=seed, frames=frames, repeats=repeats, warmup_frames=warmup_frames,
                         schedule=schedule)
-    result = run_bench(contenders, skipped, settings, manifests[0].raw, echo)
+    result = run_bench(contenders, skipped, settings, manifests[0], echo)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")

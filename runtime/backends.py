@@ -24,6 +24,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from .artifacts import ArtifactError, GraphSpec
+from .manifest import BACKEND_NAMES
 
 
 class Binding(Protocol):
@@ -264,9 +265,6 @@ class TakingTurns:
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         with self._lock:
             return self._binding.run(feeds)
-
-
-BACKEND_NAMES = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 def create_backend(name: str = "onnxruntime", threads: int | None = None) -> Backend:

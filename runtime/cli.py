@@ -81,9 +81,11 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads per graph [1].")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums (seconds for the 2B).")
 @prefix_options
 def speak(text, input_file, artifacts, out, seed, temperature, text_temperature, audio_temperature, top_k,
-          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, prefix_args) -> None:
+          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify,
+          prefix_args) -> None:
     """Speak TEXT (or --input FILE, or stdin) into --out."""
     script = _read_script(text, input_file)
     from .script import ScriptError, check_script
@@ -105,7 +107,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     except (ImportError, ValueError) as exc:
         raise CliError(f"backend {backend} cannot run here: {exc}") from None
     try:
-        runtime = Dia2Runtime.load(artifacts, backend=engine)
+        runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
         prefix = load_prefix(runtime, prefix_args)
         bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
         session = runtime.stream(script, params, progress=bar, prefix=prefix,

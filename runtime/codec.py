@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import GraphSpec, TensorSpec
+from .artifacts import GraphSpec, StatePair, TensorSpec
 from .backends import Binding, OrtGraph
 
 
@@ -99,6 +99,7 @@ def _graph_spec(name: str, io_spec: dict) -> GraphSpec:
     def tensors(entries):
         return tuple(TensorSpec(e["name"], tuple(e["shape"]), np.dtype(e["dtype"])) for e in entries)
 
-    return GraphSpec(name=name, path=Path(io_spec.get("file", f"{name}.onnx")), sha256=None,
+    # Only the I/O matters here: the file is already open, so its name and checksum are not needed.
+    return GraphSpec(name=name, file=str(io_spec.get("file", f"{name}.onnx")), sha256="", precision="fp32",
                      inputs=tensors(io_spec["inputs"]), outputs=tensors(io_spec["outputs"]),
-                     state=tuple((p["input"], p["output"]) for p in io_spec.get("state", ())), raw=io_spec)
+                     state=tuple(StatePair(p["input"], p["output"]) for p in io_spec.get("state", ())))

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifacts import ArtifactError, Manifest, load_manifest, sha256
+from .artifacts import ArtifactError, Manifest, load_manifest
 from .audio import file_sha256, load_mono, read_audio
 from .backends import Backend, Binding, Graph, TakingTurns, create_backend
 from .codec import CodecStream, encode
@@ -57,12 +57,13 @@ class Dia2Runtime:
         self.states = StatePool(manifest, self.bind)
         # Artifacts exported before prefixes have no cache_length input: they speak, without prefixes.
         self.row_input = any(t.name == "cache_length" for t in self.graphs["backbone"].spec.inputs)
-        self._prefill_lock = threading.Lock()
+        self._prefill_lock, self._prefill_unusable = threading.Lock(), False
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
-             threads: int | None = None) -> "Dia2Runtime":
-        manifest = load_manifest(artifacts_dir)
+             threads: int | None = None, *, verify: bool = True) -> "Dia2Runtime":
+        """``verify=False`` skips the files' checksums (the manifest's other checks always run)."""
+        manifest = load_manifest(artifacts_dir, verify=verify)
         engine = create_backend(backend, threads) if isinstance(backend, str) else backend
         try:
             tokenizer = TextTokenizer.from_dir(manifest.tokenizer_dir)
@@ -73,8 +74,8 @@ class Dia2Runtime:
     def _check_codec(self) -> None:
         spec = self.manifest.graph("codec_decoder")
         try:
-            codec = CodecStream(self.bind("codec_decoder"), int(spec.raw["codebook_size"]))
-        except (ValueError, KeyError) as exc:
+            codec = CodecStream(self.bind("codec_decoder"), self.manifest.codec.codebook_size)
+        except ValueError as exc:
             if isinstance(exc, ArtifactError):
                 raise
             raise ArtifactError(f"{spec.path}: unusable codec graph ({exc})") from None
@@ -192,7 +193,7 @@ class Dia2Runtime:
         """
         m = self.manifest
         codes = np.ascontiguousarray(codes, dtype=np.int64)
-        vocab = int(m.topology["audio_vocab_size"]) - 2  # codebook entries; pad and bos are not audio
+        vocab = m.codec.codebook_size
         if codes.ndim != 2 or codes.shape[0] != m.audio_channels or codes.shape[1] == 0 \
                 or codes.min() < 0 or codes.max() >= vocab:
             raise VoiceError(f"a turn prefix needs {m.audio_channels} rows of codes in [0, {vocab}), "
@@ -241,8 +242,8 @@ class Dia2Runtime:
 
     def artifact_hashes(self) -> dict[str, str]:
         """What a voice depends on: the encoder that made its codes and the tokenizer that made its entries."""
-        return {"codec_encoder": self.manifest.graph("codec_encoder").sha256 or "",
-                "tokenizer": sha256(self.manifest.tokenizer_dir / "tokenizer.json")}
+        return {"codec_encoder": self.manifest.graph("codec_encoder").sha256,
+                "tokenizer": self.manifest.tokenizer.files.get("tokenizer.json", "")}
 
     def _check_hashes(self, hashes: dict[str, str], what: str) -> None:
         if hashes != self.artifact_hashes():
@@ -288,14 +289,14 @@ class Dia2Runtime:
 
     def _prefill_binding(self):
         """A binding of the prefill graph (loaded on first use), or None in artifacts without one."""
-        if PREFILL_GRAPH not in self.manifest.graphs:
+        if PREFILL_GRAPH not in self.manifest.graphs or self._prefill_unusable:
             return None
         with self._prefill_lock:
             if PREFILL_GRAPH not in self.graphs:
                 try:
                     self.graphs[PREFILL_GRAPH] = self.backend.load(self.manifest.graph(PREFILL_GRAPH))
                 except ArtifactError:  # a backend without dynamic shapes: the step-wise warm-up still works
-                    self.manifest.graphs.pop(PREFILL_GRAPH)
+                    self._prefill_unusable = True
                     return None
                 if not self.graphs[PREFILL_GRAPH].concurrent:
                     self._turns[PREFILL_GRAPH] = threading.Lock()

@@ -61,16 +61,16 @@ class GenerationState:
         """Buffers for manifest ``m``; ``bind(graph name)`` gives this state its own binding of a graph."""
         backbone = bind("backbone")
         cache = backbone.spec.input(cache_name("k", 0))
-        q, layers = m.audio_channels, int(m.topology["n_layer"])
+        q, layers = m.audio_channels, m.topology.n_layer
         state = cls(
             tokens=np.zeros((BRANCHES, 2 + q), dtype=np.int64),
             # a prefix of A frames moves generation A frames on: room for every cached frame and the delay tail
             audio=np.zeros((q, m.cache_capacity + m.max_delay + 1), dtype=np.int64),
-            noise=np.zeros((q, int(m.topology["audio_vocab_size"])), dtype=np.float32),
+            noise=np.zeros((q, m.topology.audio_vocab_size), dtype=np.float32),
             k_cache=np.zeros((layers, *cache.shape), dtype=cache.dtype),
             v_cache=np.zeros((layers, *cache.shape), dtype=cache.dtype),
             backbone=backbone, depformer=bind("depformer"),
-            codec=CodecStream(bind("codec_decoder"), int(m.graph("codec_decoder").raw["codebook_size"])),
+            codec=CodecStream(bind("codec_decoder"), m.codec.codebook_size),
         )
         for i in range(layers):
             backbone.bind(cache_name("k", i), state.k_cache[i])  # views: the layers share one allocation

@@ -18,6 +18,7 @@ first use only.
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -62,35 +63,31 @@ class TrtBackend:
         self.gpu = gpu_info(self.cudart, device)
 
     def load(self, spec: GraphSpec) -> "TrtGraph":
-        plan = self._plan(spec)
+        plan = check_engine(spec, self._trt.__version__, self.gpu)
         engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
             raise ArtifactError(f"{plan}: TensorRT cannot load it (see its log above)")
         return TrtGraph(self, engine, spec)
 
-    def _plan(self, spec: GraphSpec):
-        """The engine file of ``spec``, once its entry says it was built here: TensorRT version and GPU."""
-        entry = engine_entry(spec)
-        if entry is None:
-            raise ArtifactError(f"graph {spec.name!r} has no TensorRT engine (run dia2-export engines)")
-        plan = spec.path.parent / str(entry["file"])
-        built_with, here = entry.get("tensorrt"), self._trt.__version__
-        if built_with != here:
-            raise ArtifactError(f"{plan.name}: built with TensorRT {built_with}, this is TensorRT {here}; "
-                                f"rebuild it with dia2-export engines")
-        built_for = entry.get("device"), entry.get("compute_capability")
-        if built_for != (self.gpu["device"], self.gpu["compute_capability"]):
-            raise ArtifactError(f"{plan.name}: built for {built_for[0]} (compute {built_for[1]}), this GPU is "
-                                f"{self.gpu['device']} (compute {self.gpu['compute_capability']}); rebuild it "
-                                f"with dia2-export engines")
-        if not plan.is_file():
-            raise ArtifactError(f"{plan}: TensorRT engine missing (listed in manifest.json)")
-        return plan
 
-
-def engine_entry(spec: GraphSpec) -> dict | None:
-    """The manifest's engine entry for this graph (file, TensorRT version, GPU), if one was built."""
-    return spec.raw.get("engine")
+def check_engine(spec: GraphSpec, tensorrt_version: str, gpu: dict) -> Path:
+    """The engine file of ``spec``, once its entry says it was built for this TensorRT and this GPU
+    (``gpu_info``); otherwise an ArtifactError that says why, before anything is deserialised."""
+    entry = spec.engine
+    if entry is None:
+        raise ArtifactError(f"graph {spec.name!r} has no TensorRT engine in the manifest (run dia2-export engines)")
+    plan = spec.engine_path
+    if entry.tensorrt != tensorrt_version:
+        raise ArtifactError(f"{plan.name}: built with TensorRT {entry.tensorrt}, this is TensorRT "
+                            f"{tensorrt_version}; rebuild it with dia2-export engines")
+    built_for, here = (entry.gpu, entry.compute_capability), (gpu["device"], gpu["compute_capability"])
+    # A field the build could not record (no cuda-python there) is left to TensorRT's own check.
+    if any(built is not None and built != this for built, this in zip(built_for, here)):
+        raise ArtifactError(f"{plan.name}: built for {built_for[0]} (compute {built_for[1]}), this GPU is "
+                            f"{here[0]} (compute {here[1]}); rebuild it with dia2-export engines")
+    if not plan.is_file():
+        raise ArtifactError(f"{plan}: TensorRT engine missing (listed in manifest.json)")
+    return plan
 
 
 def gpu_info(cudart, device: int) -> dict:

@@ -1,6 +1,6 @@
 """Sessions own their state: concurrent sessions on one runtime, cancel, the backend seam, API checks.
 
-Runs on the tiny artifacts with ONNX Runtime only (no torch at run time).
+Runs on the committed tiny fixture with the base install only (no torch).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dia2_trt.runtime import (ArtifactError, AudioChunk, Dia2Runtime, Generation
 from dia2_trt.runtime.backends import OrtBackend
 from dia2_trt.runtime.frames import StopRule
 
+from .conftest import FIXTURE
+
 SCRIPTS = [
     "[S1] Hello there, how are you? [S2] I'm fine, thanks.",
     '[S1] Good morning. <break time="0.5s"/> [S2] Good night, my friend! [S1] See you tomorrow.',
@@ -29,8 +31,8 @@ SAMPLED = [GenerationParams(seed=seed) for seed in (1, 2, 3)]
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_artifacts):
-    return Dia2Runtime.load(tiny_artifacts, threads=1)
+def runtime():
+    return Dia2Runtime.load(FIXTURE, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +174,9 @@ class _SerialBackend:
         return Serial()
 
 
-def test_backend_without_concurrency_makes_sessions_take_turns(tiny_artifacts, solo):
+def test_backend_without_concurrency_makes_sessions_take_turns(solo):
     backend = _SerialBackend()
-    runtime = Dia2Runtime.load(tiny_artifacts, backend=backend)
+    runtime = Dia2Runtime.load(FIXTURE, backend=backend)
     results = _speak_in_threads(runtime, [(0, GREEDY), (1, SAMPLED[1]), (2, GREEDY)])
     for (script, params), result in zip([(0, GREEDY), (1, SAMPLED[1]), (2, GREEDY)], results):
         assert_same(result, solo(script, params))
@@ -217,9 +219,9 @@ class _RecordingBackend:
         return Recorded()
 
 
-def test_every_graph_goes_through_the_backend(tiny_artifacts, solo):
+def test_every_graph_goes_through_the_backend(solo):
     backend = _RecordingBackend()
-    runtime = Dia2Runtime.load(tiny_artifacts, backend=backend)
+    runtime = Dia2Runtime.load(FIXTURE, backend=backend)
     assert sorted(backend.loaded) == ["backbone", "codec_decoder", "codec_encoder", "depformer"]
     result = runtime.speak(SCRIPTS[0], GREEDY)
     assert_same(result, solo(0, GREEDY))
@@ -353,13 +355,13 @@ def test_chunks_carry_their_sample_rate(runtime):
     assert chunks[0].seconds == chunks[0].pcm.size / runtime.sample_rate
 
 
-def test_speak_never_loads_the_benchmark(tiny_artifacts, tmp_path):
+def test_speak_never_loads_the_benchmark(tmp_path):
     """dia2-rt speak, in a fresh interpreter: neither the benchmark harness nor torch/matplotlib load."""
     out = tmp_path / "a.wav"
     code = textwrap.dedent(f"""
         import sys
         from dia2_trt.runtime.cli import main
-        main(["speak", "[S1] Hello there.", "--artifacts", {str(tiny_artifacts)!r}, "--out", {str(out)!r},
+        main(["speak", "[S1] Hello there.", "--artifacts", {str(FIXTURE)!r}, "--out", {str(out)!r},
               "--quiet", "--threads", "1"], standalone_mode=False)
         banned = [m for m in sys.modules if m.startswith("dia2_trt.benchmarks")
                   or m.split(".")[0] in ("torch", "matplotlib", "psutil")]
