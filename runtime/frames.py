@@ -61,7 +61,7 @@ class StopRule:
     """The first frame not run, once the script's end mark is known."""
     last_step: int = -1
     """The last frame run (-1 before the first)."""
-    start: int = 0
+    first_frame: int = 0
     """The first frame run: 0, or A - 1 after an A-frame audio prefix (the reference's start_step)."""
     keep_prefix: bool = False
     """An audio prefix stays in the output (the reference's include_prefix): no crop."""
@@ -76,7 +76,7 @@ class StopRule:
         """The rule for generation after an A-frame prefix warm-up: it starts at A - 1, its delayed buffer
         is the reference's max_context + A + max_delay + 1 columns, but frame t needs KV row t + 1."""
         capacity = min(max_context + frames + max_delay + 1, cache_capacity)
-        return replace(self, capacity=capacity, start=frames - 1, keep_prefix=keep)
+        return replace(self, capacity=capacity, first_frame=frames - 1, keep_prefix=keep)
 
     def stops_before(self, t: int) -> bool:
         """Whether frame t is past the end mark's tail or past the buffer."""
@@ -95,7 +95,8 @@ class StopRule:
     @property
     def columns(self) -> int:
         """Delayed-buffer columns that hold output: the last frame run wrote column last_step + 1."""
-        return min(self.last_step + 2, self.capacity) if self.last_step >= self.start else self.start + 1
+        last = self.last_step
+        return min(last + 2, self.capacity) if last >= self.first_frame else self.first_frame + 1
 
     @property
     def crop(self) -> int:
@@ -103,7 +104,7 @@ class StopRule:
         none when a prefix is kept, else from the first word, else from the start frame."""
         if self.keep_prefix:
             return 0
-        return self.first_word_frame if self.first_word_frame is not None else self.start
+        return self.first_word_frame if self.first_word_frame is not None else self.first_frame
 
     @property
     def truncated(self) -> bool:

@@ -351,7 +351,7 @@ class Session:
         rule = self._state.rule
         if rule.keep_prefix or rule.first_word_frame is not None:
             return max(rule.crop, 0)
-        return rule.start if self.machine.second_stream_ahead else None
+        return rule.first_frame if self.machine.second_stream_ahead else None
 
     def _chunk(self, stop: int, final: bool) -> AudioChunk | None:
         """Decode aligned frames [next_frame, stop) and attach the words that start in them."""
