@@ -46,10 +46,18 @@ from .report import markdown, plot
                    "contenders: read the shares, not the timings; traces land in OUT/profile/).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNGs (they need matplotlib, the [bench] extra).")
 @click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums.")
+@click.option("--prefix", is_flag=True,
+              help="Instead: time to first audio after a two-speaker audio prefix, step-wise warm-up vs the "
+                   "prefill graph vs a restored warm state (first --artifacts only; writes prefix_bench.*).")
+@click.option("--prefix-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="Length of the synthetic prefix for --prefix (split between the two speakers).")
 def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_frames, seed, text, threads,
-          schedule, out, profile, no_plots, no_verify) -> None:
+          schedule, out, profile, no_plots, no_verify, prefix, prefix_seconds) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
+    if prefix:
+        _prefix_bench(artifacts[0], prefix_seconds, repeats, text, threads, Path(out))
+        return
     if not no_plots and importlib.util.find_spec("matplotlib") is None:  # before minutes of measuring
         raise click.ClickException("the plots need matplotlib: pip install 'dia2-trt[bench]', or pass --no-plots")
     try:
@@ -78,3 +86,18 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
     if not no_plots:
         plot(result, out)
     click.echo(table)
+
+
+def _prefix_bench(artifacts: str, seconds: float, repeats: int, text: str, threads, out: Path) -> None:
+    from dia2_trt.runtime.audio import AudioError
+    from dia2_trt.runtime.script import ScriptError
+    from dia2_trt.runtime.voice import VoiceError
+
+    from .prefix import run_prefix_bench, write_report
+
+    echo = lambda msg: click.echo(f"[bench] {msg}", err=True)  # noqa: E731
+    try:
+        result = run_prefix_bench(artifacts, seconds, repeats, text, threads, echo)
+    except (ArtifactError, AudioError, ScriptError, VoiceError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(write_report(result, out))

@@ -39,19 +39,49 @@ class BackboneStep(nn.Module):
         super().__init__()
         self.backbone = model.transformer
         self.n_layer = len(model.transformer.layers)
-        self.input_names = ["tokens", "position", *cache_names("k", self.n_layer), *cache_names("v", self.n_layer)]
+        self.input_names = ["tokens", "position", "cache_length",
+                            *cache_names("k", self.n_layer), *cache_names("v", self.n_layer)]
 
-    def forward(self, tokens, position, *caches):
-        return self.backbone.step(tokens, position, caches[: self.n_layer], caches[self.n_layer:])
+    def forward(self, tokens, position, cache_length, *caches):
+        return self.backbone.step(tokens, position, caches[: self.n_layer], caches[self.n_layer:], cache_length)
 
     @staticmethod
     def example_inputs(model: Dia2Model, capacity: int, position: int = 0):
-        """(tokens, position, k_cache.0 .. k_cache.{L-1}, v_cache.0 .. v_cache.{L-1})."""
+        """(tokens, position, cache_length, k_cache.0 .. k_cache.{L-1}, v_cache.0 .. v_cache.{L-1})."""
         cfg = model.config
         dec = cfg.model.decoder
         caches = [torch.zeros(BRANCHES, dec.kv_heads, capacity, dec.gqa_head_dim) for _ in range(2 * dec.n_layer)]
         tokens = torch.zeros(BRANCHES, cfg.data.channels, dtype=torch.long)
-        return (tokens, torch.tensor([position], dtype=torch.long), *caches)
+        pos = torch.tensor([position], dtype=torch.long)
+        return (tokens, pos, pos.clone(), *caches)
+
+
+class BackbonePrefill(nn.Module):
+    """An audio prefix's warm-up in one call: T frames from an empty cache -> their T K/V rows.
+
+    The reference warms up one backbone step per prefix frame (125 full steps for
+    10 s) and throws the logits away; every input of those steps is known up front
+    (the prefix codes and the forced text tokens), so one causal pass over T frames
+    writes the same cache rows. T is a dynamic axis ("frames"), at most the
+    artifact's prefix capacity.
+    """
+
+    input_names = ["tokens"]
+    output_names = ["k_rows", "v_rows"]
+
+    def __init__(self, model: Dia2Model) -> None:
+        super().__init__()
+        self.backbone = model.transformer
+
+    def forward(self, tokens):
+        return self.backbone.prefill(tokens)
+
+    @staticmethod
+    def example_inputs(model: Dia2Model, frames: int = 3):
+        """tokens [2, C, frames] int64."""
+        return (torch.zeros(BRANCHES, model.config.data.channels, frames, dtype=torch.long),)
+
+    dynamic_shapes = ({2: "frames"},)
 
 
 def cache_names(kind: str, n_layer: int) -> list[str]:

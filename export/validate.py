@@ -99,18 +99,19 @@ def _backbone_sequence(model, manifest: Manifest, steps: int, gen: torch.Generat
     """Random in-vocabulary tokens, positions 0..steps-1, PyTorch's own cache fed forward."""
     cfg = model.config
     step = BackboneStep(model).eval()
-    tokens, _, *caches = BackboneStep.example_inputs(model, manifest.cache_capacity)
+    tokens, _, _, *caches = BackboneStep.example_inputs(model, manifest.cache_capacity)
     n_layer = len(caches) // 2
-    dtype = manifest.graph(BACKBONE).input(step.input_names[2]).dtype
+    dtype = manifest.graph(BACKBONE).input(step.input_names[3]).dtype
     feeds, outputs = [], []
     for t in range(steps):
         tokens[:, :2] = torch.randint(0, cfg.data.text_vocab_size, (2, 2), generator=gen)
         tokens[:, 2:] = torch.randint(0, cfg.data.audio_vocab_size, (2, cfg.data.audio_channels), generator=gen)
         position = torch.tensor([t])
         feeds.append({"tokens": tokens.numpy().copy(), "position": position.numpy(),
-                      **{name: c.numpy().astype(dtype) for name, c in zip(step.input_names[2:], caches)}})
+                      "cache_length": position.numpy(),
+                      **{name: c.numpy().astype(dtype) for name, c in zip(step.input_names[3:], caches)}})
         with torch.no_grad():
-            out = step(tokens, position, *caches)
+            out = step(tokens, position, position, *caches)
         outputs.append(dict(zip(BackboneStep.output_names, (np.ascontiguousarray(o.numpy()) for o in out))))
         for i in range(n_layer):
             caches[i][:, :, t] = out[3][i]

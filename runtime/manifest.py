@@ -23,7 +23,8 @@ VERSION = 2
 MANIFEST = "manifest.json"
 
 BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER = "backbone", "depformer", "codec_decoder", "codec_encoder"
-GRAPH_NAMES = (BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER)
+BACKBONE_PREFILL = "backbone_prefill"  # an audio prefix's warm-up in one call (artifacts with --prefix-frames)
+GRAPH_NAMES = (BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER, BACKBONE_PREFILL)
 # Graphs the generation loop cannot run without (the codec encoder is only for voice prompts).
 REQUIRED_GRAPHS = (BACKBONE, DEPFORMER, CODEC_DECODER)
 # A closed set: the quantized ones are written by the calibration/quantization tools.

@@ -57,7 +57,7 @@ def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifa
         with torch.no_grad():
             ref_hidden, ref_action, ref_cb0 = model.transformer.step_reference(
                 tokens.unsqueeze(-1), positions, k_cache, v_cache, torch.tensor(t))
-        feeds = {"tokens": tokens.numpy(), "position": np.array([t]),
+        feeds = {"tokens": tokens.numpy(), "position": np.array([t]), "cache_length": np.array([t]),
                  **{f"k_cache.{i}": k_cache[i].numpy() for i in range(dec.n_layer)},
                  **{f"v_cache.{i}": v_cache[i].numpy() for i in range(dec.n_layer)}}
         hidden, action, cb0, k_new, v_new = session.run(None, feeds)
