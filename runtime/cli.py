@@ -225,3 +225,7 @@ def _summary(result) -> None:
 from .bench_cli import bench  # noqa: E402  (dia2-rt bench lives in its own module)
 
 main.add_command(bench)
+
+from .serve.command import serve  # noqa: E402  (dia2-rt serve; the web stack loads only when it runs)
+
+main.add_command(serve)
