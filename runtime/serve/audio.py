@@ -63,10 +63,15 @@ def wav_header(sample_rate: int, data_bytes: int = UNKNOWN_SIZE) -> bytes:
 
 
 def encode_whole(fmt: AudioFormat, pcm: np.ndarray, sample_rate: int) -> bytes:
-    """The complete file for a non-streaming format."""
+    """The complete file for a non-streaming format, encoded from the streamed int16 samples.
+
+    Handing libsndfile floats would round differently (it scales by 32768 and clips;
+    FLAC and WAV even differ from each other by one step on some samples), and a
+    lossless format must decode to exactly what ``pcm`` and ``wav`` send.
+    """
     import soundfile as sf
 
     buffer = io.BytesIO()
     kind, subtype = fmt.soundfile
-    sf.write(buffer, pcm, sample_rate, format=kind, subtype=subtype)
+    sf.write(buffer, np.frombuffer(pcm16(pcm), dtype="<i2"), sample_rate, format=kind, subtype=subtype)
     return buffer.getvalue()
