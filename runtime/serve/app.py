@@ -17,7 +17,7 @@ from ..script import ScriptError, check_script
 from .audio import available_formats
 from .metrics import Metrics
 from .page import router as page_router
-from .routes import install_error_handlers, router as http_router
+from .routes import StreamAborted, install_error_handlers, router as http_router
 from .schema import GenerationFields, RequestError
 from .voices import VoiceError, VoiceRegistry
 from .websocket import router as ws_router
@@ -84,6 +84,20 @@ class ServeState:
         return sum(len(entry.tokens) for entry in self.runtime.parse(text))
 
 
+class _CutOffQuietly:
+    """A stream that fails after its status went out ends without its final chunk (the client sees a
+    truncated body); the route has logged why, so no traceback from the server as well."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except StreamAborted:
+            pass
+
+
 def create_app(slots: Sequence[Dia2Runtime], config: ServeConfig | None = None,
                voices: VoiceRegistry | None = None, open_session=plain_session) -> FastAPI:
     """An app whose pool has one worker per slot (several slots may be the same runtime once it
@@ -98,6 +112,7 @@ def create_app(slots: Sequence[Dia2Runtime], config: ServeConfig | None = None,
     app = FastAPI(title="dia2-trt", summary="Streaming Dia2 speech", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.serve = state
+    app.add_middleware(_CutOffQuietly)
     install_error_handlers(app)
     app.include_router(http_router)
     app.include_router(ws_router)

@@ -113,11 +113,12 @@ async def _events(state, job: Job, first) -> AsyncIterator:
     try:
         event = first
         while True:
-            yield event
             if isinstance(event, (Finished, Failed)):
-                finished = True
+                finished = True  # recorded before the consumer sees it: it may stop right there
                 _record(state, event)
+                yield event
                 return
+            yield event
             event = await job.next_event()
     finally:
         if not finished:  # the client went away: free the worker at the next frame
