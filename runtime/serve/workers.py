@@ -214,22 +214,22 @@ class Pool:
         self._on_change = on_change or (lambda pool: None)
         self._tasks: dict[asyncio.Task, Job] = {}
         self._closing = False
-        self._job_seconds = 5.0  # running mean of a job's worker time, for Retry-After
-        self.waiting = 0
+        self._job_seconds: float | None = None  # running mean of a job's worker time, for Retry-After
+        self.admitted = 0  # jobs queued or running
         self.busy = 0
 
     def submit(self, job: Job) -> None:
         """Admit ``job`` (it starts when a slot frees) or raise Busy."""
         if self._closing:
             raise Busy("the server is shutting down", self.retry_after())
-        if self.waiting + self.busy >= self.workers + self.max_queue:
+        if self.admitted >= self.workers + self.max_queue:
             raise Busy(f"all {self.workers} workers are busy and {self.waiting} requests are queued",
                        self.retry_after())
         if self._free is None:  # made here, on the serving event loop
             self._free = asyncio.Queue()
             for slot in self._slots:
                 self._free.put_nowait(slot)
-        self.waiting += 1
+        self.admitted += 1
         self._on_change(self)
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks[task] = job
@@ -239,11 +239,23 @@ class Pool:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def waiting(self) -> int:
+        """Admitted jobs beyond the worker count: the queue depth."""
+        return max(0, self.admitted - self.workers)
+
     def retry_after(self) -> int:
         """Seconds until a queue place is likely free: the queue ahead, drained by N workers."""
-        return max(1, math.ceil(self._job_seconds * (self.waiting + 1) / self.workers))
+        return max(1, math.ceil((self._job_seconds or 1.0) * (self.waiting + 1) / self.workers))
 
     async def _run(self, job: Job) -> None:
+        try:
+            await self._work(job)
+        finally:
+            self.admitted -= 1
+            self._on_change(self)
+
+    async def _work(self, job: Job) -> None:
         slot = await self._wait_for_slot(job)
         if slot is None:
             return
@@ -254,10 +266,10 @@ class Pool:
             # Never cancelled from outside (see shutdown): the slot is freed only when its thread is done.
             await asyncio.get_running_loop().run_in_executor(self._executor, job.run, slot, self._open_session)
         finally:
-            self._job_seconds += 0.2 * (time.monotonic() - began - self._job_seconds)
+            seconds = time.monotonic() - began
+            self._job_seconds = seconds if self._job_seconds is None else 0.8 * self._job_seconds + 0.2 * seconds
             self.busy -= 1
             self._free.put_nowait(slot)
-            self._on_change(self)
 
     async def _wait_for_slot(self, job: Job):
         """A free slot, or None when the job was cancelled or ran out of time while queued."""
@@ -270,8 +282,6 @@ class Pool:
             stop.cancel()
             if not getter.done():
                 getter.cancel()
-            self.waiting -= 1
-            self._on_change(self)
         slot = getter.result() if getter.done() and not getter.cancelled() else None
         if slot is not None and not job.cancelled:
             return slot
