@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import live_server, pcm16, speech_body, wait_until, ws_speak  # noqa: E402
+from serve_support import LiveServer, live_server, pcm16, speech_body, wait_until, ws_speak  # noqa: E402
 
 from dia2_trt.runtime.engine import Dia2Runtime  # noqa: E402
 from dia2_trt.runtime.params import GenerationParams  # noqa: E402
@@ -157,6 +158,31 @@ def test_time_limit_stops_a_generation_and_frees_its_worker(runtimes, expected):
         assert httpx.post(f"{server.url}/v1/audio/speech", json=speech_body(TEXT), timeout=30).content == expected
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'dia2_requests_total{endpoint="speech",outcome="timeout"} 1.0' in metrics
+
+
+def test_shutdown_cancels_streams_past_the_grace_period(runtimes):
+    """With no grace left, an in-flight stream is cut off and its generation stops at the next frame."""
+    app = create_app(runtimes[:1], ServeConfig(shutdown_grace=0), open_session=slow_session)
+    server = LiveServer(app, grace=0).start()
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/audio/speech", timeout=30,
+                          json=speech_body(LONG, seed=SLOW_SEED)) as response:
+            chunks = response.iter_raw()
+            next(chunks)
+            stopper = threading.Thread(target=server.stop)
+            stopper.start()
+            with pytest.raises(httpx.RemoteProtocolError):
+                for _ in chunks:
+                    pass
+        stopper.join(timeout=30)
+        assert not stopper.is_alive()
+    finally:
+        server.stop()
+    pool = server.state.pool
+    assert pool.closing and (pool.busy, pool.admitted) == (0, 0)
+    count = server.state.metrics.registry.get_sample_value
+    assert count("dia2_requests_total", {"endpoint": "speech", "outcome": "cancelled"}) == 1
+    assert count("dia2_requests_total", {"endpoint": "speech", "outcome": "ok"}) is None
 
 
 async def _raw_ws(url: str, messages: list) -> tuple[int, str, list]:

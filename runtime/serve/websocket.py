@@ -101,7 +101,6 @@ def _admit(state, start: StreamStart) -> Job:
     except RequestError as exc:
         raise _Close(1008, "bad_request", str(exc)) from None
     except Busy as exc:
-        state.metrics.outcome(ENDPOINT, "busy")
         raise _Close(1013, "busy", f"{exc}; retry after {exc.retry_after} s") from None
 
 
