@@ -93,8 +93,8 @@ class Job:
         self._cancelled = threading.Event()  # read by the worker thread
         self.cancel_requested = asyncio.Event()  # awaited by the pool while the job is queued
         self._chars = 0
-        self.admitted = time.monotonic()
-        self.deadline = self.admitted + self.limits.seconds
+        self.arrived = time.monotonic()
+        self.deadline = self.arrived + self.limits.seconds
         self.started: float | None = None  # when a worker took it
         self.first_text: float | None = None
         self.first_audio: float | None = None
@@ -123,6 +123,10 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def fail(self, kind: str, message: str) -> None:
+        """End the job without running it (the pool's verdict while it was queued)."""
+        self._emit(Failed(kind, message))
+
     async def next_event(self) -> Chunk | Finished | Failed:
         return await self._events.get()
 
@@ -143,14 +147,12 @@ class Job:
     def _generate(self, runtime: Dia2Runtime, open_session: Callable) -> Finished:
         self._check(None)
         session = open_session(runtime, self.params, self.voices, self._check)
-        while True:
-            for chunk in session:
-                self._audio(chunk)
-            if session.done:
-                break
+        while not session.done:
             self._take_input(session)
-        first = None if self.first_audio is None else self.first_audio - (self.first_text or self.admitted)
-        return Finished(session.result, self.started - self.admitted, first)
+            for chunk in session:  # stops when the session needs words it does not have yet
+                self._audio(chunk)
+        first = None if self.first_audio is None else self.first_audio - (self.first_text or self.arrived)
+        return Finished(session.result, self.started - self.arrived, first)
 
     def _audio(self, chunk) -> None:
         if chunk.pcm.size and self.first_audio is None:
@@ -288,10 +290,10 @@ class Pool:
         if slot is not None:
             self._free.put_nowait(slot)
         if job.cancelled:
-            job._emit(Failed("cancelled", "the request was cancelled"))
+            job.fail("cancelled", "the request was cancelled")
         else:
-            job._emit(Failed("timeout", f"no worker became free within this server's {job.limits.seconds:g} s "
-                                        f"request limit"))
+            job.fail("timeout", f"no worker became free within this server's {job.limits.seconds:g} s "
+                                 f"request limit")
         return None
 
     async def shutdown(self, grace: float) -> None:
