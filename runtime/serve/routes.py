@@ -50,9 +50,8 @@ async def speech(request: Request) -> Response:
         return Response(status_code=499)
     if isinstance(first, Failed):
         return failure_response(state, first)
-    usage_in = state.input_tokens(body.input)
     if body.stream_format == "sse":
-        stream = sse_body(state, job, first, fmt, usage_in)
+        stream = sse_body(state, job, first, fmt, state.input_tokens(body.input))
         return StreamingResponse(stream, media_type="text/event-stream", headers=_NO_BUFFERING)
     return StreamingResponse(audio_body(state, job, first, fmt), media_type=fmt.media_type, headers=_NO_BUFFERING)
 
