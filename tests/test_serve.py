@@ -98,6 +98,12 @@ def test_openai_client_streaming_speech_equals_cli(server, cli_pcm):
         if response_format == "wav":
             audio = split_wav(audio)[1]
         assert audio == cli_pcm, response_format
+    with client.audio.speech.with_streaming_response.create(
+            model="dia2", voice="alloy", input=TEXT, response_format="pcm", stream_format="sse",
+            extra_body=EXTRAS) as response:
+        events = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+    deltas = [base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta"]
+    assert b"".join(deltas) == cli_pcm and events[-1]["type"] == "speech.audio.done"
 
 
 def test_sse_deltas_join_to_the_cli_audio(server, cli_pcm):
