@@ -177,3 +177,15 @@ def test_health_metrics_voices_and_page(server):
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and 'id="play"' in page.text and 'src="/app.js"' in page.text
     assert "/v1/stream" in httpx.get(f"{server.url}/app.js").text
+
+
+def test_the_cli_loads_no_web_stack_until_serve_runs():
+    import subprocess
+    import sys
+
+    code = ("import sys, dia2_trt.runtime.cli; "
+            "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'pydantic') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
