@@ -16,11 +16,15 @@ import onnx
 from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
 
+from dia2_trt.runtime.artifacts import load_manifest
+from dia2_trt.runtime.manifest import BACKBONE, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo, Manifest, SourceInfo
+
 from .codec import export_codec_decoder, export_codec_encoder
 from .graphs import BackboneStep, DepformerFrame
-from .manifest import build_manifest, sha256, write_manifest
-from .onnx_io import export_module, external_data_path, save_model, signature
+from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
+from .onnx_io import export_module, save_model
 
+# What this exporter can write (the manifest's PRECISIONS also holds the quantized ones).
 PRECISIONS = ("fp32", "fp16")
 # Opset 23 has RMSNormalization (one node instead of six; 20% off the depformer on ORT
 # CPU). For a TensorRT whose ONNX parser predates opset 23, build with --opset 20.
@@ -62,7 +66,7 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
-                    progress: Callable[[str], None] = lambda msg: None) -> dict:
+                    progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export every graph into a temporary sibling of ``out``, then rename it into place."""
     out = Path(out)
     check_request(out, options)
@@ -72,15 +76,18 @@ def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
     except OSError as exc:
         raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
     try:
-        manifest = _build_into(files, tmp, options, progress)
+        _build_into(files, tmp, options, progress)
+        # What the runtime will read, checked by the runtime's own loader before it replaces anything;
+        # this also records the big graphs' checksum stamps, so the first load does not hash them again.
+        load_manifest(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    return load_manifest(out, verify=False)
 
 
-def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progress) -> dict:
+def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progress) -> None:
     started = time.perf_counter()
     progress(f"loading checkpoint {files.config_path.parent}")
     model = load_model(files)
@@ -102,29 +109,30 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
                   DepformerFrame.output_names, tmp / "depformer.onnx", options.opset)
     del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
     gc.collect()  # the exporter leaves reference cycles that still hold the weights
-    for name in ("backbone", "depformer"):
+    for name in (BACKBONE, DEPFORMER):
         if options.precision == "fp16":
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
-        graphs[name] = _step_entry(tmp / f"{name}.onnx")
-    progress("exporting codec decoder step")
+        graphs[name] = graph_spec(tmp, name, f"{name}.onnx", options.precision)
     q = cfg.data.audio_channels
-    graphs["codec_decoder"] = _codec_entry(export_codec_decoder(
-        mimi, tmp / "codec_decoder.onnx", opset=options.opset, precision=options.precision, num_quantizers=q),
-        tmp / "codec_decoder.onnx")
+    progress("exporting codec decoder step")
+    decoder = export_codec_decoder(mimi, tmp / "codec_decoder.onnx", opset=options.opset,
+                                   precision=options.precision, num_quantizers=q)
+    graphs[CODEC_DECODER] = graph_spec(tmp, CODEC_DECODER, "codec_decoder.onnx", decoder["precision"],
+                                       decoder["state"])
     progress("exporting codec encoder")
-    graphs["codec_encoder"] = _codec_entry(export_codec_encoder(
-        mimi, tmp / "codec_encoder.onnx", opset=options.opset, precision=options.precision, num_quantizers=q),
-        tmp / "codec_encoder.onnx")
+    encoder = export_codec_encoder(mimi, tmp / "codec_encoder.onnx", opset=options.opset,
+                                   precision=options.precision, num_quantizers=q)
+    graphs[CODEC_ENCODER] = graph_spec(tmp, CODEC_ENCODER, "codec_encoder.onnx", encoder["precision"])
     _copy_tokenizer(files.tokenizer_dir, tmp / "tokenizer")
-    codec = {"frame_rate": float(mimi.config.frame_rate), "sample_rate": int(mimi.config.sampling_rate),
-             "frame_samples": graphs["codec_decoder"]["frame_samples"]}
-    manifest = build_manifest(cfg, ids, precision=options.precision, opset=options.opset, capacity=capacity,
-                              prefix_frames=options.prefix_frames, codec=codec, graphs=graphs,
-                              source=_source(files))
+    codec = CodecInfo(frame_rate=float(mimi.config.frame_rate), sample_rate=int(mimi.config.sampling_rate),
+                      samples_per_frame=int(decoder["frame_samples"]), num_quantizers=int(decoder["num_quantizers"]),
+                      codebook_size=int(decoder["codebook_size"]))
+    manifest = build_manifest(cfg, ids, root=tmp, precision=options.precision, opset=options.opset,
+                              capacity=capacity, prefix_frames=options.prefix_frames, codec=codec, graphs=graphs,
+                              tokenizer=tokenizer_entry(tmp, "tokenizer"), source=_source(files))
     write_manifest(manifest, tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
-    return manifest
 
 
 def _convert_fp16(path: Path) -> None:
@@ -135,24 +143,6 @@ def _convert_fp16(path: Path) -> None:
     save_model(to_fp16(onnx.load(str(path))), path)
 
 
-def _step_entry(path: Path) -> dict:
-    return {"file": path.name, **_files_entry(path), **signature(onnx.load(str(path), load_external_data=False))}
-
-
-def _codec_entry(spec: dict, path: Path) -> dict:
-    entry = dict(spec)
-    entry.update(file=path.name, **_files_entry(path))
-    return entry
-
-
-def _files_entry(path: Path) -> dict:
-    entry = {"sha256": sha256(path)}
-    data = external_data_path(path)
-    if data.exists():
-        entry["external_data"] = {"file": data.name, "sha256": sha256(data)}
-    return entry
-
-
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     dst.mkdir()
     for name in _TOKENIZER_FILES:
@@ -160,13 +150,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _source(files: CheckpointFiles) -> dict:
-    return {
-        "repo_id": files.repo_id,
-        "checkpoint": str(files.config_path.parent),
-        "mimi": files.mimi_ref,
-        "files": {p.name: sha256(p) for p in (files.config_path, files.weights_path)},
-    }
+def _source(files: CheckpointFiles) -> SourceInfo:
+    return SourceInfo(repo_id=files.repo_id, checkpoint=str(files.config_path.parent), mimi=files.mimi_ref,
+                      files={p.name: sha256(p) for p in (files.config_path, files.weights_path)})
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

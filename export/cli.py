@@ -94,7 +94,7 @@ def engines(artifacts, graphs, workspace_gib, timing_cache, no_validate):
     options = EngineOptions(workspace_gib=workspace_gib, timing_cache=Path(timing_cache) if timing_cache else None)
     built = build_engines(Path(artifacts), tuple(g.strip() for g in graphs.split(",") if g.strip()), options,
                           validate=not no_validate, echo=lambda msg: click.echo(msg, err=True))
-    failed = [name for name, e in built.items() if not e.get("validation", {"passed": True})["passed"]]
+    failed = [name for name, e in built.items() if e.validation and not e.validation.passed]
     if failed:
         _fail("engines differ from ONNX Runtime beyond tolerance: " + ", ".join(failed))
 

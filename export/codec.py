@@ -23,11 +23,12 @@ import torch
 from transformers import MimiModel
 
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
+from dia2_trt.runtime.graph_io import read_io
+from dia2_trt.runtime.manifest import STATE_IN, STATE_OUT
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-STATE_IN, STATE_OUT = "state.", "next."
 _TWO_GB = 2**31
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
@@ -103,19 +104,10 @@ def _io(name: str, shape, dtype: torch.dtype) -> dict:
 
 def _checked_spec(path: str | Path, spec: dict) -> dict:
     """The spec, once the written graph is known to have exactly its inputs and outputs."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    for kind, values in (("inputs", graph.input), ("outputs", graph.output)):
-        actual = [_value_io(value) for value in values]
+    for kind, actual in zip(("inputs", "outputs"), read_io(path)):
         if actual != spec[kind]:
             raise ValueError(f"{path}: graph {kind} {actual} differ from the expected {spec[kind]}")
     return spec
-
-
-def _value_io(value: onnx.ValueInfoProto) -> dict:
-    tensor = value.type.tensor_type
-    shape = [dim.dim_param if dim.HasField("dim_param") else dim.dim_value for dim in tensor.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-    return {"name": value.name, "shape": shape, "dtype": dtype}
 
 
 def _export(module, args, path: Path, inputs, outputs, *, opset: int, dynamic: dict | None = None) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dia2_trt.models.dia2 import Dia2Model
+from dia2_trt.runtime.manifest import cache_name
 from dia2_trt.runtime.state_machine import TokenIds
 
 BRANCHES = 2
@@ -55,7 +56,7 @@ class BackboneStep(nn.Module):
 
 def cache_names(kind: str, n_layer: int) -> list[str]:
     """Graph input names of the per-layer caches: ``k_cache.0`` ... (the runtime reads the same scheme)."""
-    return [f"{kind}_cache.{i}" for i in range(n_layer)]
+    return [cache_name(kind, i) for i in range(n_layer)]
 
 
 def guide(logits: torch.Tensor, cfg_scale: torch.Tensor, filter_k: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""torch -> ONNX for our static-shape graphs, and reading I/O signatures back."""
+"""torch -> ONNX for our static-shape graphs (their I/O is read back by runtime/graph_io.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,6 @@ from pathlib import Path
 import onnx
 import torch
 
-_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.BOOL: "bool",
-}
 # Protobuf cannot serialise a model over 2 GB; such graphs keep weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 2**24
 
@@ -64,15 +57,3 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
     """Weight bytes, summed per tensor: ModelProto.ByteSize() itself fails past 2 GB."""
     return sum(t.ByteSize() for t in model.graph.initializer)
 
-
-def signature(model: onnx.ModelProto) -> dict[str, list[dict]]:
-    """{"inputs": [{name, shape, dtype}], "outputs": [...]} as the manifest records it."""
-    def describe(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-            out.append({"name": v.name, "shape": shape, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type))})
-        return out
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}

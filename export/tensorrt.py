@@ -8,17 +8,19 @@ works the same on TensorRT 10.x.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.files import write_atomic
+from dia2_trt.runtime.manifest import GRAPH_NAMES, EngineEntry, EngineValidation, Manifest
 
-from .manifest import sha256
+from .manifest import sha256, write_manifest
 
 # The step graphs are static; only the prefix encoder takes clips of any length.
-ENGINE_GRAPHS = ("backbone", "depformer", "codec_decoder", "codec_encoder")
+ENGINE_GRAPHS = GRAPH_NAMES
 ENCODER_SAMPLES = (1920, 1920 * 125, 1920 * 750)  # min / opt / max: 0.08 s, 10 s, 60 s
 
 
@@ -40,7 +42,7 @@ class EngineOptions:
     timing_cache: Path | None = None
 
 
-def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = EngineOptions()) -> dict:
+def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = EngineOptions()) -> EngineEntry:
     """Parse, build and serialise one engine; returns what the manifest records about it."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -60,8 +62,10 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = Engi
     _write_atomic(plan_path, bytes(plan))
     if cache is not None:
         _write_atomic(options.timing_cache, bytes(cache.serialize()))
-    return {"file": plan_path.name, "sha256": sha256(plan_path), "onnx": onnx_path.name,
-            "tensorrt": trt.__version__, **_device_info()}
+    gpu, capability = _device_info()
+    return EngineEntry(file=plan_path.name, sha256=sha256(plan_path), tensorrt=trt.__version__, gpu=gpu,
+                       compute_capability=capability,
+                       built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _add_profile(builder, network, config) -> None:
@@ -86,31 +90,32 @@ def _load_timing_cache(config, path: Path | None):
     return cache
 
 
-def _device_info() -> dict:
-    """The GPU an engine was built for: engines are specific to it and to the TensorRT version."""
+def _device_info() -> tuple[str | None, str | None]:
+    """(name, compute capability) of the GPU an engine was built for: engines are specific to it
+    and to the TensorRT version."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        return {}
+        return None, None
     err, props = cudart.cudaGetDeviceProperties(0)
     if int(err) != 0:
-        return {}
+        return None, None
     name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
-    return {"device": name, "compute_capability": f"{props.major}.{props.minor}"}
+    return name, f"{props.major}.{props.minor}"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def input_ranges(manifest: dict) -> dict[str, tuple[float, float]]:
+def input_ranges(manifest: Manifest) -> dict[str, tuple[float, float]]:
     """Value ranges that keep random validation inputs meaningful (ids inside their tables)."""
-    topo = manifest["topology"]
+    topo = manifest.topology
     return {
-        "tokens": (0, min(topo["text_vocab_size"], topo["audio_vocab_size"]) - 1),
-        "position": (0, manifest["cache_capacity"] - 1),
-        "text_tokens": (0, topo["text_vocab_size"] - 1),
-        "codes": (0, manifest["graphs"]["codec_decoder"].get("codebook_size", 2048) - 1),
+        "tokens": (0, min(topo.text_vocab_size, topo.audio_vocab_size) - 1),
+        "position": (0, manifest.cache_capacity - 1),
+        "text_tokens": (0, topo.text_vocab_size - 1),
+        "codes": (0, manifest.codec.codebook_size - 1),
         "noise": (0.0, 1.0),
         "temperature": (0.0, 1.0),
         "top_k": (1, 50),
@@ -120,7 +125,7 @@ def input_ranges(manifest: dict) -> dict[str, tuple[float, float]]:
 
 
 def compare_engine(onnx_path: Path, plan_path: Path, ranges: dict, *, atol: float, rtol: float,
-                   iterations: int = 8) -> dict:
+                   iterations: int = 8) -> EngineValidation:
     """TensorRT vs ONNX Runtime on the same random inputs, through Polygraphy."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
@@ -130,31 +135,38 @@ def compare_engine(onnx_path: Path, plan_path: Path, ranges: dict, *, atol: floa
     runners = [TrtRunner(EngineFromBytes(plan_path.read_bytes())), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
     results = Comparator.run(runners, data_loader=loader)
     accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
-    return {"passed": bool(accuracy), "iterations": iterations, "atol": atol, "rtol": rtol}
+    return EngineValidation(passed=bool(accuracy), iterations=iterations, atol=atol, rtol=rtol)
 
 
 def build_engines(artifacts: Path, graphs: tuple[str, ...] = ENGINE_GRAPHS, options: EngineOptions = EngineOptions(),
-                  validate: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Engines for the artifact directory's graphs, recorded under the manifest's ``engines``."""
-    manifest_path = artifacts / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    unknown = set(graphs) - set(manifest["graphs"])
+                  validate: bool = True, echo: Callable[[str], None] = print) -> dict[str, EngineEntry]:
+    """Engines for the artifact directory's graphs, each recorded in its graph's manifest entry."""
+    manifest = load_manifest(artifacts)
+    unknown = set(graphs) - set(manifest.graphs)
     if unknown:
         raise EngineError(f"no such graph(s) in {artifacts}: {', '.join(sorted(unknown))}")
-    tolerance = (1e-3, 1e-3) if manifest["precision"] == "fp32" else (5e-2, 5e-2)
-    engines = dict(manifest.get("engines", {}))
+    built = {}
     for name in graphs:
-        onnx_path = artifacts / manifest["graphs"][name]["file"]
-        plan_path = onnx_path.with_suffix(".plan")
+        spec = manifest.graph(name)
+        plan_path = spec.path.with_suffix(".plan")
         echo(f"[engine] building {plan_path.name}")
-        engines[name] = build_engine(onnx_path, plan_path, options)
+        try:
+            engine = build_engine(spec.path, plan_path, options)
+        except EngineError as exc:
+            if "cannot parse" not in str(exc):
+                raise
+            # The usual cause: the graphs' opset is newer than this TensorRT's ONNX parser.
+            raise EngineError(f"{exc} (graphs exported at opset {manifest.opset}; an older TensorRT may need "
+                              f"dia2-export build --opset 20)") from None
         if validate:
-            engines[name]["validation"] = compare_engine(onnx_path, plan_path, input_ranges(manifest),
-                                                         atol=tolerance[0], rtol=tolerance[1])
-            echo(f"[engine] {name}: {'ok' if engines[name]['validation']['passed'] else 'MISMATCH'} vs ONNX Runtime")
-    manifest["engines"] = engines
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
-    return engines
+            atol = rtol = 1e-3 if spec.precision == "fp32" else 5e-2
+            result = compare_engine(spec.path, plan_path, input_ranges(manifest), atol=atol, rtol=rtol)
+            engine = replace(engine, validation=result)
+            echo(f"[engine] {name}: {'ok' if result.passed else 'MISMATCH'} vs ONNX Runtime")
+        manifest = manifest.with_engine(name, engine)
+        built[name] = engine
+    write_manifest(manifest, artifacts)
+    return built
 
 
 def have_gpu_tensorrt() -> tuple[bool, str]:

@@ -10,7 +10,6 @@ transformers' batch ``MimiModel.decode``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,10 @@ from polygraphy.logger import G_LOGGER
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
 from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model, resolve_checkpoint
 from dia2_trt.models.tokens import resolve_token_ids
+from dia2_trt.runtime.artifacts import load_manifest, sha256
+from dia2_trt.runtime.manifest import (
+    BACKBONE, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, STATE_IN, STATE_OUT, GraphSpec, Manifest,
+)
 
 from .graphs import BackboneStep, DepformerFrame
 from .reference_run import decode_batch
@@ -35,32 +38,34 @@ TOKEN_AGREEMENT = {"fp32": 1.0, "fp16": 0.9}
 def validate_artifacts(artifacts: Path, files: CheckpointFiles | None, *, steps: int, codec_frames: int,
                        seed: int, echo: Callable[[str], None] = print) -> dict:
     G_LOGGER.module_severity = G_LOGGER.WARNING  # per-iteration INFO lines drown the report
-    manifest = _load_manifest(artifacts)
+    manifest = load_manifest(artifacts)
     files = files or _source_files(manifest)
-    precision = manifest["precision"]
+    _check_source(manifest, files)
+    precision = manifest.precision
     atol, rtol = TOLERANCES[precision]
     model = load_model(files)
     mimi = load_mimi(files.mimi_ref)
     gen = torch.Generator().manual_seed(seed)
-    report = {"artifacts": str(artifacts), "precision": precision, "atol": atol, "rtol": rtol, "graphs": {}}
+    report = {"artifacts": str(artifacts), "precision": precision, "atol": atol, "rtol": rtol,
+              "built_with": manifest.tools, "graphs": {}}
 
     echo(f"[validate] backbone: {steps} teacher-forced steps")
     feeds, torch_out = _backbone_sequence(model, manifest, steps, gen)
-    report["graphs"]["backbone"] = _compare(artifacts / manifest["graphs"]["backbone"]["file"], feeds, torch_out, atol, rtol)
+    report["graphs"]["backbone"] = _compare(manifest.graph(BACKBONE).path, feeds, torch_out, atol, rtol)
 
     echo("[validate] depformer: greedy and sampled frames")
     ids = resolve_token_ids(model.config, files.tokenizer_dir)
-    dep = _depformer_check(artifacts / manifest["graphs"]["depformer"]["file"], model, ids, torch_out, gen)
+    dep = _depformer_check(manifest.graph(DEPFORMER), model, ids, torch_out, gen)
     dep["passed"] = dep["token_agreement"] >= TOKEN_AGREEMENT[precision]
     report["graphs"]["depformer"] = dep
 
     echo(f"[validate] codec decoder: {codec_frames} streaming frames")
     report["graphs"]["codec_decoder"] = _codec_decoder_check(
-        artifacts / manifest["graphs"]["codec_decoder"]["file"], mimi, model.config.data.audio_channels,
+        manifest.graph(CODEC_DECODER), mimi, model.config.data.audio_channels,
         codec_frames, gen, atol, rtol)
     echo("[validate] codec encoder")
     report["graphs"]["codec_encoder"] = _codec_encoder_check(
-        artifacts / manifest["graphs"]["codec_encoder"]["file"], mimi, model.config.data.audio_channels, gen)
+        manifest.graph(CODEC_ENCODER), mimi, model.config.data.audio_channels, gen)
 
     report["failures"] = [name for name, r in report["graphs"].items() if not r["passed"]]
     report["passed"] = not report["failures"]
@@ -69,29 +74,31 @@ def validate_artifacts(artifacts: Path, files: CheckpointFiles | None, *, steps:
     return report
 
 
-def _load_manifest(artifacts: Path) -> dict:
-    path = artifacts / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {artifacts}")
-    return json.loads(path.read_text())
-
-
-def _source_files(manifest: dict) -> CheckpointFiles:
-    src = manifest.get("source", {})
-    if src.get("checkpoint") and Path(src["checkpoint"]).is_dir():
-        return resolve_checkpoint(checkpoint=src["checkpoint"])
-    if src.get("repo_id"):
-        return resolve_checkpoint(size=src["repo_id"].rsplit("-", 1)[-1])
+def _source_files(manifest: Manifest) -> CheckpointFiles:
+    src = manifest.source
+    if src.checkpoint and Path(src.checkpoint).is_dir():
+        return resolve_checkpoint(checkpoint=src.checkpoint)
+    if src.repo_id:
+        return resolve_checkpoint(size=src.repo_id.rsplit("-", 1)[-1])
     raise ValueError("the manifest does not say where its checkpoint is; pass --checkpoint or --size")
 
 
-def _backbone_sequence(model, manifest: dict, steps: int, gen: torch.Generator):
+def _check_source(manifest: Manifest, files: CheckpointFiles) -> None:
+    """Compared with other weights than it was exported from, every graph would "fail" for no fault of its own."""
+    for path in (files.config_path, files.weights_path):
+        recorded = manifest.source.files.get(path.name)
+        if recorded and sha256(path) != recorded:
+            raise ValueError(f"{path} is not the checkpoint these artifacts were built from (its sha256 differs "
+                             f"from the manifest's source.files); pass that one with --checkpoint")
+
+
+def _backbone_sequence(model, manifest: Manifest, steps: int, gen: torch.Generator):
     """Random in-vocabulary tokens, positions 0..steps-1, PyTorch's own cache fed forward."""
     cfg = model.config
     step = BackboneStep(model).eval()
-    tokens, _, *caches = BackboneStep.example_inputs(model, manifest["cache_capacity"])
+    tokens, _, *caches = BackboneStep.example_inputs(model, manifest.cache_capacity)
     n_layer = len(caches) // 2
-    dtype = _np_dtype(manifest["graphs"]["backbone"], step.input_names[2])
+    dtype = manifest.graph(BACKBONE).input(step.input_names[2]).dtype
     feeds, outputs = [], []
     for t in range(steps):
         tokens[:, :2] = torch.randint(0, cfg.data.text_vocab_size, (2, 2), generator=gen)
@@ -106,10 +113,6 @@ def _backbone_sequence(model, manifest: dict, steps: int, gen: torch.Generator):
             caches[i][:, :, t] = out[3][i]
             caches[n_layer + i][:, :, t] = out[4][i]
     return feeds, outputs
-
-
-def _np_dtype(graph: dict, name: str):
-    return np.dtype(next(io["dtype"] for io in graph["inputs"] if io["name"] == name))
 
 
 def _compare(path: Path, feeds: list[dict], torch_out: list[dict], atol: float, rtol: float) -> dict:
@@ -135,7 +138,7 @@ def _error_stats(expected: list[np.ndarray], actual: list[np.ndarray]) -> dict:
             "max_rel": float(rel.max()), "mean_rel": float(rel.mean())}
 
 
-def _depformer_check(path: Path, model, ids, backbone_out: list[dict], gen: torch.Generator) -> dict:
+def _depformer_check(spec: GraphSpec, model, ids, backbone_out: list[dict], gen: torch.Generator) -> dict:
     """Same inputs and noise to both: tokens must agree (exactly in fp32)."""
     frame = DepformerFrame(model, ids).eval()
     example = DepformerFrame.example_inputs(model)
@@ -149,28 +152,24 @@ def _depformer_check(path: Path, model, ids, backbone_out: list[dict], gen: torc
         with torch.no_grad():
             torch_out.append({"audio_tokens": frame(*args).numpy()})
         feeds.append({n: a.numpy() for n, a in zip(DepformerFrame.input_names, args)})
-    ort_out = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(path)))], data_loader=_cast_feeds(path, feeds))[0][1]
+    ort_out = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(spec.path)))], data_loader=_cast_feeds(spec, feeds))[0][1]
     same = [np.array_equal(t["audio_tokens"], np.asarray(o["audio_tokens"])) for t, o in zip(torch_out, ort_out)]
     return {"iterations": len(feeds), "token_agreement": float(np.mean(same))}
 
 
-def _cast_feeds(path: Path, feeds: list[dict]) -> list[dict]:
+def _cast_feeds(spec: GraphSpec, feeds: list[dict]) -> list[dict]:
     """Match the graph's input dtypes (fp16 graphs take fp16 activations)."""
-    import onnx
-
-    from .onnx_io import signature
-
-    sig = signature(onnx.load(str(path), load_external_data=False))
-    dtypes = {io["name"]: np.dtype(io["dtype"]) for io in sig["inputs"]}
+    dtypes = {t.name: t.dtype for t in spec.inputs}
     return [{k: v.astype(dtypes[k]) for k, v in f.items()} for f in feeds]
 
 
-def _codec_decoder_check(path: Path, mimi, q: int, frames: int, gen: torch.Generator, atol: float, rtol: float) -> dict:
+def _codec_decoder_check(spec: GraphSpec, mimi, q: int, frames: int, gen: torch.Generator, atol: float,
+                         rtol: float) -> dict:
     decoder = MimiStreamingDecoder(mimi, q).eval()
     codes = torch.randint(0, mimi.config.codebook_size, (1, q, frames), generator=gen)
     state = decoder.initial_state()
-    in_names = ["codes"] + ["state." + n for n in decoder.state_names]
-    out_names = ["pcm"] + ["next." + n for n in decoder.state_names]
+    in_names = ["codes"] + [STATE_IN + n for n in decoder.state_names]
+    out_names = ["pcm"] + [STATE_OUT + n for n in decoder.state_names]
     feeds, torch_out = [], []
     for f in range(frames):
         args = (codes[:, :, f:f + 1], *state)
@@ -179,7 +178,7 @@ def _codec_decoder_check(path: Path, mimi, q: int, frames: int, gen: torch.Gener
             out = decoder(*args)
         torch_out.append(dict(zip(out_names, (np.ascontiguousarray(o.numpy()) for o in out))))
         state = out[1:]
-    result = _compare(path, _cast_feeds(path, feeds), torch_out, atol, rtol)
+    result = _compare(spec.path, _cast_feeds(spec, feeds), torch_out, atol, rtol)
     streamed = np.concatenate([o["pcm"].ravel() for o in torch_out])
     batch = decode_batch(mimi, codes[0].numpy())
     # decode_batch clamps like the reference; the graph's pcm is unclamped.
@@ -189,14 +188,14 @@ def _codec_decoder_check(path: Path, mimi, q: int, frames: int, gen: torch.Gener
     return result
 
 
-def _codec_encoder_check(path: Path, mimi, q: int, gen: torch.Generator) -> dict:
+def _codec_encoder_check(spec: GraphSpec, mimi, q: int, gen: torch.Generator) -> dict:
     samples = int(mimi.config.sampling_rate * 2.4)
     pcm = torch.randn(1, 1, samples, generator=gen) * 0.1
     with torch.no_grad():
         expected = mimi.encode(pcm, num_quantizers=q).audio_codes.numpy()
         ours = MimiEncoderGraph(mimi, q)(pcm).numpy()
-    runner = OnnxrtRunner(SessionFromOnnx(str(path)))
-    out = Comparator.run([runner], data_loader=_cast_feeds(path, [{"pcm": pcm.numpy()}]))[0][1][0]
+    runner = OnnxrtRunner(SessionFromOnnx(str(spec.path)))
+    out = Comparator.run([runner], data_loader=_cast_feeds(spec, [{"pcm": pcm.numpy()}]))[0][1][0]
     codes = np.asarray(out[next(iter(out.keys()))])
     agreement = float(np.mean(codes == expected)) if codes.shape == expected.shape else 0.0
     return {"passed": agreement == 1.0 and np.array_equal(ours, expected), "code_agreement": agreement,

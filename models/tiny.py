@@ -291,6 +291,9 @@ def build_2b_topology_checkpoint(out_dir: str | Path, seed: int = 0, *, topology
     return out
 
 
+TOPOLOGIES = Path(__file__).resolve().parent / "topologies"  # package data: config.json shapes of the real sizes
+
+
 def default_topology_path() -> Path:
-    """shared/dia2-2b-topology.json next to the repository root."""
-    return Path(__file__).resolve().parents[2] / "shared" / "dia2-2b-topology.json"
+    """The Dia2-2B topology shipped with the package (see its "_about" for what is confirmed)."""
+    return TOPOLOGIES / "dia2-2b.json"

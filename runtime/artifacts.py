@@ -1,136 +1,61 @@
 """The artifact directory: manifest.json, the graphs it lists, the tokenizer.
 
 This is the runtime's only description of the model; it never reads the
-checkpoint's config or Python code. Everything wrong with a directory is an
-``ArtifactError`` with a one-line message naming the file at fault.
+checkpoint's config or Python code, nor any file outside the directory.
+``load_manifest`` parses the typed manifest (manifest.py), then refuses a
+directory whose paths leave it, whose values are out of range or disagree with
+the graphs' own declared I/O, or whose files fail their checksums. Everything
+wrong is an ``ArtifactError`` with a one-line message naming the file or field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
+import math
+import os
+from dataclasses import fields
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
+from .files import write_atomic
+from .graph_io import GraphFormatError, read_io
+from .manifest import (  # noqa: F401  (the names the runtime has always imported from here)
+    BACKBONE, BACKEND_NAMES, CODEC_DECODER, DEPFORMER, FORMAT, GRAPH_NAMES, MANIFEST, PRECISIONS, REQUIRED_GRAPHS,
+    VERSION, ArtifactError, CodecInfo, EngineEntry, FileRef, GraphSpec, Manifest, QuantizationRecord, StatePair,
+    TensorSpec, TokenizerEntry, Topology, cache_name, state_names,
+)
 
-from .state_machine import TokenIds
-
-FORMAT = "dia2-trt-artifacts"
-VERSION = 1
-MANIFEST = "manifest.json"
-# Graphs the generation loop cannot run without (the codec encoder is only for voice prompts).
-REQUIRED_GRAPHS = ("backbone", "depformer", "codec_decoder")
-_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
-
-
-class ArtifactError(ValueError):
-    """An artifact directory the runtime cannot use."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int | str, ...]  # a str is a dynamic axis
-    dtype: np.dtype
-
-    @property
-    def static(self) -> bool:
-        return all(isinstance(dim, int) for dim in self.shape)
-
-    def zeros(self) -> np.ndarray:
-        if not self.static:
-            raise ArtifactError(f"{self.name}: no static shape to allocate ({list(self.shape)})")
-        return np.zeros(self.shape, dtype=self.dtype)
+# Files up to this size are hashed on every load (~30 ms at ~2 GB/s); bigger ones once per
+# (size, mtime, ctime, inode), remembered in STAMP. ctime cannot be set back by a user, so a file
+# replaced or edited in place, even with its mtime restored, is hashed again.
+CHEAP_BYTES = 64 << 20
+STAMP = ".verified.json"
+_TEXT_IDS = ("new_word", "pad", "bos", "zero", "spk1", "spk2")
+_AUDIO_IDS = ("audio_pad", "audio_bos")
 
 
-@dataclass(frozen=True)
-class GraphSpec:
-    name: str
-    path: Path
-    sha256: str | None
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    state: tuple[tuple[str, str], ...] = ()  # (input, output) pairs carried from one run to the next
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    def input(self, name: str) -> TensorSpec:
-        return _find(self.inputs, name, self.name, "input")
-
-    def output(self, name: str) -> TensorSpec:
-        return _find(self.outputs, name, self.name, "output")
-
-
-def _find(specs: tuple[TensorSpec, ...], name: str, graph: str, kind: str) -> TensorSpec:
-    for spec in specs:
-        if spec.name == name:
-            return spec
-    raise ArtifactError(f"graph {graph!r} has no {kind} {name!r}")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    root: Path
-    precision: str
-    opset: int
-    topology: dict[str, Any]
-    token_ids: TokenIds
-    delays: tuple[int, ...]
-    second_stream_ahead: int
-    max_padding: int
-    max_context_steps: int
-    cache_capacity: int
-    frame_rate: float
-    sample_rate: int
-    samples_per_frame: int
-    tokenizer_dir: Path
-    graphs: dict[str, GraphSpec]
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def audio_channels(self) -> int:
-        return len(self.delays)
-
-    @property
-    def max_delay(self) -> int:
-        return max(self.delays, default=0)
-
-    def graph(self, name: str) -> GraphSpec:
-        if name not in self.graphs:
-            raise ArtifactError(f"{self.root / MANIFEST}: no graph {name!r}")
-        return self.graphs[name]
-
-    def verify_checksums(self) -> None:
-        """Hash every graph file against the manifest (seconds for the 2B; not done on every load)."""
-        for spec in self.graphs.values():
-            if spec.sha256 and sha256(spec.path) != spec.sha256:
-                raise ArtifactError(f"{spec.path}: checksum mismatch (corrupt or replaced file)")
-            extra = spec.raw.get("external_data") or {}
-            if extra.get("sha256") and sha256(spec.path.parent / extra["file"]) != extra["sha256"]:
-                raise ArtifactError(f"{spec.path.parent / extra['file']}: checksum mismatch")
-
-
-def load_manifest(directory: str | Path) -> Manifest:
+def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
+    """Parse and check ``directory/manifest.json``; ``verify`` also checks every file's sha256."""
     root = Path(directory)
     if not root.is_dir():
         raise ArtifactError(f"artifact directory not found: {root}")
     path = root / MANIFEST
-    raw = _read_json(path)
     where = str(path)
-    if raw.get("format") != FORMAT:
-        raise ArtifactError(f"{where}: not a dia2-trt artifact manifest (format {raw.get('format')!r})")
-    if raw.get("version") != VERSION:
-        raise ArtifactError(f"{where}: manifest version {raw.get('version')!r} is not supported "
-                            f"(this runtime reads version {VERSION}); rebuild the artifacts")
+    raw = _read_json(path)
     try:
-        manifest = _parse(root, raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, ArtifactError):
-            raise
-        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        manifest = Manifest.from_json(raw, root)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{where}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
         raise ArtifactError(f"{where}: malformed manifest ({detail})") from None
-    _check_consistency(manifest, where)
+    contain_paths(manifest)
+    _check_files(manifest)
+    check_values(manifest)
+    if verify:  # before reading the graphs: a corrupt file is named as such, not as a strange graph
+        verify_checksums(manifest)
+    _check_graph_io(manifest)
     return manifest
 
 
@@ -148,113 +73,273 @@ def _read_json(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _parse(root: Path, raw: dict[str, Any]) -> Manifest:
-    return Manifest(
-        root=root,
-        precision=str(raw["precision"]),
-        opset=int(raw["opset"]),
-        topology=dict(raw["topology"]),
-        token_ids=TokenIds(**{k: int(v) for k, v in raw["token_ids"].items()}),
-        delays=tuple(int(d) for d in raw["delays"]),
-        second_stream_ahead=int(raw["second_stream_ahead"]),
-        max_padding=int(raw["max_padding"]),
-        max_context_steps=int(raw["max_context_steps"]),
-        cache_capacity=int(raw["cache_capacity"]),
-        frame_rate=float(raw["frame_rate"]),
-        sample_rate=int(raw["sample_rate"]),
-        samples_per_frame=int(raw["samples_per_frame"]),
-        tokenizer_dir=root / str(raw["tokenizer"]),
-        graphs={name: _graph(root, name, entry) for name, entry in dict(raw["graphs"]).items()},
-        raw=raw,
-    )
+# --- containment --------------------------------------------------------------------------------
 
 
-def _graph(root: Path, name: str, entry: dict[str, Any]) -> GraphSpec:
-    return GraphSpec(
-        name=name,
-        path=root / str(entry["file"]),
-        sha256=entry.get("sha256"),
-        inputs=tuple(_tensor(t) for t in entry["inputs"]),
-        outputs=tuple(_tensor(t) for t in entry["outputs"]),
-        state=tuple(_pair(p) for p in entry.get("state", ())),
-        raw=entry,
-    )
+def named_paths(m: Manifest) -> list[tuple[str, str]]:
+    """(field, relative path) for every file or folder the manifest names."""
+    named = [("tokenizer.directory", m.tokenizer.directory)]
+    named += [(f"tokenizer.files.{name}", f"{m.tokenizer.directory}/{name}") for name in m.tokenizer.files]
+    for name, g in m.graphs.items():
+        named.append((f"graphs.{name}.file", g.file))
+        if g.external_data:
+            named.append((f"graphs.{name}.external_data.file", g.external_data.file))
+        if g.engine:
+            named.append((f"graphs.{name}.engine.file", g.engine.file))
+    return named
 
 
-def _tensor(entry: dict[str, Any]) -> TensorSpec:
-    dtype = str(entry["dtype"])
-    if dtype not in _DTYPES:
-        raise ArtifactError(f"tensor {entry['name']!r}: unsupported dtype {dtype!r}")
-    shape = tuple(d if isinstance(d, str) else int(d) for d in entry["shape"])
-    return TensorSpec(str(entry["name"]), shape, np.dtype(_DTYPES[dtype]))
+def contain_paths(m: Manifest) -> None:
+    """Every path the manifest names is relative, has no '..', and resolves (symlinks followed) inside
+    the artifact directory: an artifact from elsewhere must not make the runtime read other files."""
+    root = m.root.resolve()
+    for where, text in named_paths(m):
+        rel = PurePosixPath(text)
+        if not text or rel.is_absolute() or ".." in rel.parts or "\\" in text or ":" in text:
+            raise ArtifactError(f"{m.root / MANIFEST}: {where} {text!r} is not a path inside the artifact directory")
+        if not (root / rel).resolve().is_relative_to(root):
+            raise ArtifactError(f"{m.root / MANIFEST}: {where} {text!r} leads outside the artifact directory "
+                                f"(symbolic link)")
 
 
-def _pair(pair: Any) -> tuple[str, str]:
-    # The exporters write {"input": ..., "output": ...}; a two-item list means the same.
-    if isinstance(pair, dict):
-        return str(pair["input"]), str(pair["output"])
-    source, target = pair
-    return str(source), str(target)
-
-
-def _check_consistency(m: Manifest, where: str) -> None:
+def _check_files(m: Manifest) -> None:
     for name in REQUIRED_GRAPHS:
         if name not in m.graphs:
-            raise ArtifactError(f"{where}: graph {name!r} is missing")
+            raise ArtifactError(f"{m.root / MANIFEST}: graph {name!r} is missing")
     for spec in m.graphs.values():
         if not spec.path.is_file():
             raise ArtifactError(f"{spec.path}: graph file missing (listed in {MANIFEST})")
-        extra = spec.raw.get("external_data")
-        if extra and not (spec.path.parent / extra["file"]).is_file():
-            raise ArtifactError(f"{spec.path.parent / extra['file']}: weights file missing (listed in {MANIFEST})")
-    if not (m.tokenizer_dir / "tokenizer.json").is_file():
-        raise ArtifactError(f"{m.tokenizer_dir / 'tokenizer.json'}: tokenizer missing")
-    if m.cache_capacity < m.max_context_steps + 1:
-        raise ArtifactError(f"{where}: cache_capacity {m.cache_capacity} < max_context_steps + 1")
-    _check_backbone(m, where)
-    _check_depformer(m, where)
+        if spec.external_data and not spec.external_data_path.is_file():
+            raise ArtifactError(f"{spec.external_data_path}: weights file missing (listed in {MANIFEST})")
+    for name in m.tokenizer.files:
+        if not (m.tokenizer_dir / name).is_file():
+            raise ArtifactError(f"{m.tokenizer_dir / name}: tokenizer file missing (listed in {MANIFEST})")
+    if "tokenizer.json" not in m.tokenizer.files:
+        raise ArtifactError(f"{m.root / MANIFEST}: tokenizer.files lists no tokenizer.json")
 
 
-def _check_backbone(m: Manifest, where: str) -> None:
-    g = m.graph("backbone")
+# --- values -------------------------------------------------------------------------------------
+
+
+def check_values(m: Manifest) -> None:
+    """Ranges and cross-field consistency; graph shapes are compared in _check_graph_io."""
+    where = f"{m.root / MANIFEST}"
+
+    def need(ok: bool, field_name: str, message: str) -> None:
+        if not ok:
+            raise ArtifactError(f"{where}: {field_name} {message}")
+
+    t, c = m.topology, m.codec
+    for f in fields(Topology):
+        value = getattr(t, f.name)
+        if isinstance(value, int):
+            need(value >= 1, f"topology.{f.name}", f"must be >= 1, got {value}")
+    need(t.channels == t.audio_channels + 2, "topology.channels", f"{t.channels} != audio_channels + 2")
+    need(len(m.delays) == t.audio_channels, "delays", f"has {len(m.delays)} entries for {t.audio_channels} "
+                                                     "audio channels")
+    for i, delay in enumerate(m.delays):
+        need(delay >= 1, f"delays[{i}]", f"must be >= 1, got {delay}")
+    for name in _TEXT_IDS:
+        _need_id(m, name, t.text_vocab_size, "text_vocab_size")
+    for name in _AUDIO_IDS:
+        _need_id(m, name, t.audio_vocab_size, "audio_vocab_size")
+    need(math.isfinite(c.frame_rate) and c.frame_rate > 0, "codec.frame_rate", f"must be > 0, got {c.frame_rate}")
+    need(c.sample_rate > 0, "codec.sample_rate", f"must be > 0, got {c.sample_rate}")
+    need(c.samples_per_frame > 0 and abs(c.samples_per_frame * c.frame_rate - c.sample_rate) < 1e-6 * c.sample_rate,
+         "codec.samples_per_frame", f"{c.samples_per_frame} != sample_rate / frame_rate "
+                                    f"({c.sample_rate} / {c.frame_rate})")
+    need(c.num_quantizers == t.audio_channels, "codec.num_quantizers", f"{c.num_quantizers} != the "
+                                                                      f"{t.audio_channels} audio channels")
+    need(1 <= c.codebook_size <= t.audio_vocab_size, "codec.codebook_size",
+         f"{c.codebook_size} is not in [1, audio_vocab_size {t.audio_vocab_size}]")
+    need(m.second_stream_ahead >= 0, "second_stream_ahead", f"must be >= 0, got {m.second_stream_ahead}")
+    need(m.max_padding >= 0, "max_padding", f"must be >= 0, got {m.max_padding}")
+    need(m.max_context_steps >= 1, "max_context_steps", f"must be >= 1, got {m.max_context_steps}")
+    need(m.prefix_frames >= 0, "prefix_frames", f"must be >= 0, got {m.prefix_frames}")
+    need(m.cache_capacity == m.max_context_steps + 1 + m.prefix_frames, "cache_capacity",
+         f"{m.cache_capacity} != max_context_steps + 1 + prefix_frames")
+
+
+def _need_id(m: Manifest, name: str, vocab: int, vocab_name: str) -> None:
+    value = getattr(m.token_ids, name)
+    if not 0 <= value < vocab:
+        raise ArtifactError(f"{m.root / MANIFEST}: token_ids.{name} {value} is outside [0, {vocab_name} {vocab})")
+
+
+# --- the graphs' own I/O ------------------------------------------------------------------------
+
+
+def _check_graph_io(m: Manifest) -> None:
+    for spec in m.graphs.values():
+        _same_io(spec)
+    _check_backbone(m)
+    _check_depformer(m)
+    _check_codec(m)
+
+
+def _same_io(spec: GraphSpec) -> None:
+    """The manifest's I/O for a graph must be the graph file's own, name for name."""
+    try:
+        inputs, outputs = read_io(spec.path)
+    except (GraphFormatError, OSError) as exc:
+        raise ArtifactError(f"{spec.path}: not a readable ONNX graph ({exc})") from None
+    for kind, declared, actual in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
+        mine = {t.name: t.to_json() for t in declared}
+        theirs = {t["name"]: t for t in actual}
+        for name in sorted(mine.keys() | theirs.keys()):
+            if mine.get(name) != theirs.get(name):
+                raise ArtifactError(f"{spec.root / MANIFEST}: graphs.{spec.name}.{kind}.{name}: the manifest says "
+                                    f"{_describe(mine.get(name))}, the graph {_describe(theirs.get(name))}")
+
+
+def _describe(io: dict | None) -> str:
+    return "nothing" if io is None else f"{io['dtype']} {io['shape']}"
+
+
+def _fail(m: Manifest, message: str) -> None:
+    raise ArtifactError(f"{m.root / MANIFEST}: {message}")
+
+
+def _check_backbone(m: Manifest) -> None:
+    g = m.graph(BACKBONE)
+    for spec in g.inputs + g.outputs:
+        if not spec.static:
+            _fail(m, f"graphs.backbone.{spec.name} has a dynamic shape {list(spec.shape)}")
     channels = g.input("tokens").shape
     if channels != (2, 2 + m.audio_channels):
-        raise ArtifactError(f"{where}: backbone tokens {list(channels)} do not match {m.audio_channels} delays")
-    n_layer = int(m.topology["n_layer"])
+        _fail(m, f"graphs.backbone.inputs.tokens {list(channels)} does not match {m.audio_channels} delays")
     cache = g.input(cache_name("k", 0)).shape
     if len(cache) != 4 or cache[2] != m.cache_capacity:
-        raise ArtifactError(f"{where}: backbone cache shape {list(cache)} does not match capacity {m.cache_capacity}")
-    for i in range(n_layer):
+        _fail(m, f"graphs.backbone.inputs.{cache_name('k', 0)} {list(cache)} does not match cache_capacity "
+                 f"{m.cache_capacity}")
+    for i in range(m.topology.n_layer):
         for kind in ("k", "v"):
             if g.input(cache_name(kind, i)).shape != cache:
-                raise ArtifactError(f"{where}: backbone {cache_name(kind, i)} differs from {cache_name('k', 0)}")
-    expected_new = (n_layer, *cache[:2], cache[3])
+                _fail(m, f"graphs.backbone.inputs.{cache_name(kind, i)} differs from {cache_name('k', 0)}")
+    expected_new = (m.topology.n_layer, *cache[:2], cache[3])
     for name in ("k_new", "v_new"):
         if g.output(name).shape != expected_new:
-            raise ArtifactError(f"{where}: backbone {name} {list(g.output(name).shape)} != {list(expected_new)}")
+            _fail(m, f"graphs.backbone.outputs.{name} {list(g.output(name).shape)} != {list(expected_new)}")
+    if g.output("cb0_logits").shape[-1] != m.topology.audio_vocab_size:
+        _fail(m, f"topology.audio_vocab_size {m.topology.audio_vocab_size} differs from the backbone's "
+                 f"cb0_logits {list(g.output('cb0_logits').shape)}")
+    if g.output("action_logits").shape[-1] != m.topology.action_vocab_size:
+        _fail(m, f"topology.action_vocab_size {m.topology.action_vocab_size} differs from the backbone's "
+                 f"action_logits {list(g.output('action_logits').shape)}")
+
+
+def _check_depformer(m: Manifest) -> None:
+    g = m.graph(DEPFORMER)
     for spec in g.inputs + g.outputs:
         if not spec.static:
-            raise ArtifactError(f"{where}: backbone {spec.name} has a dynamic shape {list(spec.shape)}")
-
-
-def cache_name(kind: str, layer: int) -> str:
-    """The backbone's per-layer cache inputs: ``k_cache.0``, ``v_cache.0``, ..."""
-    return f"{kind}_cache.{layer}"
-
-
-def _check_depformer(m: Manifest, where: str) -> None:
-    g = m.graph("depformer")
+            _fail(m, f"graphs.depformer.{spec.name} has a dynamic shape {list(spec.shape)}")
     noise = g.input("noise")
-    vocab = int(m.topology["audio_vocab_size"])
-    if noise.shape != (m.audio_channels, vocab) or noise.dtype != np.float32:
-        raise ArtifactError(f"{where}: depformer noise must be float32 [{m.audio_channels}, {vocab}], "
-                            f"got {noise.dtype} {list(noise.shape)}")
+    vocab = m.topology.audio_vocab_size
+    if noise.shape != (m.audio_channels, vocab) or noise.dtype.name != "float32":
+        _fail(m, f"graphs.depformer.inputs.noise must be float32 [{m.audio_channels}, {vocab}], "
+                 f"got {noise.dtype} {list(noise.shape)}")
     if g.output("audio_tokens").shape != (m.audio_channels,):
-        raise ArtifactError(f"{where}: depformer audio_tokens {list(g.output('audio_tokens').shape)} "
-                            f"!= [{m.audio_channels}]")
-    for spec in g.inputs + g.outputs:
-        if not spec.static:
-            raise ArtifactError(f"{where}: depformer {spec.name} has a dynamic shape {list(spec.shape)}")
+        _fail(m, f"graphs.depformer.outputs.audio_tokens {list(g.output('audio_tokens').shape)} "
+                 f"!= [{m.audio_channels}]")
+
+
+def _check_codec(m: Manifest) -> None:
+    g = m.graph(CODEC_DECODER)
+    state_in = {p.input for p in g.state}
+    state_out = {p.output for p in g.state}
+    for pair in g.state:  # both ends must exist
+        g.input(pair.input)
+        g.output(pair.output)
+    codes = [t for t in g.inputs if t.name not in state_in]
+    pcm = [t for t in g.outputs if t.name not in state_out]
+    if len(codes) != 1 or codes[0].shape != (1, m.codec.num_quantizers, 1):
+        _fail(m, f"graphs.codec_decoder: expected one codes input [1, {m.codec.num_quantizers}, 1] besides its state")
+    if len(pcm) != 1 or pcm[0].shape != (1, 1, m.codec.samples_per_frame):
+        _fail(m, f"codec.samples_per_frame {m.codec.samples_per_frame} differs from the decoder's pcm output "
+                 f"{[list(t.shape) for t in pcm]}")
+    for t in g.inputs + g.outputs:
+        if not t.static:
+            _fail(m, f"graphs.codec_decoder.{t.name} has a dynamic shape {list(t.shape)}")
+
+
+# --- checksums ----------------------------------------------------------------------------------
+
+
+def checked_files(m: Manifest) -> list[tuple[Path, str]]:
+    """(path, sha256) of every file the runtime may read: graphs, external weights, tokenizer, and the
+    engines that are present (an artifact copied to a CPU-only machine may leave them behind; the
+    TensorRT backend says so when it needs one)."""
+    files = [(m.tokenizer_dir / name, digest) for name, digest in m.tokenizer.files.items()]
+    for g in m.graphs.values():
+        files.append((g.path, g.sha256))
+        if g.external_data:
+            files.append((g.external_data_path, g.external_data.sha256))
+        if g.engine and g.engine_path.is_file():
+            files.append((g.engine_path, g.engine.sha256))
+    return files
+
+
+def verify_checksums(m: Manifest) -> None:
+    """Refuse a file whose sha256 differs from the manifest's (corrupt, truncated or replaced)."""
+    stamps = _Stamps(m.root)
+    for path, digest in checked_files(m):
+        verify_file(path, digest, stamps)
+    stamps.save()
+
+
+def verify_file(path: Path, digest: str, stamps: "_Stamps | None" = None) -> None:
+    """One file against its recorded sha256 (an engine, when a backend is about to load it)."""
+    stat = path.stat()
+    big = stat.st_size > CHEAP_BYTES and stamps is not None
+    if big and stamps.matches(path, stat, digest):
+        return
+    if sha256(path) != digest:
+        raise ArtifactError(f"{path}: checksum mismatch with {MANIFEST} (corrupt or replaced file); "
+                            f"rebuild the artifacts, or pass --no-verify to load it anyway")
+    if big:
+        stamps.record(path, stat, digest)
+
+
+class _Stamps:
+    """Big files already verified, keyed by what changes whenever their content can have changed.
+
+    Kept in the artifact directory itself, so verification never reads or writes outside it; when
+    the directory is read-only the stamps are not saved and big files are hashed on every load
+    (seconds for the 2B; --no-verify skips it).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / STAMP
+        try:
+            self.entries = json.loads(self.path.read_text())
+            if not isinstance(self.entries, dict):
+                self.entries = {}
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    @staticmethod
+    def _key(stat: os.stat_result, digest: str) -> list:
+        return [digest, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+    def matches(self, path: Path, stat: os.stat_result, digest: str) -> bool:
+        return self.entries.get(self._name(path)) == self._key(stat, digest)
+
+    def record(self, path: Path, stat: os.stat_result, digest: str) -> None:
+        self.entries[self._name(path)] = self._key(stat, digest)
+        self.changed = True
+
+    def _name(self, path: Path) -> str:
+        return os.path.relpath(path, self.root)
+
+    def save(self) -> None:
+        if not self.changed or not os.access(self.path.parent, os.W_OK):
+            return
+        try:
+            write_atomic(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.entries, indent=1) + "\n"))
+        except OSError:
+            pass  # a full or read-only disk only costs the next load a re-hash
 
 
 def sha256(path: Path) -> str:
@@ -263,3 +348,4 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+

@@ -22,7 +22,24 @@ class CliError(click.ClickException):
 
 
 class _Group(click.Group):
-    """Every failure, usage errors included, is one ``Error: ...`` line (no usage dump)."""
+    """Every failure, usage errors included, is one ``Error: ...`` line (no usage dump).
+
+    Commands in ``LAZY`` are imported only when run (or listed by --help): ``bench``
+    pulls in the benchmark harness, which ``speak`` must not load.
+    """
+
+    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "serve": ("dia2_trt.runtime.serve.command", "serve")}
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx, name: str):
+        if name in self.LAZY and name not in self.commands:
+            import importlib
+
+            module, attr = self.LAZY[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
@@ -63,8 +80,9 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads per graph [1].")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums (seconds for the 2B).")
 def speak(text, input_file, artifacts, out, seed, temperature, text_temperature, audio_temperature, top_k,
-          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet) -> None:
+          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify) -> None:
     """Speak TEXT (or --input FILE, or stdin) into --out."""
     script = _read_script(text, input_file)
     from .script import ScriptError, check_script
@@ -85,7 +103,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     except (ImportError, ValueError) as exc:
         raise CliError(f"backend {backend} cannot run here: {exc}") from None
     try:
-        runtime = Dia2Runtime.load(artifacts, backend=engine)
+        runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
         bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
         session = runtime.stream(script, params, progress=bar)
         with warnings.catch_warnings(record=True) as caught:
@@ -221,11 +239,3 @@ def _summary(result) -> None:
                f"(RTF {result.real_time_factor:.3f}), first audio after {first}"
                + (" [truncated]" if result.truncated else ""), err=True)
 
-
-from .bench_cli import bench  # noqa: E402  (dia2-rt bench lives in its own module)
-
-main.add_command(bench)
-
-from .serve.command import serve  # noqa: E402  (dia2-rt serve; the web stack loads only when it runs)
-
-main.add_command(serve)

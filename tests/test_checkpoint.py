@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 
 from dia2_trt.models.config import ConfigError, load_config
 from dia2_trt.models.sources import CheckpointError, load_mimi, load_model, resolve_checkpoint
-from dia2_trt.models.tiny import build_tiny_checkpoint, meta_model_from_topology, write_random_weights
+from dia2_trt.models.tiny import (
+    build_tiny_checkpoint, default_topology_path, meta_model_from_topology, write_random_weights,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +120,9 @@ def test_greedy_decoding_reaches_the_end_of_a_script(tiny):
 
 
 def test_2b_topology_matches_the_official_parameter_list():
-    topology, params = SHARED / "dia2-2b-topology.json", SHARED / "dia2-2b-parameters.json"
-    if not (topology.is_file() and params.is_file()):
-        pytest.skip(f"{SHARED} does not hold dia2-2b-topology.json and dia2-2b-parameters.json")
-    expected = json.loads(params.read_text())
-    model = meta_model_from_topology(topology)
+    # The parameter list (names and shapes of the public 2B safetensors) is test data.
+    expected = json.loads((DATA / "dia2-2b-parameters.json").read_text())
+    model = meta_model_from_topology(default_topology_path())
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert shapes == expected
     assert len(shapes) == 450

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ from dia2_trt.export.graphs import BackboneStep, DepformerFrame
 from dia2_trt.models.reference import guidance, mask_special_audio
 from dia2_trt.models.sources import load_model, resolve_checkpoint
 from dia2_trt.models.tokens import resolve_token_ids
+from dia2_trt.runtime.artifacts import load_manifest
+from dia2_trt.runtime.manifest import (
+    VERSION, EngineEntry, EngineValidation, Manifest, QuantizationRecord, cache_name,
+)
 from dia2_trt.runtime.params import GenerationParams
 
 
@@ -25,23 +30,22 @@ from dia2_trt.runtime.params import GenerationParams
 def tiny(tiny_checkpoint, tiny_artifacts):
     files = resolve_checkpoint(checkpoint=tiny_checkpoint)
     model = load_model(files)
-    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
-    return model, resolve_token_ids(model.config, files.tokenizer_dir), manifest
+    return model, resolve_token_ids(model.config, files.tokenizer_dir), load_manifest(tiny_artifacts)
 
 
-def _session(artifacts: Path, manifest: dict, graph: str) -> ort.InferenceSession:
-    return ort.InferenceSession(str(artifacts / manifest["graphs"][graph]["file"]), providers=["CPUExecutionProvider"])
+def _session(artifacts: Path, manifest: Manifest, graph: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(manifest.graph(graph).path), providers=["CPUExecutionProvider"])
 
 
 def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifacts):
     model, _, manifest = tiny
     session = _session(tiny_artifacts, manifest, "backbone")
     gen = torch.Generator().manual_seed(1)
-    tokens = BackboneStep.example_inputs(model, manifest["cache_capacity"])[0]
+    tokens = BackboneStep.example_inputs(model, manifest.cache_capacity)[0]
     cfg = model.config
     dec = cfg.model.decoder
     # Stacked [L, B, Hkv, S, D] for the reference path; the graph takes one layer per input.
-    k_cache = torch.zeros(dec.n_layer, 2, dec.kv_heads, manifest["cache_capacity"], dec.gqa_head_dim)
+    k_cache = torch.zeros(dec.n_layer, 2, dec.kv_heads, manifest.cache_capacity, dec.gqa_head_dim)
     v_cache = torch.zeros_like(k_cache)
     worst = 0.0
     for t in range(50):
@@ -139,38 +143,61 @@ def test_depformer_sampling_follows_the_reference_distribution(tiny, tiny_artifa
 
 
 def test_graphs_are_portable_onnx(tiny_artifacts):
-    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
-    for name, graph in manifest["graphs"].items():
-        model = onnx.load(str(tiny_artifacts / graph["file"]))
+    for name, graph in load_manifest(tiny_artifacts).graphs.items():
+        model = onnx.load(str(graph.path))
         domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
         assert not domains, f"{name} uses non-standard ops: {domains}"
         if name != "codec_encoder":  # the encoder takes clips of any length
             for value in list(model.graph.input) + list(model.graph.output):
                 dims = value.type.tensor_type.shape.dim
                 assert all(d.HasField("dim_value") for d in dims), f"{name}.{value.name} has a dynamic shape"
-        assert graph["sha256"]
+        assert graph.sha256
 
 
 def test_manifest_describes_the_artifacts(tiny_artifacts, tiny_checkpoint):
-    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    raw = json.loads((tiny_artifacts / "manifest.json").read_text())
+    assert raw["format"] == "dia2-trt-artifacts" and raw["version"] == VERSION
+    manifest = load_manifest(tiny_artifacts)
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    assert manifest["format"] == "dia2-trt-artifacts" and manifest["version"] == 1
-    assert manifest["delays"] == config["data"]["delay_pattern"]
-    assert manifest["cache_capacity"] >= config["runtime"]["max_context_steps"] + 1
-    assert manifest["token_ids"]["bos"] == 1 and manifest["max_padding"] == 6
-    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["tools"])
-    assert set(manifest["source"]["files"]) == {"config.json", "model.safetensors"}
-    inputs = {io["name"]: io for io in manifest["graphs"]["backbone"]["inputs"]}
-    assert inputs["k_cache.0"]["shape"][2] == manifest["cache_capacity"]
-    assert {f"v_cache.{i}" for i in range(manifest["topology"]["n_layer"])} <= set(inputs)
-    assert (tiny_artifacts / "tokenizer" / "tokenizer.json").is_file()
+    assert list(manifest.delays) == config["data"]["delay_pattern"]
+    assert manifest.cache_capacity == config["runtime"]["max_context_steps"] + 1
+    assert manifest.token_ids.bos == 1 and manifest.max_padding == 6
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest.tools)
+    assert set(manifest.source.files) == {"config.json", "model.safetensors"}
+    backbone = manifest.graph("backbone")
+    assert backbone.input(cache_name("k", 0)).shape[2] == manifest.cache_capacity
+    assert {cache_name("v", i) for i in range(manifest.topology.n_layer)} <= {t.name for t in backbone.inputs}
+    assert manifest.codec.samples_per_frame * manifest.codec.frame_rate == manifest.codec.sample_rate
+    assert [p.input for p in manifest.graph("codec_decoder").state] and not manifest.graph("codec_encoder").state
+    assert "tokenizer.json" in manifest.tokenizer.files and (manifest.tokenizer_dir / "tokenizer.json").is_file()
+
+
+def test_manifest_round_trips_through_json(tiny_artifacts):
+    raw = json.loads((tiny_artifacts / "manifest.json").read_text())
+    manifest = Manifest.from_json(raw, tiny_artifacts)
+    assert manifest.to_json() == raw
+    again = Manifest.from_json(json.loads(json.dumps(manifest.to_json())), tiny_artifacts)
+    assert again == manifest
+
+
+def test_manifest_round_trips_optional_entries(tiny_artifacts):
+    """Engine and quantization records (written by other tools) survive a round trip unchanged too."""
+    manifest = load_manifest(tiny_artifacts).with_engine("backbone", EngineEntry(
+        file="backbone.plan", sha256="0" * 64, tensorrt="10.13.0", gpu="NVIDIA H200", compute_capability="9.0",
+        built_at="2026-12-01T04:00:00+00:00", validation=EngineValidation(True, 8, 1e-3, 1e-3)))
+    quantized = replace(manifest.graph("depformer"), quantization=QuantizationRecord(
+        scheme="int8-qdq", bits=8, symmetric=True, block_size=None, ops=("MatMul", "Gemm"), calibration="minmax"))
+    manifest = replace(manifest, graphs={**manifest.graphs, "depformer": quantized})
+    raw = json.loads(json.dumps(manifest.to_json()))
+    assert Manifest.from_json(raw, tiny_artifacts) == manifest
+    assert Manifest.from_json(raw, tiny_artifacts).to_json() == raw
+    assert raw["graphs"]["backbone"]["engine"]["gpu"] == "NVIDIA H200"
 
 
 def test_fp16_artifacts_validate(artifacts_factory, tiny_checkpoint):
     art = artifacts_factory("default", 0, "fp16")
-    manifest = json.loads((art / "manifest.json").read_text())
-    types = {io["name"]: io["dtype"] for io in manifest["graphs"]["backbone"]["inputs"]}
-    assert types["k_cache.0"] == "float16" and types["tokens"] == "int64"
+    backbone = load_manifest(art).graph("backbone")
+    assert backbone.input("k_cache.0").dtype == np.float16 and backbone.input("tokens").dtype == np.int64
     result = _run_cli("validate", str(art), "--checkpoint", str(tiny_checkpoint), "--steps", "12",
                       "--codec-frames", "8", "--report", str(art / "report.json"))
     assert result.returncode == 0, result.stderr
@@ -253,3 +280,4 @@ def test_build_refuses_a_tokenizer_the_runtime_would_read_differently(tiny_check
     monkeypatch.setattr(TextTokenizer, "encode", lambda self, text: [0])
     with pytest.raises(tokens.TokenizerMismatch, match="would not match the reference"):
         tokens.check_tokenizer(tiny_checkpoint)
+

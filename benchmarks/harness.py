@@ -1,7 +1,7 @@
 """Side-by-side performance of the PyTorch reference loop and the runtime's backends.
 
 Every contender runs in its own worker process (``python -m
-dia2_trt.runtime.benchmark WORKER_JSON``, or ``dia2_trt.export.bench_reference``
+dia2_trt.benchmarks.harness WORKER_JSON``, or ``dia2_trt.export.bench_reference``
 for the reference), loaded once, so its peak RSS is its
 own (``ru_maxrss``) and no contender's allocations or caches flatter another.
 The parent sends "run" requests to the workers in turn, rotating the order each
@@ -9,9 +9,10 @@ repeat, so machine noise is spread over all contenders alike. The reference
 contender (torch) lives in ``dia2_trt.export.bench_reference`` and is started
 by module name: this module imports neither torch, onnx nor export/.
 
-Timing inside a worker: the graph calls are wrapped (``Graph.run`` of the
-backbone and depformer, ``StreamingCodec.decode_frame``; the reference's
-``step_reference`` / ``stage_reference`` / Mimi decode), so the split between
+Timing inside a worker: the graph calls are wrapped (the runtime is loaded on
+a ``TimedBackend``, whose bindings time the backbone, depformer and codec
+decoder runs; the reference's ``step_reference`` / ``stage_reference`` / Mimi
+decode), so the split between
 backbone, depformer, codec and host is measured inside a real generation.
 A frame starts when its backbone call starts; host time is everything else
 (sampling, the text state machine, buffer copies, Python).
@@ -33,8 +34,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .artifacts import load_manifest
-from .params import GenerationParams
+from dia2_trt.runtime import Dia2Runtime, GenerationParams
+from dia2_trt.runtime.artifacts import GraphSpec, Manifest, Topology, load_manifest
+from dia2_trt.runtime.backends import Backend, Binding, Graph, create_backend
 
 COMPONENTS = ("backbone", "depformer", "codec")
 DEFAULT_TEXT = ("[S1] Hello there, how are you doing today? [S2] I'm fine, thanks for asking. "
@@ -72,7 +74,7 @@ def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], referenc
     for backend in backends:
         reason = backend_unavailable(backend)
         for directory in artifacts:
-            precision = load_manifest(directory).precision
+            precision = load_manifest(directory, verify=False).precision
             name = f"{backend}-{precision}"
             if reason:
                 skipped.append({"contender": name, "reason": reason})
@@ -82,7 +84,7 @@ def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], referenc
 
 
 # Each contender kind's worker module, started by name: the runtime never imports export/.
-WORKER_MODULES = {"runtime": "dia2_trt.runtime.benchmark", "reference": "dia2_trt.export.bench_reference"}
+WORKER_MODULES = {"runtime": "dia2_trt.benchmarks.harness", "reference": "dia2_trt.export.bench_reference"}
 
 
 def reference_unavailable() -> str | None:
@@ -96,8 +98,6 @@ def reference_unavailable() -> str | None:
 
 
 def backend_unavailable(name: str) -> str | None:
-    from .backends import create_backend
-
     try:
         create_backend(name)
     except Exception as exc:  # missing packages, no GPU, no driver: each means "not here", with its reason
@@ -162,15 +162,41 @@ class FrameClock:
 # --- the runtime contender (runs inside a worker) ----------------------------------------------
 
 
+# The graph whose runs each component's time counts.
+TIMED_GRAPHS = {"backbone": "backbone", "depformer": "depformer", "codec_decoder": "codec"}
+
+
+class TimedBackend:
+    """A backend whose bindings time their runs into ``clock``; a backbone run starts a frame."""
+
+    def __init__(self, inner: Backend, clock: FrameClock) -> None:
+        self.name, self._inner, self._clock = inner.name, inner, clock
+
+    def load(self, spec: GraphSpec) -> "_TimedGraph":
+        return _TimedGraph(self._inner.load(spec), self._clock)
+
+
+class _TimedGraph:
+    def __init__(self, graph: Graph, clock: FrameClock) -> None:
+        self.spec, self.concurrent, self._graph, self._clock = graph.spec, graph.concurrent, graph, clock
+
+    def binding(self) -> Binding:
+        return _TimedBinding(self._graph.binding(), self._clock, TIMED_GRAPHS.get(self.spec.name))
+
+
+class _TimedBinding:
+    def __init__(self, binding: Binding, clock: FrameClock, component: str | None) -> None:
+        self.spec = binding.spec
+        self.bind, self.write, self.reset_state = binding.bind, binding.write, binding.reset_state
+        self.run = clock.timed(component, binding.run, component == "backbone") if component else binding.run
+
+
 class RuntimeSubject:
     def __init__(self, spec: Contender) -> None:
-        from .engine import Dia2Runtime
-
-        self.runtime = rt = Dia2Runtime.load(spec.source, backend=spec.backend, threads=spec.threads)
         self.clock = clock = FrameClock()
-        rt.backbone.run = clock.timed("backbone", rt.backbone.run, starts_frame=True)
-        rt.depformer.run = clock.timed("depformer", rt.depformer.run)
-        rt.codec.decode_frame = clock.timed("codec", rt.codec.decode_frame)
+        backend = TimedBackend(create_backend(spec.backend, spec.threads), clock)
+        # The parent has verified the checksums already (or was told not to).
+        self.runtime = rt = Dia2Runtime.load(spec.source, backend=backend, verify=False)
         self.sample_rate, self.frame_rate = rt.sample_rate, rt.manifest.frame_rate
 
     def run(self, text: str, seed: int, frames: int) -> dict:
@@ -183,7 +209,7 @@ class RuntimeSubject:
                     first = time.perf_counter() - started
                 samples += chunk.pcm.size
         except FrameCap:
-            pass  # enough frames: the session is abandoned mid-utterance
+            pass  # enough frames: the session ends mid-utterance (its state goes back to the runtime)
         return self.clock.report(time.perf_counter() - started, samples, first)
 
 
@@ -290,7 +316,7 @@ def _parallel(fn: Callable, parts: list) -> None:
         t.join()
 
 
-def weight_elements_per_frame(topology: dict) -> dict[str, int]:
+def weight_elements_per_frame(topology: Topology) -> dict[str, int]:
     """Weight elements one frame reads, from the manifest's topology (the checkpoint's parameter shapes).
 
     Matrices are read whole; an embedding lookup reads one row per CFG branch.
@@ -298,36 +324,37 @@ def weight_elements_per_frame(topology: dict) -> dict[str, int]:
     scheduled depformer_in / in_proj / out_proj, the shared MLPs and norms, and
     its own logits head.
     """
-    e, f, d = topology["n_embd"], topology["n_hidden"], topology["head_dim"]
-    h, kv = topology["heads"], topology["kv_heads"]
-    audio_v, q = topology["audio_vocab_size"], topology["audio_channels"]
-    base = topology.get("low_rank_dim") or e
+    t = topology
+    e, f, d = t.n_embd, t.n_hidden, t.head_dim
+    h, kv = t.heads, t.kv_heads
+    audio_v, q = t.audio_vocab_size, t.audio_channels
+    base = t.low_rank_dim or e
     rows = 2  # conditional and unconditional branch
     layer = 2 * e + 2 * d + e * h * d * 2 + e * kv * d * 2 + e * 2 * f + f * e
     backbone = (2 * rows * base + 2 * base * e  # text: main + second lookups and projections
                 + q * rows * e  # audio embeddings
-                + topology["n_layer"] * layer
-                + e + topology["action_vocab_size"] * e + audio_v * e)
-    dep = topology["depformer"]
-    de, df, dh, dd = dep["n_embd"], dep["n_hidden"], dep["heads"], dep["head_dim"]
+                + t.n_layer * layer
+                + e + t.action_vocab_size * e + audio_v * e)
+    dep = t.depformer
+    de, df, dh, dd = dep.n_embd, dep.n_hidden, dep.heads, dep.head_dim
     dep_layer = 2 * de + 2 * dd + de * 3 * dh * dd + dh * dd * de + de * 2 * df + df * de
-    stage = rows * de + e * de + dep["n_layer"] * dep_layer + de + de * audio_v
-    text = (2 * rows * de + 2 * de * de) if dep.get("text_embedding") else 0  # stage 0 only
-    return {"backbone": backbone, "depformer": topology["num_depth"] * stage + text}
+    stage = rows * de + e * de + dep.n_layer * dep_layer + de + de * audio_v
+    text = (2 * rows * de + 2 * de * de) if dep.text_embedding else 0  # stage 0 only
+    return {"backbone": backbone, "depformer": t.num_depth * stage + text}
 
 
-def kv_cache_elements_per_frame(topology: dict, capacity: int) -> int:
+def kv_cache_elements_per_frame(topology: Topology, capacity: int) -> int:
     """The backbone attends over the whole fixed-capacity K and V cache (masked), every frame."""
-    return 2 * topology["n_layer"] * 2 * topology["kv_heads"] * capacity * topology["head_dim"]
+    return 2 * topology.n_layer * 2 * topology.kv_heads * capacity * topology.head_dim
 
 
-def roofline(manifest_raw: dict, precision: str, bandwidth: float) -> dict:
+def roofline(manifest: Manifest, precision: str, bandwidth: float) -> dict:
     """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth."""
     size = 2 if precision == "fp16" else 4
-    elements = weight_elements_per_frame(manifest_raw["topology"])
+    elements = weight_elements_per_frame(manifest.topology)
     weights = {k: v * size for k, v in elements.items()}
     total = sum(weights.values())
-    cache = kv_cache_elements_per_frame(manifest_raw["topology"], manifest_raw["cache_capacity"]) * size
+    cache = kv_cache_elements_per_frame(manifest.topology, manifest.cache_capacity) * size
     return {"weight_bytes_per_frame": {**weights, "total": total}, "kv_cache_bytes_per_frame": cache,
             "bandwidth_bytes_per_second": bandwidth, "min_frame_seconds": total / bandwidth,
             "max_frames_per_second": bandwidth / total,
@@ -345,12 +372,12 @@ def spread(values: Iterable[float]) -> dict | None:
     return {"median": median, "p10": p10, "q1": q1, "q3": q3, "p90": p90, "n": int(values.size)}
 
 
-def summarize(spec: Contender, info: dict, runs: list[dict], manifest_raw: dict, bandwidth: float) -> dict:
+def summarize(spec: Contender, info: dict, runs: list[dict], manifest: Manifest, bandwidth: float) -> dict:
     frames = sum(r["frames"] for r in runs)
     frame_rate = info["frame_rate"]
     frame_seconds = [s for r in runs for s in r["frame_seconds"]]
     median_frame = float(np.median(frame_seconds)) if frame_seconds else sum(r["wall_seconds"] for r in runs) / frames
-    line = roofline(manifest_raw, spec.precision, bandwidth)
+    line = roofline(manifest, spec.precision, bandwidth)
     line["achieved_over_roofline"] = line["min_frame_seconds"] / median_frame
     return {
         **asdict(spec),
@@ -417,9 +444,9 @@ class Settings:
     schedule: str = "auto"
 
 
-def run_bench(contenders: list[Contender], skipped: list[dict], settings: Settings, manifest_raw: dict,
+def run_bench(contenders: list[Contender], skipped: list[dict], settings: Settings, manifest: Manifest,
               echo: Callable[[str], None] = lambda msg: None) -> dict:
-    """Measure every contender (warm-up excluded) and summarize; ``manifest_raw`` gives the topology."""
+    """Measure every contender (warm-up excluded) and summarize; ``manifest`` gives the topology."""
     echo("measuring memory bandwidth")
     before = measure_bandwidth()
     schedule = choose_schedule(contenders, settings.schedule)
@@ -428,7 +455,7 @@ def run_bench(contenders: list[Contender], skipped: list[dict], settings: Settin
     measured = [m for group in groups for m in _measure_group(group, settings, echo)]
     # Measured again at the end and the better probe kept: a busy machine only ever lowers it.
     bandwidth = max(before, measure_bandwidth(), key=lambda b: b["read_bytes_per_second"])
-    summaries = [summarize(spec, info, runs, manifest_raw, bandwidth["read_bytes_per_second"])
+    summaries = [summarize(spec, info, runs, manifest, bandwidth["read_bytes_per_second"])
                  for spec, info, runs in measured]
     _relative_to_reference(summaries)
     return {"machine": machine_info(), "bandwidth": bandwidth, "settings": {**asdict(settings), "schedule": schedule},

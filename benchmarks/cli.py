@@ -1,4 +1,7 @@
-"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run."""
+"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run.
+
+Loaded by ``dia2_trt.runtime.cli`` only when ``bench`` is the command.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ from pathlib import Path
 
 import click
 
-from .artifacts import ArtifactError, load_manifest
-from .benchmark import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
-from .bench_report import markdown, plot
+from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
+
+from .harness import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
+from .report import markdown, plot
 
 
 @click.command()
@@ -35,15 +39,16 @@ from .bench_report import markdown, plot
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Directory for bench.json, bench.md, latency.png, breakdown.png.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNGs (they need matplotlib, the [bench] extra).")
+@click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums.")
 def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_frames, seed, text, threads,
-          schedule, out, no_plots) -> None:
+          schedule, out, no_plots, no_verify) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
     try:
-        manifests = [load_manifest(a) for a in artifacts]
+        manifests = [load_manifest(a, verify=not no_verify) for a in artifacts]
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from None
-    ref_checkpoint = (checkpoint or manifests[0].raw.get("source", {}).get("checkpoint")) if reference else None
+    ref_checkpoint = (checkpoint or manifests[0].source.checkpoint) if reference else None
     contenders, skipped = plan_contenders([Path(a) for a in artifacts], backends or BACKENDS, ref_checkpoint, threads)
     if not contenders:
         raise click.ClickException("no contender can run here: " + "; ".join(s["reason"] for s in skipped))
@@ -52,7 +57,7 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
         echo(f"skipped {s['contender']}: {s['reason']}")
     settings = Settings(text=text, seed=seed, frames=frames, repeats=repeats, warmup_frames=warmup_frames,
                         schedule=schedule)
-    result = run_bench(contenders, skipped, settings, manifests[0].raw, echo)
+    result = run_bench(contenders, skipped, settings, manifests[0], echo)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
