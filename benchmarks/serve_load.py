@@ -1,6 +1,6 @@
 """Load on ``dia2-rt serve``: throughput, time to first audio, queueing, cancellation and memory.
 
-    python benchmarks/serve_load.py --artifacts DIR [--workers 2] [--max-queue 6] [--clients 32]
+    python -m dia2_trt.benchmarks.serve_load --artifacts DIR [--workers 2] [--max-queue 6] [--clients 32]
         [--rounds 3] [--disconnects 50] [--rss-requests 300] [--out serve-load.json]
 
 Starts the real server (a subprocess on a free loopback port), then:
@@ -106,8 +106,7 @@ class ServerProcess:
 
 def solo_audio(artifacts: Path) -> dict[tuple[str, int], bytes]:
     """Each (script, seed)'s audio generated alone, as s16le bytes (what the server must send)."""
-    from dia2_trt.runtime.engine import Dia2Runtime
-    from dia2_trt.runtime.params import GenerationParams
+    from dia2_trt.runtime import Dia2Runtime, GenerationParams
     from dia2_trt.runtime.serve.audio import pcm16
 
     runtime = Dia2Runtime.load(artifacts, threads=1)

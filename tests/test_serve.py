@@ -19,10 +19,9 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import live_server, pcm16, speech_body, split_wav, ws_speak  # noqa: E402
+from serve_support import artifacts, live_server, pcm16, runtime, speech_body, split_wav, ws_speak  # noqa: E402,F401
 
-from dia2_trt.runtime.engine import Dia2Runtime  # noqa: E402
-from dia2_trt.runtime.params import GenerationParams  # noqa: E402
+from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
 
 TEXT = "[S1] Hello there, how are you? [S2] I am fine, thanks."
@@ -35,26 +34,25 @@ GREEDY = GenerationParams(text_temperature=0.0, audio_temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_artifacts):
-    runtimes = [Dia2Runtime.load(tiny_artifacts, threads=1) for _ in range(2)]
-    with live_server(create_app(runtimes, ServeConfig(max_queue=4))) as live:
+def server(runtime):
+    with live_server(create_app([runtime] * 2, ServeConfig(max_queue=4))) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
-def solo(tiny_artifacts) -> Dia2Runtime:
-    """A runtime of its own for reference runs (the server's are busy serving)."""
-    return Dia2Runtime.load(tiny_artifacts, threads=1)
+def solo(runtime):
+    """Reference runs, on the runtime the server shares (its sessions are independent)."""
+    return runtime
 
 
 @pytest.fixture(scope="module")
-def cli_pcm(tiny_artifacts) -> bytes:
+def cli_pcm(artifacts) -> bytes:
     """``dia2-rt speak --out -`` (raw s16le on stdout) of TEXT with EXTRAS."""
     from click.testing import CliRunner
 
     from dia2_trt.runtime.cli import main
 
-    result = CliRunner().invoke(main, ["speak", "--artifacts", str(tiny_artifacts), "--out", "-", "--quiet",
+    result = CliRunner().invoke(main, ["speak", "--artifacts", str(artifacts), "--out", "-", "--quiet",
                                        *CLI_EXTRAS, TEXT])
     assert result.exit_code == 0, result.output
     assert len(result.stdout_bytes) > 4800  # a real utterance, not an empty one

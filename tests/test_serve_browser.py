@@ -17,10 +17,9 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs the [serve-test] extra (selenium)")
 
-from serve_support import live_server, wait_until  # noqa: E402
+from serve_support import artifacts, live_server, runtime, wait_until  # noqa: E402,F401
 
-from dia2_trt.runtime.engine import Dia2Runtime  # noqa: E402
-from dia2_trt.runtime.params import GenerationParams  # noqa: E402
+from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import create_app  # noqa: E402
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -52,12 +51,11 @@ def browser(tmp_path):
     driver.quit()
 
 
-def test_page_plays_audio_while_words_light_up(browser, tiny_artifacts, tmp_path):
+def test_page_plays_audio_while_words_light_up(browser, runtime, tmp_path):
     from selenium.webdriver.common.by import By
 
-    runtime = Dia2Runtime.load(tiny_artifacts, threads=1)
     expected = runtime.speak(SCRIPT, GenerationParams())
-    with live_server(create_app([Dia2Runtime.load(tiny_artifacts, threads=1)])) as server:
+    with live_server(create_app([runtime])) as server:
         browser.get(server.url + "/")
         wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#voice1 option"), 20)
         script = browser.find_element(By.ID, "script")

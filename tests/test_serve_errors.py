@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import LiveServer, live_server, pcm16, speech_body, wait_until, ws_speak  # noqa: E402
+from serve_support import (  # noqa: E402,F401
+    LiveServer, artifacts, live_server, pcm16, runtime, speech_body, wait_until, ws_speak)
 
-from dia2_trt.runtime.engine import Dia2Runtime  # noqa: E402
-from dia2_trt.runtime.params import GenerationParams  # noqa: E402
+from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
 from dia2_trt.runtime.serve.voices import VoiceError, VoiceRegistry  # noqa: E402
 from dia2_trt.runtime.serve.workers import Limits, plain_session  # noqa: E402
@@ -49,8 +49,8 @@ def faulty_session(runtime, params, voices, progress):
 
 
 @pytest.fixture(scope="module")
-def runtimes(tiny_artifacts):
-    return [Dia2Runtime.load(tiny_artifacts, threads=1) for _ in range(2)]
+def runtimes(runtime):
+    return [runtime] * 2  # two workers over one loaded runtime
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def server(runtimes):
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_artifacts) -> bytes:
-    return pcm16(Dia2Runtime.load(tiny_artifacts, threads=1).speak(TEXT, GenerationParams()).pcm)
+def expected(runtime) -> bytes:
+    return pcm16(runtime.speak(TEXT, GenerationParams()).pcm)
 
 
 def _still_serving(server, expected: bytes) -> None:
@@ -268,7 +268,7 @@ def test_voice_registry(tmp_path):
         VoiceRegistry.from_options([f"anna={voice}"], loader=refuse)
 
 
-def test_cli_refuses_bad_setups_with_one_line(tiny_artifacts, tmp_path):
+def test_cli_refuses_bad_setups_with_one_line(artifacts, tmp_path):
     from click.testing import CliRunner
 
     from dia2_trt.runtime.cli import main
@@ -283,7 +283,7 @@ def test_cli_refuses_bad_setups_with_one_line(tiny_artifacts, tmp_path):
         ("--workers", "0"): "0 is not in the range",
     }
     for args, message in cases.items():
-        result = CliRunner().invoke(main, ["serve", "--artifacts", str(tiny_artifacts), *args])
+        result = CliRunner().invoke(main, ["serve", "--artifacts", str(artifacts), *args])
         assert result.exit_code != 0
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,25 +18,25 @@ pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 pytest.importorskip("psutil", reason="needs the [dev] extra")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import serve_load as load  # noqa: E402
+from serve_support import artifacts, runtime  # noqa: E402,F401
 
-from dia2_trt.runtime.engine import Dia2Runtime  # noqa: E402
-from dia2_trt.runtime.params import GenerationParams  # noqa: E402
+from dia2_trt.benchmarks import serve_load as load  # noqa: E402
+
+from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.audio import pcm16  # noqa: E402
 
 WORKERS, QUEUE, CLIENTS = 2, 6, 32
 
 
 @pytest.fixture(scope="module")
-def server(tiny_artifacts):
-    process = load.ServerProcess(tiny_artifacts, WORKERS, QUEUE).wait_ready()
+def server(artifacts):
+    process = load.ServerProcess(artifacts, WORKERS, QUEUE).wait_ready()
     yield process
     process.stop()
 
 
-def test_concurrent_clients_get_their_solo_audio_or_a_clean_503(server, tiny_artifacts):
-    solo = load.solo_audio(tiny_artifacts)
+def test_concurrent_clients_get_their_solo_audio_or_a_clean_503(server, artifacts):
+    solo = load.solo_audio(artifacts)
     outcomes = asyncio.run(load.burst(server.url, CLIENTS))
     served = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status == 503]
@@ -72,9 +70,9 @@ def test_rss_after_300_requests_is_within_10_percent_of_after_30(server):
     assert growth["ratio"] <= 1.10, growth
 
 
-def test_sigterm_lets_an_in_flight_stream_finish(tiny_artifacts):
-    expected = pcm16(Dia2Runtime.load(tiny_artifacts, threads=1).speak(load.LONG, GenerationParams()).pcm)
-    process = load.ServerProcess(tiny_artifacts, 1, 0, "--shutdown-grace", "30").wait_ready()
+def test_sigterm_lets_an_in_flight_stream_finish(artifacts, runtime):
+    expected = pcm16(runtime.speak(load.LONG, GenerationParams()).pcm)
+    process = load.ServerProcess(artifacts, 1, 0, "--shutdown-grace", "30").wait_ready()
     try:
         body = {"model": "dia2", "input": load.LONG, "voice": "alloy", "response_format": "pcm"}
         with httpx.stream("POST", f"{process.url}/v1/audio/speech", json=body, timeout=60) as response:

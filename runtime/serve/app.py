@@ -12,8 +12,8 @@ from typing import Sequence
 
 from fastapi import FastAPI
 
-from ..engine import Dia2Runtime
-from ..script import ScriptError, check_script
+from .. import Dia2Runtime, ScriptError
+from ..script import check_script
 from .audio import available_formats
 from .metrics import Metrics
 from .page import router as page_router
@@ -39,7 +39,7 @@ class ServeState:
 
     def __init__(self, slots: Sequence[Dia2Runtime], config: ServeConfig, voices: VoiceRegistry,
                  open_session=plain_session) -> None:
-        self.runtime = slots[0]  # parsing and facts only; generation runs on the pool's slots
+        self.runtime = slots[0]  # for parsing and the model's facts; generation runs on the pool's slots
         self.config = config
         self.voices = voices
         self.metrics = Metrics()
@@ -100,8 +100,8 @@ class _CutOffQuietly:
 
 def create_app(slots: Sequence[Dia2Runtime], config: ServeConfig | None = None,
                voices: VoiceRegistry | None = None, open_session=plain_session) -> FastAPI:
-    """An app whose pool has one worker per slot (several slots may be the same runtime once it
-    runs sessions concurrently)."""
+    """An app whose pool has one worker per slot; a slot is the runtime that worker's sessions
+    run on, normally one loaded runtime repeated N times (the weights load once)."""
     state = ServeState(slots, config or ServeConfig(), voices or VoiceRegistry(), open_session)
 
     @asynccontextmanager

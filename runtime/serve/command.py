@@ -69,18 +69,17 @@ def _voices(options) -> VoiceRegistry:
 
 
 def _load(artifacts: str, workers: int, backend: str, threads: int | None) -> list:
-    """One runtime per worker (each holds the buffers of one generation at a time)."""
-    from ..artifacts import ArtifactError
-    from ..backends import create_backend
-    from ..engine import Dia2Runtime, TruncationWarning
+    """One loaded runtime, once per worker slot: sessions own their state, so the weights load once."""
+    from .. import ArtifactError, Dia2Runtime, TruncationWarning
 
     warnings.simplefilter("ignore", TruncationWarning)  # each result says truncated=..., per request
     try:
-        return [Dia2Runtime.load(artifacts, backend=create_backend(backend, threads)) for _ in range(workers)]
+        runtime = Dia2Runtime.load(artifacts, backend=backend, threads=threads)
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from None
     except (ImportError, ValueError) as exc:
         raise click.ClickException(f"backend {backend} cannot run here: {exc}") from None
+    return [runtime] * workers
 
 
 def _loopback(host: str) -> bool:

@@ -20,7 +20,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..script import ScriptError
+from .. import ScriptError
 from .audio import AudioFormat, encode_whole, wav_header
 from .schema import RequestError, SpeechRequest, error_body, parse_json, validate
 from .voices import VoiceError

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..params import GenerationParams
+from .. import GenerationParams
 
 
 class RequestError(ValueError):

@@ -24,9 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..engine import Dia2Runtime, SpeakResult
-from ..params import GenerationParams
-from ..script import ScriptError
+from .. import Dia2Runtime, GenerationParams, ScriptError, SpeakResult
 from .audio import pcm16
 from .voices import Voice
 
@@ -147,10 +145,14 @@ class Job:
     def _generate(self, runtime: Dia2Runtime, open_session: Callable) -> Finished:
         self._check(None)
         session = open_session(runtime, self.params, self.voices, self._check)
-        while not session.done:
-            self._take_input(session)
-            for chunk in session:  # stops when the session needs words it does not have yet
-                self._audio(chunk)
+        try:
+            while not session.done:
+                self._take_input(session)
+                for chunk in session:  # stops when the session needs words it does not have yet
+                    self._audio(chunk)
+        finally:
+            if not session.done:
+                session.cancel()  # hands its state back to the runtime now, not when collected
         first = None if self.first_audio is None else self.first_audio - (self.first_text or self.arrived)
         return Finished(session.result, self.started - self.arrived, first)
 
