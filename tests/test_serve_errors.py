@@ -289,3 +289,10 @@ def test_cli_refuses_bad_setups_with_one_line(artifacts, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
     missing = CliRunner().invoke(main, ["serve", "--artifacts", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and missing.output.startswith("Error:") and len(missing.output.splitlines()) == 1
+
+
+def test_cli_loads_the_weights_once_for_all_workers(artifacts):
+    from dia2_trt.runtime.serve.command import _load
+
+    slots = _load(str(artifacts), 3, "onnxruntime", 1)
+    assert len(slots) == 3 and all(slot is slots[0] for slot in slots)
