@@ -296,3 +296,14 @@ def test_cli_loads_the_weights_once_for_all_workers(artifacts):
 
     slots = _load(str(artifacts), 3, "onnxruntime", 1)
     assert len(slots) == 3 and all(slot is slots[0] for slot in slots)
+
+
+def test_serve_without_the_extra_says_which_to_install(artifacts):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['uvicorn'] = None; from dia2_trt.runtime.cli import main; "
+            f"main(['serve', '--artifacts', {str(artifacts)!r}])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith("Error: dia2-rt serve needs the [serve] extra") and done.stderr.count("\n") == 1
