@@ -95,13 +95,18 @@ BAD_BODIES = {
     "too many chars": (speech_body("[S1] " + "la " * 900), 400, "input"),
     "past the context": (speech_body("[S1] " + " ".join(["word"] * 600)), 400, "input"),
     "json list": ([TEXT], 400, None),
+    "NaN temperature": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "temperature": NaN}', 400,
+                        "temperature"),
+    "infinite cfg": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "cfg_scale": Infinity}', 400,
+                     "cfg_scale"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_BODIES))
 def test_bad_json_bodies_are_400_in_openai_shape(server, case):
     body, status, param = BAD_BODIES[case]
-    response = httpx.post(f"{server.url}/v1/audio/speech", json=body, timeout=30)
+    content = body if isinstance(body, str) else json.dumps(body)  # a str is raw JSON (NaN and Infinity)
+    response = httpx.post(f"{server.url}/v1/audio/speech", content=content, timeout=30)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]

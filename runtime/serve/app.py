@@ -51,7 +51,11 @@ class ServeState:
     def new_job(self, fields: GenerationFields, text: str | None = None) -> Job:
         """A checked job, admitted to the pool (text given: fed whole and closed); may raise Busy."""
         voices = (self._voice(fields.voice, "voice"), self._voice(fields.voice_2, "voice_2"))
-        job = Job(fields.params(), voices, self.config.limits)
+        try:
+            params = fields.params()
+        except (TypeError, ValueError) as exc:  # the schema's ranges are the stricter, but say it either way
+            raise RequestError(str(exc)) from None
+        job = Job(params, voices, self.config.limits)
         if text is not None:
             self.check_script(text)
             try:
