@@ -22,7 +22,8 @@ class _Group(OneLineGroup):
     """Commands in ``LAZY`` are imported only when run (or listed by --help): ``bench``
     pulls in the benchmark harness, which ``speak`` must not load."""
 
-    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "voice": ("dia2_trt.runtime.voice_cli", "voice")}
+    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "voice": ("dia2_trt.runtime.voice_cli", "voice"),
+            "serve": ("dia2_trt.runtime.serve.command", "serve")}
 
     def list_commands(self, ctx) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
