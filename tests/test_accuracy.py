@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from conftest import SCRIPTS
 
 from dia2_trt.export.accuracy import THRESHOLDS, accuracy_report
+from dia2_trt.runtime.artifacts import sha256
 
 
 def _quiet(msg: str) -> None:
@@ -46,6 +47,10 @@ def _copy_with_negated_action_head(src, dst):
     weight = next(t for t in model.graph.initializer if t.name == head.input[1])
     weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), weight.name))
     onnx.save(model, str(dst / "backbone.onnx"))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["graphs"]["backbone"]["sha256"] = sha256(dst / "backbone.onnx")  # a consistent, wrong artifact
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    (dst / ".verified.json").unlink(missing_ok=True)
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
