@@ -41,15 +41,22 @@ class Trace:
 
 
 class _Recorder:
-    """A graph that keeps copies of some feeds and outputs of every run."""
+    """A loaded graph whose bindings keep copies of some feeds and outputs of every run."""
 
     def __init__(self, inner, feeds: tuple[str, ...], outputs: tuple[str, ...]) -> None:
         self._inner, self._feeds, self._outputs = inner, feeds, outputs
+        self.spec: GraphSpec = inner.spec
+        self.concurrent = inner.concurrent
         self.calls: list[dict[str, np.ndarray]] = []
 
-    @property
-    def spec(self) -> GraphSpec:
-        return self._inner.spec
+    def binding(self) -> "_RecordingBinding":
+        return _RecordingBinding(self._inner.binding(), self)
+
+
+class _RecordingBinding:
+    def __init__(self, inner, recorder: _Recorder) -> None:
+        self._inner, self._recorder = inner, recorder
+        self.spec = inner.spec
 
     def bind(self, name, array) -> None:
         self._inner.bind(name, array)
@@ -57,11 +64,15 @@ class _Recorder:
     def write(self, name, index, values) -> None:
         self._inner.write(name, index, values)
 
+    def reset_state(self) -> None:
+        self._inner.reset_state()
+
     def run(self, feeds):
         out = self._inner.run(feeds)
-        kept = {k: np.array(feeds[k]) for k in self._feeds}
-        kept.update({k: np.array(out[k]) for k in self._outputs})
-        self.calls.append(kept)
+        r = self._recorder
+        kept = {k: np.array(feeds[k]) for k in r._feeds}
+        kept.update({k: np.array(out[k]) for k in r._outputs})
+        r.calls.append(kept)
         return out
 
 
@@ -72,8 +83,8 @@ class _RecordingBackend(OrtBackend):
         super().__init__(threads)
         self.recorders: dict[str, _Recorder] = {}
 
-    def load(self, spec: GraphSpec, path: Path | None = None):
-        graph = super().load(spec, path)
+    def load(self, spec: GraphSpec):
+        graph = super().load(spec)
         if spec.name not in self._KEEP:
             return graph
         self.recorders[spec.name] = recorder = _Recorder(graph, *self._KEEP[spec.name])
@@ -153,6 +164,7 @@ class Replay:
         bb = self.manifest.graph("backbone")
         self._cache = {t.name: t.zeros() for t in bb.inputs if t.name.startswith(("k_cache.", "v_cache."))}
         self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in ("backbone", "depformer")}
+        self._row_input = "cache_length" in self._dtypes["backbone"]
 
     def close(self) -> None:
         self.sessions.clear()
@@ -169,7 +181,10 @@ class Replay:
             buf.fill(0)  # rows past t are masked, but a clean start keeps runs reproducible
         for t in range(trace.steps):
             want = extra_at(t)
-            bb = self._run("backbone", {"tokens": trace.tokens[t], "position": np.array([t]), **self._cache}, want)
+            step = {"tokens": trace.tokens[t], "position": np.array([t])}
+            if self._row_input:  # artifacts with audio-prefix room write cache row t apart from RoPE position t
+                step["cache_length"] = np.array([t])
+            bb = self._run("backbone", {**step, **self._cache}, want)
             for i in range(n_layer):
                 self._cache[cache_name("k", i)][:, :, t] = bb["k_new"][i]
                 self._cache[cache_name("v", i)][:, :, t] = bb["v_new"][i]

@@ -15,6 +15,7 @@ Graph I/O stays fp32 except the large per-step tensors named in ``fp16_io``
 
 from __future__ import annotations
 
+import heapq
 import re
 
 import onnx
@@ -56,13 +57,90 @@ def to_fp16(model: onnx.ModelProto, fp16_io: tuple[str, ...] = FP16_IO) -> onnx.
     from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     blocked = [n.name for n in _fp32_nodes(model.graph.node)]
+    made_by = {out: (node.name, i) for node in model.graph.node for i, out in enumerate(node.output)}
     converted = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + _FP32_OPS,
         # Shapes are inferred beforehand (by file path, which works past 2 GB).
         node_block_list=blocked, disable_shape_infer=True,
     )
     _fp16_boundary(converted, set(fp16_io))
+    _reconnect_captures(converted.graph, made_by)
+    _sort_topologically(converted.graph)
     return converted
+
+
+def _reconnect_captures(graph: onnx.GraphProto, made_by: dict[str, tuple[str, int]]) -> None:
+    """Point If branches back at the values they read from the enclosing graph.
+
+    The converter renames a kept-fp32 node's output (``where`` -> ``node_where_output_cast_0``)
+    and rewires the consumers it sees, but not reads from inside a subgraph: the depformer's
+    TopK threshold branches then name a value nothing produces. Both sides are fp32, so the
+    renamed output is the right one."""
+    produced = {out for node in graph.node for out in node.output} | {v.name for v in graph.input}
+    produced |= {t.name for t in graph.initializer}
+    nodes = {node.name: node for node in graph.node}
+    renamed = {}
+    for name, (node_name, index) in made_by.items():
+        node = nodes.get(node_name)
+        if name not in produced and node is not None and index < len(node.output):
+            renamed[name] = node.output[index]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_reads(attr.g, renamed)
+
+
+def _rename_reads(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_reads(attr.g, renamed)
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Put every node after the producers of what it reads, subgraphs' outer-scope reads included.
+
+    The converter appends the casts it inserts for a kept-fp32 node inside an If branch (the
+    depformer's TopK threshold) after that If, which the ONNX checker refuses."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _sort_topologically(attr.g)
+    produced = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    users: list[list[int]] = [[] for _ in graph.node]
+    waiting = [0] * len(graph.node)
+    for i, node in enumerate(graph.node):
+        for j in {produced[name] for name in _reads(node) if name in produced} - {i}:
+            users[j].append(i)
+            waiting[i] += 1
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)  # Kahn's algorithm, smallest original index first: valid orders stay as they are
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(graph.node[i])
+        for j in users[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(graph.node):
+        raise ValueError(f"graph {graph.name!r} has a cycle")
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads: its inputs, and what its subgraphs take from the enclosing scope."""
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            inner = {out for n in attr.g.node for out in n.output}
+            inner |= {v.name for v in attr.g.input} | {t.name for t in attr.g.initializer}
+            names |= {name for n in attr.g.node for name in _reads(n)} - inner
+    return names
 
 
 def _fp16_boundary(model: onnx.ModelProto, names: set[str]) -> None:

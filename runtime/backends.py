@@ -147,15 +147,20 @@ class OrtBackend:
         return opts
 
     def load(self, spec: GraphSpec) -> "OrtGraph":
+        return OrtGraph(self.open_session(spec), spec)
+
+    def open_session(self, spec: GraphSpec, path: Path | None = None):
+        """A plain InferenceSession of ``spec``'s graph (or of a variant of it at ``path``, as the
+        calibration replay uses) with this backend's options: threads, a weight-only graph's accuracy level."""
+        path = Path(path or spec.path)
         try:
-            threads = self.threads or auto_threads(graph_bytes(spec.path))
+            threads = self.threads or auto_threads(graph_bytes(path))
             level = spec.quantization.ort_accuracy_level if spec.quantization else None
-            session = self._ort.InferenceSession(str(spec.path), self.session_options(threads, level),
-                                                 providers=self.providers)
+            return self._ort.InferenceSession(str(path), self.session_options(threads, level),
+                                              providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"{spec.path}: cannot load graph ({message})") from None
-        return OrtGraph(session, spec)
+            raise ArtifactError(f"{path}: cannot load graph ({message})") from None
 
 
 class OrtGraph:
