@@ -13,7 +13,6 @@ came from only lends it graphs, so sessions in different threads never meet.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import warnings
@@ -22,11 +21,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from .artifacts import cache_name
 from .frames import UNGENERATED, finish
 from .params import GenerationParams
 from .sampling import guide, sample
-from .script import ScriptError, check_script
+from .script import ScriptError, check_script, complete_prefix
 from .state_machine import StateMachine
 
 if TYPE_CHECKING:
@@ -133,7 +131,7 @@ class Session:
         with self._lock:
             self._check_open()
             candidate = self._text + text
-            self._take_entries(_complete_prefix(candidate))
+            self._take_entries(complete_prefix(candidate))
             self._text = candidate
 
     def close(self) -> None:
@@ -250,9 +248,9 @@ class Session:
         s.tokens[1, 0], s.tokens[1, 1] = ids.zero, ids.pad
         out = s.backbone.run({"tokens": s.tokens, "position": t})
         row = (slice(None), slice(None), t)
-        for i in range(s.k_cache.shape[0]):
-            s.backbone.write(cache_name("k", i), row, out["k_new"][i])
-            s.backbone.write(cache_name("v", i), row, out["v_new"][i])
+        for i, (k_name, v_name) in enumerate(s.cache_names):
+            s.backbone.write(k_name, row, out["k_new"][i])
+            s.backbone.write(v_name, row, out["v_new"][i])
         self._hidden, self._cb0 = out["hidden"], out["cb0_logits"]
         return sample(guide(out["action_logits"], p.cfg_scale, p.cfg_filter_k), p.text_temperature, p.text_top_k,
                       s.rng)
@@ -362,23 +360,3 @@ class Session:
 def _check_text(text) -> None:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-
-
-def _complete_prefix(text: str) -> str:
-    """The longest prefix of ``text`` that ends on a word boundary outside any tag.
-
-    Up to the last whitespace, then back before a ``<`` or ``[`` that is still open
-    (a break tag has a space inside it); what follows may still grow.
-    """
-    match = re.search(r"\s(?=\S*$)", text)
-    prefix = text[: match.start()] if match else ""
-    while True:
-        open_at = max(_unclosed(prefix, "<", ">"), _unclosed(prefix, "[", "]"))
-        if open_at < 0:
-            return prefix
-        prefix = prefix[:open_at]
-
-
-def _unclosed(text: str, opener: str, closer: str) -> int:
-    at = text.rfind(opener)
-    return at if at > text.rfind(closer) else -1

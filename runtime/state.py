@@ -51,6 +51,7 @@ class GenerationState:
     backbone: Binding
     depformer: Binding
     codec: CodecStream
+    cache_names: list[tuple[str, str]] = field(default_factory=list)  # (k, v) input of each layer, in order
     text: TextState | None = None  # set by reset(), as is the rule
     rule: StopRule | None = None
     emitter: Emitter = field(default_factory=Emitter)
@@ -70,10 +71,11 @@ class GenerationState:
             v_cache=np.zeros((layers, *cache.shape), dtype=cache.dtype),
             backbone=backbone, depformer=bind("depformer"),
             codec=CodecStream(bind("codec_decoder"), m.codec.codebook_size),
+            cache_names=[(cache_name("k", i), cache_name("v", i)) for i in range(layers)],
         )
-        for i in range(layers):
-            backbone.bind(cache_name("k", i), state.k_cache[i])  # views: the layers share one allocation
-            backbone.bind(cache_name("v", i), state.v_cache[i])
+        for i, (k_name, v_name) in enumerate(state.cache_names):
+            backbone.bind(k_name, state.k_cache[i])  # views: the layers share one allocation
+            backbone.bind(v_name, state.v_cache[i])
         return state
 
     def reset(self, m: Manifest, machine: StateMachine, params: GenerationParams) -> None:
