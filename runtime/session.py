@@ -16,7 +16,6 @@ prefix frames, then starts at frame A - 1, as the reference does.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import warnings
@@ -29,7 +28,7 @@ from .frames import UNGENERATED, finish
 from .params import GenerationParams
 from .prefix import ROW_SHIFT, Prefix, WarmState, delay_codes, warmup_tokens
 from .sampling import guide, sample
-from .script import ScriptError, check_script
+from .script import ScriptError, check_script, complete_prefix
 from .state_machine import StateMachine
 
 if TYPE_CHECKING:
@@ -156,7 +155,7 @@ class Session:
         with self._lock:
             self._check_open()
             candidate = self._text + text
-            self._take_entries(_complete_prefix(candidate))
+            self._take_entries(complete_prefix(candidate))
             self._text = candidate
 
     def close(self) -> None:
@@ -417,23 +416,3 @@ class Session:
 def _check_text(text) -> None:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-
-
-def _complete_prefix(text: str) -> str:
-    """The longest prefix of ``text`` that ends on a word boundary outside any tag.
-
-    Up to the last whitespace, then back before a ``<`` or ``[`` that is still open
-    (a break tag has a space inside it); what follows may still grow.
-    """
-    match = re.search(r"\s(?=\S*$)", text)
-    prefix = text[: match.start()] if match else ""
-    while True:
-        open_at = max(_unclosed(prefix, "<", ">"), _unclosed(prefix, "[", "]"))
-        if open_at < 0:
-            return prefix
-        prefix = prefix[:open_at]
-
-
-def _unclosed(text: str, opener: str, closer: str) -> int:
-    at = text.rfind(opener)
-    return at if at > text.rfind(closer) else -1

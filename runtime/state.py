@@ -51,6 +51,7 @@ class GenerationState:
     backbone: Binding
     depformer: Binding
     codec: CodecStream
+    cache_names: list[tuple[str, str]] = field(default_factory=list)  # (k, v) input of each layer, in order
     text: TextState | None = None  # set by reset(), as is the rule
     rule: StopRule | None = None
     emitter: Emitter = field(default_factory=Emitter)
@@ -71,18 +72,19 @@ class GenerationState:
             v_cache=np.zeros((layers, *cache.shape), dtype=cache.dtype),
             backbone=backbone, depformer=bind("depformer"),
             codec=CodecStream(bind("codec_decoder"), m.codec.codebook_size),
+            cache_names=[(cache_name("k", i), cache_name("v", i)) for i in range(layers)],
         )
-        for i in range(layers):
-            backbone.bind(cache_name("k", i), state.k_cache[i])  # views: the layers share one allocation
-            backbone.bind(cache_name("v", i), state.v_cache[i])
+        for i, (k_name, v_name) in enumerate(state.cache_names):
+            backbone.bind(k_name, state.k_cache[i])  # views: the layers share one allocation
+            backbone.bind(v_name, state.v_cache[i])
         return state
 
     def write_rows(self, rows, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """Store K/V rows ([L, 2, Hkv, D] at one row, or [L, 2, Hkv, T, D] at a slice) in this state's cache."""
         index = (slice(None), slice(None), rows)
-        for i in range(self.k_cache.shape[0]):
-            self.backbone.write(cache_name("k", i), index, k_new[i])
-            self.backbone.write(cache_name("v", i), index, v_new[i])
+        for i, (k_name, v_name) in enumerate(self.cache_names):
+            self.backbone.write(k_name, index, k_new[i])
+            self.backbone.write(v_name, index, v_new[i])
 
     def reset(self, m: Manifest, machine: StateMachine, params: GenerationParams) -> None:
         ids = m.token_ids

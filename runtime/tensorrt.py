@@ -169,7 +169,8 @@ class TrtBinding:
         if array.shape != buf.shape or array.dtype != buf.dtype:
             raise ValueError(f"{name}: need {buf.dtype} {buf.shape}, got {array.dtype} {array.shape}")
         kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        _check(self._cudart.cudaMemcpy(buf.device, np.ascontiguousarray(array).ctypes.data, buf.nbytes, kind))
+        host = np.ascontiguousarray(array)  # named: it must outlive the copy
+        _check(self._cudart.cudaMemcpy(buf.device, host.ctypes.data, buf.nbytes, kind))
 
     def write(self, name: str, index: Any, values: np.ndarray) -> None:
         """``buffer[:, ..., :, i] = values`` on the device: a pitched 2-D copy.
@@ -182,19 +183,26 @@ class TrtBinding:
         width = int(np.prod(buf.shape[axis + 1:])) * buf.dtype.itemsize
         height = int(np.prod(buf.shape[:axis]))
         pitch = buf.shape[axis] * width
-        src, kind = self._source(values)
-        _check(self._cudart.cudaMemcpy2DAsync(int(buf.device) + i * width, pitch, src, width, width, height,
-                                              kind, self._stream))
+        device = self._device_address(values)
+        kinds = self._cudart.cudaMemcpyKind
+        if device is not None:
+            _check(self._cudart.cudaMemcpy2DAsync(int(buf.device) + i * width, pitch, device, width, width, height,
+                                                  kinds.cudaMemcpyDeviceToDevice, self._stream))
+            return
+        host = np.ascontiguousarray(values)  # host memory the async copy reads: wait for it below
+        _check(self._cudart.cudaMemcpy2DAsync(int(buf.device) + i * width, pitch, host.ctypes.data, width, width,
+                                              height, kinds.cudaMemcpyHostToDevice, self._stream))
+        _check(self._cudart.cudaStreamSynchronize(self._stream))
 
-    def _source(self, values: np.ndarray):
+    def _device_address(self, values: np.ndarray) -> int | None:
         """The device address of ``values`` if it is a contiguous piece of an output mirror."""
         start = values.ctypes.data
         for name in self._outputs:
             buf = self._buffers[name]
             base = buf.host.ctypes.data
             if values.flags.c_contiguous and base <= start and start + values.nbytes <= base + buf.nbytes:
-                return int(buf.device) + (start - base), self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        return np.ascontiguousarray(values).ctypes.data, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+                return int(buf.device) + (start - base)
+        return None
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         cudart, stream = self._cudart, self._stream
@@ -221,12 +229,12 @@ class TrtBinding:
             return
         if self.spec.state:
             self._point(turn)
-        if not self._context.execute_async_v3(stream):
+        if not self._context.execute_async_v3(int(stream)):
             raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
         if self._b.cuda_graphs:
             mode = self._cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             _check(self._cudart.cudaStreamBeginCapture(stream, mode))
-            self._context.execute_async_v3(stream)
+            self._context.execute_async_v3(int(stream))
             graph = _check(self._cudart.cudaStreamEndCapture(stream))
             self._graph_exec[turn] = _check(self._cudart.cudaGraphInstantiate(graph, 0))
 
@@ -269,10 +277,10 @@ class TrtDynamicBinding:
         cudart, ctx, stream = self._cudart, self._context, self._stream
         _check(cudart.cudaSetDevice(self._b.device))
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        buffers = []
+        buffers, hosts = [], []  # hosts: the inputs' host memory, alive until the stream is synchronised
         try:
             for t in self.spec.inputs:
-                array = np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
+                hosts.append(array := np.ascontiguousarray(feeds[t.name], dtype=t.dtype))
                 ctx.set_input_shape(t.name, array.shape)
                 buffers.append(buf := _DeviceBuffer(cudart, array.shape, t.dtype, mirror=False))
                 _check(cudart.cudaMemcpyAsync(buf.device, array.ctypes.data, buf.nbytes, h2d, stream))
@@ -282,13 +290,14 @@ class TrtDynamicBinding:
                 out[t.name] = np.empty(tuple(ctx.get_tensor_shape(t.name)), dtype=t.dtype)
                 buffers.append(buf := _DeviceBuffer(cudart, out[t.name].shape, t.dtype, mirror=False))
                 ctx.set_tensor_address(t.name, int(buf.device))
-            if not ctx.execute_async_v3(stream):
+            if not ctx.execute_async_v3(int(stream)):
                 raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
             for (name, array), buf in zip(out.items(), buffers[len(self.spec.inputs):]):
                 _check(cudart.cudaMemcpyAsync(array.ctypes.data, buf.device, buf.nbytes, d2h, stream))
             _check(cudart.cudaStreamSynchronize(stream))
             return out
         finally:
+            cudart.cudaStreamSynchronize(stream)  # nothing queued may still use what is freed here
             for buf in buffers:
                 buf.free(cudart)
 
