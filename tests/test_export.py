@@ -230,6 +230,13 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
+def test_validate_refuses_another_checkpoint(tiny_artifacts, checkpoint_factory):
+    """The manifest's source.files hashes say which weights the graphs came from."""
+    other = checkpoint_factory("default", 1)
+    line = _error_line(_run_cli("validate", str(tiny_artifacts), "--checkpoint", str(other), "--steps", "1"))
+    assert "is not the checkpoint these artifacts were built from" in line
+
+
 def test_validate_cli_reports_per_output_errors(tiny_artifacts, tiny_checkpoint, tmp_path):
     report = tmp_path / "report.json"
     result = _run_cli("validate", str(tiny_artifacts), "--checkpoint", str(tiny_checkpoint), "--steps", "50",
