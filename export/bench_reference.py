@@ -1,7 +1,7 @@
 """The PyTorch reference loop as a benchmark contender (torch lives here, outside the runtime).
 
 Run as its own benchmark worker (``python -m dia2_trt.export.bench_reference``),
-driven by ``dia2_trt.runtime.benchmark``.
+driven by ``dia2_trt.benchmarks.harness``.
 The model's ``step_reference`` (backbone), ``stage_reference`` (one depformer
 stage) and Mimi's batch decode are timed; everything else is host work. The
 reference has no streaming codec: its first audio is the batch decode's output
@@ -16,7 +16,7 @@ import time
 import torch
 
 from dia2_trt.models.sources import resolve_checkpoint
-from dia2_trt.runtime.benchmark import FrameClock, worker_main
+from dia2_trt.benchmarks.harness import FrameClock, worker_main
 from dia2_trt.runtime.params import GenerationParams
 
 from .reference_run import decode_batch, reference_loop

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dia2_trt.runtime.frames import UNGENERATED, finish
+from dia2_trt.runtime.frames import UNGENERATED, StopRule, finish
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.script import parse_script
 from dia2_trt.runtime.state_machine import StateMachine, TokenIds
@@ -90,28 +90,22 @@ class ReferenceLoop:
                                initial_padding=params.initial_padding)
         state = machine.new_state(self.entries(text))
         run = _Run(self, params)
-        max_delay = max(self.delays) if self.delays else 0
-        flush_tail = max_delay + machine.max_padding
-        first_word_frame, eos_cutoff, last_step = None, None, -1
+        rule = StopRule.start(run.capacity, self.delays, machine.max_padding, params.initial_padding,
+                              self.ids.new_word)
         steps = self.cfg.runtime.max_context_steps
         for t in range(steps if max_frames is None else min(steps, max_frames)):
-            if (eos_cutoff is not None and t >= eos_cutoff) or t + 1 >= run.capacity:
+            if rule.stops_before(t):
                 break
             action = run.backbone(t)
             main, second = machine.process(t, state, action)
-            if first_word_frame is None and main == self.ids.new_word:
-                first_word_frame = t - params.initial_padding
             run.text_tokens.append((main, second))
             run.depformer(t, main, second)
-            last_step = t
-            if eos_cutoff is None and state.end_step is not None:
-                eos_cutoff = state.end_step + flush_tail
-        limit = min(last_step + 2, run.capacity) if last_step >= 0 else 1
-        delayed = run.audio[0, :, :limit].numpy()
-        tokens, stamps, _ = finish(delayed, self.delays, self.ids.audio_pad, first_word_frame or 0,
-                                   state.transcript, self.frame_rate)
+            rule = rule.after(t, main, state.end_step)
+        delayed = run.audio[0, :, :rule.columns].numpy()
+        tokens, stamps, _ = finish(delayed, self.delays, self.ids.audio_pad, rule.crop, state.transcript,
+                                   self.frame_rate)
         return ReferenceResult(tokens, stamps, np.where(delayed == UNGENERATED, self.ids.audio_pad, delayed),
-                               last_step + 1, run.text_tokens)
+                               rule.last_step + 1, run.text_tokens)
 
 
 class _Run:

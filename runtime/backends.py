@@ -1,11 +1,18 @@
-"""Graph execution backends.
+"""Graph execution backends: the runtime's only seam to an inference engine.
 
-A backend loads one graph of the artifact directory and runs it on fixed,
-named buffers: every input and output of a step graph has a static shape, so
-the buffers are allocated once at load time and each step only copies the
-small per-step inputs in. Large persistent inputs (the KV cache) are bound once
-with ``Graph.bind`` and changed only through ``Graph.write``, so a device
-backend (TensorRT) can keep them in device memory and write rows in place.
+``Backend.load(spec)`` turns one graph of the artifact directory into a
+``Graph``: the loaded program and its weights, shared by every session of a
+runtime. A session never runs a ``Graph`` directly: it asks for its own
+``Binding`` (``graph.binding()``), which owns every buffer one run reads and
+writes, so sessions on one graph never share memory.
+
+A static-shape binding allocates its buffers once and each step only copies the
+small per-step inputs in. Large persistent inputs (the KV cache) are attached
+once with ``Binding.bind`` and changed only through ``Binding.write``, so a
+device backend (TensorRT) keeps them in device memory and writes rows in place.
+State pairs (``GraphSpec.state``: an output fed back as an input on the next
+run, e.g. the codec's streaming state) are double-buffered by the binding: each
+run reads one set and writes the other, then they swap, with no copy.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from .artifacts import ArtifactError, GraphSpec
 from .manifest import BACKEND_NAMES
 
 
-class Graph(Protocol):
+class Binding(Protocol):
+    """One session's buffers for one graph: its inputs, outputs and carried state."""
+
     spec: GraphSpec
 
     def bind(self, name: str, array: np.ndarray) -> None:
@@ -30,17 +39,32 @@ class Graph(Protocol):
         """``buffer[index] = values`` on a bound input, wherever the backend keeps it."""
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
-        """Copy ``feeds`` into their input buffers, run, and return the output buffers.
+        """Copy ``feeds`` into their input buffers, run, and return the outputs.
 
-        The returned arrays are the backend's own: valid until the next run.
+        The returned arrays (every output but the state pairs') are the binding's
+        own: valid until its next run. A state pair's output stays in the binding
+        as the pair's input for the next run.
         """
+
+    def reset_state(self) -> None:
+        """Zero the state pairs: the next run starts a new stream."""
+
+
+class Graph(Protocol):
+    """A loaded graph, shared by every session of a runtime."""
+
+    spec: GraphSpec
+    concurrent: bool  # whether bindings of this graph may run at the same time in different threads
+
+    def binding(self) -> Binding:
+        """Fresh buffers for one session (cheap next to loading; reuse them across utterances)."""
 
 
 class Backend(Protocol):
     name: str
 
-    def load(self, spec: GraphSpec, path: Path | None = None) -> Graph:
-        """Load ``spec``'s graph (from ``path`` when given, else the file the manifest names)."""
+    def load(self, spec: GraphSpec) -> Graph:
+        """Load the graph ``spec`` describes (its file, or the backend's compiled form of it)."""
 
 
 # --- ONNX Runtime ------------------------------------------------------------
@@ -72,8 +96,10 @@ def graph_bytes(path: Path) -> int:
 class OrtBackend:
     """ONNX Runtime on the CPU, or with the CUDA execution provider when installed and asked for.
 
-    With CUDA the bound buffers stay in host memory and ORT copies them in on
-    each run: correct, but the device-resident cache is the TensorRT backend's job.
+    One InferenceSession per graph, shared; ONNX Runtime allows concurrent runs
+    on one session, each with its own IOBinding. With CUDA the buffers stay in
+    host memory and ORT copies them in on each run: correct, but the
+    device-resident cache is the TensorRT backend's job.
     """
 
     name = "onnxruntime"
@@ -120,65 +146,131 @@ class OrtBackend:
             opts.add_session_config_entry(ORT_ACCURACY_LEVEL_KEY, str(int(accuracy_level)))
         return opts
 
-    def open_session(self, spec: GraphSpec, path: Path | None = None):
-        """A plain InferenceSession with this backend's options (the codec drives its own bindings)."""
-        path = Path(path or spec.path)
+    def load(self, spec: GraphSpec) -> "OrtGraph":
         try:
-            threads = self.threads or auto_threads(graph_bytes(path))
+            threads = self.threads or auto_threads(graph_bytes(spec.path))
             level = spec.quantization.ort_accuracy_level if spec.quantization else None
-            return self._ort.InferenceSession(str(path), self.session_options(threads, level),
-                                              providers=self.providers)
+            session = self._ort.InferenceSession(str(spec.path), self.session_options(threads, level),
+                                                 providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"{path}: cannot load graph ({message})") from None
-
-    def load(self, spec: GraphSpec, path: Path | None = None) -> "OrtGraph":
-        return OrtGraph(self.open_session(spec, path), spec)
+            raise ArtifactError(f"{spec.path}: cannot load graph ({message})") from None
+        return OrtGraph(session, spec)
 
 
 class OrtGraph:
-    """Every input and output bound once, by pointer, to host buffers allocated here."""
+    """An InferenceSession whose I/O matches its spec; bindings run on it concurrently."""
+
+    concurrent = True
 
     def __init__(self, session, spec: GraphSpec) -> None:
         self.spec = spec
-        self._session = session
-        self._check_signature(session, spec)
-        self._binding = session.io_binding()
-        self._inputs: dict[str, np.ndarray] = {}
-        self._outputs: dict[str, np.ndarray] = {}
-        for t in spec.inputs:
-            self._bind_input(t.name, t.zeros())
-        for t in spec.outputs:
-            self._outputs[t.name] = buf = t.zeros()
-            self._binding.bind_output(t.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-
-    @staticmethod
-    def _check_signature(session, spec: GraphSpec) -> None:
+        self.session = session
         declared = {t.name for t in spec.inputs}, {t.name for t in spec.outputs}
         actual = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
         if declared != actual:
             raise ArtifactError(f"{spec.path}: graph I/O {sorted(actual[0])} -> {sorted(actual[1])} "
                                 f"does not match the manifest")
 
-    def _bind_input(self, name: str, buf: np.ndarray) -> None:
-        self._inputs[name] = buf
-        self._binding.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+    def binding(self) -> "OrtBinding | OrtDynamicBinding":
+        if all(t.static for t in (*self.spec.inputs, *self.spec.outputs)):
+            return OrtBinding(self.session, self.spec)
+        return OrtDynamicBinding(self.session, self.spec)
+
+
+class OrtBinding:
+    """Every input and output bound once, by pointer, to host buffers this binding owns.
+
+    With state pairs there are two IOBindings over two sets of state buffers,
+    used alternately: run n reads set n % 2 and writes set (n + 1) % 2.
+    """
+
+    def __init__(self, session, spec: GraphSpec) -> None:
+        self.spec = spec
+        self._session = session
+        self._inputs = {t.name: t.zeros() for t in spec.inputs}
+        outputs = {t.name: t.zeros() for t in spec.outputs}
+        spare = {i: self._inputs[i].copy() for i, _ in spec.state}
+        # Turn 0 reads the live state and writes the spare; turn 1 the other way round.
+        self._sides = [(dict(self._inputs), {**outputs, **{o: spare[i] for i, o in spec.state}})]
+        if spec.state:
+            self._sides.append(({**self._inputs, **spare}, {**outputs, **{o: self._inputs[i] for i, o in spec.state}}))
+        self._bindings = [self._io_binding(*side) for side in self._sides]
+        self._turn = 0
+        self._returned = {name: buf for name, buf in outputs.items() if name not in dict(spec.state).values()}
+
+    def _io_binding(self, inputs: dict, outputs: dict):
+        binding = self._session.io_binding()
+        for name, buf in inputs.items():
+            binding.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        for name, buf in outputs.items():
+            binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        return binding
 
     def bind(self, name: str, array: np.ndarray) -> None:
         spec = self.spec.input(name)
+        if any(name == i for i, _ in self.spec.state):
+            raise ValueError(f"{name}: a state input is the binding's own buffer")
         if array.shape != spec.shape or array.dtype != spec.dtype or not array.flags.c_contiguous:
             raise ValueError(f"{name}: need a C-contiguous {spec.dtype} array of shape {spec.shape}, "
                              f"got {array.dtype} {array.shape}")
-        self._bind_input(name, array)
+        self._inputs[name] = array
+        for (inputs, _), binding in zip(self._sides, self._bindings):
+            inputs[name] = array
+            binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
     def write(self, name: str, index: Any, values: np.ndarray) -> None:
         self._inputs[name][index] = values
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
+        inputs = self._sides[self._turn][0]
         for name, value in feeds.items():
-            np.copyto(self._inputs[name], value, casting="same_kind")
-        self._session.run_with_iobinding(self._binding)
-        return self._outputs
+            np.copyto(inputs[name], value, casting="same_kind")
+        self._session.run_with_iobinding(self._bindings[self._turn])
+        self._turn = (self._turn + 1) % len(self._sides)
+        return self._returned
+
+    def state(self, name: str) -> np.ndarray:
+        """The buffer the next run reads for state input ``name``."""
+        return self._sides[self._turn][0][name]
+
+    def reset_state(self) -> None:
+        for name, _ in self.spec.state:
+            self.state(name).fill(0)
+
+
+class OrtDynamicBinding:
+    """A graph with dynamic axes (the codec encoder): ORT allocates its outputs on each run."""
+
+    def __init__(self, session, spec: GraphSpec) -> None:
+        self.spec = spec
+        self._session = session
+        self._outputs = [t.name for t in spec.outputs]
+
+    def bind(self, name: str, array: np.ndarray) -> None:
+        raise ValueError(f"{self.spec.name}: a dynamic-shape graph takes no persistent inputs")
+
+    def write(self, name: str, index: Any, values: np.ndarray) -> None:
+        self.bind(name, values)
+
+    def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
+        arrays = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.spec.inputs}
+        return dict(zip(self._outputs, self._session.run(self._outputs, arrays)))
+
+    def reset_state(self) -> None:
+        """Nothing carries over between runs of a dynamic graph."""
+
+
+class TakingTurns:
+    """A binding of a graph that cannot run two bindings at once: ``run`` waits for the graph's lock."""
+
+    def __init__(self, binding: Binding, lock) -> None:
+        self.spec, self._binding, self._lock = binding.spec, binding, lock
+        self.bind, self.write, self.reset_state = binding.bind, binding.write, binding.reset_state
+
+    def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
+        with self._lock:
+            return self._binding.run(feeds)
 
 
 def create_backend(name: str = "onnxruntime", threads: int | None = None) -> Backend:

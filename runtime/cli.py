@@ -17,7 +17,25 @@ from .files import AUDIO_FORMATS, audio_writer, write_together
 from .params import GenerationParams
 
 
-@click.group(cls=OneLineGroup)
+class _Group(OneLineGroup):
+    """Commands in ``LAZY`` are imported only when run (or listed by --help): ``bench``
+    pulls in the benchmark harness, which ``speak`` must not load."""
+
+    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench")}
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx, name: str):
+        if name in self.LAZY and name not in self.commands:
+            import importlib
+
+            module, attr = self.LAZY[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """Torch-free Dia2 runtime."""
 
@@ -155,7 +173,3 @@ def _summary(result) -> None:
                f"(RTF {result.real_time_factor:.3f}), first audio after {first}"
                + (" [truncated]" if result.truncated else ""), err=True)
 
-
-from .bench_cli import bench  # noqa: E402  (dia2-rt bench lives in its own module)
-
-main.add_command(bench)

@@ -1,7 +1,8 @@
-"""The codebook delay pattern and the reference's post-processing of generated frames."""
+"""The codebook delay pattern, the reference's stopping rule and its post-processing of generated frames."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -36,3 +37,61 @@ def finish(delayed: np.ndarray, delays: Sequence[int], audio_pad: int, first_wor
     rate = max(frame_rate, 1.0)
     stamps = [(word, (step - crop) / rate) for word, step in transcript if step - crop >= 0]
     return aligned, stamps, crop
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """The reference's rules for when the loop stops and where the output starts, as a value.
+
+    Pure: ``after`` returns the rule for the next frame and changes nothing, so
+    the PyTorch reference loop and the runtime share it step for step.
+    """
+
+    capacity: int
+    """Columns of the delayed audio buffer; frame t writes column t + 1, so t + 1 < capacity."""
+    flush_tail: int
+    """Frames run past the end mark: every codebook's delayed frames and the last word's padding."""
+    initial_padding: int
+    """Frames of lead-in before the first word (``GenerationParams.initial_padding``)."""
+    new_word: int
+    """The text token that starts a word on the main stream."""
+    first_word_frame: int | None = None
+    """The first main-stream new word's frame less the lead-in; None until it appears."""
+    eos_cutoff: int | None = None
+    """The first frame not run, once the script's end mark is known."""
+    last_step: int = -1
+    """The last frame run (-1 before the first)."""
+
+    @classmethod
+    def start(cls, capacity: int, delays: Sequence[int], max_padding: int, initial_padding: int,
+              new_word: int) -> "StopRule":
+        return cls(capacity, max(delays, default=0) + max_padding, initial_padding, new_word)
+
+    def stops_before(self, t: int) -> bool:
+        """Whether frame t is past the end mark's tail or past the buffer."""
+        return (self.eos_cutoff is not None and t >= self.eos_cutoff) or t + 1 >= self.capacity
+
+    def after(self, t: int, main: int, end_step: int | None) -> "StopRule":
+        """The rule once frame t ran, emitting ``main`` with the machine's end mark at ``end_step``."""
+        first = self.first_word_frame
+        if first is None and main == self.new_word:
+            first = t - self.initial_padding
+        cutoff = self.eos_cutoff
+        if cutoff is None and end_step is not None:
+            cutoff = end_step + self.flush_tail
+        return replace(self, first_word_frame=first, eos_cutoff=cutoff, last_step=t)
+
+    @property
+    def columns(self) -> int:
+        """Delayed-buffer columns that hold output: the last frame run wrote column last_step + 1."""
+        return min(self.last_step + 2, self.capacity) if self.last_step >= 0 else 1
+
+    @property
+    def crop(self) -> int:
+        """The lead-in the output drops, as ``finish`` is asked for it (it falls back to 0 if too long)."""
+        return self.first_word_frame or 0
+
+    @property
+    def truncated(self) -> bool:
+        """The loop stopped before the end mark's tail ran out (the context was too short)."""
+        return self.eos_cutoff is None or self.last_step + 1 < self.eos_cutoff

@@ -2,37 +2,70 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
+
+INT64_MAX = 2**63 - 1  # top-k values reach the graphs as int64; seeds must fit numpy's and torch's
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Defaults are the reference's ``GenerationConfig`` defaults.
+    """How to sample; defaults are the reference's ``GenerationConfig`` defaults.
 
-    A temperature of 0 means greedy (argmax) for that stream.
+    Every field is checked when the object is made: a wrong type is a TypeError,
+    a value out of range (or NaN/inf) a ValueError, each naming the field.
     """
 
     text_temperature: float = 0.6
+    """Temperature of the text action (new word or pad); 0 means greedy (argmax)."""
     text_top_k: int = 50
+    """Sample the text action among its k likeliest values; 0 means no cut."""
     audio_temperature: float = 0.8
+    """Temperature of the audio codebooks; 0 means greedy (argmax)."""
     audio_top_k: int = 50
+    """Sample each audio codebook among its k likeliest codes; 0 means no cut."""
     cfg_scale: float = 2.0
+    """Classifier-free guidance scale, > 0; 1 turns guidance off."""
     cfg_filter_k: int = 50
+    """Sample only among the k best guided logits (0: no filter)."""
     initial_padding: int = 2
+    """Frames of lead-in before the first word."""
     seed: int = 0
+    """Seed of the sampler's random generator, 0 <= seed < 2**63."""
 
     def __post_init__(self) -> None:
-        for name in ("text_temperature", "audio_temperature"):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            checked = _real(f.name, value) if f.type in ("float", float) else _integer(f.name, value)
+            object.__setattr__(self, f.name, checked)  # numpy scalars become Python numbers
+        for name in ("text_temperature", "audio_temperature", "text_top_k", "audio_top_k", "cfg_filter_k",
+                     "initial_padding", "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', ' ')} must be >= 0")
-        for name in ("text_top_k", "audio_top_k", "cfg_filter_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', ' ')} must be >= 0")
+                raise ValueError(f"{_label(name)} must be >= 0, got {getattr(self, name)}")
         if self.cfg_scale <= 0:
-            raise ValueError("cfg scale must be positive")
-        if self.initial_padding < 0:
-            raise ValueError("initial padding must be >= 0")
+            raise ValueError(f"cfg scale must be positive, got {self.cfg_scale}")
 
     @property
     def cfg_active(self) -> bool:
         return self.cfg_scale != 1.0
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{_label(name)} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{_label(name)} must be finite, got {value}")
+    return float(value)
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{_label(name)} must be an integer, got {type(value).__name__}")
+    if value > INT64_MAX:
+        raise ValueError(f"{_label(name)} must be at most 2**63 - 1, got {value}")
+    return int(value)

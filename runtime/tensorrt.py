@@ -1,13 +1,18 @@
-"""TensorRT backend: engines with device-resident buffers, replayed as CUDA graphs.
+"""TensorRT backend: engines shared across sessions, device buffers per session, CUDA-graph replay.
 
-Implements the runtime's ``Backend``/``Graph`` interface. Every I/O tensor gets
-one device buffer for the life of the graph, so addresses never change and a
-step can be captured once and replayed (``cudaGraphLaunch``) with no per-step
-enqueue cost. Bound inputs (the KV cache) live only on the device: the loop's
-``write(name, (:, :, t), k_new[i])`` becomes one strided device-to-device copy
-from this graph's own output buffer, and the cache never crosses PCIe.
+Implements the runtime's ``Backend``/``Graph``/``Binding`` interface. A loaded
+engine is shared; each binding has its own execution context, CUDA stream and
+device buffers (TensorRT runs several contexts of one engine at once). Every
+buffer's address is fixed for the binding's life, so a step is captured once
+(per state-pair turn) and replayed with ``cudaGraphLaunch``. Bound inputs (the
+KV cache) live only on the device: ``write(name, (:, :, t), k_new[i])`` is one
+pitched device-to-device copy from the binding's own output buffer, so the cache
+never crosses PCIe, and neither does the codec's state.
 
-tensorrt and cuda-python are imported on first use only.
+An engine only runs on the TensorRT version and GPU it was built for: the
+manifest's engine entry records both, and ``load`` refuses a mismatch with the
+reason before deserialising anything. tensorrt and cuda-python are imported on
+first use only.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def _check(result):
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise RuntimeError(f"CUDA error {int(err)}: {err}")
-    return values[0] if len(values) == 1 else tuple(values)
+    return values[0] if len(values) == 1 else tuple(values) if values else None
 
 
 class TrtBackend:
@@ -49,57 +54,114 @@ class TrtBackend:
         except ImportError:
             raise ArtifactError("TensorRT is not installed (pip install 'dia2-trt[tensorrt]')") from None
         self._trt = trt
-        self._cudart = _cuda()
-        _check(self._cudart.cudaSetDevice(device))
+        self.cudart = _cuda()
+        self.device = device
+        _check(self.cudart.cudaSetDevice(device))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.stream = _check(self._cudart.cudaStreamCreate())
         self.cuda_graphs = cuda_graphs
+        self.gpu = gpu_info(self.cudart, device)
 
-    def load(self, spec: GraphSpec, path: Path | None = None) -> "TrtGraph":
-        if path is None and spec.engine is None:
-            raise ArtifactError(f"graph {spec.name!r} has no TensorRT engine in the manifest (run dia2-export engines)")
-        plan = Path(path) if path else spec.engine_path
-        if not plan.is_file():
-            raise ArtifactError(f"no TensorRT engine {plan.name} for graph {spec.name!r} (run dia2-export engines)")
+    def load(self, spec: GraphSpec) -> "TrtGraph":
+        plan = check_engine(spec, self._trt.__version__, self.gpu)
         engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
-            raise ArtifactError(f"{plan}: TensorRT cannot load it (built for another GPU or TensorRT version?)")
+            raise ArtifactError(f"{plan}: TensorRT cannot load it (see its log above)")
         return TrtGraph(self, engine, spec)
 
 
-class _DeviceBuffer:
-    """A device allocation plus a pinned host mirror of the same shape."""
+def check_engine(spec: GraphSpec, tensorrt_version: str, gpu: dict) -> Path:
+    """The engine file of ``spec``, once its entry says it was built for this TensorRT and this GPU
+    (``gpu_info``); otherwise an ArtifactError that says why, before anything is deserialised."""
+    entry = spec.engine
+    if entry is None:
+        raise ArtifactError(f"graph {spec.name!r} has no TensorRT engine in the manifest (run dia2-export engines)")
+    plan = spec.engine_path
+    if entry.tensorrt != tensorrt_version:
+        raise ArtifactError(f"{plan.name}: built with TensorRT {entry.tensorrt}, this is TensorRT "
+                            f"{tensorrt_version}; rebuild it with dia2-export engines")
+    built_for, here = (entry.gpu, entry.compute_capability), (gpu["device"], gpu["compute_capability"])
+    # A field the build could not record (no cuda-python there) is left to TensorRT's own check.
+    if any(built is not None and built != this for built, this in zip(built_for, here)):
+        raise ArtifactError(f"{plan.name}: built for {built_for[0]} (compute {built_for[1]}), this GPU is "
+                            f"{here[0]} (compute {here[1]}); rebuild it with dia2-export engines")
+    if not plan.is_file():
+        raise ArtifactError(f"{plan}: TensorRT engine missing (listed in manifest.json)")
+    return plan
 
-    def __init__(self, cudart, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.shape, self.dtype = shape, np.dtype(dtype)
-        self.nbytes = max(int(np.prod(shape)) * self.dtype.itemsize, 1)
-        self.device = _check(cudart.cudaMalloc(self.nbytes))
-        host = _check(cudart.cudaMallocHost(self.nbytes))
-        raw = (ctypes.c_byte * self.nbytes).from_address(int(host))
-        self.host = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(shape))).reshape(shape)
-        self._host_ptr = host
 
-    def free(self, cudart) -> None:
-        cudart.cudaFree(self.device)
-        cudart.cudaFreeHost(self._host_ptr)
+def gpu_info(cudart, device: int) -> dict:
+    """What an engine entry records about the GPU: its name and compute capability."""
+    props = _check(cudart.cudaGetDeviceProperties(device))
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"device": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
 class TrtGraph:
+    """A deserialised engine; each binding gets its own execution context, so they run concurrently."""
+
+    concurrent = True
+
     def __init__(self, backend: TrtBackend, engine, spec: GraphSpec) -> None:
-        self.spec = spec
-        self._b = backend
-        self._cudart = backend._cudart
-        self._engine = engine
-        self._context = engine.create_execution_context()
-        self._buffers: dict[str, _DeviceBuffer] = {}
-        self._bound: set[str] = set()
-        for t in (*spec.inputs, *spec.outputs):
-            if not t.static:
-                raise ArtifactError(f"{spec.name}.{t.name}: the TensorRT backend runs static-shape graphs only")
-            self._buffers[t.name] = buf = _DeviceBuffer(self._cudart, tuple(t.shape), t.dtype)
-            self._context.set_tensor_address(t.name, int(buf.device))
-        self._graph_exec = None
+        self.spec, self.backend, self.engine = spec, backend, engine
+
+    def binding(self) -> "TrtBinding | TrtDynamicBinding":
+        if all(t.static for t in (*self.spec.inputs, *self.spec.outputs)):
+            return TrtBinding(self)
+        return TrtDynamicBinding(self)
+
+
+class _DeviceBuffer:
+    """A device allocation, with a pinned host mirror of the same shape when ``mirror``."""
+
+    def __init__(self, cudart, shape: tuple[int, ...], dtype: np.dtype, mirror: bool = True) -> None:
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        count = int(np.prod(shape))
+        self.nbytes = max(count * self.dtype.itemsize, 1)
+        self.device = _check(cudart.cudaMalloc(self.nbytes))
+        self.host, self._host_ptr = None, None
+        if mirror:
+            self._host_ptr = _check(cudart.cudaMallocHost(self.nbytes))
+            raw = (ctypes.c_byte * self.nbytes).from_address(int(self._host_ptr))
+            self.host = np.frombuffer(raw, dtype=self.dtype, count=count).reshape(shape)
+
+    def free(self, cudart) -> None:
+        cudart.cudaFree(self.device)
+        if self._host_ptr is not None:
+            cudart.cudaFreeHost(self._host_ptr)
+
+
+class TrtBinding:
+    """One session's execution context, stream and device buffers for a static-shape engine.
+
+    State pairs have a second device buffer each: turn 0 reads the first and
+    writes the second, turn 1 the other way round, one captured CUDA graph per turn.
+    """
+
+    def __init__(self, graph: TrtGraph) -> None:
+        self.spec = spec = graph.spec
+        self._b, self._cudart = graph.backend, graph.backend.cudart
+        self._context = graph.engine.create_execution_context()
+        self._stream = _check(self._cudart.cudaStreamCreate())
+        state_inputs, state_outputs = {i for i, _ in spec.state}, {o for _, o in spec.state}
+        # A state output writes into its input's spare buffer; state never needs a host mirror.
+        self._buffers = {t.name: _DeviceBuffer(self._cudart, t.shape, t.dtype, mirror=t.name not in state_inputs)
+                         for t in (*spec.inputs, *spec.outputs) if t.name not in state_outputs}
+        self._spare = {i: _DeviceBuffer(self._cudart, spec.input(i).shape, spec.input(i).dtype, mirror=False)
+                       for i in state_inputs}
+        self._outputs = [t.name for t in spec.outputs if t.name not in state_outputs]
+        self._turn = 0
+        self._graph_exec = [None, None]
+        self._point(0)
+
+    def _point(self, turn: int) -> None:
+        """Tensor addresses for a turn: state inputs read one buffer set, state outputs write the other."""
+        for name, buf in self._buffers.items():
+            self._context.set_tensor_address(name, int(buf.device))
+        for i, o in self.spec.state:
+            live, spare = self._buffers[i].device, self._spare[i].device
+            self._context.set_tensor_address(i, int(live if turn == 0 else spare))
+            self._context.set_tensor_address(o, int(spare if turn == 0 else live))
 
     def bind(self, name: str, array: np.ndarray) -> None:
         """Upload ``array`` once; afterwards the device copy is the buffer (see ``write``)."""
@@ -108,12 +170,11 @@ class TrtGraph:
             raise ValueError(f"{name}: need {buf.dtype} {buf.shape}, got {array.dtype} {array.shape}")
         kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         _check(self._cudart.cudaMemcpy(buf.device, np.ascontiguousarray(array).ctypes.data, buf.nbytes, kind))
-        self._bound.add(name)
 
     def write(self, name: str, index: Any, values: np.ndarray) -> None:
         """``buffer[:, ..., :, i] = values`` on the device: a pitched 2-D copy.
 
-        When ``values`` lies in one of this graph's output mirrors (the loop passes
+        When ``values`` lies in one of this binding's output mirrors (the loop passes
         ``k_new[i]``), the copy reads that output's device buffer directly.
         """
         buf = self._buffers[name]
@@ -123,39 +184,43 @@ class TrtGraph:
         pitch = buf.shape[axis] * width
         src, kind = self._source(values)
         _check(self._cudart.cudaMemcpy2DAsync(int(buf.device) + i * width, pitch, src, width, width, height,
-                                              kind, self._b.stream))
+                                              kind, self._stream))
 
     def _source(self, values: np.ndarray):
         """The device address of ``values`` if it is a contiguous piece of an output mirror."""
         start = values.ctypes.data
-        for out in self.spec.outputs:
-            buf = self._buffers[out.name]
+        for name in self._outputs:
+            buf = self._buffers[name]
             base = buf.host.ctypes.data
             if values.flags.c_contiguous and base <= start and start + values.nbytes <= base + buf.nbytes:
                 return int(buf.device) + (start - base), self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         return np.ascontiguousarray(values).ctypes.data, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
-        h2d = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        stream = self._b.stream
+        cudart, stream = self._cudart, self._stream
+        _check(cudart.cudaSetDevice(self._b.device))  # the current device is per host thread
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, value in feeds.items():
             buf = self._buffers[name]
             np.copyto(buf.host, value, casting="same_kind")
-            _check(self._cudart.cudaMemcpyAsync(buf.device, buf.host.ctypes.data, buf.nbytes, h2d, stream))
+            _check(cudart.cudaMemcpyAsync(buf.device, buf.host.ctypes.data, buf.nbytes, h2d, stream))
         self._enqueue()
-        for out in self.spec.outputs:
-            buf = self._buffers[out.name]
-            _check(self._cudart.cudaMemcpyAsync(buf.host.ctypes.data, buf.device, buf.nbytes, d2h, stream))
-        _check(self._cudart.cudaStreamSynchronize(stream))
-        return {out.name: self._buffers[out.name].host for out in self.spec.outputs}
+        for name in self._outputs:
+            buf = self._buffers[name]
+            _check(cudart.cudaMemcpyAsync(buf.host.ctypes.data, buf.device, buf.nbytes, d2h, stream))
+        _check(cudart.cudaStreamSynchronize(stream))
+        if self.spec.state:
+            self._turn ^= 1
+        return {name: self._buffers[name].host for name in self._outputs}
 
     def _enqueue(self) -> None:
-        """First run eagerly (TensorRT finishes lazy setup there), then capture and replay."""
-        stream = self._b.stream
-        if self._graph_exec is not None:
-            _check(self._cudart.cudaGraphLaunch(self._graph_exec, stream))
+        """A turn's first run is eager (TensorRT finishes lazy setup there), then captured and replayed."""
+        turn, stream = self._turn, self._stream
+        if self._graph_exec[turn] is not None:
+            _check(self._cudart.cudaGraphLaunch(self._graph_exec[turn], stream))
             return
+        if self.spec.state:
+            self._point(turn)
         if not self._context.execute_async_v3(stream):
             raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
         if self._b.cuda_graphs:
@@ -163,11 +228,73 @@ class TrtGraph:
             _check(self._cudart.cudaStreamBeginCapture(stream, mode))
             self._context.execute_async_v3(stream)
             graph = _check(self._cudart.cudaStreamEndCapture(stream))
-            self._graph_exec = _check(self._cudart.cudaGraphInstantiate(graph, 0))
+            self._graph_exec[turn] = _check(self._cudart.cudaGraphInstantiate(graph, 0))
+
+    def reset_state(self) -> None:
+        for i, _ in self.spec.state:
+            buf = self._buffers[i] if self._turn == 0 else self._spare[i]
+            _check(self._cudart.cudaMemsetAsync(buf.device, 0, buf.nbytes, self._stream))
+        _check(self._cudart.cudaStreamSynchronize(self._stream))
 
     def __del__(self) -> None:
-        for buf in getattr(self, "_buffers", {}).values():
-            buf.free(self._cudart)
+        cudart = getattr(self, "_cudart", None)
+        for buf in (*getattr(self, "_buffers", {}).values(), *getattr(self, "_spare", {}).values()):
+            buf.free(cudart)
+        for exe in getattr(self, "_graph_exec", ()):
+            if exe is not None:
+                cudart.cudaGraphExecDestroy(exe)
+        if getattr(self, "_stream", None) is not None:
+            cudart.cudaStreamDestroy(self._stream)
+
+
+class TrtDynamicBinding:
+    """A dynamic-shape engine (the codec encoder): buffers sized and allocated per run."""
+
+    def __init__(self, graph: TrtGraph) -> None:
+        self.spec = graph.spec
+        self._b, self._cudart = graph.backend, graph.backend.cudart
+        self._context = graph.engine.create_execution_context()
+        self._stream = _check(self._cudart.cudaStreamCreate())
+
+    def bind(self, name: str, array: np.ndarray) -> None:
+        raise ValueError(f"{self.spec.name}: a dynamic-shape graph takes no persistent inputs")
+
+    def write(self, name: str, index: Any, values: np.ndarray) -> None:
+        self.bind(name, values)
+
+    def reset_state(self) -> None:
+        """Nothing carries over between runs of a dynamic graph."""
+
+    def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
+        cudart, ctx, stream = self._cudart, self._context, self._stream
+        _check(cudart.cudaSetDevice(self._b.device))
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        buffers = []
+        try:
+            for t in self.spec.inputs:
+                array = np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
+                ctx.set_input_shape(t.name, array.shape)
+                buffers.append(buf := _DeviceBuffer(cudart, array.shape, t.dtype, mirror=False))
+                _check(cudart.cudaMemcpyAsync(buf.device, array.ctypes.data, buf.nbytes, h2d, stream))
+                ctx.set_tensor_address(t.name, int(buf.device))
+            out = {}
+            for t in self.spec.outputs:
+                out[t.name] = np.empty(tuple(ctx.get_tensor_shape(t.name)), dtype=t.dtype)
+                buffers.append(buf := _DeviceBuffer(cudart, out[t.name].shape, t.dtype, mirror=False))
+                ctx.set_tensor_address(t.name, int(buf.device))
+            if not ctx.execute_async_v3(stream):
+                raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
+            for (name, array), buf in zip(out.items(), buffers[len(self.spec.inputs):]):
+                _check(cudart.cudaMemcpyAsync(array.ctypes.data, buf.device, buf.nbytes, d2h, stream))
+            _check(cudart.cudaStreamSynchronize(stream))
+            return out
+        finally:
+            for buf in buffers:
+                buf.free(cudart)
+
+    def __del__(self) -> None:
+        if getattr(self, "_stream", None) is not None:
+            self._cudart.cudaStreamDestroy(self._stream)
 
 
 def _row_index(index: Any, ndim: int) -> tuple[int, int]:

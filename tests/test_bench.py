@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dia2_trt.runtime.benchmark import weight_elements_per_frame
+from dia2_trt.benchmarks.harness import weight_elements_per_frame
 
 torch = pytest.importorskip("torch")
 

@@ -63,6 +63,7 @@ def fake_export(monkeypatch):
         return {}
 
     monkeypatch.setattr(build, "_build_into", write)
+    monkeypatch.setattr(build, "load_manifest", lambda *args, **kwargs: None)  # the fake manifest is no artifact
     return build
 
 

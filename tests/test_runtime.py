@@ -244,15 +244,6 @@ def test_incremental_feed_equals_whole_text(runtimes, variant, script, size):
     np.testing.assert_array_equal(np.concatenate([c.pcm for c in chunks]), whole.pcm)
 
 
-def test_superseded_session_refuses_to_run(runtimes):
-    rt = runtimes["default"]
-    old = rt.open_session(GenerationParams(**GREEDY))
-    old.feed("[S1] Hello there ")
-    rt.stream(SCRIPTS[2], GenerationParams(**GREEDY))
-    with pytest.raises(RuntimeError, match="superseded"):
-        list(old)
-
-
 # --- bad scripts ----------------------------------------------------------------
 
 

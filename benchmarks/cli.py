@@ -1,4 +1,7 @@
-"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run."""
+"""``dia2-rt bench``: the reference loop and every runtime backend side by side, in one run.
+
+Loaded by ``dia2_trt.runtime.cli`` only when ``bench`` is the command.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,10 @@ from pathlib import Path
 
 import click
 
-from .artifacts import ArtifactError, load_manifest
-from .benchmark import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
-from .bench_report import markdown, plot
+from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
+
+from .harness import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
+from .report import markdown, plot
 
 
 @click.command()

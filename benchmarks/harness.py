@@ -1,7 +1,7 @@
 """Side-by-side performance of the PyTorch reference loop and the runtime's backends.
 
 Every contender runs in its own worker process (``python -m
-dia2_trt.runtime.benchmark WORKER_JSON``, or ``dia2_trt.export.bench_reference``
+dia2_trt.benchmarks.harness WORKER_JSON``, or ``dia2_trt.export.bench_reference``
 for the reference), loaded once, so its peak RSS is its
 own (``ru_maxrss``) and no contender's allocations or caches flatter another.
 The parent sends "run" requests to the workers in turn, rotating the order each
@@ -9,9 +9,10 @@ repeat, so machine noise is spread over all contenders alike. The reference
 contender (torch) lives in ``dia2_trt.export.bench_reference`` and is started
 by module name: this module imports neither torch, onnx nor export/.
 
-Timing inside a worker: the graph calls are wrapped (``Graph.run`` of the
-backbone and depformer, ``StreamingCodec.decode_frame``; the reference's
-``step_reference`` / ``stage_reference`` / Mimi decode), so the split between
+Timing inside a worker: the graph calls are wrapped (the runtime is loaded on
+a ``TimedBackend``, whose bindings time the backbone, depformer and codec
+decoder runs; the reference's ``step_reference`` / ``stage_reference`` / Mimi
+decode), so the split between
 backbone, depformer, codec and host is measured inside a real generation.
 A frame starts when its backbone call starts; host time is everything else
 (sampling, the text state machine, buffer copies, Python).
@@ -33,8 +34,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .artifacts import Manifest, Topology, load_manifest
-from .params import GenerationParams
+from dia2_trt.runtime import Dia2Runtime, GenerationParams
+from dia2_trt.runtime.artifacts import GraphSpec, Manifest, Topology, load_manifest
+from dia2_trt.runtime.backends import Backend, Binding, Graph, create_backend
 
 COMPONENTS = ("backbone", "depformer", "codec")
 DEFAULT_TEXT = ("[S1] Hello there, how are you doing today? [S2] I'm fine, thanks for asking. "
@@ -82,7 +84,7 @@ def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], referenc
 
 
 # Each contender kind's worker module, started by name: the runtime never imports export/.
-WORKER_MODULES = {"runtime": "dia2_trt.runtime.benchmark", "reference": "dia2_trt.export.bench_reference"}
+WORKER_MODULES = {"runtime": "dia2_trt.benchmarks.harness", "reference": "dia2_trt.export.bench_reference"}
 
 
 def reference_unavailable() -> str | None:
@@ -96,8 +98,6 @@ def reference_unavailable() -> str | None:
 
 
 def backend_unavailable(name: str) -> str | None:
-    from .backends import create_backend
-
     try:
         create_backend(name)
     except Exception as exc:  # missing packages, no GPU, no driver: each means "not here", with its reason
@@ -162,16 +162,41 @@ class FrameClock:
 # --- the runtime contender (runs inside a worker) ----------------------------------------------
 
 
+# The graph whose runs each component's time counts.
+TIMED_GRAPHS = {"backbone": "backbone", "depformer": "depformer", "codec_decoder": "codec"}
+
+
+class TimedBackend:
+    """A backend whose bindings time their runs into ``clock``; a backbone run starts a frame."""
+
+    def __init__(self, inner: Backend, clock: FrameClock) -> None:
+        self.name, self._inner, self._clock = inner.name, inner, clock
+
+    def load(self, spec: GraphSpec) -> "_TimedGraph":
+        return _TimedGraph(self._inner.load(spec), self._clock)
+
+
+class _TimedGraph:
+    def __init__(self, graph: Graph, clock: FrameClock) -> None:
+        self.spec, self.concurrent, self._graph, self._clock = graph.spec, graph.concurrent, graph, clock
+
+    def binding(self) -> Binding:
+        return _TimedBinding(self._graph.binding(), self._clock, TIMED_GRAPHS.get(self.spec.name))
+
+
+class _TimedBinding:
+    def __init__(self, binding: Binding, clock: FrameClock, component: str | None) -> None:
+        self.spec = binding.spec
+        self.bind, self.write, self.reset_state = binding.bind, binding.write, binding.reset_state
+        self.run = clock.timed(component, binding.run, component == "backbone") if component else binding.run
+
+
 class RuntimeSubject:
     def __init__(self, spec: Contender) -> None:
-        from .engine import Dia2Runtime
-
-        # The parent has verified the checksums already (or was told not to).
-        self.runtime = rt = Dia2Runtime.load(spec.source, backend=spec.backend, threads=spec.threads, verify=False)
         self.clock = clock = FrameClock()
-        rt.backbone.run = clock.timed("backbone", rt.backbone.run, starts_frame=True)
-        rt.depformer.run = clock.timed("depformer", rt.depformer.run)
-        rt.codec.decode_frame = clock.timed("codec", rt.codec.decode_frame)
+        backend = TimedBackend(create_backend(spec.backend, spec.threads), clock)
+        # The parent has verified the checksums already (or was told not to).
+        self.runtime = rt = Dia2Runtime.load(spec.source, backend=backend, verify=False)
         self.sample_rate, self.frame_rate = rt.sample_rate, rt.manifest.frame_rate
 
     def run(self, text: str, seed: int, frames: int) -> dict:
@@ -184,7 +209,7 @@ class RuntimeSubject:
                     first = time.perf_counter() - started
                 samples += chunk.pcm.size
         except FrameCap:
-            pass  # enough frames: the session is abandoned mid-utterance
+            pass  # enough frames: the session ends mid-utterance (its state goes back to the runtime)
         return self.clock.report(time.perf_counter() - started, samples, first)
 
 

@@ -1,0 +1,384 @@
+"""One utterance: text in (all at once or incrementally), audio chunks out.
+
+Per frame t (the reference's ``run_generation_loop``): the backbone graph reads
+the step tokens and the KV cache and returns the new K/V row, the text-action
+logits and the cb0 logits; the action is guided and sampled here; the text state
+machine turns it into (main, second) text tokens; the depformer graph samples all
+audio codebooks of frame t + 1. Aligned frames go through the streaming codec as
+soon as every codebook of them exists, so audio starts long before the script ends.
+
+Everything a session writes lives in its ``GenerationState``; the runtime it
+came from only lends it graphs, so sessions in different threads never meet.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+
+from .artifacts import cache_name
+from .frames import UNGENERATED, finish
+from .params import GenerationParams
+from .sampling import guide, sample
+from .script import ScriptError, check_script
+from .state_machine import StateMachine
+
+if TYPE_CHECKING:
+    from .engine import Dia2Runtime
+
+
+class TruncationWarning(UserWarning):
+    """The context ran out before the script's end (``SpeakResult.truncated`` says the same)."""
+
+
+@dataclass
+class AudioChunk:
+    """Audio as it is made, with the words that start in it."""
+
+    pcm: np.ndarray
+    """float32 mono samples in [-1, 1]."""
+    words: list[tuple[str, float]]
+    """Words starting in this chunk: (word, seconds from the start of the utterance's audio)."""
+    sample_rate: int
+    """Samples per second of ``pcm``."""
+
+    @property
+    def seconds(self) -> float:
+        return self.pcm.size / self.sample_rate
+
+
+@dataclass
+class Progress:
+    """Where a generation stands, reported after every frame."""
+
+    frame: int
+    """Frames run so far."""
+    words_done: int
+    """Words the model has started speaking."""
+    words_total: int
+    """Words parsed so far (final once the input is closed)."""
+
+
+@dataclass
+class SpeakResult:
+    """A finished utterance."""
+
+    pcm: np.ndarray
+    """float32 mono samples in [-1, 1], the whole utterance."""
+    sample_rate: int
+    """Samples per second of ``pcm``."""
+    tokens: np.ndarray
+    """[Q, T] aligned audio codes after undelay and crop (what ``dia2-export reference`` prints)."""
+    timestamps: list[tuple[str, float]]
+    """(word, seconds from the start of the audio) for every word spoken."""
+    frames: int
+    """Generation steps run."""
+    wall_seconds: float
+    """From the first frame to the result."""
+    first_audio_seconds: float | None
+    """From the first frame to the first PCM sample; None when no audio came out."""
+    truncated: bool
+    """The context ran out before the script's end."""
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.pcm.size / self.sample_rate
+
+    @property
+    def real_time_factor(self) -> float:
+        """Wall time per second of audio (< 1 is faster than real time)."""
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds else float("inf")
+
+
+_WAIT = object()  # the loop needs more text before it can go on
+
+
+class Session:
+    """One utterance. ``feed`` text, ``close`` when done, iterate for AudioChunks.
+
+    Iteration yields every chunk that can be made with the text so far and stops
+    when the model wants a word that has not arrived yet (feed more and iterate
+    again) or, after ``close``, when the utterance is complete (``result`` is set).
+    ``cancel`` (from any thread) ends it at the next frame. Use a session from one
+    thread at a time; different sessions of one runtime may run in parallel.
+    """
+
+    def __init__(self, runtime: "Dia2Runtime", params: GenerationParams,
+                 progress: Callable[[Progress], None] | None = None) -> None:
+        m = runtime.manifest
+        self.runtime, self.params, self._progress = runtime, params, progress
+        self.machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead,
+                                    initial_padding=params.initial_padding, max_padding=m.max_padding)
+        self.result: SpeakResult | None = None
+        self._text, self._closed, self._cancelled = "", False, False
+        self._given, self._words_total = [], 0
+        self._delays = np.asarray(m.delays)
+        # One step, feed or cancel at a time; reentrant so a progress callback may feed or cancel.
+        self._lock = threading.RLock()
+        self._state = runtime.states.take()
+        self._state.reset(m, self.machine, params)
+        self._loop = self._generate()
+
+    # --- input ---------------------------------------------------------------
+
+    def feed(self, text: str) -> None:
+        """Add text; a word is taken once whitespace follows it. A rejected call keeps nothing."""
+        _check_text(text)
+        with self._lock:
+            self._check_open()
+            candidate = self._text + text
+            self._take_entries(_complete_prefix(candidate))
+            self._text = candidate
+
+    def close(self) -> None:
+        """No more text: the rest of the buffer is complete, and the script may now end."""
+        with self._lock:
+            if self._closed:
+                return
+            self._check_open()
+            check_script(self._text)
+            self._take_entries(self._text)
+            self._closed = True
+
+    def cancel(self) -> None:
+        """Stop at the next frame (safe from another thread) and free this session's state."""
+        self._cancelled = True
+        if self._lock.acquire(blocking=False):  # not mid-frame: end the loop now
+            try:
+                self._end()
+            finally:
+                self._lock.release()
+
+    def _end(self) -> None:
+        if not self._loop.gi_running:  # a progress callback may cancel mid-frame: the loop ends itself
+            self._loop.close()
+            self._release()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _check_open(self) -> None:
+        if self._cancelled:
+            raise RuntimeError("this session was cancelled")
+        if self._closed:
+            raise RuntimeError("this session's input is closed")
+        if self._state is None:
+            raise RuntimeError("this session has ended")
+
+    def _take_entries(self, text: str) -> None:
+        """Parse ``text`` (the whole input so far) and queue its new entries; on error change nothing."""
+        if not text.strip():
+            return
+        check_script(text)
+        entries = self.runtime.parse(text)
+        if entries[: len(self._given)] != self._given:
+            raise RuntimeError("internal error: the incremental parse diverged from the full parse")
+        needed = self.runtime.frames_needed(entries, self.params)
+        limit = self.runtime.manifest.max_context_steps
+        if needed > limit:
+            raise ScriptError(f"the script is too long: it needs at least {needed} frames "
+                              f"({needed / self.runtime.manifest.frame_rate:.1f} s) but the model's context "
+                              f"holds {limit}; split it into shorter scripts")
+        new = entries[len(self._given):]
+        self._given.extend(new)
+        self._words_total += sum(1 for entry in new if entry.tokens)
+        self._state.text.entries.extend(new)
+
+    # --- output --------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[AudioChunk]:
+        while not self.done:
+            with self._lock:
+                if self._cancelled:
+                    self._end()
+                    return
+                item = next(self._loop, _WAIT)
+            if item is _WAIT:
+                return
+            yield item
+
+    def _release(self) -> None:
+        """Hand the state back to the runtime for another session (once)."""
+        state, self._state = self._state, None
+        if state is not None:
+            self.runtime.states.give_back(state)
+
+    def _generate(self) -> Iterator[AudioChunk | object]:
+        try:
+            yield from self._frames()
+        finally:  # finished, failed, cancelled or abandoned: the state is free either way
+            self._release()
+
+    def _frames(self) -> Iterator[AudioChunk | object]:
+        s, m, p = self._state, self.runtime.manifest, self.params
+        s.emitter.started = time.perf_counter()
+        for t in range(m.max_context_steps):
+            if self._cancelled:
+                return
+            if s.rule.stops_before(t):
+                break
+            action = self._backbone_step(t)
+            while self._starved(action):
+                yield _WAIT
+            main, second = self.machine.process(t, s.text, action)
+            self._depformer_step(t, main, second)
+            s.rule = s.rule.after(t, main, s.text.end_step)
+            chunk = self._emit_ready(t)
+            if chunk is not None:
+                yield chunk
+            self._report(t)
+        yield from self._finish()
+
+    def _backbone_step(self, t: int) -> int:
+        s, p, ids = self._state, self.params, self.runtime.manifest.token_ids
+        s.tokens[:, 2:] = np.where(self._delays > t, ids.audio_bos, s.audio[:, t])
+        s.tokens[1, 0], s.tokens[1, 1] = ids.zero, ids.pad
+        out = s.backbone.run({"tokens": s.tokens, "position": t})
+        row = (slice(None), slice(None), t)
+        for i in range(s.k_cache.shape[0]):
+            s.backbone.write(cache_name("k", i), row, out["k_new"][i])
+            s.backbone.write(cache_name("v", i), row, out["v_new"][i])
+        self._hidden, self._cb0 = out["hidden"], out["cb0_logits"]
+        return sample(guide(out["action_logits"], p.cfg_scale, p.cfg_filter_k), p.text_temperature, p.text_top_k,
+                      s.rng)
+
+    def _starved(self, action: int) -> bool:
+        """Open input and the machine about to take a word it (or its look-ahead) does not have yet."""
+        text = self._state.text
+        if self._closed or not self.machine.takes_entry(text, action):
+            return False
+        words = sum(1 for entry in text.entries if entry.tokens)
+        return words < 1 + self.machine.second_stream_ahead
+
+    def _depformer_step(self, t: int, main: int, second: int) -> None:
+        s, p = self._state, self.params
+        s.tokens[:, 0], s.tokens[:, 1] = main, second
+        if p.audio_temperature > 0:
+            s.rng.random(out=s.noise, dtype=np.float32)
+        out = s.depformer.run({
+            "hidden": self._hidden, "cb0_logits": self._cb0, "text_tokens": (main, second), "noise": s.noise,
+            "temperature": p.audio_temperature, "top_k": p.audio_top_k,
+            "cfg_scale": p.cfg_scale, "cfg_filter_k": p.cfg_filter_k,
+        })
+        s.audio[:, t + 1] = out["audio_tokens"]
+
+    def _emit_ready(self, t: int) -> AudioChunk | None:
+        """Decode the aligned frames that step t completed, once the crop (first word) is known.
+
+        Aligned frame k reads delayed column k + delays[q], written at step k + delays[q] - 1,
+        so it is complete after step k + max_delay - 1.
+        """
+        e = self._state.emitter
+        if e.crop is None:
+            crop = self._known_crop()
+            if crop is None or crop > t + 1 - self.runtime.manifest.max_delay:
+                return None
+            e.crop = e.next_frame = crop
+        return self._chunk(t + 2 - self.runtime.manifest.max_delay, final=False)
+
+    def _known_crop(self) -> int | None:
+        """The lead-in to cut, as soon as it is certain.
+
+        It is (first word frame - initial padding), or 0 if no main-stream new-word
+        token ever appears. With a second stream the machine always moves the
+        new-word token to the second stream, so (as in the reference) there is no
+        crop and it is known to be 0 from the start.
+        """
+        first = self._state.rule.first_word_frame
+        if first is not None:
+            return max(first, 0)
+        return 0 if self.machine.second_stream_ahead else None
+
+    def _chunk(self, stop: int, final: bool) -> AudioChunk | None:
+        """Decode aligned frames [next_frame, stop) and attach the words that start in them."""
+        s, m = self._state, self.runtime.manifest
+        e, pcm = s.emitter, []
+        q = np.arange(m.audio_channels)
+        for k in range(e.next_frame, stop):
+            codes = s.audio[q, k + self._delays]
+            frame = s.codec.decode_frame(np.where(codes == UNGENERATED, m.token_ids.audio_pad, codes))
+            pcm.append(np.clip(frame, -1.0, 1.0))  # the reference clamps Mimi's output
+        e.next_frame = max(e.next_frame, stop)
+        words = self._words(None if final else e.next_frame)
+        if not pcm and not words:
+            return None
+        chunk = AudioChunk(np.concatenate(pcm) if pcm else np.zeros(0, np.float32), words, m.sample_rate)
+        if pcm:
+            e.pcm.append(chunk.pcm)
+            if e.first_audio is None:
+                e.first_audio = time.perf_counter() - e.started
+        return chunk
+
+    def _words(self, before: int | None) -> list[tuple[str, float]]:
+        """Transcript words not yet sent that start before aligned frame ``before`` (all if None)."""
+        e, rate = self._state.emitter, max(self.runtime.manifest.frame_rate, 1.0)
+        transcript, out = self._state.text.transcript, []
+        while e.words_sent < len(transcript):
+            word, step = transcript[e.words_sent]
+            if before is not None and step >= before:
+                break
+            if step >= e.crop:
+                out.append((word, (step - e.crop) / rate))
+            e.words_sent += 1
+        return out
+
+    def _finish(self) -> Iterator[AudioChunk]:
+        s, m = self._state, self.runtime.manifest
+        rule, e = s.rule, s.emitter
+        tokens, stamps, crop = finish(s.audio[:, :rule.columns], m.delays, m.token_ids.audio_pad, rule.crop,
+                                      s.text.transcript, m.frame_rate)
+        if e.crop is None:  # nothing went out yet: the final crop decides (it falls back to 0 on a short run)
+            e.crop = e.next_frame = crop
+        chunk = self._chunk(crop + tokens.shape[1], final=True)
+        if chunk is not None:
+            yield chunk
+        if rule.truncated:
+            warnings.warn(f"the model's context ({m.max_context_steps} frames) ran out before the script "
+                          f"ended; the audio is truncated", TruncationWarning, stacklevel=2)
+        pcm = np.concatenate(e.pcm) if e.pcm else np.zeros(0, np.float32)
+        self.result = SpeakResult(pcm, m.sample_rate, tokens, stamps, rule.last_step + 1,
+                                  time.perf_counter() - e.started, e.first_audio, rule.truncated)
+
+    def _report(self, t: int) -> None:
+        if self._progress is not None:
+            self._progress(Progress(t + 1, len(self._state.text.transcript), self._words_total))
+
+
+def _check_text(text) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+
+
+def _complete_prefix(text: str) -> str:
+    """The longest prefix of ``text`` that ends on a word boundary outside any tag.
+
+    Up to the last whitespace, then back before a ``<`` or ``[`` that is still open
+    (a break tag has a space inside it); what follows may still grow.
+    """
+    match = re.search(r"\s(?=\S*$)", text)
+    prefix = text[: match.start()] if match else ""
+    while True:
+        open_at = max(_unclosed(prefix, "<", ">"), _unclosed(prefix, "[", "]"))
+        if open_at < 0:
+            return prefix
+        prefix = prefix[:open_at]
+
+
+def _unclosed(text: str, opener: str, closer: str) -> int:
+    at = text.rfind(opener)
+    return at if at > text.rfind(closer) else -1
