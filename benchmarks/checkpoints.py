@@ -1,4 +1,4 @@
-"""Benchmark checkpoints that need no network: the 2B topology with random weights.
+"""Benchmark checkpoints that need no network: the 2B topology and the real-vocabulary tiny, random weights.
 
 ``models.tiny.build_2b_topology_checkpoint`` leaves Mimi to the hub id
 (kyutai/mimi), which is not reachable offline, and the tiny Mimi's 64-entry
@@ -50,6 +50,28 @@ def ensure_2b_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> P
     return out
 
 
+def default_real_vocab_dir(seed: int = DEFAULT_SEED) -> Path:
+    return default_2b_dir(seed).with_name(f"real-vocab-seed{seed}")
+
+
+def ensure_real_vocab_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
+    """models.tiny's real-vocabulary preset, built once (in a sibling, renamed into place)."""
+    out = Path(out) if out else default_real_vocab_dir(seed)
+    if (out / "config.json").is_file() and (out / "mimi" / "model.safetensors").is_file():
+        return out
+    from dia2_trt.models.tiny import build_real_vocab_checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        build_real_vocab_checkpoint(tmp, seed=seed)
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _add_real_size_mimi(checkpoint: Path, seed: int) -> None:
     from transformers import MimiConfig, MimiModel
 
@@ -64,4 +86,6 @@ def _add_real_size_mimi(checkpoint: Path, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    print(ensure_2b_checkpoint())
+    import sys
+
+    print(ensure_real_vocab_checkpoint() if sys.argv[1:] == ["real-vocab"] else ensure_2b_checkpoint())

@@ -18,11 +18,11 @@ from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
 from dia2_trt.runtime.artifacts import FORMAT, load_manifest
 from dia2_trt.runtime.cli_common import is_within, unwritable
-from dia2_trt.runtime.manifest import (BACKBONE, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo, Manifest,
-                                       QuantizationRecord, SourceInfo)
+from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo,
+                                       Manifest, QuantizationRecord, SourceInfo)
 
 from .codec import export_codec_decoder, export_codec_encoder
-from .graphs import BackboneStep, DepformerFrame
+from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
 from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
 from .onnx_io import export_module, save_model
 
@@ -253,9 +253,14 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     progress("exporting depformer frame")
     export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
                   DepformerFrame.output_names, tmp / "depformer.onnx", options.opset)
+    step_graphs = [BACKBONE, DEPFORMER]
+    if options.prefix_frames:
+        progress("exporting backbone prefill (audio-prefix warm-up)")
+        _export_prefill(model, tmp / f"{BACKBONE_PREFILL}.onnx", options.opset)
+        step_graphs.append(BACKBONE_PREFILL)
     del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
     gc.collect()  # the exporter leaves reference cycles that still hold the weights
-    for name in (BACKBONE, DEPFORMER):
+    for name in step_graphs:
         if options.precision in WEIGHT_ONLY_BITS:
             graphs[name] = _quantized_graph(tmp, f"{name}.onnx", name, options, progress)
             continue
@@ -284,6 +289,13 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
                               tokenizer=tokenizer_entry(tmp, "tokenizer"), source=_source(files))
     write_manifest(manifest, tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
+
+
+def _export_prefill(model, path: Path, opset: int) -> None:
+    """Only artifacts with prefix room get it: it holds a second copy of the backbone's weights."""
+    prefill = BackbonePrefill(model)
+    export_module(prefill, BackbonePrefill.example_inputs(model), prefill.input_names, prefill.output_names,
+                  path, opset, dynamic=BackbonePrefill.dynamic_shapes)
 
 
 def _convert_fp16(path: Path) -> None:

@@ -80,10 +80,16 @@ def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, p
 @click.option("--codec-frames", default=320, show_default=True, type=click.IntRange(1))
 @click.option("--report", type=click.Path(), help="Write the JSON report here (default: ARTIFACTS/validation.json).")
 @click.option("--seed", default=0, show_default=True, type=int64_range())
-def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed):
-    """Compare every graph with PyTorch through Polygraphy; exit 1 past tolerance."""
+@click.option("--against", "against", type=click.Path(),
+              help="fp32 artifacts of the same checkpoint: report teacher-forced top-1 agreement instead.")
+@click.option("--script", "script_file", type=click.Path(), help="With --against: the script to speak (a file).")
+def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, against, script_file):
+    """Compare every graph with PyTorch through Polygraphy (or, with --against, with fp32 artifacts);
+    exit 1 past tolerance."""
     from .validate import validate_artifacts
 
+    if against:
+        return _accuracy(Path(artifacts), Path(against), script_file, report)
     path = Path(report) if report else Path(artifacts) / "validation.json"
     if report or Path(artifacts).is_dir():  # a missing ARTIFACTS is validate's own one-line error
         check_outputs({"--report": str(path)})  # before minutes of comparisons, not after
@@ -94,6 +100,27 @@ def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed):
     click.echo(f"report: {path}", err=True)
     if not result["passed"]:
         fail("validation failed: " + ", ".join(result["failures"]))
+
+
+@main.command()
+@click.argument("fp32_artifacts", type=click.Path())
+@click.option("--scripts", "scripts_file", required=True, type=click.Path(),
+              help="Calibration scripts, one per line.")
+@click.option("--precision", required=True, help="int8-qdq or fp8-qdq.")
+@click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
+@click.option("--every", default=1, show_default=True, type=click.IntRange(1),
+              help="Observe activations at every N-th step only.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
+def calibrate(fp32_artifacts, scripts_file, precision, out, every, overwrite):
+    """Calibrated Q/DQ artifacts (for TensorRT INT8/FP8) from fp32 artifacts and scripts."""
+    from dia2_trt.calibration.calibrate import calibrate_artifacts, check_calibrate_request
+    from dia2_trt.calibration.collect import read_scripts
+
+    check_calibrate_request(Path(fp32_artifacts), Path(out), precision, overwrite)
+    scripts = read_scripts(Path(scripts_file))
+    calibrate_artifacts(Path(fp32_artifacts), scripts, Path(out), precision, every=every, overwrite=overwrite,
+                        progress=lambda msg: click.echo(f"[calibrate] {msg}", err=True))
+    click.echo(str(out))
 
 
 @main.command()
@@ -116,6 +143,22 @@ def engines(artifacts, graphs, workspace_gib, timing_cache, no_validate):
     failed = [name for name, e in built.items() if e.validation and not e.validation.passed]
     if failed:
         fail("engines differ from ONNX Runtime beyond tolerance: " + ", ".join(failed))
+
+
+def _accuracy(artifacts: Path, against: Path, script_file, report) -> None:
+    from .accuracy import DEFAULT_SCRIPT, accuracy_report, summary_lines
+
+    script = read_script(None, script_file).strip() if script_file else DEFAULT_SCRIPT
+    path = Path(report) if report else artifacts / "accuracy.json"
+    if report or artifacts.is_dir():
+        check_outputs({"--report": str(path)})
+    result = accuracy_report(artifacts, against, script, echo=lambda msg: click.echo(msg, err=True))
+    for line in summary_lines(result):
+        click.echo(line, err=True)
+    _write_atomic(path, json.dumps(result, indent=1) + "\n")
+    click.echo(f"report: {path}", err=True)
+    if not result["passed"]:
+        fail("accuracy below the thresholds: " + "; ".join(result["failures"]))
 
 
 @main.command()

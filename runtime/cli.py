@@ -15,13 +15,15 @@ from .cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, int64_r
                          silence_stdout, threads_option)
 from .files import AUDIO_FORMATS, audio_writer, write_together
 from .params import GenerationParams
+from .voice_cli import check_prefix_args, load_prefix, prefix_options
 
 
 class _Group(OneLineGroup):
     """Commands in ``LAZY`` are imported only when run (or listed by --help): ``bench``
     pulls in the benchmark harness, which ``speak`` must not load."""
 
-    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench")}
+    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "voice": ("dia2_trt.runtime.voice_cli", "voice"),
+            "serve": ("dia2_trt.runtime.serve.command", "serve")}
 
     def list_commands(self, ctx) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -61,14 +63,17 @@ def main() -> None:
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums (seconds for the 2B).")
+@prefix_options
 def speak(text, input_file, artifacts, out, seed, temperature, text_temperature, audio_temperature, top_k,
-          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify) -> None:
+          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify,
+          prefix_args) -> None:
     """Speak TEXT (or --input FILE, or stdin) into --out.
 
     Every output is checked before the (slow) load and written at the end, all
     together or none: a failed run leaves no file behind.
     """
     script = read_script(text, input_file)
+    check_prefix_args(prefix_args)
     params = _params(seed, temperature, text_temperature, audio_temperature, top_k, cfg_scale, cfg_filter_k)
     if out != "-" and Path(out).suffix.lower() not in AUDIO_FORMATS:
         fail(f"{out}: unknown audio format (use .wav, .flac or .ogg, or '-' for raw PCM)")
@@ -81,8 +86,9 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     except (ImportError, ValueError) as exc:
         fail(f"backend {backend} cannot run here: {exc}")
     runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
+    prefix = load_prefix(runtime, prefix_args)
     bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
-    session = runtime.stream(script, params, progress=bar)
+    session = runtime.stream(script, params, progress=bar, prefix=prefix, prefill=not prefix_args["step_warmup"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
         result = _generate(session, out == "-")

@@ -23,7 +23,8 @@ VERSION = 2
 MANIFEST = "manifest.json"
 
 BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER = "backbone", "depformer", "codec_decoder", "codec_encoder"
-GRAPH_NAMES = (BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER)
+BACKBONE_PREFILL = "backbone_prefill"  # an audio prefix's warm-up in one call (artifacts with --prefix-frames)
+GRAPH_NAMES = (BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER, BACKBONE_PREFILL)
 # Graphs the generation loop cannot run without (the codec encoder is only for voice prompts).
 REQUIRED_GRAPHS = (BACKBONE, DEPFORMER, CODEC_DECODER)
 # A closed set: the quantized ones are written by the calibration/quantization tools.
@@ -286,7 +287,8 @@ class Topology:
         ints = {f.name: _int(d[f.name], f"topology.{f.name}") for f in fields(cls)
                 if f.name not in ("depformer", "low_rank_dim")}
         low_rank = d.get("low_rank_dim")
-        return cls(**ints, depformer=depformer, low_rank_dim=None if low_rank is None else _int(low_rank, "low_rank_dim"))
+        low_rank = None if low_rank is None else _int(low_rank, "topology.low_rank_dim")
+        return cls(**ints, depformer=depformer, low_rank_dim=low_rank)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "depformer"}

@@ -57,7 +57,7 @@ def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifa
         with torch.no_grad():
             ref_hidden, ref_action, ref_cb0 = model.transformer.step_reference(
                 tokens.unsqueeze(-1), positions, k_cache, v_cache, torch.tensor(t))
-        feeds = {"tokens": tokens.numpy(), "position": np.array([t]),
+        feeds = {"tokens": tokens.numpy(), "position": np.array([t]), "cache_length": np.array([t]),
                  **{f"k_cache.{i}": k_cache[i].numpy() for i in range(dec.n_layer)},
                  **{f"v_cache.{i}": v_cache[i].numpy() for i in range(dec.n_layer)}}
         hidden, action, cb0, k_new, v_new = session.run(None, feeds)
@@ -85,11 +85,12 @@ def _reference_frame(model, ids, hidden, cb0_logits, main, second, params):
     return out
 
 
-@pytest.mark.parametrize("cfg_scale", [2.0, 1.0])
-def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny_artifacts, cfg_scale):
+# filter_k 65: past graphs.TOPK_MAX, so cb0's 66 guided logits take the full-sort branch
+@pytest.mark.parametrize("cfg_scale,filter_k", [(2.0, 50), (1.0, 50), (2.0, 65), (2.0, 0)])
+def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny_artifacts, cfg_scale, filter_k):
     model, ids, manifest = tiny
     session = _session(tiny_artifacts, manifest, "depformer")
-    params = GenerationParams(audio_temperature=0.0, cfg_scale=cfg_scale)
+    params = GenerationParams(audio_temperature=0.0, cfg_scale=cfg_scale, cfg_filter_k=filter_k)
     gen = torch.Generator().manual_seed(2)
     cfg = model.config
     q, vocab = cfg.data.audio_channels, cfg.data.audio_vocab_size
@@ -102,7 +103,7 @@ def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny
         feeds = {"hidden": hidden.numpy(), "cb0_logits": cb0.numpy(), "text_tokens": np.array([main, second]),
                  "noise": np.random.default_rng(0).random((q, vocab), dtype=np.float32),
                  "temperature": np.zeros(1, np.float32), "top_k": np.array([50]),
-                 "cfg_scale": np.array([cfg_scale], np.float32), "cfg_filter_k": np.array([50])}
+                 "cfg_scale": np.array([cfg_scale], np.float32), "cfg_filter_k": np.array([filter_k])}
         (tokens,) = session.run(None, feeds)
         assert tokens.tolist() == expected
 
@@ -141,6 +142,17 @@ def test_depformer_sampling_follows_the_reference_distribution(tiny, tiny_artifa
     stat = float(((counts[support] - draws * expected[support]) ** 2 / (draws * expected[support])).sum())
     # 99.9% quantile of chi-square with (support - 1) <= 7 degrees of freedom is 24.3.
     assert stat < 24.3, f"chi-square {stat:.1f} over {support.sum()} tokens"
+
+
+@pytest.mark.parametrize("k", [1, 3, 64, 65, 200, 2050])
+def test_kth_largest_is_the_sorted_order_with_ties(k):
+    """Both branches (TopK up to TOPK_MAX, else the full sort) give the k-th sorted value, ties included."""
+    from dia2_trt.export.graphs import kth_largest
+
+    gen = torch.Generator().manual_seed(k)
+    values = torch.randint(-20, 20, (2050,), generator=gen).float()  # every value repeats ~50 times
+    expected = torch.sort(values, descending=True).values[k - 1]
+    assert kth_largest(values, torch.tensor([k])).item() == expected.item()
 
 
 def test_graphs_are_portable_onnx(tiny_artifacts):

@@ -1,0 +1,124 @@
+"""The ASGI app: one loaded model, a worker pool over it, and the routes.
+
+``create_app`` takes runtimes that are already loaded (the CLI loads them; tests
+pass their own), so building an app is cheap and never touches the network.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from fastapi import FastAPI
+
+from .. import Dia2Runtime, ScriptError
+from ..script import check_script
+from .audio import available_formats
+from .metrics import Metrics
+from .page import router as page_router
+from .routes import StreamAborted, install_error_handlers, router as http_router
+from .schema import GenerationFields, RequestError
+from .voices import VoiceError, VoiceRegistry
+from .websocket import router as ws_router
+from .workers import Job, Limits, Pool, plain_session
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_queue: int = 16  # requests waiting for a worker before 503s
+    limits: Limits = field(default_factory=Limits)
+    max_body_bytes: int = 64 * 1024  # an HTTP request body
+    max_message_bytes: int = 64 * 1024  # one WebSocket message (uvicorn closes with 1009 past it)
+    start_timeout: float = 10.0  # seconds a socket may take to send its start message
+    shutdown_grace: float = 10.0  # seconds in-flight streams get to finish on shutdown
+
+
+class ServeState:
+    """What the routes share: the pool, the voices, the metrics and the model's fixed facts."""
+
+    def __init__(self, slots: Sequence[Dia2Runtime], config: ServeConfig, voices: VoiceRegistry,
+                 open_session=plain_session) -> None:
+        self.runtime = slots[0]  # for parsing and the model's facts; generation runs on the pool's slots
+        self.config = config
+        self.voices = voices
+        self.metrics = Metrics()
+        self.pool = Pool(slots, config.max_queue, open_session, on_change=self.metrics.pool_changed)
+        self.metrics.pool_changed(self.pool)
+        self.formats = available_formats()
+        self.sample_rate = self.runtime.sample_rate
+
+    def new_job(self, fields: GenerationFields, text: str | None = None) -> Job:
+        """A checked job, admitted to the pool (text given: fed whole and closed); may raise Busy."""
+        voices = (self._voice(fields.voice, "voice"), self._voice(fields.voice_2, "voice_2"))
+        try:
+            params = fields.params()
+        except (TypeError, ValueError) as exc:  # the schema's ranges are the stricter, but say it either way
+            raise RequestError(str(exc)) from None
+        job = Job(params, voices, self.config.limits)
+        if text is not None:
+            self.check_script(text)
+            try:
+                job.feed(text)
+            except ValueError as exc:
+                raise RequestError(str(exc), "input") from None
+            job.close()
+        self.pool.submit(job)
+        return job
+
+    def _voice(self, name: str | None, param: str):
+        try:
+            return self.voices.resolve(name)
+        except VoiceError as exc:
+            raise RequestError(str(exc), param) from None
+
+    def check_script(self, text: str) -> None:
+        """What the session would refuse, refused before a worker is taken (ScriptError)."""
+        check_script(text)
+        if len(text) > self.config.limits.max_chars:
+            raise RequestError(f"input: the script is longer than this server's limit of "
+                               f"{self.config.limits.max_chars} characters", "input")
+        needed = self.runtime.frames_needed(self.runtime.parse(text), GenerationFields().params())
+        limit = self.runtime.manifest.max_context_steps
+        if needed > limit:
+            raise ScriptError(f"the script is too long: it needs at least {needed} frames but the model's "
+                              f"context holds {limit}; split it into shorter requests")
+
+    def input_tokens(self, text: str) -> int:
+        return sum(len(entry.tokens) for entry in self.runtime.parse(text))
+
+
+class _CutOffQuietly:
+    """A stream that fails after its status went out ends without its final chunk (the client sees a
+    truncated body); the route has logged why, so no traceback from the server as well."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except StreamAborted:
+            pass
+
+
+def create_app(slots: Sequence[Dia2Runtime], config: ServeConfig | None = None,
+               voices: VoiceRegistry | None = None, open_session=plain_session) -> FastAPI:
+    """An app whose pool has one worker per slot; a slot is the runtime that worker's sessions
+    run on, normally one loaded runtime repeated N times (the weights load once)."""
+    state = ServeState(slots, config or ServeConfig(), voices or VoiceRegistry(), open_session)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await state.pool.shutdown(state.config.shutdown_grace)
+
+    app = FastAPI(title="dia2-trt", summary="Streaming Dia2 speech", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.serve = state
+    app.add_middleware(_CutOffQuietly)
+    install_error_handlers(app)
+    app.include_router(http_router)
+    app.include_router(ws_router)
+    app.include_router(page_router)
+    return app

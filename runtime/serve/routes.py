@@ -1,0 +1,217 @@
+"""HTTP routes: the OpenAI-compatible speech endpoint, health, metrics and the voice list.
+
+``POST /v1/audio/speech`` answers only once the request is sure to produce audio
+(its first chunk exists), so every refusal is a proper status with OpenAI's
+error body: 400 bad input, 413 body too large, 503 + Retry-After when every
+worker is busy and the queue is full, 500 when generation itself fails. After
+that the audio streams as frames complete (chunked body, or SSE events in
+OpenAI's shape with ``stream_format: "sse"``). A client that disconnects
+cancels its generation at the next frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .. import ScriptError
+from .audio import AudioFormat, encode_whole, wav_header
+from .schema import RequestError, SpeechRequest, error_body, parse_json, validate
+from .voices import VoiceError
+from .workers import Busy, Chunk, Failed, Finished, Job
+
+log = logging.getLogger("dia2_trt.serve")
+router = APIRouter()
+SPEECH = "speech"
+
+
+class StreamAborted(Exception):
+    """Generation failed after the audio started: the chunked body is cut off, not ended cleanly."""
+
+
+@router.post("/v1/audio/speech")
+async def speech(request: Request) -> Response:
+    state = request.app.state.serve
+    body = validate(SpeechRequest, parse_json(await read_body(request, state.config.max_body_bytes)))
+    fmt = state.formats.get(body.response_format)
+    if fmt is None:
+        raise RequestError(f"response_format: unknown or unavailable format {body.response_format!r} "
+                           f"(use {', '.join(state.formats)})", "response_format")
+    job = state.new_job(body, body.input)
+    first = await first_event(job, request)
+    if first is None:  # the client left before any audio
+        state.metrics.outcome(SPEECH, "cancelled")
+        return Response(status_code=499)
+    if isinstance(first, Failed):
+        return failure_response(state, first)
+    if body.stream_format == "sse":
+        stream = sse_body(state, job, first, fmt, state.input_tokens(body.input))
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_NO_BUFFERING)
+    return StreamingResponse(audio_body(state, job, first, fmt), media_type=fmt.media_type, headers=_NO_BUFFERING)
+
+
+_NO_BUFFERING = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise RequestError(f"the body is larger than this server's limit of {limit} bytes", status=413)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise RequestError(f"the body is larger than this server's limit of {limit} bytes", status=413)
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def first_event(job: Job, request: Request):
+    """The job's first event, or None if the client disconnects first (the job is then cancelled)."""
+    event = asyncio.ensure_future(job.next_event())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if event.done():
+        return event.result()
+    event.cancel()
+    job.cancel()
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def failure_response(state, failed: Failed) -> JSONResponse:
+    """A job that failed before its first audio, as a status and OpenAI's error body."""
+    if failed.kind == "client":
+        state.metrics.outcome(SPEECH, "client_error")
+        return JSONResponse(error_body(failed.message, "input"), status_code=400)
+    if failed.kind in ("timeout", "cancelled"):
+        state.metrics.outcome(SPEECH, failed.kind)
+        return JSONResponse(error_body(failed.message, kind="server_busy"), status_code=503,
+                            headers={"Retry-After": str(state.pool.retry_after())})
+    state.metrics.outcome(SPEECH, "error")
+    return JSONResponse(error_body(failed.message, kind="server_error"), status_code=500)
+
+
+async def _events(state, job: Job, first) -> AsyncIterator:
+    """The job's events from ``first`` to its end; cancels the job if the consumer stops early."""
+    finished = False
+    try:
+        event = first
+        while True:
+            if isinstance(event, (Finished, Failed)):
+                finished = True  # recorded before the consumer sees it: it may stop right there
+                _record(state, event)
+                yield event
+                return
+            yield event
+            event = await job.next_event()
+    finally:
+        if not finished:  # the client went away: free the worker at the next frame
+            job.cancel()
+            state.metrics.outcome(SPEECH, "cancelled")
+
+
+def _record(state, event) -> None:
+    if isinstance(event, Finished):
+        state.metrics.finished(SPEECH, event)
+    else:
+        state.metrics.outcome(SPEECH, {"client": "client_error", "internal": "error"}.get(event.kind, event.kind))
+
+
+async def audio_body(state, job: Job, first, fmt: AudioFormat) -> AsyncIterator[bytes]:
+    if fmt.name == "wav":
+        yield wav_header(state.sample_rate)
+    async for event in _events(state, job, first):
+        if isinstance(event, Chunk) and fmt.streams and event.audio:
+            yield event.audio
+        elif isinstance(event, Finished) and not fmt.streams:
+            yield await asyncio.to_thread(encode_whole, fmt, event.result.pcm, state.sample_rate)
+        elif isinstance(event, Failed):
+            log.warning("speech stream cut off: %s", event.message)
+            raise StreamAborted(event.message)
+
+
+async def sse_body(state, job: Job, first, fmt: AudioFormat, input_tokens: int) -> AsyncIterator[str]:
+    """OpenAI's speech events: ``speech.audio.delta`` (base64 audio) ... ``speech.audio.done`` (usage)."""
+    header = wav_header(state.sample_rate) if fmt.name == "wav" else b""
+    async for event in _events(state, job, first):
+        if isinstance(event, Chunk) and fmt.streams and event.audio:
+            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(header + event.audio).decode()})
+            header = b""
+        elif isinstance(event, Finished):
+            if not fmt.streams:
+                data = await asyncio.to_thread(encode_whole, fmt, event.result.pcm, state.sample_rate)
+                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+            output = int(event.result.tokens.size)
+            usage = {"input_tokens": input_tokens, "output_tokens": output, "total_tokens": input_tokens + output}
+            yield _sse({"type": "speech.audio.done", "usage": usage})
+        elif isinstance(event, Failed):
+            yield _sse({"type": "error", **error_body(event.message, kind="server_error")})
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    state = request.app.state.serve
+    pool = state.pool
+    status = "shutting_down" if pool.closing else "ok"
+    return JSONResponse({"status": status, "workers": pool.workers, "busy": pool.busy, "queued": pool.waiting,
+                         "max_queue": pool.max_queue, "sample_rate": state.sample_rate},
+                        status_code=503 if pool.closing else 200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    content, media_type = request.app.state.serve.metrics.render()
+    return Response(content, media_type=media_type)
+
+
+@router.get("/v1/voices")
+async def voices(request: Request) -> JSONResponse:
+    return JSONResponse({"voices": request.app.state.serve.voices.listing()})
+
+
+def install_error_handlers(app) -> None:
+    """Every refusal in OpenAI's error shape; Busy is 503 with Retry-After."""
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        request.app.state.serve.metrics.outcome(_endpoint(request), "client_error")
+        return JSONResponse(error_body(str(exc), exc.param), status_code=exc.status)
+
+    @app.exception_handler(VoiceError)
+    async def _voice_error(request: Request, exc: VoiceError):
+        request.app.state.serve.metrics.outcome(_endpoint(request), "client_error")
+        return JSONResponse(error_body(str(exc), "voice"), status_code=400)
+
+    @app.exception_handler(ScriptError)
+    async def _script_error(request: Request, exc: ScriptError):
+        request.app.state.serve.metrics.outcome(_endpoint(request), "client_error")
+        return JSONResponse(error_body(str(exc), "input"), status_code=400)
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy):
+        request.app.state.serve.metrics.outcome(_endpoint(request), "busy")
+        return JSONResponse(error_body(str(exc), kind="server_busy"), status_code=503,
+                            headers={"Retry-After": str(exc.retry_after)})
+
+
+def _endpoint(request: Request) -> str:
+    return SPEECH if request.url.path == "/v1/audio/speech" else request.url.path

@@ -1,0 +1,112 @@
+"""Request bodies: OpenAI's speech request plus Dia2's generation extras, and the error shape.
+
+The extras mirror ``dia2-rt speak``'s options and map to GenerationParams the same
+way (``temperature`` sets both streams unless a per-stream one is given), so a
+request with the same text, seed and parameters reproduces a CLI run exactly.
+Unknown fields are errors rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .. import GenerationParams
+
+
+class RequestError(ValueError):
+    """A bad request: HTTP 400 (or ``status``) with OpenAI's error body; a close frame on the socket."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class GenerationFields(BaseModel):
+    """What every generation request may set (HTTP body or the socket's start message)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    voice: str = Field("default", max_length=64, description="Speaker 1's voice: a registered name or 'default'")
+    voice_2: str | None = Field(None, max_length=64, description="Speaker 2's voice (Dia2 extra)")
+    seed: int = Field(0, ge=0, lt=2**63)
+    temperature: float | None = Field(None, ge=0, le=10, description="Both streams (0 = greedy)")
+    text_temperature: float | None = Field(None, ge=0, le=10)
+    audio_temperature: float | None = Field(None, ge=0, le=10)
+    top_k: int = Field(50, ge=0, le=1_000_000, description="0 = no top-k cut")
+    cfg_scale: float = Field(2.0, gt=0, le=100, description="Classifier-free guidance (1 = off)")
+    cfg_filter_k: int = Field(50, ge=0, le=1_000_000)
+
+    def params(self) -> GenerationParams:
+        """As ``dia2-rt speak`` builds them from the same options."""
+        d = GenerationParams()
+        return GenerationParams(
+            text_temperature=_first(self.text_temperature, self.temperature, d.text_temperature),
+            audio_temperature=_first(self.audio_temperature, self.temperature, d.audio_temperature),
+            text_top_k=self.top_k, audio_top_k=self.top_k, cfg_scale=self.cfg_scale,
+            cfg_filter_k=self.cfg_filter_k, seed=self.seed)
+
+
+class SpeechRequest(GenerationFields):
+    """POST /v1/audio/speech."""
+
+    model: str = Field(..., min_length=1, max_length=128, description="Any name: this server serves one model")
+    input: str = Field(..., min_length=1)
+    response_format: str = "mp3"  # OpenAI's default; checked against the formats this machine can encode
+    stream_format: Literal["audio", "sse"] = "audio"
+    speed: float = Field(1.0, description="Only 1.0: Dia2 has no speed control")
+    instructions: str | None = Field(None, description="Not supported: Dia2 takes no style prompt")
+
+    @field_validator("speed")
+    @classmethod
+    def _speed(cls, value: float) -> float:
+        if value != 1.0:
+            raise ValueError("Dia2 has no speed control; use 1.0")
+        return value
+
+    @field_validator("instructions")
+    @classmethod
+    def _instructions(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("Dia2 takes no instructions; put speaker tags and breaks in the input")
+        return value
+
+
+class StreamStart(GenerationFields):
+    """The socket's first message: {"type": "start", ...GenerationFields, "include_tokens"?}."""
+
+    type: Literal["start"]
+    include_tokens: bool = Field(False, description="Add the generated audio tokens to the done event")
+
+
+def parse_json(raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"the body is not valid JSON ({exc})") from None
+
+
+def validate(model: type[BaseModel], data: Any) -> BaseModel:
+    if not isinstance(data, dict):
+        raise RequestError("expected a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        raise RequestError(f"{param}: {message}" if param else message, param) from None
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
