@@ -1,4 +1,4 @@
-"""Benchmark checkpoints that need no network: the 2B topology with random weights.
+"""Benchmark checkpoints that need no network: the 2B topology and the real-vocabulary tiny, random weights.
 
 ``models.tiny.build_2b_topology_checkpoint`` leaves Mimi to the hub id
 (kyutai/mimi), which is not reachable offline, and the tiny Mimi's 64-entry
@@ -26,10 +26,17 @@ def default_2b_dir(seed: int = DEFAULT_SEED) -> Path:
 
 
 def ensure_2b_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
-    """Reuse a finished checkpoint at ``out``, else build it in a sibling and rename it into place."""
+    """Reuse a finished checkpoint at ``out``, else build it in a sibling and rename it into place.
+
+    An ``out`` that exists with other things in it is refused, never deleted: it is a path
+    the user gave, and this function only replaces what it would have made itself.
+    """
     out = Path(out) if out else default_2b_dir(seed)
     if (out / "config.json").is_file() and (out / "mimi" / "model.safetensors").is_file():
         return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists but is not a finished 2B-topology checkpoint; "
+                         f"remove it yourself or choose another directory")
     from dia2_trt.models.tiny import build_2b_topology_checkpoint
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +44,27 @@ def ensure_2b_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> P
     try:
         build_2b_topology_checkpoint(tmp, seed=seed)
         _add_real_size_mimi(tmp, seed)
+        os.rename(tmp, out)  # onto nothing, or onto the empty directory checked above
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_real_vocab_dir(seed: int = DEFAULT_SEED) -> Path:
+    return default_2b_dir(seed).with_name(f"real-vocab-seed{seed}")
+
+
+def ensure_real_vocab_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
+    """models.tiny's real-vocabulary preset, built once (in a sibling, renamed into place)."""
+    out = Path(out) if out else default_real_vocab_dir(seed)
+    if (out / "config.json").is_file() and (out / "mimi" / "model.safetensors").is_file():
+        return out
+    from dia2_trt.models.tiny import build_real_vocab_checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        build_real_vocab_checkpoint(tmp, seed=seed)
         shutil.rmtree(out, ignore_errors=True)
         os.rename(tmp, out)
     finally:
@@ -58,4 +86,6 @@ def _add_real_size_mimi(checkpoint: Path, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    print(ensure_2b_checkpoint())
+    import sys
+
+    print(ensure_real_vocab_checkpoint() if sys.argv[1:] == ["real-vocab"] else ensure_2b_checkpoint())

@@ -5,13 +5,16 @@ Loaded by ``dia2_trt.runtime.cli`` only when ``bench`` is the command.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
 
+from . import node_profile
 from .harness import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
 from .report import markdown, plot
 
@@ -38,12 +41,25 @@ from .report import markdown, plot
                    "(auto picks sequential when they would not fit in memory together).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Directory for bench.json, bench.md, latency.png, breakdown.png.")
+@click.option("--profile", is_flag=True,
+              help="Also trace every ONNX Runtime node and list each graph's top op types (slows the runtime "
+                   "contenders: read the shares, not the timings; traces land in OUT/profile/).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNGs (they need matplotlib, the [bench] extra).")
 @click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums.")
+@click.option("--prefix", is_flag=True,
+              help="Instead: time to first audio after a two-speaker audio prefix, step-wise warm-up vs the "
+                   "prefill graph vs a restored warm state (first --artifacts only; writes prefix_bench.*).")
+@click.option("--prefix-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="Length of the synthetic prefix for --prefix (split between the two speakers).")
 def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_frames, seed, text, threads,
-          schedule, out, no_plots, no_verify) -> None:
+          schedule, out, profile, no_plots, no_verify, prefix, prefix_seconds) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
+    if prefix:
+        _prefix_bench(artifacts[0], prefix_seconds, repeats, text, threads, Path(out))
+        return
+    if not no_plots and importlib.util.find_spec("matplotlib") is None:  # before minutes of measuring
+        raise click.ClickException("the plots need matplotlib: pip install 'dia2-trt[bench]', or pass --no-plots")
     try:
         manifests = [load_manifest(a, verify=not no_verify) for a in artifacts]
     except ArtifactError as exc:
@@ -52,6 +68,9 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
     contenders, skipped = plan_contenders([Path(a) for a in artifacts], backends or BACKENDS, ref_checkpoint, threads)
     if not contenders:
         raise click.ClickException("no contender can run here: " + "; ".join(s["reason"] for s in skipped))
+    if profile:
+        contenders = [replace(c, profile_dir=str(Path(out, "profile", c.name).resolve())) if c.kind == "runtime"
+                      else c for c in contenders]
     echo = lambda msg: click.echo(f"[bench] {msg}", err=True)  # noqa: E731
     for s in skipped:
         echo(f"skipped {s['contender']}: {s['reason']}")
@@ -61,8 +80,24 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
+    table = markdown(result) + node_profile.markdown(
+        {c["name"]: c["node_profile"] for c in result["contenders"] if c.get("node_profile")})
     (out / "bench.md").write_text(table)
     if not no_plots:
         plot(result, out)
     click.echo(table)
+
+
+def _prefix_bench(artifacts: str, seconds: float, repeats: int, text: str, threads, out: Path) -> None:
+    from dia2_trt.runtime.audio import AudioError
+    from dia2_trt.runtime.script import ScriptError
+    from dia2_trt.runtime.voice import VoiceError
+
+    from .prefix import run_prefix_bench, write_report
+
+    echo = lambda msg: click.echo(f"[bench] {msg}", err=True)  # noqa: E731
+    try:
+        result = run_prefix_bench(artifacts, seconds, repeats, text, threads, echo)
+    except (ArtifactError, AudioError, ScriptError, VoiceError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(write_report(result, out))

@@ -1,6 +1,7 @@
 """Export the 2B-topology random checkpoint (``dia2-export build``) and record wall time and peak memory.
 
     python benchmarks/export_2b.py [--precision fp32] [--out DIR] [--json FILE]
+    python benchmarks/export_2b.py --precision int4 --from-artifacts DIR_FP32 --out DIR   # quantize only
 
 The build runs as a child process so its memory is measured from outside:
 
@@ -61,11 +62,17 @@ def run_measured(cmd: list[str], log: Path) -> dict:
     }
 
 
-def export_2b(out: Path, precision: str, checkpoint: Path | None, seed: int) -> dict:
+def export_2b(out: Path, precision: str, checkpoint: Path | None, seed: int,
+              from_artifacts: Path | None = None) -> dict:
     started = time.perf_counter()
-    ckpt = ensure_2b_checkpoint(checkpoint, seed)
+    if from_artifacts:  # int8/int4 from an fp32 export: the quantization pass alone
+        ckpt = from_artifacts
+        source = ["--from-artifacts", str(from_artifacts)]
+    else:
+        ckpt = ensure_2b_checkpoint(checkpoint, seed)
+        source = ["--checkpoint", str(ckpt)]
     prepare = time.perf_counter() - started
-    cmd = [sys.executable, "-m", "dia2_trt.export", "build", "--checkpoint", str(ckpt),
+    cmd = [sys.executable, "-m", "dia2_trt.export", "build", *source,
            "--precision", precision, "--out", str(out), "--overwrite"]
     result = run_measured(cmd, out.with_name(out.name + ".build.log"))
     files = sorted(out.iterdir()) if out.is_dir() else []
@@ -82,14 +89,15 @@ def export_2b(out: Path, precision: str, checkpoint: Path | None, seed: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8", "int4"))
+    parser.add_argument("--from-artifacts", type=Path, help="int8/int4: quantize this fp32 export instead")
     parser.add_argument("--checkpoint", type=Path, help="2B-topology checkpoint (built if missing)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--out", type=Path, default=Path("bench-out/2b-fp32"))
     parser.add_argument("--json", type=Path, help="default: OUT.export.json")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = export_2b(args.out.resolve(), args.precision, args.checkpoint, args.seed)
+    report = export_2b(args.out.resolve(), args.precision, args.checkpoint, args.seed, args.from_artifacts)
     path = args.json or args.out.with_name(args.out.name + ".export.json")
     path.write_text(json.dumps(report, indent=1) + "\n")
     gib = 2**30

@@ -38,6 +38,8 @@ from dia2_trt.runtime import Dia2Runtime, GenerationParams
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, Topology, load_manifest
 from dia2_trt.runtime.backends import Backend, Binding, Graph, create_backend
 
+from . import node_profile
+
 COMPONENTS = ("backbone", "depformer", "codec")
 DEFAULT_TEXT = ("[S1] Hello there, how are you doing today? [S2] I'm fine, thanks for asking. "
                 "[S1] We'll meet at 10 o'clock near the old station.")
@@ -56,6 +58,7 @@ class Contender:
     precision: str
     backend: str | None = None
     threads: int | None = None
+    profile_dir: str | None = None  # runtime only: ORT per-node traces go here (node_profile)
 
 
 def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], reference: str | None,
@@ -71,11 +74,13 @@ def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], referenc
             skipped.append({"contender": "reference", "reason": reason})
         else:
             contenders.append(Contender("reference", "reference", str(reference), "fp32", threads=threads))
+    artifacts = list(artifacts)
+    precisions = [load_manifest(directory, verify=False).precision for directory in artifacts]
     for backend in backends:
         reason = backend_unavailable(backend)
-        for directory in artifacts:
-            precision = load_manifest(directory, verify=False).precision
-            name = f"{backend}-{precision}"
+        for directory, precision in zip(artifacts, precisions):
+            # two builds of one precision (before/after a change) are told apart by their directory
+            name = f"{backend}-{precision if precisions.count(precision) == 1 else Path(directory).name}"
             if reason:
                 skipped.append({"contender": name, "reason": reason})
             else:
@@ -194,7 +199,9 @@ class _TimedBinding:
 class RuntimeSubject:
     def __init__(self, spec: Contender) -> None:
         self.clock = clock = FrameClock()
-        backend = TimedBackend(create_backend(spec.backend, spec.threads), clock)
+        inner = create_backend(spec.backend, spec.threads)
+        self.profiled = node_profile.profiled(inner, spec.profile_dir) if spec.profile_dir else None
+        backend = TimedBackend(inner, clock)
         # The parent has verified the checksums already (or was told not to).
         self.runtime = rt = Dia2Runtime.load(spec.source, backend=backend, verify=False)
         self.sample_rate, self.frame_rate = rt.sample_rate, rt.manifest.frame_rate
@@ -211,6 +218,12 @@ class RuntimeSubject:
         except FrameCap:
             pass  # enough frames: the session ends mid-utterance (its state goes back to the runtime)
         return self.clock.report(time.perf_counter() - started, samples, first)
+
+    def profile(self) -> dict:
+        """Per graph, the top op types of every run so far (warm-up included)."""
+        traces = self.profiled.finish() if self.profiled else {}
+        summaries = {graph: node_profile.summarize(path) for graph, path in traces.items()}
+        return {graph: s for graph, s in summaries.items() if s["runs"]}  # e.g. an encoder never run
 
 
 def peak_rss_bytes() -> int:
@@ -246,6 +259,9 @@ def worker_main(spec_json: str, load_subject: Callable[[Contender], object]) -> 
         request = json.loads(line)
         if request["cmd"] == "quit":
             break
+        if request["cmd"] == "profile":
+            send({"event": "profile", "graphs": subject.profile() if hasattr(subject, "profile") else {}})
+            continue
         result = subject.run(request["text"], request["seed"], request["frames"])
         send({"event": "result", **result, "peak_rss_bytes": peak_rss_bytes()})
 
@@ -268,6 +284,10 @@ class Worker:
     def run(self, text: str, seed: int, frames: int) -> dict:
         self.proc.stdin.write(json.dumps({"cmd": "run", "text": text, "seed": seed, "frames": frames}) + "\n")
         return self._receive()
+
+    def profile(self) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": "profile"}) + "\n")
+        return self._receive()["graphs"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -352,13 +372,19 @@ def roofline(manifest: Manifest, precision: str, bandwidth: float) -> dict:
     """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth."""
     size = 2 if precision == "fp16" else 4
     elements = weight_elements_per_frame(manifest.topology)
-    weights = {k: v * size for k, v in elements.items()}
+    weights = {k: int(v * _weight_size(manifest.graphs.get(k), size)) for k, v in elements.items()}
     total = sum(weights.values())
     cache = kv_cache_elements_per_frame(manifest.topology, manifest.cache_capacity) * size
     return {"weight_bytes_per_frame": {**weights, "total": total}, "kv_cache_bytes_per_frame": cache,
             "bandwidth_bytes_per_second": bandwidth, "min_frame_seconds": total / bandwidth,
             "max_frames_per_second": bandwidth / total,
             "min_frame_seconds_with_cache": (total + cache) / bandwidth}
+
+
+def _weight_size(graph, float_size: int) -> float:
+    """Bytes per weight: a weight-only graph reads its integers plus one fp32 scale per block."""
+    q = graph.quantization if graph is not None else None
+    return q.bits / 8 + 4 / q.block_size if q and q.block_size else float_size
 
 
 # --- statistics and the orchestration ----------------------------------------------------------
@@ -392,6 +418,7 @@ def summarize(spec: Contender, info: dict, runs: list[dict], manifest: Manifest,
         "frame_seconds": spread(frame_seconds),
         "breakdown_seconds_per_frame": _breakdown(runs),
         "roofline": line,
+        "node_profile": info.get("node_profile"),
         "raw": {"frame_seconds": frame_seconds, "runs": [{k: v for k, v in r.items() if k != "frame_seconds"}
                                                           for r in runs]},
     }
@@ -479,6 +506,9 @@ def _measure_group(group: list[Contender], settings: Settings, echo) -> list[tup
                 echo(f"repeat {rep + 1}/{settings.repeats} {w.spec.name}: {result['frames']} frames "
                      f"in {result['wall_seconds']:.2f}s")
                 runs[w.spec.name].append(result)
+        for w in workers:
+            if w.spec.profile_dir:
+                w.info["node_profile"] = w.profile()
         return [(w.spec, w.info, runs[w.spec.name]) for w in workers]
     finally:
         for w in workers:

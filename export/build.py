@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,17 +16,19 @@ import onnx
 
 from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
-
-from dia2_trt.runtime.artifacts import load_manifest
-from dia2_trt.runtime.manifest import BACKBONE, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo, Manifest, SourceInfo
+from dia2_trt.runtime.artifacts import FORMAT, load_manifest
+from dia2_trt.runtime.cli_common import is_within, unwritable
+from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo,
+                                       Manifest, QuantizationRecord, SourceInfo)
 
 from .codec import export_codec_decoder, export_codec_encoder
-from .graphs import BackboneStep, DepformerFrame
+from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
 from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
 from .onnx_io import export_module, save_model
 
-# What this exporter can write (the manifest's PRECISIONS also holds the quantized ones).
-PRECISIONS = ("fp32", "fp16")
+# What this exporter can write (the manifest's PRECISIONS also holds the calibrated Q/DQ ones).
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_ONLY_BITS = {"int8": 8, "int4": 4}  # weight-only precisions: fp32 graphs, integer weights
 # Opset 23 has RMSNormalization (one node instead of six; 20% off the depformer on ORT
 # CPU). For a TensorRT whose ONNX parser predates opset 23, build with --opset 20.
 DEFAULT_OPSET = 23
@@ -42,49 +45,192 @@ class BuildOptions:
     opset: int = DEFAULT_OPSET
     prefix_frames: int = 0  # cache rows reserved for an audio prefix (voice continuation)
     overwrite: bool = False
+    block_size: int | None = None  # weight-only precisions; None: the measured default
+
+    @staticmethod
+    def opset_floor() -> int:
+        from dia2_trt.calibration.weight_only import QUANT_MIN_OPSET
+
+        return QUANT_MIN_OPSET
+
+    def weight_only_scheme(self):
+        """The int8/int4 scheme asked for, or None for a float precision."""
+        from dia2_trt.calibration.weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
+
+        if self.precision not in WEIGHT_ONLY_BITS:
+            return None
+        return WeightOnlyScheme(WEIGHT_ONLY_BITS[self.precision], self.block_size or DEFAULT_BLOCK_SIZE)
 
 
 def check_request(out: Path, options: BuildOptions) -> None:
     """Fail before any work (or download) if the options are bad or the result could not be put in place."""
     if options.precision not in PRECISIONS:
         raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    _check_weight_only(options)
     _check_output_dir(Path(out), options.overwrite)
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BuildError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
-    parent = out.parent
+def _check_weight_only(options: BuildOptions) -> None:
+    if options.block_size is not None and options.precision not in WEIGHT_ONLY_BITS:
+        raise BuildError(f"--block-size applies to {' and '.join(WEIGHT_ONLY_BITS)}, not {options.precision}")
+    if options.precision in WEIGHT_ONLY_BITS and options.opset < options.opset_floor():
+        raise BuildError(f"{options.precision} needs opset >= {options.opset_floor()} (blocked DequantizeLinear), "
+                         f"got {options.opset}")
+    options.weight_only_scheme()  # a bad block size fails here, before any export
+
+
+def check_source(out: Path, files: CheckpointFiles) -> None:
+    """The output must not be, hold or lie inside any directory the checkpoint is read from:
+    replacing it would delete the checkpoint, and an artifact inside it would change it."""
+    for directory in source_dirs(files):
+        if is_within(out, directory) or is_within(directory, out):
+            relation = ("is" if Path(out).resolve() == directory.resolve()
+                        else "lies inside" if is_within(out, directory) else "holds")
+            raise BuildError(f"--out {out} {relation} the checkpoint directory {directory}; "
+                             f"build the artifacts somewhere else")
+
+
+def source_dirs(files: CheckpointFiles) -> list[Path]:
+    """The local directories a checkpoint's files come from (a hub Mimi id has none)."""
+    dirs = [files.config_path.parent, files.weights_path.parent, files.tokenizer_dir]
+    if Path(files.mimi_ref).is_dir():
+        dirs.append(Path(files.mimi_ref))
+    return dirs
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """A directory holding a dia2-trt manifest: what ``--overwrite`` may replace."""
+    manifest = Path(path) / "manifest.json"
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BuildError(f"cannot create {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BuildError(f"cannot write to {parent}")
+        with open(manifest, "rb") as f:
+            raw = json.loads(f.read(64 << 20))  # manifests are kB; a huge file is not ours
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    real = out.resolve()
+    if real.parent == real:
+        raise BuildError(f"--out {out} is the root directory")
+    if real.exists() and not real.is_dir():
+        raise BuildError(f"{out} exists and is not a directory")
+    if real.exists() and any(real.iterdir()):
+        _check_replaceable(out, overwrite)
+    if real.exists() and is_within(Path.cwd(), real):
+        raise BuildError(f"--out {out} is (or holds) the current directory; build from somewhere else")
+    ancestor = _existing_ancestor(real.parent)
+    if not ancestor.is_dir():
+        raise BuildError(f"cannot create {real.parent}: {ancestor} is not a directory")
+    reason = unwritable(ancestor)
+    if reason:
+        raise BuildError(f"cannot write to {ancestor} ({reason})")
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if not overwrite:
+        raise BuildError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    if not is_artifact_dir(out):
+        raise BuildError(f"{out} is not empty and holds no dia2-trt artifacts (manifest.json); "
+                         f"--overwrite only replaces an artifact directory, so it stays untouched")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
                     progress: Callable[[str], None] = lambda msg: None) -> Manifest:
-    """Export every graph into a temporary sibling of ``out``, then rename it into place."""
-    out = Path(out)
+    """Export every graph into a temporary sibling of ``out``, then rename it into place.
+
+    A failed build leaves nothing behind: no temporary directory, no parent directories it created.
+    """
+    check_source(out, files)
     check_request(out, options)
+    return _atomic_dir(Path(out), options, lambda tmp: _build_into(files, tmp, options, progress))
+
+
+def quantize_artifacts(src: Path, out: Path, options: BuildOptions,
+                       progress: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """An int8/int4 artifact directory from an fp32 one of the same checkpoint: no torch export.
+
+    The source is only read; the result is built in a temporary sibling of ``out``.
+    """
+    src, out = Path(src), Path(out)
+    check_request(out, options)
+    if options.precision not in WEIGHT_ONLY_BITS:
+        raise BuildError(f"--from-artifacts makes {' or '.join(WEIGHT_ONLY_BITS)} artifacts, not {options.precision}")
+    if is_within(out, src) or is_within(src, out):
+        raise BuildError(f"--out {out} and --from-artifacts {src} overlap; build somewhere else")
+    manifest = load_manifest(src)
+    if manifest.precision != "fp32":
+        raise BuildError(f"{src} holds {manifest.precision} graphs; quantize from fp32 artifacts")
+    if manifest.opset < options.opset_floor():
+        raise BuildError(f"{src} was exported at opset {manifest.opset}; int8/int4 need >= {options.opset_floor()}")
+    return _atomic_dir(out, options, lambda tmp: _quantize_into(src, tmp, manifest, options, progress))
+
+
+def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptions, progress) -> None:
+    started = time.perf_counter()
+    for entry in (p for p in sorted(src.iterdir()) if p.name != "manifest.json" and not p.name.startswith(".")):
+        progress(f"copying {entry.name}")
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+    graphs = dict(manifest.graphs)
+    for name in (BACKBONE, DEPFORMER):
+        graphs[name] = _quantized_graph(tmp, graphs[name].file, name, options, progress)
+    write_manifest(replace(manifest, precision=options.precision, graphs=graphs, root=tmp), tmp)
+    progress(f"done in {time.perf_counter() - started:.1f}s")
+
+
+def _atomic_dir(out: Path, options: BuildOptions, fill: Callable[[Path], None]) -> Manifest:
+    """Run ``fill`` on a new temporary sibling of ``out``, check the result with the runtime's
+    loader, then swap it into place; on failure leave nothing behind."""
+    out = Path(out).resolve()  # a symlinked --out replaces what it points to, not the link
+    created = _make_parents(out.parent)
+    tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
-    except OSError as exc:
-        raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
-    try:
-        _build_into(files, tmp, options, progress)
+        fill(tmp)
         # What the runtime will read, checked by the runtime's own loader before it replaces anything;
         # this also records the big graphs' checksum stamps, so the first load does not hash them again.
         load_manifest(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _replace_dir(tmp, out, options.overwrite)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(created)
+        if isinstance(exc, OSError) and tmp is None:
+            raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
         raise
     return load_manifest(out, verify=False)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """mkdir -p that says which directories it made (outermost first), to undo on failure."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+    except OSError as exc:
+        _remove_dirs(list(reversed(missing)))
+        raise BuildError(f"cannot create {path}: {exc.strerror}") from None
+    return list(reversed(missing))
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    for path in reversed(created):
+        try:
+            path.rmdir()  # only if still empty: something else may have moved in meanwhile
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progress) -> None:
@@ -107,22 +253,32 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     progress("exporting depformer frame")
     export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
                   DepformerFrame.output_names, tmp / "depformer.onnx", options.opset)
+    step_graphs = [BACKBONE, DEPFORMER]
+    if options.prefix_frames:
+        progress("exporting backbone prefill (audio-prefix warm-up)")
+        _export_prefill(model, tmp / f"{BACKBONE_PREFILL}.onnx", options.opset)
+        step_graphs.append(BACKBONE_PREFILL)
     del model  # the fp16 pass below holds a whole graph in memory: give the torch weights back first
     gc.collect()  # the exporter leaves reference cycles that still hold the weights
-    for name in (BACKBONE, DEPFORMER):
+    for name in step_graphs:
+        if options.precision in WEIGHT_ONLY_BITS:
+            graphs[name] = _quantized_graph(tmp, f"{name}.onnx", name, options, progress)
+            continue
         if options.precision == "fp16":
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
         graphs[name] = graph_spec(tmp, name, f"{name}.onnx", options.precision)
     q = cfg.data.audio_channels
+    # The codec is small and convolutional: weight-only precisions leave it fp32.
+    codec_precision = "fp32" if options.precision in WEIGHT_ONLY_BITS else options.precision
     progress("exporting codec decoder step")
     decoder = export_codec_decoder(mimi, tmp / "codec_decoder.onnx", opset=options.opset,
-                                   precision=options.precision, num_quantizers=q)
+                                   precision=codec_precision, num_quantizers=q)
     graphs[CODEC_DECODER] = graph_spec(tmp, CODEC_DECODER, "codec_decoder.onnx", decoder["precision"],
                                        decoder["state"])
     progress("exporting codec encoder")
     encoder = export_codec_encoder(mimi, tmp / "codec_encoder.onnx", opset=options.opset,
-                                   precision=options.precision, num_quantizers=q)
+                                   precision=codec_precision, num_quantizers=q)
     graphs[CODEC_ENCODER] = graph_spec(tmp, CODEC_ENCODER, "codec_encoder.onnx", encoder["precision"])
     _copy_tokenizer(files.tokenizer_dir, tmp / "tokenizer")
     codec = CodecInfo(frame_rate=float(mimi.config.frame_rate), sample_rate=int(mimi.config.sampling_rate),
@@ -135,12 +291,39 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     progress(f"done in {time.perf_counter() - started:.1f}s")
 
 
+def _export_prefill(model, path: Path, opset: int) -> None:
+    """Only artifacts with prefix room get it: it holds a second copy of the backbone's weights."""
+    prefill = BackbonePrefill(model)
+    export_module(prefill, BackbonePrefill.example_inputs(model), prefill.input_names, prefill.output_names,
+                  path, opset, dynamic=BackbonePrefill.dynamic_shapes)
+
+
 def _convert_fp16(path: Path) -> None:
     from .precision import to_fp16
 
     # Shape inference by path works past protobuf's 2 GB, unlike on a loaded model.
     onnx.shape_inference.infer_shapes_path(str(path))
     save_model(to_fp16(onnx.load(str(path))), path)
+
+
+def _quantized_graph(root: Path, file: str, name: str, options: BuildOptions, progress):
+    """Quantize ``root/file`` in place and describe it, with its quantization record."""
+    from dia2_trt.calibration.weight_only import (QuantizeError, check_block_size, fit_block_size,
+                                                  quantize_model_file)
+
+    progress(f"quantizing {name} weights to {options.precision}")
+    path = root / file
+    scheme = options.weight_only_scheme()
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        if options.block_size is None:  # the default adapts to small models; one asked for is used as given
+            scheme = fit_block_size(graph, scheme)
+        check_block_size(graph, scheme, name)
+        record = scheme.record(quantize_model_file(path, scheme))
+    except QuantizeError as exc:
+        raise BuildError(str(exc)) from None
+    return replace(graph_spec(root, name, file, options.precision),
+                   quantization=QuantizationRecord.from_json(dict(record, scheme=options.precision)))
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -155,13 +338,15 @@ def _source(files: CheckpointFiles) -> SourceInfo:
                       files={p.name: sha256(p) for p in (files.config_path, files.weights_path)})
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap the finished directory in; an old one is removed only after the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Swap the finished directory in; an old one is removed only after the new one is complete,
+    and only if it still is an artifact directory (the export took minutes: look again)."""
+    if out.exists() and any(out.iterdir()):
+        _check_replaceable(out, overwrite)
+    if not out.exists():
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # a name nobody else uses
+    out.replace(old)  # onto the empty placeholder
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from dia2_trt.runtime.files import AUDIO_FORMATS, write_atomic, write_audio
+from dia2_trt.runtime.cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, int64_range,
+                                         read_script)
+from dia2_trt.runtime.files import AUDIO_FORMATS, audio_writer, write_atomic, write_together
 
 from .build import DEFAULT_OPSET, PRECISIONS, BuildOptions
 
 SIZES = ("tiny", "1B", "2B")
 
 
-def _fail(message: str) -> None:
-    raise click.ClickException(message)
-
-
 def _checkpoint_files(size: str | None, checkpoint: str | None):
     from dia2_trt.models.sources import resolve_checkpoint
 
     if (size is None) == (checkpoint is None):
-        _fail("give exactly one of --size or --checkpoint")
+        fail("give exactly one of --size or --checkpoint")
     return resolve_checkpoint(size=size, checkpoint=checkpoint)
 
 
@@ -32,7 +29,7 @@ def _source_options(fn):
     return click.option("--size", type=click.Choice(SIZES, case_sensitive=False), help="Model size: tiny (offline, random), 1B or 2B (Hugging Face).")(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup)
 def main() -> None:
     """Export Dia2 to ONNX / TensorRT artifacts and check them against PyTorch."""
 
@@ -40,19 +37,39 @@ def main() -> None:
 @main.command()
 @_source_options
 @click.option("--precision", default="fp32", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
+@click.option("--block-size", type=int, help="int8/int4: weights per scale along the input axis "
+              "(a power of two >= 16; default 64).")
+@click.option("--from-artifacts", type=click.Path(), help="int8/int4: quantize this fp32 artifact directory "
+              "instead of exporting the checkpoint again.")
 @click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int)
 @click.option("--prefix-frames", default=0, show_default=True, type=click.IntRange(0),
               help="Extra KV-cache frames reserved for an audio prefix.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
-def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite):
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing artifact directory (never a directory without a dia2-trt manifest).")
+@click.option("--verbose", is_flag=True, help="Show the exporters' own logs and warnings too.")
+def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, prefix_frames, overwrite, verbose):
     """Export the backbone, depformer and codec graphs with a manifest."""
-    from .build import build_artifacts, check_request
+    from .build import build_artifacts, check_request, quantize_artifacts
+    from .console import BuildProgress, quiet_descriptors
 
-    options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite)
+    options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite,
+                           block_size=block_size)
+    if from_artifacts:
+        if size or checkpoint:
+            _fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")
+        with quiet_descriptors(verbose) as console:
+            progress = BuildProgress(console)
+            manifest = quantize_artifacts(Path(from_artifacts), Path(out), options, progress=progress)
+        click.echo(progress.summary(manifest, Path(out)), err=True)
+        click.echo(str(out))
+        return
     check_request(Path(out), options)  # before resolving the checkpoint, which may download it
     files = _checkpoint_files(size, checkpoint)
-    build_artifacts(files, Path(out), options, progress=lambda msg: click.echo(f"[build] {msg}", err=True))
+    with quiet_descriptors(verbose) as console:
+        progress = BuildProgress(console)
+        manifest = build_artifacts(files, Path(out), options, progress=progress)
+    click.echo(progress.summary(manifest, Path(out)), err=True)
     click.echo(str(out))
 
 
@@ -62,19 +79,48 @@ def build(size, checkpoint, precision, out, opset, prefix_frames, overwrite):
 @click.option("--steps", default=64, show_default=True, type=click.IntRange(1), help="Teacher-forced decode steps.")
 @click.option("--codec-frames", default=320, show_default=True, type=click.IntRange(1))
 @click.option("--report", type=click.Path(), help="Write the JSON report here (default: ARTIFACTS/validation.json).")
-@click.option("--seed", default=0, show_default=True, type=int)
-def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed):
-    """Compare every graph with PyTorch through Polygraphy; exit 1 past tolerance."""
+@click.option("--seed", default=0, show_default=True, type=int64_range())
+@click.option("--against", "against", type=click.Path(),
+              help="fp32 artifacts of the same checkpoint: report teacher-forced top-1 agreement instead.")
+@click.option("--script", "script_file", type=click.Path(), help="With --against: the script to speak (a file).")
+def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, against, script_file):
+    """Compare every graph with PyTorch through Polygraphy (or, with --against, with fp32 artifacts);
+    exit 1 past tolerance."""
     from .validate import validate_artifacts
 
+    if against:
+        return _accuracy(Path(artifacts), Path(against), script_file, report)
+    path = Path(report) if report else Path(artifacts) / "validation.json"
+    if report or Path(artifacts).is_dir():  # a missing ARTIFACTS is validate's own one-line error
+        check_outputs({"--report": str(path)})  # before minutes of comparisons, not after
     source = _checkpoint_files(size, checkpoint) if (size or checkpoint) else None
     result = validate_artifacts(Path(artifacts), source, steps=steps, codec_frames=codec_frames, seed=seed,
                                 echo=lambda msg: click.echo(msg, err=True))
-    path = Path(report) if report else Path(artifacts) / "validation.json"
     _write_atomic(path, json.dumps(result, indent=1) + "\n")
     click.echo(f"report: {path}", err=True)
     if not result["passed"]:
-        _fail("validation failed: " + ", ".join(result["failures"]))
+        fail("validation failed: " + ", ".join(result["failures"]))
+
+
+@main.command()
+@click.argument("fp32_artifacts", type=click.Path())
+@click.option("--scripts", "scripts_file", required=True, type=click.Path(),
+              help="Calibration scripts, one per line.")
+@click.option("--precision", required=True, help="int8-qdq or fp8-qdq.")
+@click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
+@click.option("--every", default=1, show_default=True, type=click.IntRange(1),
+              help="Observe activations at every N-th step only.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
+def calibrate(fp32_artifacts, scripts_file, precision, out, every, overwrite):
+    """Calibrated Q/DQ artifacts (for TensorRT INT8/FP8) from fp32 artifacts and scripts."""
+    from dia2_trt.calibration.calibrate import calibrate_artifacts, check_calibrate_request
+    from dia2_trt.calibration.collect import read_scripts
+
+    check_calibrate_request(Path(fp32_artifacts), Path(out), precision, overwrite)
+    scripts = read_scripts(Path(scripts_file))
+    calibrate_artifacts(Path(fp32_artifacts), scripts, Path(out), precision, every=every, overwrite=overwrite,
+                        progress=lambda msg: click.echo(f"[calibrate] {msg}", err=True))
+    click.echo(str(out))
 
 
 @main.command()
@@ -90,86 +136,69 @@ def engines(artifacts, graphs, workspace_gib, timing_cache, no_validate):
 
     available, reason = have_gpu_tensorrt()
     if not available:
-        _fail(f"cannot build TensorRT engines here: {reason}")
+        fail(f"cannot build TensorRT engines here: {reason}")
     options = EngineOptions(workspace_gib=workspace_gib, timing_cache=Path(timing_cache) if timing_cache else None)
     built = build_engines(Path(artifacts), tuple(g.strip() for g in graphs.split(",") if g.strip()), options,
                           validate=not no_validate, echo=lambda msg: click.echo(msg, err=True))
     failed = [name for name, e in built.items() if e.validation and not e.validation.passed]
     if failed:
-        _fail("engines differ from ONNX Runtime beyond tolerance: " + ", ".join(failed))
+        fail("engines differ from ONNX Runtime beyond tolerance: " + ", ".join(failed))
+
+
+def _accuracy(artifacts: Path, against: Path, script_file, report) -> None:
+    from .accuracy import DEFAULT_SCRIPT, accuracy_report, summary_lines
+
+    script = read_script(None, script_file).strip() if script_file else DEFAULT_SCRIPT
+    path = Path(report) if report else artifacts / "accuracy.json"
+    if report or artifacts.is_dir():
+        check_outputs({"--report": str(path)})
+    result = accuracy_report(artifacts, against, script, echo=lambda msg: click.echo(msg, err=True))
+    for line in summary_lines(result):
+        click.echo(line, err=True)
+    _write_atomic(path, json.dumps(result, indent=1) + "\n")
+    click.echo(f"report: {path}", err=True)
+    if not result["passed"]:
+        fail("accuracy below the thresholds: " + "; ".join(result["failures"]))
 
 
 @main.command()
 @_source_options
 @click.option("--input", "input_file", required=True, type=click.Path(), help="Script file ('-' for stdin).")
-@click.option("--temperature", type=click.FloatRange(0), help="Both streams (default: text 0.6, audio 0.8).")
-@click.option("--top-k", default=50, show_default=True, type=click.IntRange(0))
-@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=float)
-@click.option("--cfg-filter-k", default=50, show_default=True, type=click.IntRange(0))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--temperature", type=FiniteFloat(min=0), help="Both streams (default: text 0.6, audio 0.8).")
+@click.option("--top-k", default=50, show_default=True, type=int64_range())
+@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=FiniteFloat(min=0, min_open=True))
+@click.option("--cfg-filter-k", default=50, show_default=True, type=int64_range())
+@click.option("--seed", default=0, show_default=True, type=int64_range())
 @click.option("--tokens-out", required=True, type=click.Path(), help="JSON with aligned tokens and word timestamps.")
 @click.option("--out", "wav_out", type=click.Path(), help="Also decode to audio (.wav, .flac, .ogg) with transformers' Mimi.")
 def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_filter_k, seed, tokens_out, wav_out):
     """Generate with the eager PyTorch reference loop."""
     from dia2_trt.runtime.params import GenerationParams
 
+    from .build import source_dirs
+
     if wav_out and Path(wav_out).suffix.lower() not in AUDIO_FORMATS:
-        _fail(f"{wav_out}: unknown audio format (use .wav, .flac or .ogg)")
-    text = _read_script(input_file)
-    params = _params(GenerationParams, temperature, top_k, cfg_scale, cfg_filter_k, seed)
-    files = _checkpoint_files(size, checkpoint)
-    from .reference_run import run_reference
-
-    result, pcm, rate = run_reference(files, text, params, decode=wav_out is not None)
-    _write_atomic(Path(tokens_out), json.dumps(
-        {"tokens": result.tokens.tolist(), "timestamps": [[w, s] for w, s in result.timestamps]}) + "\n")
-    if wav_out:
-        _write_audio(Path(wav_out), pcm, rate)
-    click.echo(f"{result.frames} frames, {result.tokens.shape[1]} aligned", err=True)
-
-
-def _params(cls, temperature, top_k, cfg_scale, cfg_filter_k, seed):
+        fail(f"{wav_out}: unknown audio format (use .wav, .flac or .ogg)")
+    text = read_script(None, input_file, stdin_dash=True).strip()
     kwargs = dict(text_top_k=top_k, audio_top_k=top_k, cfg_scale=cfg_scale, cfg_filter_k=cfg_filter_k, seed=seed)
     if temperature is not None:
         kwargs.update(text_temperature=temperature, audio_temperature=temperature)
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        _fail(str(exc))
+    params = GenerationParams(**kwargs)
+    names = {"--tokens-out": tokens_out, "--out": wav_out}
+    check_outputs(names)
+    files = _checkpoint_files(size, checkpoint)
+    outputs = check_outputs(names, protected=[("checkpoint directory", d) for d in source_dirs(files)])
+    from .reference_run import run_reference
 
-
-def _read_script(path: str) -> str:
-    from dia2_trt.runtime.script import ScriptError, check_script
-
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    except OSError as exc:
-        _fail(f"cannot read {path}: {exc.strerror}")
-    try:
-        check_script(text)
-    except ScriptError as exc:
-        _fail(str(exc))
-    return text.strip()
+    result, pcm, rate = run_reference(files, text, params, decode=wav_out is not None)
+    document = json.dumps({"tokens": result.tokens.tolist(),
+                           "timestamps": [[w, s] for w, s in result.timestamps]}) + "\n"
+    items = [(outputs["--tokens-out"], lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))]
+    if wav_out:
+        items.append((outputs["--out"], audio_writer(outputs["--out"], pcm, rate)))
+    write_together(items)
+    click.echo(f"{result.frames} frames, {result.tokens.shape[1]} aligned", err=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    try:
-        write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-    except OSError as exc:
-        _fail(f"cannot write {path}: {exc.strerror}")
-
-
-def _write_audio(path: Path, pcm, rate: int) -> None:
-    try:
-        write_audio(path, pcm, rate)
-    except Exception as exc:  # OSError, or soundfile's own error types
-        _fail(f"cannot write {path}: {exc}")
-
-
-def run() -> None:
-    """Entry point: library errors (ValueError and friends) become one-line messages."""
-    try:
-        main(standalone_mode=True)
-    except (ValueError, FileNotFoundError) as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

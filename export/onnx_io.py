@@ -13,21 +13,24 @@ _PROTOBUF_LIMIT = 2**31 - 2**24
 
 
 def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-                  path: Path, opset: int) -> None:
+                  path: Path, opset: int, dynamic: tuple[dict[int, str], ...] | None = None) -> None:
     """Export with the dynamo exporter (torch >= 2.9 has no other maintained path).
 
     The program is saved straight from its in-memory IR, which references the
     torch weights: building a ModelProto first would hold a second full copy
     (7.7 GB for the 2B backbone) and cannot exceed protobuf's 2 GB anyway. The
     exporter moves the weights to ``<file>.data`` past 2 GB.
+    ``dynamic`` gives, per input, the axes left symbolic ({axis: name}).
     """
     module.eval()
     path = Path(path)
+    shapes = None if dynamic is None else tuple(
+        {axis: torch.export.Dim(name) for axis, name in axes.items()} or None for axes in dynamic)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=input_names,
-            output_names=output_names,
+            output_names=output_names, dynamic_shapes=shapes,
             optimize=True, verify=False, report=False,
         )
         program.save(str(path))

@@ -41,10 +41,21 @@ def _keep_fp32(node: onnx.NodeProto) -> bool:
     return bool(frames) and frames[-1].endswith("export/graphs.py")
 
 
+def _fp32_nodes(nodes, inherited: bool = False):
+    """Nodes to keep in fp32, subgraphs included: an If of the sampler (graphs.kth_largest) keeps its branches."""
+    for node in nodes:
+        keep = inherited or _keep_fp32(node)
+        if keep:
+            yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _fp32_nodes(attr.g.node, keep)
+
+
 def to_fp16(model: onnx.ModelProto, fp16_io: tuple[str, ...] = FP16_IO) -> onnx.ModelProto:
     from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    blocked = [n.name for n in model.graph.node if _keep_fp32(n)]
+    blocked = [n.name for n in _fp32_nodes(model.graph.node)]
     converted = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + _FP32_OPS,
         # Shapes are inferred beforehand (by file path, which works past 2 GB).

@@ -114,6 +114,7 @@ def input_ranges(manifest: Manifest) -> dict[str, tuple[float, float]]:
     return {
         "tokens": (0, min(topo.text_vocab_size, topo.audio_vocab_size) - 1),
         "position": (0, manifest.cache_capacity - 1),
+        "cache_length": (0, manifest.cache_capacity - 1),
         "text_tokens": (0, topo.text_vocab_size - 1),
         "codes": (0, manifest.codec.codebook_size - 1),
         "noise": (0.0, 1.0),

@@ -42,6 +42,9 @@ def validate_artifacts(artifacts: Path, files: CheckpointFiles | None, *, steps:
     files = files or _source_files(manifest)
     _check_source(manifest, files)
     precision = manifest.precision
+    if precision not in TOLERANCES:
+        raise ValueError(f"{precision} artifacts are judged on tokens, not against PyTorch's numbers: "
+                         f"validate them with --against FP32_ARTIFACTS")
     atol, rtol = TOLERANCES[precision]
     model = load_model(files)
     mimi = load_mimi(files.mimi_ref)
@@ -96,18 +99,19 @@ def _backbone_sequence(model, manifest: Manifest, steps: int, gen: torch.Generat
     """Random in-vocabulary tokens, positions 0..steps-1, PyTorch's own cache fed forward."""
     cfg = model.config
     step = BackboneStep(model).eval()
-    tokens, _, *caches = BackboneStep.example_inputs(model, manifest.cache_capacity)
+    tokens, _, _, *caches = BackboneStep.example_inputs(model, manifest.cache_capacity)
     n_layer = len(caches) // 2
-    dtype = manifest.graph(BACKBONE).input(step.input_names[2]).dtype
+    dtype = manifest.graph(BACKBONE).input(step.input_names[3]).dtype
     feeds, outputs = [], []
     for t in range(steps):
         tokens[:, :2] = torch.randint(0, cfg.data.text_vocab_size, (2, 2), generator=gen)
         tokens[:, 2:] = torch.randint(0, cfg.data.audio_vocab_size, (2, cfg.data.audio_channels), generator=gen)
         position = torch.tensor([t])
         feeds.append({"tokens": tokens.numpy().copy(), "position": position.numpy(),
-                      **{name: c.numpy().astype(dtype) for name, c in zip(step.input_names[2:], caches)}})
+                      "cache_length": position.numpy(),
+                      **{name: c.numpy().astype(dtype) for name, c in zip(step.input_names[3:], caches)}})
         with torch.no_grad():
-            out = step(tokens, position, *caches)
+            out = step(tokens, position, position, *caches)
         outputs.append(dict(zip(BackboneStep.output_names, (np.ascontiguousarray(o.numpy()) for o in out))))
         for i in range(n_layer):
             caches[i][:, :, t] = out[3][i]
@@ -152,7 +156,8 @@ def _depformer_check(spec: GraphSpec, model, ids, backbone_out: list[dict], gen:
         with torch.no_grad():
             torch_out.append({"audio_tokens": frame(*args).numpy()})
         feeds.append({n: a.numpy() for n, a in zip(DepformerFrame.input_names, args)})
-    ort_out = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(spec.path)))], data_loader=_cast_feeds(spec, feeds))[0][1]
+    runner = OnnxrtRunner(SessionFromOnnx(str(spec.path)))
+    ort_out = Comparator.run([runner], data_loader=_cast_feeds(spec, feeds))[0][1]
     same = [np.array_equal(t["audio_tokens"], np.asarray(o["audio_tokens"])) for t, o in zip(torch_out, ort_out)]
     return {"iterations": len(feeds), "token_agreement": float(np.mean(same))}
 

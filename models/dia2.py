@@ -159,6 +159,16 @@ class Attention(nn.Module):
         b = q.shape[0]
         return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.heads * self.head_dim))
 
+    def attend_causal(self, q, k, v, causal: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, D], k/v [B, Hkv, T, D], causal [T, T] bool -> [B, T, E] (prefill)."""
+        b, h, t, d = q.shape
+        hkv = k.shape[1]
+        qg = q.view(b, hkv, h // hkv, t, d)
+        scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, T]
+        probs = torch.softmax(scores.masked_fill(~causal, torch.finfo(q.dtype).min), dim=-1)
+        out = torch.matmul(probs, v.unsqueeze(2)).view(b, h, t, d)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
     def attend_split(self, q, k, v, k_cache, v_cache, valid: torch.Tensor) -> torch.Tensor:
         out = _split_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache, v_cache, valid)
         return self.o_proj(out.unsqueeze(1))
@@ -211,17 +221,23 @@ class Backbone(nn.Module):
             x = layer.mlp_residual(x + layer.attn.attend_reference(q, k, v, k_cache[i], v_cache[i], length))
         return self.heads(x)
 
-    def step(self, tokens, position, k_caches, v_caches):
+    def step(self, tokens, position, k_caches, v_caches, cache_length=None):
         """Export form. tokens [B, C] int64, position [1] int64, one [B, Hkv, S, D] cache per layer.
 
         Per-layer caches rather than one stacked tensor: slicing a layer out of a
         stacked graph input is a copy (a Split) in ONNX, 0.7 GB per step for 2B.
         Returns (hidden [B, E], action [B, A], cb0 [B, V], k_new, v_new [L, B, Hkv, D]);
-        the caller stores k_new/v_new at ``position`` before the next step.
+        the caller stores k_new/v_new at row ``cache_length`` before the next step.
+
+        ``position`` is the RoPE position, ``cache_length`` the number of valid
+        cache rows (default: ``position``). They differ after an audio-prefix
+        warm-up: the reference's generation restarts at frame A - 1 while its
+        cache already holds A rows, so every later frame t attends to t + 1 rows.
         """
         x = self.embed(tokens.unsqueeze(-1))
         positions = position.view(1, 1)
-        valid = torch.arange(k_caches[0].shape[2], device=position.device) < position
+        length = position if cache_length is None else cache_length
+        valid = torch.arange(k_caches[0].shape[2], device=position.device) < length
         k_out, v_out = [], []
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)
@@ -230,6 +246,26 @@ class Backbone(nn.Module):
             v_out.append(v[:, :, 0])
         hidden, action, cb0 = self.heads(x)
         return hidden[:, 0], action[:, 0], cb0[:, 0], torch.stack(k_out), torch.stack(v_out)
+
+    def prefill(self, tokens):
+        """T frames from an empty cache in one pass: tokens [B, C, T] -> k, v [L, B, Hkv, T, D].
+
+        Frame t sits at RoPE position t and attends causally to frames 0..t, so the
+        rows equal the ones T single steps would write (same ops, other reduction
+        order). Only the K/V rows come out: the reference's warm-up discards every
+        logit it computes.
+        """
+        x = self.embed(tokens)
+        frames = tokens.shape[2]
+        positions = torch.arange(frames, device=tokens.device).view(1, frames)
+        causal = torch.ones(frames, frames, dtype=torch.bool, device=tokens.device).tril()
+        k_out, v_out = [], []
+        for layer in self.layers:
+            q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)
+            x = layer.mlp_residual(x + layer.attn.attend_causal(q, k, v, causal))
+            k_out.append(k)
+            v_out.append(v)
+        return torch.stack(k_out), torch.stack(v_out)
 
 
 class ScheduleAttention(nn.Module):

@@ -86,19 +86,30 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _require_file(root: Path, name: str) -> Path:
-    path = root / name
+    path = root / _contained(name, "file")
     if not path.is_file():
         raise CheckpointError(f"{name} not found in {root}")
     return path
 
 
+def _contained(name: str, what: str) -> str:
+    """A path named by the checkpoint must stay inside it: no absolute paths, no ``..`` out, no ``~``.
+
+    Checked on the name, not on resolved files: a hub snapshot is made of symlinks into
+    the cache's blob store, which is where its files legitimately live."""
+    normal = os.path.normpath(name)
+    if Path(name).is_absolute() or name.startswith("~") or normal == ".." or normal.startswith(".." + os.sep):
+        raise CheckpointError(f"the checkpoint names {what} {name!r}, outside its directory; "
+                              f"paths a checkpoint names must stay inside it")
+    return name
+
+
 def _local_or_hub(ref: str, root: Path) -> str:
     """An existing directory (relative to the checkpoint) wins; anything else is a hub id."""
-    path = Path(ref).expanduser()
-    local = path if path.is_absolute() else root / path
+    local = root / _contained(ref, "directory")
     if local.is_dir():
         return str(local.resolve())
-    if path.is_absolute() or ref.startswith(("./", "../")):
+    if ref.startswith("./"):
         raise CheckpointError(f"directory {local} (named by the checkpoint's assets) not found")
     return ref
 
@@ -153,8 +164,8 @@ def _cache_root() -> Path:
 
 def _resolve_hub(repo_id: str) -> CheckpointFiles:
     manifest = _hub_manifest(repo_id)
-    config_name = manifest.get("config", "config.json")
-    weights_name = manifest.get("weights", "model.safetensors")
+    config_name = _contained(manifest.get("config", "config.json"), "file")
+    weights_name = _contained(manifest.get("weights", "model.safetensors"), "file")
     config_path = Path(_hub_file(repo_id, config_name))
     weights_path = Path(_hub_file(repo_id, weights_name))
     # Files of one revision share a snapshot directory, which then is the checkpoint root.

@@ -4,6 +4,10 @@
   model.safetensors, a byte-level BPE tokenizer at the root, a tiny Mimi in
   ``mimi/``) that every test and dry run can use without the hub.  Variants and
   overrides switch on the optional code paths one checkpoint cannot cover at once.
+* ``build_real_vocab_checkpoint``: the tiny widths with Dia2's real vocabularies,
+  32 codebooks, delay pattern and context: a benchmark checkpoint whose per-frame
+  overhead (sampling over 2050 audio ids, 32 depformer stages, a 32-codebook
+  codec) is the real model's, while its weight reads stay negligible.
 * ``build_2b_topology_checkpoint``: the 2B shapes with random weights, for
   export dry runs and benchmarks (7.7 GB, written tensor by tensor).
 * ``meta_model_from_topology``: the 2B model on the meta device, for shape checks.
@@ -71,6 +75,19 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "full": {"model.depformer.text_embedding": True, "model.decoder.low_rank_dim": 16},
 }
 
+# Dia2-2B's data section and context (the confirmed entries of its config.json), on
+# the tiny widths: the per-frame work that is not weight reads scales with these.
+REAL_VOCAB_OVERRIDES: dict[str, Any] = {
+    "data.channels": 34,
+    "data.delay_pattern": [16] + [18] * 31,
+    "data.first_word_min_start": 3,
+    "data.max_pad": 8,
+    "runtime.max_context_steps": 1500,
+    "runtime.weights_schedule": [0, 1, 2, 3] + [4] * 27,
+}
+REAL_TEXT_VOCAB = 49280
+REAL_CODEBOOK = 2048  # audio vocabulary 2050 = 2048 codes + bos + pad
+
 # Low ids reserved like the real tokenizer's; 2, 3 and 7 are the config's
 # new_word, pad and zero ids, so the text stream's control ids are named tokens.
 SPECIAL_TOKENS = ["<unk>", "<s>", "<new_word>", "<pad>", "</s>", "[S1]", "[S2]", "<zero>"]
@@ -137,6 +154,43 @@ def build_tiny_checkpoint(
     )
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
+    cfg = parse_config(raw, source="tiny config")
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    write_random_weights(cfg, out / "model.safetensors", seed=seed)
+    mimi.save_pretrained(out / "mimi")
+    return out
+
+
+def build_real_vocab_checkpoint(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """The tiny widths with the real vocabularies (text 49280, audio 2050), 32 codebooks and delays.
+
+    Its Mimi is the tiny one with the real 32 x 2048 codebooks; the decoder's widths
+    stay small (the codec's real-size cost is measured on the 2B benchmark checkpoint).
+    """
+    from .mimi_stream import tiny_mimi_config
+
+    raw = tiny_config(overrides=REAL_VOCAB_OVERRIDES)
+    quantizers = raw["data"]["channels"] - 2
+    mimi = randomize_mimi_model(tiny_mimi_config(quantizers, codebook_size=REAL_CODEBOOK), seed)
+    return _write_checkpoint(Path(out_dir), raw, mimi, seed, text_vocab=REAL_TEXT_VOCAB)
+
+
+def randomize_mimi_model(config, seed: int):
+    from transformers import MimiModel
+
+    from .mimi_stream import randomize_mimi
+
+    return randomize_mimi(MimiModel(config).eval(), seed)
+
+
+def _write_checkpoint(out: Path, raw: dict[str, Any], mimi, seed: int, *, text_vocab: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_size = write_tiny_tokenizer(out)
+    if tokenizer_size > text_vocab:
+        raise ValueError(f"the tokenizer's {tokenizer_size} ids do not fit a text vocabulary of {text_vocab}")
+    codebook = mimi.config.codebook_size
+    raw["data"].update(text_vocab_size=text_vocab, audio_vocab_size=codebook + 2,
+                       audio_pad_token_id=codebook + 1, audio_bos_token_id=codebook)
     cfg = parse_config(raw, source="tiny config")
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     write_random_weights(cfg, out / "model.safetensors", seed=seed)

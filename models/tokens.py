@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dia2_trt.runtime.state_machine import TokenIds
@@ -20,10 +21,34 @@ class TokenizerMismatch(ValueError):
     """The tokenizers-library tokenizer would not give the reference's ids."""
 
 
+class UntrustedTokenizer(ValueError):
+    """The tokenizer can only be loaded by running Python that came with the checkpoint."""
+
+
 def _auto_tokenizer(tokenizer_dir: str | Path):
+    """The reference's tokenizer, never with the checkpoint's own code: an ``auto_map`` in
+    tokenizer_config.json names Python that ``trust_remote_code=True`` would import and run.
+    Dia2's tokenizer is a stock class, which transformers loads without it."""
     from transformers import AutoTokenizer  # export-time only
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False, trust_remote_code=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False, trust_remote_code=False)
+    except ValueError:
+        if not _names_code(Path(tokenizer_dir)):
+            raise
+        raise UntrustedTokenizer(f"the tokenizer in {tokenizer_dir} names its own Python code (auto_map in "
+                                 f"tokenizer_config.json); dia2-trt never runs code from a checkpoint") from None
+
+
+def _names_code(tokenizer_dir: Path) -> bool:
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            raw = json.loads((tokenizer_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(raw, dict) and "auto_map" in raw:
+            return True
+    return False
 
 
 def check_tokenizer(tokenizer_dir: str | Path) -> None:

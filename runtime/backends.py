@@ -79,6 +79,7 @@ class Backend(Protocol):
 # threads with spinning ran the loop 1.6-3.7x slower). Optimisation levels
 # basic/extended/all were equal within noise; "all" stays, as ORT's default.
 LARGE_GRAPH_BYTES = 64 << 20
+ORT_ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 DEFAULT_SPINNING = False
 
 
@@ -124,7 +125,7 @@ class OrtBackend:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
 
-    def session_options(self, threads: int = 1):
+    def session_options(self, threads: int = 1, accuracy_level: int | None = None):
         ort = self._ort
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -139,12 +140,17 @@ class OrtBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         opts.log_severity_level = 3  # ORT's warnings about unused initializers are noise here
+        if accuracy_level is not None:
+            # How the fused MatMulNBits kernels of a weight-only int8/int4 graph compute (the
+            # manifest's quantization record says; 4 = int8 activations).
+            opts.add_session_config_entry(ORT_ACCURACY_LEVEL_KEY, str(int(accuracy_level)))
         return opts
 
     def load(self, spec: GraphSpec) -> "OrtGraph":
         try:
             threads = self.threads or auto_threads(graph_bytes(spec.path))
-            session = self._ort.InferenceSession(str(spec.path), self.session_options(threads),
+            level = spec.quantization.ort_accuracy_level if spec.quantization else None
+            session = self._ort.InferenceSession(str(spec.path), self.session_options(threads, level),
                                                  providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

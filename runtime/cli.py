@@ -10,25 +10,20 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .artifacts import ArtifactError
-from .files import AUDIO_FORMATS, write_atomic, write_audio
 from .backends import BACKEND_NAMES, create_backend
+from .cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, int64_range, read_script,
+                         silence_stdout, threads_option)
+from .files import AUDIO_FORMATS, audio_writer, write_together
 from .params import GenerationParams
+from .voice_cli import check_prefix_args, load_prefix, prefix_options
 
 
+class _Group(OneLineGroup):
+    """Commands in ``LAZY`` are imported only when run (or listed by --help): ``bench``
+    pulls in the benchmark harness, which ``speak`` must not load."""
 
-class CliError(click.ClickException):
-    """One line on stderr, exit status 1."""
-
-
-class _Group(click.Group):
-    """Every failure, usage errors included, is one ``Error: ...`` line (no usage dump).
-
-    Commands in ``LAZY`` are imported only when run (or listed by --help): ``bench``
-    pulls in the benchmark harness, which ``speak`` must not load.
-    """
-
-    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "serve": ("dia2_trt.runtime.serve.command", "serve")}
+    LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "voice": ("dia2_trt.runtime.voice_cli", "voice"),
+            "serve": ("dia2_trt.runtime.serve.command", "serve")}
 
     def list_commands(self, ctx) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -40,19 +35,6 @@ class _Group(click.Group):
             module, attr = self.LAZY[name]
             self.add_command(getattr(importlib.import_module(module), attr), name)
         return super().get_command(ctx, name)
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(130)
-        sys.exit(code or 0)
 
 
 @click.group(cls=_Group)
@@ -66,149 +48,107 @@ def main() -> None:
 @click.option("--artifacts", required=True, type=click.Path(), help="Artifact directory (dia2-export build).")
 @click.option("--out", "out", required=True,
               help="Audio file (.wav, .flac, .ogg), or '-' for raw 16-bit PCM on stdout.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--temperature", type=click.FloatRange(min=0), help="Both streams' temperature (0 = greedy).")
-@click.option("--text-temperature", type=click.FloatRange(min=0), help="Text-action temperature [0.6].")
-@click.option("--audio-temperature", type=click.FloatRange(min=0), help="Audio-token temperature [0.8].")
-@click.option("--top-k", default=50, show_default=True, type=click.IntRange(min=0), help="0 = no top-k cut.")
-@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--seed", default=0, show_default=True, type=int64_range())
+@click.option("--temperature", type=FiniteFloat(min=0), help="Both streams' temperature (0 = greedy).")
+@click.option("--text-temperature", type=FiniteFloat(min=0), help="Text-action temperature [0.6].")
+@click.option("--audio-temperature", type=FiniteFloat(min=0), help="Audio-token temperature [0.8].")
+@click.option("--top-k", default=50, show_default=True, type=int64_range(), help="0 = no top-k cut.")
+@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Classifier-free guidance scale (1 = off).")
-@click.option("--cfg-filter-k", default=50, show_default=True, type=click.IntRange(min=0))
+@click.option("--cfg-filter-k", default=50, show_default=True, type=int64_range())
 @click.option("--timestamps-out", type=click.Path(dir_okay=False), help="JSON [[word, seconds], ...].")
 @click.option("--tokens-out", type=click.Path(dir_okay=False),
               help="JSON {tokens, timestamps}, as dia2-export reference.")
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads per graph [1].")
+@threads_option()
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums (seconds for the 2B).")
+@prefix_options
 def speak(text, input_file, artifacts, out, seed, temperature, text_temperature, audio_temperature, top_k,
-          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify) -> None:
-    """Speak TEXT (or --input FILE, or stdin) into --out."""
-    script = _read_script(text, input_file)
-    from .script import ScriptError, check_script
+          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify,
+          prefix_args) -> None:
+    """Speak TEXT (or --input FILE, or stdin) into --out.
 
-    try:
-        check_script(script)  # before the (slow) artifact load
-    except ScriptError as exc:
-        raise CliError(str(exc)) from None
+    Every output is checked before the (slow) load and written at the end, all
+    together or none: a failed run leaves no file behind.
+    """
+    script = read_script(text, input_file)
+    check_prefix_args(prefix_args)
     params = _params(seed, temperature, text_temperature, audio_temperature, top_k, cfg_scale, cfg_filter_k)
-    target = _check_out(out)
-    for path in (timestamps_out, tokens_out):
-        if path:
-            _check_out_dir(Path(path))
+    if out != "-" and Path(out).suffix.lower() not in AUDIO_FORMATS:
+        fail(f"{out}: unknown audio format (use .wav, .flac or .ogg, or '-' for raw PCM)")
+    outputs = check_outputs({"--out": None if out == "-" else out, "--timestamps-out": timestamps_out,
+                             "--tokens-out": tokens_out}, protected=[("artifact directory", Path(artifacts))])
     from .engine import Dia2Runtime, TruncationWarning
 
     try:
         engine = create_backend(backend, threads)
     except (ImportError, ValueError) as exc:
-        raise CliError(f"backend {backend} cannot run here: {exc}") from None
-    try:
-        runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
-        bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
-        session = runtime.stream(script, params, progress=bar)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", TruncationWarning)
-            result = _generate(session, target, runtime.sample_rate)
-        if bar is not None:
-            bar.finish()
-    except (ArtifactError, ScriptError) as exc:
-        raise CliError(str(exc)) from None
+        fail(f"backend {backend} cannot run here: {exc}")
+    runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
+    prefix = load_prefix(runtime, prefix_args)
+    bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
+    session = runtime.stream(script, params, progress=bar, prefix=prefix, prefill=not prefix_args["step_warmup"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncationWarning)
+        result = _generate(session, out == "-")
+    if bar is not None:
+        bar.finish()
     for warning in caught:
         click.echo(f"warning: {warning.message}", err=True)
-    _write_sidecars(result, timestamps_out, tokens_out)
+    _write_outputs(outputs, result, runtime.sample_rate)
     if not quiet:
         _summary(result)
 
 
-def _write_sidecars(result, timestamps_out: str | None, tokens_out: str | None) -> None:
-    stamps = [[word, seconds] for word, seconds in result.timestamps]
-    if timestamps_out:
-        _write_text(Path(timestamps_out), json.dumps(stamps) + "\n")
-    if tokens_out:
-        _write_text(Path(tokens_out), json.dumps({"tokens": result.tokens.tolist(), "timestamps": stamps}) + "\n")
-
-
-def _read_script(text: str | None, input_file: str | None) -> str:
-    if text is not None and input_file is not None:
-        raise CliError("give the script as an argument or with --input, not both")
-    if input_file is not None:
-        try:
-            return Path(input_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CliError(f"cannot read {input_file}: {getattr(exc, 'strerror', None) or exc}") from None
-    if text is not None:
-        return text
-    if sys.stdin is None or sys.stdin.isatty():
-        raise CliError("no script: pass TEXT, --input FILE, or pipe it on stdin")
-    return sys.stdin.read()
-
-
 def _params(seed, temperature, text_temperature, audio_temperature, top_k, cfg_scale, cfg_filter_k):
     defaults = GenerationParams()
-    try:
-        return GenerationParams(
-            text_temperature=_first(text_temperature, temperature, defaults.text_temperature),
-            audio_temperature=_first(audio_temperature, temperature, defaults.audio_temperature),
-            text_top_k=top_k, audio_top_k=top_k, cfg_scale=cfg_scale, cfg_filter_k=cfg_filter_k, seed=seed)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    return GenerationParams(
+        text_temperature=_first(text_temperature, temperature, defaults.text_temperature),
+        audio_temperature=_first(audio_temperature, temperature, defaults.audio_temperature),
+        text_top_k=top_k, audio_top_k=top_k, cfg_scale=cfg_scale, cfg_filter_k=cfg_filter_k, seed=seed)
 
 
 def _first(*values):
     return next(v for v in values if v is not None)
 
 
-def _check_out(out: str) -> Path | None:
-    """None means stdout; a path must have a known extension and a writable directory."""
-    if out == "-":
-        return None
-    path = Path(out)
-    if path.suffix.lower() not in AUDIO_FORMATS:
-        raise CliError(f"{out}: unknown audio format (use .wav, .flac or .ogg, or '-' for raw PCM)")
-    _check_out_dir(path)
-    return path
+def _generate(session, to_stdout: bool):
+    """Raw PCM goes to stdout chunk by chunk; files are written at the end (``_write_outputs``)."""
+    for chunk in session:
+        if to_stdout:
+            _write_stdout(_pcm16(chunk.pcm))
+    return session.result
 
 
-def _check_out_dir(path: Path) -> None:
-    parent = path.parent
-    if not parent.is_dir():
-        raise CliError(f"{path}: directory {parent} does not exist")
-    if path.is_dir():
-        raise CliError(f"{path} is a directory")
-
-
-def _generate(session, target: Path | None, rate: int):
-    """Raw PCM goes to stdout chunk by chunk; a file is written whole, atomically, at the end."""
-    if target is None:
-        stdout = sys.stdout.buffer
-        for chunk in session:
-            stdout.write(_pcm16(chunk.pcm))
-            stdout.flush()
-    else:
-        for _ in session:
-            pass
-    result = session.result
-    if target is not None:
-        _write_audio(target, result.pcm, rate)
-    return result
+def _write_stdout(data: bytes) -> None:
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except OSError as exc:
+        silence_stdout()  # the unwritten rest would fail again in the interpreter's exit flush
+        reason = "the reader closed it" if isinstance(exc, BrokenPipeError) else exc.strerror or str(exc)
+        fail(f"cannot write audio to stdout: {reason}")
 
 
 def _pcm16(pcm: np.ndarray) -> bytes:
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
-def _write_audio(path: Path, pcm: np.ndarray, rate: int) -> None:
+def _write_outputs(outputs: dict[str, Path], result, rate: int) -> None:
+    stamps = [[word, seconds] for word, seconds in result.timestamps]
+    documents = {"--timestamps-out": stamps, "--tokens-out": {"tokens": result.tokens.tolist(), "timestamps": stamps}}
+    items = [(path, audio_writer(path, result.pcm, rate) if option == "--out" else _json_writer(documents[option]))
+             for option, path in outputs.items()]
     try:
-        write_audio(path, pcm, rate)
+        write_together(items)
     except Exception as exc:  # OSError, or soundfile's own error types
-        raise CliError(f"cannot write {path}: {exc}") from None
+        fail(f"cannot write {', '.join(str(p) for p in outputs.values())}: {getattr(exc, 'strerror', None) or exc}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    try:
-        write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-    except OSError as exc:
-        raise CliError(f"cannot write {path}: {exc}") from None
+def _json_writer(document):
+    text = json.dumps(document) + "\n"
+    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
 
 
 class _ProgressBar:

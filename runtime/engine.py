@@ -5,6 +5,10 @@ tokenizer and the loaded graphs (weights). Each ``Session`` takes its own
 ``GenerationState`` (buffers, KV cache, codec state) from the runtime's pool and
 gives it back when it ends, so sessions in different threads run side by side
 on one copy of the weights and each produces exactly what it would alone.
+
+Audio prefixes (``voice``, ``prefix``, ``warm``, ``turn_voice``) are the reference's
+``generate(prefix_speaker_1=..., prefix_speaker_2=..., include_prefix=...)``: see
+``voice.py`` for the word timings and ``prefix.py`` for the warm-up.
 """
 
 from __future__ import annotations
@@ -16,19 +20,26 @@ from typing import Callable
 import numpy as np
 
 from .artifacts import ArtifactError, Manifest, load_manifest
+from .audio import file_sha256, load_mono, read_audio
 from .backends import Backend, Binding, Graph, TakingTurns, create_backend
 from .codec import CodecStream, encode
 from .params import GenerationParams
+from .prefix import Prefix, WarmState, script_free_frames
 from .script import parse_script
 from .session import AudioChunk, Progress, Session, SpeakResult, TruncationWarning, _check_text
 from .state import StatePool
-from .state_machine import Entry
+from .state_machine import Entry, StateMachine
 from .tokenizer import TextTokenizer
+from .voice import (Voice, VoiceError, Word, build_plan, parse_words, read_words, speaker_tag_for,
+                    words_to_entries)
 
 __all__ = ["AudioChunk", "Dia2Runtime", "Progress", "Session", "SpeakResult", "TruncationWarning"]
 
 STEP_GRAPHS = ("backbone", "depformer", "codec_decoder")  # every session binds these
 OPTIONAL_GRAPHS = ("codec_encoder",)  # audio prompts only
+# Loaded on a prefix's first warm-up: it holds a second copy of the backbone's weights.
+PREFILL_GRAPH = "backbone_prefill"
+MISSING_TRANSCRIBER = "no word timings for the prefix audio: give a words JSON file or a transcriber"
 
 
 class Dia2Runtime:
@@ -44,6 +55,9 @@ class Dia2Runtime:
         self._turns = {name: threading.Lock() for name, g in self.graphs.items() if not g.concurrent}
         self._check_codec()
         self.states = StatePool(manifest, self.bind)
+        # Artifacts exported before prefixes have no cache_length input: they speak, without prefixes.
+        self.row_input = any(t.name == "cache_length" for t in self.graphs["backbone"].spec.inputs)
+        self._prefill_lock, self._prefill_unusable = threading.Lock(), False
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
@@ -80,20 +94,36 @@ class Dia2Runtime:
         return self.manifest.sample_rate
 
     def open_session(self, params: GenerationParams | None = None,
-                     progress: Callable[[Progress], None] | None = None) -> Session:
-        """Start an utterance fed incrementally (``feed``, ``close``, iterate); sessions are independent."""
+                     progress: Callable[[Progress], None] | None = None,
+                     prefix: "Prefix | WarmState | SpeakResult | None" = None, *, include_prefix: bool = False,
+                     prefill: bool = True) -> Session:
+        """Start an utterance fed incrementally (``feed``, ``close``, iterate); sessions are independent.
+
+        ``prefix``: an audio prefix (``self.prefix(...)``), a warmed voice pair
+        (``self.warm(...)``) or the previous turn's SpeakResult; ``include_prefix``
+        keeps its audio (and words) in the output, when ``prefix`` is not a Prefix.
+        ``prefill``: warm up in one graph call where the artifacts have the prefill
+        graph (else frame by frame, as the reference).
+        """
         params = GenerationParams() if params is None else params
         if not isinstance(params, GenerationParams):
             raise TypeError(f"params must be GenerationParams, got {type(params).__name__}")
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be callable, got {type(progress).__name__}")
-        return Session(self, params, progress)
+        if isinstance(prefix, SpeakResult):  # a conversation's previous turn
+            prefix = self.prefix(self.turn_voice(prefix.tokens, prefix.timestamps), include_audio=include_prefix)
+        elif isinstance(prefix, WarmState):
+            self._check_hashes(prefix.artifacts, "warm state")
+            self.check_prefix_frames(prefix.plan.frames)
+        elif prefix is not None and not isinstance(prefix, Prefix):
+            raise TypeError(f"prefix must be a Prefix, WarmState or SpeakResult, got {type(prefix).__name__}")
+        return Session(self, params, progress, prefix, include_prefix, prefill)
 
     def stream(self, text: str, params: GenerationParams | None = None,
-               progress: Callable[[Progress], None] | None = None) -> Session:
+               progress: Callable[[Progress], None] | None = None, **prefix_options) -> Session:
         """The whole script at once; iterate the result for AudioChunks. Bad scripts raise here."""
         _check_text(text)
-        session = self.open_session(params, progress)
+        session = self.open_session(params, progress, **prefix_options)
         try:
             session.feed(text)
             session.close()
@@ -103,8 +133,9 @@ class Dia2Runtime:
         return session
 
     def speak(self, text: str, params: GenerationParams | None = None,
-              progress: Callable[[Progress], None] | None = None) -> SpeakResult:
-        session = self.stream(text, params, progress)
+              progress: Callable[[Progress], None] | None = None, **prefix_options) -> SpeakResult:
+        """Generate ``text``; ``prefix=``, ``include_prefix=``, ``prefill=`` as for ``open_session``."""
+        session = self.stream(text, params, progress, **prefix_options)
         for _ in session:
             pass
         return session.result
@@ -123,3 +154,150 @@ class Dia2Runtime:
         new-word frame, each break's length, the end mark, and the codebook delay tail."""
         body = sum(len(e.tokens) + 1 if e.tokens else max(e.padding, 1) for e in entries)
         return params.initial_padding + body + 1 + self.manifest.max_delay
+
+    # --- voices ----------------------------------------------------------------
+
+    def voice(self, audio: str | Path, words: "list[Word] | str | Path | None" = None, speaker: int = 1,
+              transcriber: Callable[[Path, float], list[Word]] | None = None) -> Voice:
+        """One speaker's prefix from an audio file and its word timings.
+
+        ``words``: Word objects or a words JSON file; None transcribes with
+        ``transcriber(path, duration)`` (e.g. ``transcribe.transcribe`` over a faster-whisper model).
+        Words are checked to be in order and inside the audio.
+        """
+        raw, rate = read_audio(audio)
+        duration = raw.shape[0] / rate
+        if words is None:
+            if transcriber is None:
+                raise VoiceError(MISSING_TRANSCRIBER)
+            words = transcriber(Path(audio), duration)
+        elif isinstance(words, (str, Path)):
+            words = read_words(words, duration)
+        else:
+            words = parse_words([{"word": w.text, "start": w.start, "end": w.end} for w in words], duration)
+        pcm = load_mono(audio, self.sample_rate)
+        m = self.manifest
+        self.check_prefix_frames(-(-pcm.size // m.samples_per_frame))  # before encoding a long clip
+        tag = speaker_tag_for(speaker, self.tokenizer.token_id, m.token_ids)
+        entries, steps = words_to_entries(words, self.tokenizer.encode, tag, m.frame_rate)
+        return Voice(speaker, np.ascontiguousarray(self.encode(pcm), dtype=np.int64), list(words), entries, steps,
+                     file_sha256(audio), self.artifact_hashes())
+
+    def turn_voice(self, codes: np.ndarray, timestamps: list[tuple[str, float]], speaker: int = 1) -> Voice:
+        """A finished utterance (``SpeakResult.tokens``/``.timestamps``) as the next turn's prefix.
+
+        No re-encoding or transcription: its codes are the prefix codes and its word
+        times the word timings (each word lasting until the next one starts, the last
+        until the audio ends). The speaker tag goes before its first word, as for a
+        transcribed clip, so a dialogue keeps its voices turn after turn.
+        """
+        m = self.manifest
+        codes = np.ascontiguousarray(codes, dtype=np.int64)
+        vocab = m.codec.codebook_size
+        if codes.ndim != 2 or codes.shape[0] != m.audio_channels or codes.shape[1] == 0 \
+                or codes.min() < 0 or codes.max() >= vocab:
+            raise VoiceError(f"a turn prefix needs {m.audio_channels} rows of codes in [0, {vocab}), "
+                             f"got shape {codes.shape}")
+        self.check_prefix_frames(codes.shape[1])
+        end = codes.shape[1] / m.frame_rate
+        starts = [float(s) for _, s in timestamps]
+        raw = [{"word": str(w), "start": s, "end": min(max(nxt, s), end)}
+               for (w, s), nxt in zip(timestamps, [*starts[1:], end])]
+        words = parse_words(raw, end, where="turn timestamps")
+        tag = speaker_tag_for(speaker, self.tokenizer.token_id, m.token_ids)
+        entries, steps = words_to_entries(words, self.tokenizer.encode, tag, m.frame_rate)
+        return Voice(speaker, codes, words, entries, steps, None, self.artifact_hashes())
+
+    def prefix(self, speaker_1: Voice | None, speaker_2: Voice | None = None,
+               include_audio: bool = False) -> Prefix | None:
+        """The reference's prefix plan from voices (speaker 2 needs speaker 1); checked against the context."""
+        for voice in (speaker_1, speaker_2):
+            if voice is not None:
+                self._check_hashes(voice.artifacts, "voice")
+        plan = build_plan(*(self._as_speaker(v, slot) if v else None for slot, v in ((1, speaker_1), (2, speaker_2))))
+        if plan is None:
+            return None
+        if plan.codes.shape[0] != self.manifest.audio_channels:
+            raise VoiceError(f"the prefix has {plan.codes.shape[0]} codebooks, the model {self.manifest.audio_channels}")
+        self.check_prefix_frames(plan.frames)
+        return Prefix(plan, include_audio)
+
+    def _as_speaker(self, voice: Voice, speaker: int) -> Voice:
+        """A voice recorded for the other speaker slot gets its entries re-tokenised with this slot's tag."""
+        if voice.speaker == speaker:
+            return voice
+        tag = speaker_tag_for(speaker, self.tokenizer.token_id, self.manifest.token_ids)
+        entries, steps = words_to_entries(voice.words, self.tokenizer.encode, tag, self.manifest.frame_rate)
+        return Voice(speaker, voice.codes, voice.words, entries, steps, voice.audio_sha256, voice.artifacts)
+
+    def check_prefix_frames(self, frames: int) -> None:
+        """A prefix needs its frames in the KV cache plus room for at least one generated frame."""
+        if not self.row_input:
+            raise VoiceError(f"{self.manifest.root}: these artifacts predate audio prefixes (their backbone has no "
+                             f"cache_length input); rebuild them to use a prefix")
+        room = self.manifest.cache_capacity - 1
+        if frames > room:
+            raise VoiceError(f"the prefix is {frames} frames ({frames / self.manifest.frame_rate:.1f} s) but these "
+                             f"artifacts hold at most {room} (rebuild them with a larger --prefix-frames)")
+
+    def artifact_hashes(self) -> dict[str, str]:
+        """What a voice depends on: the encoder that made its codes and the tokenizer that made its entries."""
+        return {"codec_encoder": self.manifest.graph("codec_encoder").sha256,
+                "tokenizer": self.manifest.tokenizer.files.get("tokenizer.json", "")}
+
+    def _check_hashes(self, hashes: dict[str, str], what: str) -> None:
+        if hashes != self.artifact_hashes():
+            raise VoiceError(f"this {what} was made with other artifacts (codec encoder or tokenizer differ); "
+                             f"recreate it with these")
+
+    def warm(self, prefix: Prefix, prefill: bool = True) -> WarmState:
+        """Run the script-independent part of ``prefix``'s warm-up once, for reuse by many sessions."""
+        m = self.manifest
+        machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead, initial_padding=0,
+                               max_padding=m.max_padding)
+        state = self.states.take()
+        try:
+            state.reset(m, machine, GenerationParams())
+            seq = script_free_frames(prefix.plan, machine, m.token_ids, m.delays, state.tokens)
+            self.fill_cache(state, seq, prefill)
+            rows = (slice(None), slice(None), slice(None), slice(0, len(seq)))
+            return WarmState(prefix.plan, state.k_cache[rows].copy(), state.v_cache[rows].copy(), seq.copy(),
+                             self.artifact_hashes())
+        finally:
+            self.states.give_back(state)
+
+    def fill_cache(self, state, seq: np.ndarray, prefill: bool, start: int = 0) -> None:
+        """``state``'s K/V rows start .. start+T-1 from warm-up step tokens seq [T, 2, C] (frame t at position t)."""
+        if not len(seq):
+            return
+        prefill_graph = self._prefill_binding() if prefill and start == 0 else None
+        if prefill_graph is not None:
+            out = prefill_graph.run({"tokens": np.ascontiguousarray(seq.transpose(1, 2, 0))})
+            state.write_rows(slice(0, len(seq)), out["k_rows"], out["v_rows"])
+            return
+        for i, tokens in enumerate(seq):
+            t = start + i
+            out = state.backbone.run(self.step_feeds(tokens, t, t))
+            state.write_rows(t, out["k_new"], out["v_new"])
+
+    def step_feeds(self, tokens: np.ndarray, position: int, row: int) -> dict:
+        """The backbone step's inputs: RoPE ``position`` and, where the graph has it, the cache ``row``."""
+        feeds = {"tokens": tokens, "position": position}
+        if self.row_input:
+            feeds["cache_length"] = row
+        return feeds
+
+    def _prefill_binding(self):
+        """A binding of the prefill graph (loaded on first use), or None in artifacts without one."""
+        if PREFILL_GRAPH not in self.manifest.graphs or self._prefill_unusable:
+            return None
+        with self._prefill_lock:
+            if PREFILL_GRAPH not in self.graphs:
+                try:
+                    self.graphs[PREFILL_GRAPH] = self.backend.load(self.manifest.graph(PREFILL_GRAPH))
+                except ArtifactError:  # a backend without dynamic shapes: the step-wise warm-up still works
+                    self._prefill_unusable = True
+                    return None
+                if not self.graphs[PREFILL_GRAPH].concurrent:
+                    self._turns[PREFILL_GRAPH] = threading.Lock()
+        return self.bind(PREFILL_GRAPH)

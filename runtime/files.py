@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -18,23 +18,46 @@ def write_atomic(path: Path, write: Callable[[str], object]) -> None:
 
     Readers never see a partial file, and a failed write leaves nothing behind.
     """
-    path = Path(path)
+    write_together([(Path(path), write)])
+
+
+def write_together(items: Sequence[tuple[Path, Callable[[str], object]]]) -> None:
+    """``write_atomic`` for several files that succeed or fail together: every one is written to
+    its temporary name first, and only when all have been written are they renamed into place."""
+    temps: list[str] = []
+    try:
+        for path, write in items:
+            temps.append(_temp_beside(Path(path)))
+            write(temps[-1])
+            _share(temps[-1])
+        for (path, _), tmp in zip(items, temps):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _temp_beside(path: Path) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return tmp
+
+
+def _share(tmp: str) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary name only
 
 
 def write_audio(path: Path, pcm: np.ndarray, rate: int) -> None:
     """WAV/FLAC (16-bit) or OGG (Vorbis), chosen by the extension."""
+    write_atomic(path, audio_writer(path, pcm, rate))
+
+
+def audio_writer(path: Path, pcm: np.ndarray, rate: int) -> Callable[[str], object]:
+    """``write(tmp)`` for ``write_atomic``/``write_together``: the format follows ``path``'s extension."""
     import soundfile as sf
 
     fmt, subtype = AUDIO_FORMATS[Path(path).suffix.lower()]
-    write_atomic(path, lambda tmp: sf.write(tmp, pcm, rate, format=fmt, subtype=subtype))
+    return lambda tmp: sf.write(tmp, pcm, rate, format=fmt, subtype=subtype)

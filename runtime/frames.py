@@ -61,11 +61,22 @@ class StopRule:
     """The first frame not run, once the script's end mark is known."""
     last_step: int = -1
     """The last frame run (-1 before the first)."""
+    first_frame: int = 0
+    """The first frame run: 0, or A - 1 after an A-frame audio prefix (the reference's start_step)."""
+    keep_prefix: bool = False
+    """An audio prefix stays in the output (the reference's include_prefix): no crop."""
 
     @classmethod
     def start(cls, capacity: int, delays: Sequence[int], max_padding: int, initial_padding: int,
               new_word: int) -> "StopRule":
         return cls(capacity, max(delays, default=0) + max_padding, initial_padding, new_word)
+
+    def after_prefix(self, frames: int, max_context: int, max_delay: int, cache_capacity: int,
+                     keep: bool) -> "StopRule":
+        """The rule for generation after an A-frame prefix warm-up: it starts at A - 1, its delayed buffer
+        is the reference's max_context + A + max_delay + 1 columns, but frame t needs KV row t + 1."""
+        capacity = min(max_context + frames + max_delay + 1, cache_capacity)
+        return replace(self, capacity=capacity, first_frame=frames - 1, keep_prefix=keep)
 
     def stops_before(self, t: int) -> bool:
         """Whether frame t is past the end mark's tail or past the buffer."""
@@ -84,12 +95,16 @@ class StopRule:
     @property
     def columns(self) -> int:
         """Delayed-buffer columns that hold output: the last frame run wrote column last_step + 1."""
-        return min(self.last_step + 2, self.capacity) if self.last_step >= 0 else 1
+        last = self.last_step
+        return min(last + 2, self.capacity) if last >= self.first_frame else self.first_frame + 1
 
     @property
     def crop(self) -> int:
-        """The lead-in the output drops, as ``finish`` is asked for it (it falls back to 0 if too long)."""
-        return self.first_word_frame or 0
+        """The lead-in the output drops, as ``finish`` is asked for it (it falls back to 0 if too long):
+        none when a prefix is kept, else from the first word, else from the start frame."""
+        if self.keep_prefix:
+            return 0
+        return self.first_word_frame if self.first_word_frame is not None else self.first_frame
 
     @property
     def truncated(self) -> bool:

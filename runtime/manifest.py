@@ -23,7 +23,8 @@ VERSION = 2
 MANIFEST = "manifest.json"
 
 BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER = "backbone", "depformer", "codec_decoder", "codec_encoder"
-GRAPH_NAMES = (BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER)
+BACKBONE_PREFILL = "backbone_prefill"  # an audio prefix's warm-up in one call (artifacts with --prefix-frames)
+GRAPH_NAMES = (BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER, BACKBONE_PREFILL)
 # Graphs the generation loop cannot run without (the codec encoder is only for voice prompts).
 REQUIRED_GRAPHS = (BACKBONE, DEPFORMER, CODEC_DECODER)
 # A closed set: the quantized ones are written by the calibration/quantization tools.
@@ -109,17 +110,30 @@ class QuantizationRecord:
     block_size: int | None = None  # None: per channel
     ops: tuple[str, ...] = ()  # ONNX op types whose weights were quantized
     calibration: str | None = None  # what the activation ranges came from, when they were calibrated
+    # ONNX Runtime's MatMulNBits accuracy level for fused weight-only MatMuls (4: int8 activations);
+    # the ONNX Runtime backend sets it as session.qdq_matmulnbits_accuracy_level.
+    ort_accuracy_level: int | None = None
+    # Per quantized kind ("matmul_weights", "gather_tables"): count, bits, fp32_bytes, bytes.
+    weights: dict[str, dict[str, int]] = field(default_factory=dict, compare=False)
+    kept_float: tuple[str, ...] = ()  # what stayed in float, in words
 
     @classmethod
     def from_json(cls, d: dict) -> "QuantizationRecord":
+        level = d.get("ort_accuracy_level")
         return cls(scheme=_choice(d["scheme"], PRECISIONS, "quantization.scheme"), bits=_int(d["bits"], "bits"),
                    symmetric=bool(d["symmetric"]), block_size=None if d.get("block_size") is None
                    else _int(d["block_size"], "block_size"), ops=tuple(str(o) for o in d.get("ops", ())),
-                   calibration=d.get("calibration"))
+                   calibration=d.get("calibration"),
+                   ort_accuracy_level=None if level is None else _int(level, "ort_accuracy_level"),
+                   weights={str(k): {str(f): _int(v, f) for f, v in dict(e).items()}
+                            for k, e in dict(d.get("weights", {})).items()},
+                   kept_float=tuple(str(x) for x in d.get("kept_float", ())))
 
     def to_json(self) -> dict:
         return _drop_none({"scheme": self.scheme, "bits": self.bits, "symmetric": self.symmetric,
-                           "block_size": self.block_size, "ops": list(self.ops), "calibration": self.calibration})
+                           "block_size": self.block_size, "ops": list(self.ops), "calibration": self.calibration,
+                           "ort_accuracy_level": self.ort_accuracy_level, "weights": self.weights or None,
+                           "kept_float": list(self.kept_float) or None})
 
 
 @dataclass(frozen=True)
@@ -273,7 +287,8 @@ class Topology:
         ints = {f.name: _int(d[f.name], f"topology.{f.name}") for f in fields(cls)
                 if f.name not in ("depformer", "low_rank_dim")}
         low_rank = d.get("low_rank_dim")
-        return cls(**ints, depformer=depformer, low_rank_dim=None if low_rank is None else _int(low_rank, "low_rank_dim"))
+        low_rank = None if low_rank is None else _int(low_rank, "topology.low_rank_dim")
+        return cls(**ints, depformer=depformer, low_rank_dim=low_rank)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "depformer"}

@@ -9,6 +9,9 @@ soon as every codebook of them exists, so audio starts long before the script en
 
 Everything a session writes lives in its ``GenerationState``; the runtime it
 came from only lends it graphs, so sessions in different threads never meet.
+
+With an audio prefix (``prefix.py``) the loop first warms the cache up on the
+prefix frames, then starts at frame A - 1, as the reference does.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from .artifacts import cache_name
 from .frames import UNGENERATED, finish
 from .params import GenerationParams
+from .prefix import ROW_SHIFT, Prefix, WarmState, delay_codes, warmup_tokens
 from .sampling import guide, sample
 from .script import ScriptError, check_script
 from .state_machine import StateMachine
@@ -110,11 +113,20 @@ class Session:
     """
 
     def __init__(self, runtime: "Dia2Runtime", params: GenerationParams,
-                 progress: Callable[[Progress], None] | None = None) -> None:
+                 progress: Callable[[Progress], None] | None = None,
+                 prefix: "Prefix | WarmState | None" = None, include_prefix: bool = False,
+                 prefill: bool = True) -> None:
         m = runtime.manifest
         self.runtime, self.params, self._progress = runtime, params, progress
         self.machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead,
                                     initial_padding=params.initial_padding, max_padding=m.max_padding)
+        self._warm = prefix if isinstance(prefix, WarmState) else None
+        self.prefix: Prefix | None = Prefix(prefix.plan, include_prefix) if self._warm else prefix
+        self._prefill = prefill
+        # Generation starts at frame A - 1 after a warm-up (warmup_with_prefix's return value),
+        # and frame t's K/V row is then t + 1.
+        self._start = self.prefix.frames - 1 if self.prefix else 0
+        self._row_shift = ROW_SHIFT if self.prefix else 0
         self.result: SpeakResult | None = None
         self._text, self._closed, self._cancelled = "", False, False
         self._given, self._words_total = [], 0
@@ -123,7 +135,18 @@ class Session:
         self._lock = threading.RLock()
         self._state = runtime.states.take()
         self._state.reset(m, self.machine, params)
+        if self.prefix is not None:
+            self._start_prefix()
         self._loop = self._generate()
+
+    def _start_prefix(self) -> None:
+        """The reference queues the prefix's words before the script's; a trimmed prefix's words
+        leave the timestamps (it drops that many transcript entries)."""
+        s, m, plan = self._state, self.runtime.manifest, self.prefix.plan
+        s.text.entries.extend(plan.entries)
+        s.rule = s.rule.after_prefix(plan.frames, m.max_context_steps, m.max_delay, m.cache_capacity,
+                                     self.prefix.include_audio)
+        s.emitter.words_sent = self._dropped_words()
 
     # --- input ---------------------------------------------------------------
 
@@ -189,11 +212,13 @@ class Session:
         if entries[: len(self._given)] != self._given:
             raise RuntimeError("internal error: the incremental parse diverged from the full parse")
         needed = self.runtime.frames_needed(entries, self.params)
-        limit = self.runtime.manifest.max_context_steps
+        m = self.runtime.manifest
+        limit = min(m.max_context_steps, m.cache_capacity - self._start - self._row_shift)
         if needed > limit:
+            after = f" after the {self._start + 1}-frame prefix" if self.prefix else ""
             raise ScriptError(f"the script is too long: it needs at least {needed} frames "
-                              f"({needed / self.runtime.manifest.frame_rate:.1f} s) but the model's context "
-                              f"holds {limit}; split it into shorter scripts")
+                              f"({needed / m.frame_rate:.1f} s) but the model's context holds {limit}{after}; "
+                              f"split it into shorter scripts")
         new = entries[len(self._given):]
         self._given.extend(new)
         self._words_total += sum(1 for entry in new if entry.tokens)
@@ -227,7 +252,11 @@ class Session:
     def _frames(self) -> Iterator[AudioChunk | object]:
         s, m, p = self._state, self.runtime.manifest, self.params
         s.emitter.started = time.perf_counter()
-        for t in range(m.max_context_steps):
+        if self.prefix is not None:
+            while not self._script_ready():
+                yield _WAIT
+            self._warm_up()
+        for t in range(self._start, self._start + m.max_context_steps):
             if self._cancelled:
                 return
             if s.rule.stops_before(t):
@@ -244,15 +273,34 @@ class Session:
             self._report(t)
         yield from self._finish()
 
+    def _script_ready(self) -> bool:
+        """The warm-up's look-ahead reads the script's first words: wait for them (or the end of input)."""
+        words = sum(1 for entry in self._state.text.entries if entry.tokens) - len(self.prefix.plan.entries)
+        return self._closed or words >= self.machine.second_stream_ahead
+
+    def _warm_up(self) -> None:
+        """The reference's warm-up: prefix codes into the delayed buffer (one buffer serves both CFG rows),
+        forced steps through the machine, and the prefix frames' K/V rows (restored from a WarmState,
+        by the prefill graph, or step by step)."""
+        s, m, plan = self._state, self.runtime.manifest, self.prefix.plan
+        delayed = delay_codes(plan.codes, m.delays, m.token_ids.audio_pad)
+        s.audio[:, : delayed.shape[1]] = delayed
+        seq = warmup_tokens(plan, self.machine, s.text, m.token_ids, m.delays, s.tokens)
+        done = 0
+        if self._warm is not None:
+            done = self._warm.frames
+            if not np.array_equal(seq[:done], self._warm.tokens):
+                raise RuntimeError("internal error: the warm state's frames differ from this warm-up's")
+            s.write_rows(slice(0, done), self._warm.k_rows, self._warm.v_rows)
+        self.runtime.fill_cache(s, seq[done:], self._prefill, start=done)
+
     def _backbone_step(self, t: int) -> int:
         s, p, ids = self._state, self.params, self.runtime.manifest.token_ids
         s.tokens[:, 2:] = np.where(self._delays > t, ids.audio_bos, s.audio[:, t])
         s.tokens[1, 0], s.tokens[1, 1] = ids.zero, ids.pad
-        out = s.backbone.run({"tokens": s.tokens, "position": t})
-        row = (slice(None), slice(None), t)
-        for i in range(s.k_cache.shape[0]):
-            s.backbone.write(cache_name("k", i), row, out["k_new"][i])
-            s.backbone.write(cache_name("v", i), row, out["v_new"][i])
+        row = t + self._row_shift
+        out = s.backbone.run(self.runtime.step_feeds(s.tokens, t, row))
+        s.write_rows(row, out["k_new"], out["v_new"])
         self._hidden, self._cb0 = out["hidden"], out["cb0_logits"]
         return sample(guide(out["action_logits"], p.cfg_scale, p.cfg_filter_k), p.text_temperature, p.text_top_k,
                       s.rng)
@@ -294,15 +342,16 @@ class Session:
     def _known_crop(self) -> int | None:
         """The lead-in to cut, as soon as it is certain.
 
-        It is (first word frame - initial padding), or 0 if no main-stream new-word
-        token ever appears. With a second stream the machine always moves the
-        new-word token to the second stream, so (as in the reference) there is no
-        crop and it is known to be 0 from the start.
+        It is (first word frame - initial padding), or the start frame (0, or A - 1
+        after a prefix) if no main-stream new-word token ever appears. With a second
+        stream the machine always moves the new-word token to the second stream, so
+        (as in the reference) the crop is the start frame, known from the start.
+        A prefix kept in the output means no crop.
         """
-        first = self._state.rule.first_word_frame
-        if first is not None:
-            return max(first, 0)
-        return 0 if self.machine.second_stream_ahead else None
+        rule = self._state.rule
+        if rule.keep_prefix or rule.first_word_frame is not None:
+            return max(rule.crop, 0)
+        return rule.first_frame if self.machine.second_stream_ahead else None
 
     def _chunk(self, stop: int, final: bool) -> AudioChunk | None:
         """Decode aligned frames [next_frame, stop) and attach the words that start in them."""
@@ -341,7 +390,7 @@ class Session:
         s, m = self._state, self.runtime.manifest
         rule, e = s.rule, s.emitter
         tokens, stamps, crop = finish(s.audio[:, :rule.columns], m.delays, m.token_ids.audio_pad, rule.crop,
-                                      s.text.transcript, m.frame_rate)
+                                      s.text.transcript[self._dropped_words():], m.frame_rate)
         if e.crop is None:  # nothing went out yet: the final crop decides (it falls back to 0 on a short run)
             e.crop = e.next_frame = crop
         chunk = self._chunk(crop + tokens.shape[1], final=True)
@@ -353,6 +402,12 @@ class Session:
         pcm = np.concatenate(e.pcm) if e.pcm else np.zeros(0, np.float32)
         self.result = SpeakResult(pcm, m.sample_rate, tokens, stamps, rule.last_step + 1,
                                   time.perf_counter() - e.started, e.first_audio, rule.truncated)
+
+    def _dropped_words(self) -> int:
+        """A trimmed prefix's words leave the timestamps (the reference drops that many transcript entries)."""
+        if self.prefix is None or self.prefix.include_audio:
+            return 0
+        return len(self.prefix.plan.entries)
 
     def _report(self, t: int) -> None:
         if self._progress is not None:

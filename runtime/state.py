@@ -44,7 +44,7 @@ class GenerationState:
     at step t before any step reads it."""
 
     tokens: np.ndarray  # [2, C] the step tokens fed to the backbone
-    audio: np.ndarray  # [Q, max_context + 1] delayed codes (both CFG rows get the same ones)
+    audio: np.ndarray  # [Q, cache_capacity + max_delay + 1] delayed codes (both CFG rows get the same ones)
     noise: np.ndarray  # [Q, V] uniform noise for the in-graph audio sampler
     k_cache: np.ndarray  # [L, 2, Hkv, S, D]; layer i is bound as the backbone's k_cache.i
     v_cache: np.ndarray
@@ -64,7 +64,8 @@ class GenerationState:
         q, layers = m.audio_channels, m.topology.n_layer
         state = cls(
             tokens=np.zeros((BRANCHES, 2 + q), dtype=np.int64),
-            audio=np.zeros((q, m.max_context_steps + 1), dtype=np.int64),
+            # a prefix of A frames moves generation A frames on: room for every cached frame and the delay tail
+            audio=np.zeros((q, m.cache_capacity + m.max_delay + 1), dtype=np.int64),
             noise=np.zeros((q, m.topology.audio_vocab_size), dtype=np.float32),
             k_cache=np.zeros((layers, *cache.shape), dtype=cache.dtype),
             v_cache=np.zeros((layers, *cache.shape), dtype=cache.dtype),
@@ -76,6 +77,13 @@ class GenerationState:
             backbone.bind(cache_name("v", i), state.v_cache[i])
         return state
 
+    def write_rows(self, rows, k_new: np.ndarray, v_new: np.ndarray) -> None:
+        """Store K/V rows ([L, 2, Hkv, D] at one row, or [L, 2, Hkv, T, D] at a slice) in this state's cache."""
+        index = (slice(None), slice(None), rows)
+        for i in range(self.k_cache.shape[0]):
+            self.backbone.write(cache_name("k", i), index, k_new[i])
+            self.backbone.write(cache_name("v", i), index, v_new[i])
+
     def reset(self, m: Manifest, machine: StateMachine, params: GenerationParams) -> None:
         ids = m.token_ids
         self.tokens.fill(ids.pad)
@@ -85,7 +93,7 @@ class GenerationState:
         self.noise.fill(0.0)
         self.codec.reset()
         self.text = machine.new_state([])
-        self.rule = StopRule.start(self.audio.shape[1], m.delays, machine.max_padding, params.initial_padding,
+        self.rule = StopRule.start(m.max_context_steps + 1, m.delays, machine.max_padding, params.initial_padding,
                                    ids.new_word)
         self.emitter = Emitter()
         self.rng = np.random.default_rng(params.seed)

@@ -39,18 +39,18 @@ def checkpoint_factory(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def artifacts_factory(checkpoint_factory, tmp_path_factory):
-    """make(variant="default", seed=0, precision="fp32") -> artifact dir, cached for the session."""
+    """make(variant="default", seed=0, precision="fp32", prefix_frames=0) -> artifact dir, cached for the session."""
     from dia2_trt.export.build import BuildOptions, build_artifacts
     from dia2_trt.models.sources import resolve_checkpoint
 
-    built: dict[tuple[str, int, str], Path] = {}
+    built: dict[tuple[str, int, str, int], Path] = {}
 
-    def make(variant: str = "default", seed: int = 0, precision: str = "fp32") -> Path:
-        key = (variant, seed, precision)
+    def make(variant: str = "default", seed: int = 0, precision: str = "fp32", prefix_frames: int = 0) -> Path:
+        key = (variant, seed, precision, prefix_frames)
         if key not in built:
             files = resolve_checkpoint(checkpoint=checkpoint_factory(variant, seed))
-            out = tmp_path_factory.mktemp(f"art-{variant}-{seed}-{precision}") / "artifacts"
-            build_artifacts(files, out, BuildOptions(precision=precision))
+            out = tmp_path_factory.mktemp(f"art-{variant}-{seed}-{precision}-p{prefix_frames}") / "artifacts"
+            build_artifacts(files, out, BuildOptions(precision=precision, prefix_frames=prefix_frames))
             built[key] = out
         return built[key]
 

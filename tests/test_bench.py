@@ -113,3 +113,45 @@ def test_roofline_counts_match_the_model(which, checkpoint_factory):
         model = meta_model_from_topology(default_topology_path())
     topo = topology(model.config)
     assert weight_elements_per_frame(topo) == _used_parameters(model, topo.to_json())
+
+
+def test_bench_profile_lists_each_graphs_top_ops(tiny_artifacts, tmp_path):
+    out = tmp_path / "bench"
+    proc = bench(["--artifacts", str(tiny_artifacts), *FEW, "--no-reference", "--no-plots", "--profile",
+                  "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    (c,) = json.loads((out / "bench.json").read_text())["contenders"]
+    graphs = c["node_profile"]
+    assert set(graphs) == {"backbone", "depformer", "codec_decoder"}
+    for summary in graphs.values():
+        # warm-up (one run per frame, up to 2) plus two repeats of up to 5 frames
+        assert summary["runs"] >= 3 and summary["ops"]
+        assert all(o["ms"] > 0 and 0 < o["percent"] <= 100 and o["calls"] >= 1 for o in summary["ops"])
+        assert sum(o["percent"] for o in summary["ops"]) <= 100 + 1e-6
+    assert "onnxruntime-fp32 / depformer" in (out / "bench.md").read_text()
+
+
+def test_node_profile_summary_counts_kernels(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from dia2_trt.benchmarks.node_profile import markdown, summarize
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    nodes = [helper.make_node("Add", ["x", "x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Add", ["b", "x"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "g.onnx")
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "trace")
+    session = ort.InferenceSession(str(tmp_path / "g.onnx"), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, {"x": np.ones(4, np.float32)})
+    summary = summarize(session.end_profiling())
+    assert summary["runs"] == 3
+    calls = {o["op"]: o["calls"] for o in summary["ops"]}
+    assert calls == {"Add": 6, "Relu": 3}
+    assert "| Add |" in markdown({"c": {"g": summary}})

@@ -302,11 +302,11 @@ def test_tokenizer_libraries_agree(tiny, tmp_path):
     from transformers import AutoTokenizer
 
     fast = Tokenizer.from_file(str(tiny / "tokenizer.json"))
-    ref = AutoTokenizer.from_pretrained(str(tiny), use_fast=False, trust_remote_code=True)
+    ref = AutoTokenizer.from_pretrained(str(tiny), use_fast=False, trust_remote_code=False)
     # Without tokenizer.json, transformers must rebuild the same tokenizer from vocab.json + merges.txt.
     slow_dir = tmp_path / "slow"
     shutil.copytree(tiny, slow_dir, ignore=shutil.ignore_patterns("tokenizer.json", "mimi", "*.safetensors"))
-    slow = AutoTokenizer.from_pretrained(str(slow_dir), use_fast=False, trust_remote_code=True)
+    slow = AutoTokenizer.from_pretrained(str(slow_dir), use_fast=False, trust_remote_code=False)
     for text in STRINGS:
         ids = fast.encode(text, add_special_tokens=False).ids
         assert ids == ref.encode(text, add_special_tokens=False) == slow.encode(text, add_special_tokens=False), text

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifa
         with torch.no_grad():
             ref_hidden, ref_action, ref_cb0 = model.transformer.step_reference(
                 tokens.unsqueeze(-1), positions, k_cache, v_cache, torch.tensor(t))
-        feeds = {"tokens": tokens.numpy(), "position": np.array([t]),
+        feeds = {"tokens": tokens.numpy(), "position": np.array([t]), "cache_length": np.array([t]),
                  **{f"k_cache.{i}": k_cache[i].numpy() for i in range(dec.n_layer)},
                  **{f"v_cache.{i}": v_cache[i].numpy() for i in range(dec.n_layer)}}
         hidden, action, cb0, k_new, v_new = session.run(None, feeds)
@@ -84,11 +85,12 @@ def _reference_frame(model, ids, hidden, cb0_logits, main, second, params):
     return out
 
 
-@pytest.mark.parametrize("cfg_scale", [2.0, 1.0])
-def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny_artifacts, cfg_scale):
+# filter_k 65: past graphs.TOPK_MAX, so cb0's 66 guided logits take the full-sort branch
+@pytest.mark.parametrize("cfg_scale,filter_k", [(2.0, 50), (1.0, 50), (2.0, 65), (2.0, 0)])
+def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny_artifacts, cfg_scale, filter_k):
     model, ids, manifest = tiny
     session = _session(tiny_artifacts, manifest, "depformer")
-    params = GenerationParams(audio_temperature=0.0, cfg_scale=cfg_scale)
+    params = GenerationParams(audio_temperature=0.0, cfg_scale=cfg_scale, cfg_filter_k=filter_k)
     gen = torch.Generator().manual_seed(2)
     cfg = model.config
     q, vocab = cfg.data.audio_channels, cfg.data.audio_vocab_size
@@ -101,7 +103,7 @@ def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny
         feeds = {"hidden": hidden.numpy(), "cb0_logits": cb0.numpy(), "text_tokens": np.array([main, second]),
                  "noise": np.random.default_rng(0).random((q, vocab), dtype=np.float32),
                  "temperature": np.zeros(1, np.float32), "top_k": np.array([50]),
-                 "cfg_scale": np.array([cfg_scale], np.float32), "cfg_filter_k": np.array([50])}
+                 "cfg_scale": np.array([cfg_scale], np.float32), "cfg_filter_k": np.array([filter_k])}
         (tokens,) = session.run(None, feeds)
         assert tokens.tolist() == expected
 
@@ -140,6 +142,17 @@ def test_depformer_sampling_follows_the_reference_distribution(tiny, tiny_artifa
     stat = float(((counts[support] - draws * expected[support]) ** 2 / (draws * expected[support])).sum())
     # 99.9% quantile of chi-square with (support - 1) <= 7 degrees of freedom is 24.3.
     assert stat < 24.3, f"chi-square {stat:.1f} over {support.sum()} tokens"
+
+
+@pytest.mark.parametrize("k", [1, 3, 64, 65, 200, 2050])
+def test_kth_largest_is_the_sorted_order_with_ties(k):
+    """Both branches (TopK up to TOPK_MAX, else the full sort) give the k-th sorted value, ties included."""
+    from dia2_trt.export.graphs import kth_largest
+
+    gen = torch.Generator().manual_seed(k)
+    values = torch.randint(-20, 20, (2050,), generator=gen).float()  # every value repeats ~50 times
+    expected = torch.sort(values, descending=True).values[k - 1]
+    assert kth_largest(values, torch.tensor([k])).item() == expected.item()
 
 
 def test_graphs_are_portable_onnx(tiny_artifacts):
@@ -281,3 +294,33 @@ def test_build_refuses_a_tokenizer_the_runtime_would_read_differently(tiny_check
     with pytest.raises(tokens.TokenizerMismatch, match="would not match the reference"):
         tokens.check_tokenizer(tiny_checkpoint)
 
+
+def test_build_shows_stages_and_one_summary(tiny_checkpoint, tmp_path):
+    out = tmp_path / "art"
+    result = subprocess.run([sys.executable, "-m", "dia2_trt.export", "build", "--checkpoint", str(tiny_checkpoint),
+                             "--out", str(out)], capture_output=True, text=True)  # warnings not silenced here
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("[build ") for line in lines[:-1]), result.stderr
+    assert len(lines) >= 5 and lines[-1].startswith(f"built {out} (fp32) in ")
+    assert "backbone.onnx" in lines[-1] and "in all" in lines[-1]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_build_output_drops_python_and_native_writes(verbose):
+    code = textwrap.dedent(f"""
+        import os, sys, warnings
+        from dia2_trt.export.console import quiet_descriptors
+        with quiet_descriptors({verbose}) as console:
+            print("chatter on stdout")
+            warnings.warn("a third-party warning")
+            os.write(2, b"native chatter\\n")
+            print("[build] stage", file=console)
+        print("after")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "[build] stage" in result.stderr and result.stdout.strip().endswith("after")
+    noisy = "chatter on stdout" in result.stdout and "native chatter" in result.stderr and "warning" in result.stderr
+    assert noisy == verbose, (result.stdout, result.stderr)

@@ -1,0 +1,155 @@
+"""``dia2-export calibrate``: fp32 artifacts + scripts -> calibrated Q/DQ artifacts (int8-qdq, fp8-qdq).
+
+1. The runtime speaks each script over the fp32 artifacts (``collect.record``).
+2. The fp32 backbone and depformer replay those steps with every quantized
+   MatMul's activation exposed; the largest |x| per tensor is its range.
+3. ``qdq.quantize_in_place`` rewrites both graphs; the codec graphs and the
+   tokenizer are copied as they are. The result is written into a temporary
+   sibling and renamed into place, so a failure leaves no directory behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from dia2_trt.export.manifest import write_manifest
+from dia2_trt.runtime.artifacts import load_manifest, sha256
+from dia2_trt.runtime.manifest import FileRef, QuantizationRecord
+from dia2_trt.runtime.params import GenerationParams
+
+from .collect import Replay, Trace, record
+from .qdq import QUANTIZED_GRAPHS, SCHEMES, activation_names, quantize_in_place
+
+# Calibration speaks with the runtime's default sampling (seeded): the activations
+# a deployment sees, rather than a greedy run's often repetitive ones.
+CALIBRATION_PARAMS = GenerationParams()
+
+
+def check_calibrate_request(fp32_dir: Path, out: Path, precision: str, overwrite: bool) -> None:
+    from dia2_trt.export.build import _check_output_dir
+
+    if precision not in SCHEMES:
+        raise ValueError(f"unknown calibrated precision {precision!r}; choose one of {', '.join(SCHEMES)}")
+    manifest = load_manifest(fp32_dir)
+    if manifest.precision != "fp32":
+        raise ValueError(f"{fp32_dir} is {manifest.precision}; calibrate from fp32 artifacts")
+    if manifest.opset < SCHEMES[precision].min_opset:
+        raise ValueError(f"{precision} needs opset >= {SCHEMES[precision].min_opset}; "
+                         f"{fp32_dir} was built with opset {manifest.opset}")
+    if Path(out).resolve() == Path(fp32_dir).resolve():
+        raise ValueError("--out must differ from the fp32 artifact directory")
+    _check_output_dir(Path(out), overwrite)
+
+
+def calibrate_artifacts(fp32_dir: Path, scripts: Sequence[str], out: Path, precision: str, *,
+                        every: int = 1, overwrite: bool = False,
+                        progress: Callable[[str], None] = lambda msg: None) -> dict:
+    from dia2_trt.export.build import _replace_dir
+
+    fp32_dir, out = Path(fp32_dir), Path(out)
+    check_calibrate_request(fp32_dir, out, precision, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        manifest = _calibrate_into(fp32_dir, scripts, tmp, precision, every, progress)
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _calibrate_into(fp32_dir: Path, scripts, tmp: Path, precision: str, every: int, progress) -> dict:
+    started = time.perf_counter()
+    source = load_manifest(fp32_dir)
+    progress(f"speaking {len(scripts)} calibration script(s) with the fp32 runtime")
+    traces = record(fp32_dir, scripts, CALIBRATION_PARAMS)
+    targets = {g: activation_names(onnx.load(str(source.graph(g).path), load_external_data=False))
+               for g in QUANTIZED_GRAPHS}
+    progress(f"observing {sum(map(len, targets.values()))} activations over "
+             f"{sum(t.steps for t in traces)} steps (every {every})")
+    amax, observed = observe_ranges(fp32_dir, traces, targets, every, workdir=tmp)
+    graphs = dict(source.graphs)
+    for name in QUANTIZED_GRAPHS:
+        progress(f"quantizing {name} ({precision})")
+        spec = source.graph(name)
+        stats = _quantize_graph(spec.path, tmp, amax[name], precision)
+        graphs[name] = replace(spec, precision=precision, root=tmp, **_file_entry(tmp / spec.file),
+                               quantization=_record(precision, stats, traces, observed, every))
+    _copy_rest(source, tmp)
+    manifest = replace(source, precision=precision, graphs=graphs, root=tmp)
+    write_manifest(manifest, tmp)
+    load_manifest(tmp)  # the runtime must accept what we wrote
+    progress(f"done in {time.perf_counter() - started:.1f}s")
+    return manifest
+
+
+def observe_ranges(fp32_dir: Path, traces: list[Trace], targets: dict[str, list[str]], every: int,
+                   workdir: Path | None = None) -> tuple[dict[str, dict[str, float]], int]:
+    """Largest |x| per activation and graph over the observed steps, and how many steps were observed."""
+    amax = {g: dict.fromkeys(names, 0.0) for g, names in targets.items()}
+    replay = Replay(fp32_dir, extra=targets, workdir=workdir)
+    observed = 0
+    try:
+        for trace in traces:
+            for t, step in enumerate(replay.run(trace, CALIBRATION_PARAMS, extra_at=lambda t: t % every == 0)):
+                if t % every:
+                    continue
+                observed += 1
+                for graph, outputs in (("backbone", step.backbone), ("depformer", step.depformer)):
+                    for name in targets[graph]:
+                        amax[graph][name] = max(amax[graph][name], float(np.abs(outputs[name]).max()))
+    finally:
+        replay.close()
+    return amax, observed
+
+
+def _quantize_graph(path: Path, tmp: Path, amax: dict[str, float], precision: str) -> dict:
+    from dia2_trt.export.onnx_io import save_model
+
+    model = onnx.load(str(path))
+    stats = quantize_in_place(model, amax, SCHEMES[precision])
+    save_model(model, tmp / path.name)
+    return stats
+
+
+def _file_entry(path: Path) -> dict:
+    from dia2_trt.export.onnx_io import external_data_path
+
+    data = external_data_path(path)
+    return {"sha256": sha256(path),
+            "external_data": FileRef(data.name, sha256(data)) if data.exists() else None}
+
+
+def _copy_rest(source, tmp: Path) -> None:
+    """Codec graphs (not quantized) and the tokenizer, as they are."""
+    for name, spec in source.graphs.items():
+        if name in QUANTIZED_GRAPHS:
+            continue
+        shutil.copy2(spec.path, tmp / spec.file)
+        if spec.external_data_path:
+            shutil.copy2(spec.external_data_path, tmp / spec.external_data.file)
+    shutil.copytree(source.tokenizer_dir, tmp / source.tokenizer.directory)
+
+
+def _record(precision: str, stats: dict, traces: list[Trace], observed: int, every: int) -> QuantizationRecord:
+    scheme = SCHEMES[precision]
+    steps = sum(t.steps for t in traces)
+    return QuantizationRecord(
+        scheme=precision, bits=8, symmetric=True, block_size=None, ops=("MatMul",),
+        calibration=(f"max |x| per activation tensor over {observed} of {steps} steps (every {every}) of "
+                     f"{len(traces)} script(s) spoken by the fp32 runtime (seed {CALIBRATION_PARAMS.seed}); "
+                     f"{scheme.name}: activations per tensor, weights per output channel"),
+        weights={"matmul_weights": {"count": stats["weights"], "bits": 8},
+                 "activations": {"count": stats["activations"], "bits": 8}},
+        kept_float=("logits heads", "guidance and sampling", "attention score/value MatMuls", "norms", "RoPE",
+                    "softmax", "embeddings", "scales (fp32)"))

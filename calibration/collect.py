@@ -1,0 +1,221 @@
+"""What the runtime feeds its graphs over real scripts, and replaying it through any artifact.
+
+``record`` lets the torch-free runtime speak each script over fp32 artifacts and
+keeps the per-step inputs that are not state: the backbone's step tokens and the
+depformer's text tokens. The KV cache is state, so it is not stored: ``Replay``
+rebuilds it by running a backbone over the recorded tokens. A 2B sample is then
+a few hundred bytes instead of a 0.9 GB cache copy (28 layers x K,V x [2, 8, 1501,
+128] fp32), and any artifact (fp32, fp16, quantized) can be driven teacher-forced
+through the same steps, with intermediate tensors exposed on request.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
+from dia2_trt.runtime.backends import OrtBackend
+from dia2_trt.runtime.engine import Dia2Runtime, TruncationWarning
+from dia2_trt.runtime.params import GenerationParams
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One spoken script, step by step."""
+
+    script: str
+    tokens: np.ndarray  # [T, 2, C] backbone step tokens (CFG pair)
+    text_tokens: np.ndarray  # [T, 2] (main, second) fed to the depformer
+    audio_tokens: np.ndarray  # [T, Q] what the recorded run's depformer produced
+
+    @property
+    def steps(self) -> int:
+        return len(self.tokens)
+
+
+class _Recorder:
+    """A graph that keeps copies of some feeds and outputs of every run."""
+
+    def __init__(self, inner, feeds: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+        self._inner, self._feeds, self._outputs = inner, feeds, outputs
+        self.calls: list[dict[str, np.ndarray]] = []
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self._inner.spec
+
+    def bind(self, name, array) -> None:
+        self._inner.bind(name, array)
+
+    def write(self, name, index, values) -> None:
+        self._inner.write(name, index, values)
+
+    def run(self, feeds):
+        out = self._inner.run(feeds)
+        kept = {k: np.array(feeds[k]) for k in self._feeds}
+        kept.update({k: np.array(out[k]) for k in self._outputs})
+        self.calls.append(kept)
+        return out
+
+
+class _RecordingBackend(OrtBackend):
+    _KEEP = {"backbone": (("tokens",), ()), "depformer": (("text_tokens",), ("audio_tokens",))}
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__(threads)
+        self.recorders: dict[str, _Recorder] = {}
+
+    def load(self, spec: GraphSpec, path: Path | None = None):
+        graph = super().load(spec, path)
+        if spec.name not in self._KEEP:
+            return graph
+        self.recorders[spec.name] = recorder = _Recorder(graph, *self._KEEP[spec.name])
+        return recorder
+
+
+def record(artifacts: Path, scripts: Sequence[str], params: GenerationParams,
+           threads: int | None = None) -> list[Trace]:
+    """Speak every script with the runtime and return what its graphs were fed."""
+    backend = _RecordingBackend(threads)
+    runtime = Dia2Runtime.load(artifacts, backend)
+    traces = []
+    for script in scripts:
+        for recorder in backend.recorders.values():
+            recorder.calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncationWarning)  # a cut-off script still calibrates
+            runtime.speak(script, params)
+        bb, dep = backend.recorders["backbone"].calls, backend.recorders["depformer"].calls
+        traces.append(Trace(script, np.stack([c["tokens"] for c in bb]),
+                            np.stack([np.asarray(c["text_tokens"]).reshape(2) for c in dep]),
+                            np.stack([c["audio_tokens"] for c in dep])))
+    return traces
+
+
+def read_scripts(path: Path) -> list[str]:
+    """One script per non-blank line; each must be a valid script."""
+    from dia2_trt.runtime.script import check_script
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"calibration scripts not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read calibration scripts {path}: {exc}") from None
+    scripts = [line.strip() for line in lines if line.strip()]
+    if not scripts:
+        raise ValueError(f"{path} holds no calibration scripts (one script per line)")
+    for number, script in enumerate(scripts, 1):
+        try:
+            check_script(script)
+        except ValueError as exc:
+            raise ValueError(f"{path}: script {number}: {exc}") from None
+    return scripts
+
+
+# --- replay ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    backbone: dict[str, np.ndarray]  # the graph's outputs plus any requested intermediates
+    depformer: dict[str, np.ndarray]
+
+
+class Replay:
+    """One artifact's backbone and depformer as plain ONNX Runtime sessions with their own KV cache.
+
+    ``extra`` names intermediate tensors per graph to return as well (the graph is
+    re-saved with them as outputs, into ``workdir``; weights in a side file are
+    linked, not copied).
+    """
+
+    def __init__(self, artifacts: Path, extra: dict[str, Sequence[str]] | None = None,
+                 workdir: Path | None = None, threads: int | None = None) -> None:
+        self.manifest: Manifest = load_manifest(artifacts)
+        extra = extra or {}
+        self._tmp = tempfile.TemporaryDirectory(prefix=".replay-", dir=workdir)
+        backend = OrtBackend(threads)
+        self.sessions, self.outputs = {}, {}
+        for name in ("backbone", "depformer"):
+            spec = self.manifest.graph(name)
+            path = _with_outputs(spec.path, extra.get(name, ()), Path(self._tmp.name))
+            # The runtime's own session options (threads, a weight-only graph's ORT accuracy level).
+            self.sessions[name] = backend.open_session(spec, path)
+            self.outputs[name] = [t.name for t in spec.outputs] + list(extra.get(name, ()))
+        bb = self.manifest.graph("backbone")
+        self._cache = {t.name: t.zeros() for t in bb.inputs if t.name.startswith(("k_cache.", "v_cache."))}
+        self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in ("backbone", "depformer")}
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self._tmp.cleanup()
+
+    def run(self, trace: Trace, params: GenerationParams, extra_at=lambda t: True) -> Iterator[StepOutputs]:
+        """Teacher-forced: the recorded tokens go in, whatever this artifact computes comes out.
+
+        ``extra_at(t)`` says whether step t also returns the intermediate tensors.
+        The depformer samples greedily (temperature 0) with the run's guidance settings.
+        """
+        n_layer = self.manifest.topology.n_layer
+        for buf in self._cache.values():
+            buf.fill(0)  # rows past t are masked, but a clean start keeps runs reproducible
+        for t in range(trace.steps):
+            want = extra_at(t)
+            bb = self._run("backbone", {"tokens": trace.tokens[t], "position": np.array([t]), **self._cache}, want)
+            for i in range(n_layer):
+                self._cache[cache_name("k", i)][:, :, t] = bb["k_new"][i]
+                self._cache[cache_name("v", i)][:, :, t] = bb["v_new"][i]
+            dep = self._run("depformer", {
+                "hidden": bb["hidden"], "cb0_logits": bb["cb0_logits"], "text_tokens": trace.text_tokens[t],
+                "noise": np.full((self.manifest.audio_channels, self.manifest.topology.audio_vocab_size), 0.5),
+                "temperature": np.array([0.0]), "top_k": np.array([params.audio_top_k]),
+                "cfg_scale": np.array([params.cfg_scale]), "cfg_filter_k": np.array([params.cfg_filter_k]),
+            }, want)
+            yield StepOutputs(bb, dep)
+
+    def _run(self, graph: str, feeds: dict, want_extra: bool) -> dict[str, np.ndarray]:
+        dtypes = self._dtypes[graph]
+        feeds = {k: np.asarray(v, dtype=dtypes[k]) for k, v in feeds.items()}
+        names = self.outputs[graph] if want_extra else [t.name for t in self.manifest.graph(graph).outputs]
+        return dict(zip(names, self.sessions[graph].run(names, feeds)))
+
+
+def _with_outputs(path: Path, names: Sequence[str], workdir: Path) -> Path:
+    """``path`` itself, or a copy of its graph with ``names`` added as outputs."""
+    if not names:
+        return path
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    present = {o.name for o in model.graph.output}
+    # No type given: ONNX Runtime infers it (fp16 graphs have fp16 intermediates).
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
+    out = workdir / path.name
+    onnx.save_model(model, str(out))
+    for location in _external_files(model):
+        _link(path.parent / location, workdir / location)
+    return out
+
+
+def _external_files(model) -> set[str]:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    return {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)  # same file system: no copy, and ONNX Runtime sees a plain file
+    except OSError:
+        os.symlink(src.resolve(), dst)

@@ -1,0 +1,128 @@
+"""Calibrated Q/DQ (INT8 or FP8 E4M3) for TensorRT's strongly typed engines, measured on ONNX Runtime CPU.
+
+Every linear layer (a MatMul with a constant 2-D weight) gets
+``QuantizeLinear -> DequantizeLinear`` on its activation (per tensor, symmetric,
+scale from the largest |x| seen while the fp32 artifacts spoke the calibration
+scripts) and a ``DequantizeLinear`` on its weight, which is stored quantized
+(per output channel, symmetric). Zero points are explicit zeros of the quantized
+type: TensorRT accepts only symmetric Q/DQ, and a QuantizeLinear without one
+would default to uint8. What stays float: the text-action, cb0 and codebook
+logits heads and all of guidance/sampling (the same nodes fp16 keeps in fp32),
+attention's activation x activation MatMuls, norms, RoPE and softmax.
+
+Written here rather than with NVIDIA ModelOpt's ONNX PTQ: ModelOpt 0.47 does run
+on CPU (installed --no-deps with 15 hand-picked dependencies), but its [onnx]
+extra pins onnx ~1.21 and onnxruntime-gpu ~1.24 and would replace the
+project's onnx/onnxruntime, so it cannot be a declared dependency; this pass is
+the same standard-domain result in ~150 lines with no new dependency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dia2_trt.export.precision import _keep_fp32
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    dtype: int  # ONNX element type of the quantized values
+    qmax: float  # largest representable magnitude
+    min_opset: int
+
+
+SCHEMES = {
+    "int8-qdq": Scheme("int8-qdq", TensorProto.INT8, 127.0, 13),
+    # FP8 QuantizeLinear/DequantizeLinear arrived in opset 19.
+    "fp8-qdq": Scheme("fp8-qdq", TensorProto.FLOAT8E4M3FN, 448.0, 19),
+}
+QUANTIZED_GRAPHS = ("backbone", "depformer")
+
+
+def linear_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMuls with a constant 2-D float weight, minus the heads and sampling kept in float."""
+    weights = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT}
+    return [n for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in weights and not _keep_fp32(n)]
+
+
+def activation_names(model: onnx.ModelProto) -> list[str]:
+    """The tensors whose ranges calibration must observe (inputs of the quantized MatMuls)."""
+    return sorted({n.input[0] for n in linear_matmuls(model)})
+
+
+def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Scheme) -> dict:
+    """Insert the Q/DQ pairs into ``model`` (edited in place: a 2B graph has no room for a copy).
+
+    Returns what was done, for the manifest.
+    """
+    targets = linear_matmuls(model)
+    missing = sorted({n.input[0] for n in targets} - set(amax))
+    if missing:
+        raise ValueError(f"no calibrated range for {len(missing)} activations (e.g. {missing[0]})")
+    inits = {t.name: t for t in model.graph.initializer}
+    target_ids = {id(n) for n in targets}
+    done: dict[str, str] = {}  # original tensor -> its dequantized replacement
+    nodes, new_inits = [], []
+    for node in model.graph.node:
+        if id(node) in target_ids:
+            x, w = node.input[0], node.input[1]
+            if x not in done:
+                done[x] = _activation_qdq(x, amax[x], scheme, nodes, new_inits)
+            if w not in done:
+                done[w] = _weight_dq(inits[w], scheme, nodes, new_inits)
+            node.input[0], node.input[1] = done[x], done[w]
+        nodes.append(node)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]  # float weights now read only via DQ go
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + new_inits)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return {"scheme": scheme.name, "quantized_matmuls": len(targets),
+            "activations": sum(1 for k in done if k not in inits), "weights": sum(1 for k in done if k in inits)}
+
+
+def _activation_qdq(x: str, amax: float, scheme: Scheme, nodes: list, inits: list) -> str:
+    scale = np.float32(max(float(amax), 1e-8) / scheme.qmax)  # a never-nonzero input still needs a scale
+    inits.append(numpy_helper.from_array(np.array(scale, np.float32), f"{x}__scale"))
+    inits.append(_zeros(f"{x}__zero", (), scheme))
+    nodes.append(helper.make_node("QuantizeLinear", [x, f"{x}__scale", f"{x}__zero"], [f"{x}__q"], name=f"{x}__Q"))
+    nodes.append(helper.make_node("DequantizeLinear", [f"{x}__q", f"{x}__scale", f"{x}__zero"], [f"{x}__dq"],
+                                  name=f"{x}__DQ"))
+    return f"{x}__dq"
+
+
+def _weight_dq(tensor: onnx.TensorProto, scheme: Scheme, nodes: list, inits: list) -> str:
+    """[K, N] weight -> quantized values with one scale per output column (axis 1)."""
+    w = numpy_helper.to_array(tensor).astype(np.float32)
+    amax = np.abs(w).max(axis=0)
+    scale = (np.where(amax > 0, amax, 1.0) / scheme.qmax).astype(np.float32)
+    name = tensor.name
+    inits.append(_quantized(f"{name}__w", w / scale, scheme))
+    inits.append(numpy_helper.from_array(scale, f"{name}__wscale"))
+    inits.append(_zeros(f"{name}__wzero", scale.shape, scheme))
+    nodes.append(helper.make_node("DequantizeLinear", [f"{name}__w", f"{name}__wscale", f"{name}__wzero"],
+                                  [f"{name}__dq"], name=f"{name}__DQ", axis=1))
+    return f"{name}__dq"
+
+
+def _quantized(name: str, values: np.ndarray, scheme: Scheme) -> onnx.TensorProto:
+    if scheme.dtype == TensorProto.INT8:
+        # Symmetric: -127..127 (TensorRT's INT8 range), so -128 never appears.
+        return numpy_helper.from_array(np.clip(np.rint(values), -127, 127).astype(np.int8), name)
+    import ml_dtypes  # an onnx dependency
+
+    fp8 = np.clip(values, -scheme.qmax, scheme.qmax).astype(ml_dtypes.float8_e4m3fn)
+    return helper.make_tensor(name, scheme.dtype, fp8.shape, fp8.view(np.uint8).tobytes(), raw=True)
+
+
+def _zeros(name: str, shape: tuple, scheme: Scheme) -> onnx.TensorProto:
+    if scheme.dtype == TensorProto.INT8:
+        return numpy_helper.from_array(np.zeros(shape, np.int8), name)
+    return helper.make_tensor(name, scheme.dtype, shape, np.zeros(shape, np.uint8).tobytes(), raw=True)

@@ -1,0 +1,81 @@
+"""The teacher-forced accuracy report of ``dia2-export validate --against``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import SCRIPTS
+
+from dia2_trt.export.accuracy import THRESHOLDS, accuracy_report
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def test_fp32_against_itself_agrees_everywhere(tiny_artifacts):
+    report = accuracy_report(tiny_artifacts, tiny_artifacts, SCRIPTS["dialogue"], echo=_quiet)
+    assert report["passed"] and report["reference_replay_agreement"] == 1.0
+    names = ["action", "cb0"] + [f"cb{q}" for q in range(1, 5)]
+    assert list(report["outputs"]) == names
+    for r in report["outputs"].values():
+        assert r["agreement"] == 1.0 and r["max_abs"] == 0.0 and r["confident_agreement"] == 1.0
+
+
+def test_fp16_passes_with_small_logits_errors(artifacts_factory, tiny_artifacts):
+    report = accuracy_report(artifacts_factory(precision="fp16"), tiny_artifacts, SCRIPTS["dialogue"], echo=_quiet)
+    assert report["precision"] == "fp16" and report["passed"], report["failures"]
+    for name, r in report["outputs"].items():
+        assert 0 < r["max_abs"] < 0.1, name  # fp16, not bit-identical, and per codebook
+        assert r["confident_steps"] > 0 and r["confident_agreement"] >= THRESHOLDS["fp16"]["confident_agreement"]
+
+
+def _copy_with_negated_action_head(src, dst):
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "backbone.onnx"))
+    head = next(n for n in model.graph.node if "action_head" in str(list(n.metadata_props)) and n.op_type == "MatMul")
+    weight = next(t for t in model.graph.initializer if t.name == head.input[1])
+    weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), weight.name))
+    onnx.save(model, str(dst / "backbone.onnx"))
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dia2_trt.export", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_validate_against_exits_1_when_a_head_is_broken(tiny_artifacts, tmp_path):
+    broken = tmp_path / "broken"
+    _copy_with_negated_action_head(tiny_artifacts, broken)
+    report = tmp_path / "accuracy.json"
+    result = _run_cli("validate", str(broken), "--against", str(tiny_artifacts), "--report", str(report))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: accuracy below the thresholds: action")
+    data = json.loads(report.read_text())
+    assert not data["passed"] and data["outputs"]["action"]["agreement"] < THRESHOLDS["fp32"]["agreement"]
+
+
+def test_validate_against_refuses_another_checkpoint(tiny_artifacts, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_artifacts, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["source"]["files"] = {name: "0" * 64 for name in manifest["source"]["files"]}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not built from the same checkpoint"):
+        accuracy_report(other, tiny_artifacts, SCRIPTS["dialogue"], echo=_quiet)
+
+
+def test_thresholds_cover_every_precision():
+    assert set(THRESHOLDS) == {"fp32", "fp16", "int8", "int4", "int8-qdq", "fp8-qdq"}
+    for limits in THRESHOLDS.values():
+        assert 0 < limits["agreement"] <= limits["confident_agreement"] <= 1.0
+    assert np.isclose(THRESHOLDS["fp32"]["agreement"], 1.0)
