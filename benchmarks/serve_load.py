@@ -5,6 +5,7 @@
 
 Starts the real server (a subprocess on a free loopback port), then:
 
+0. five requests one at a time: time to first audio with no queue;
 1. ``--rounds`` bursts of ``--clients`` concurrent ``/v1/audio/speech`` requests (several
    scripts and seeds); every 200 must equal that request's solo run (generated here, in this
    process, with the same runtime code) sample for sample; the rest must be clean 503s with
@@ -252,6 +253,7 @@ def run(args) -> dict:
                       "rounds": args.rounds, "disconnects": args.disconnects, "rss_requests": args.rss_requests}}
     try:
         began = time.perf_counter()
+        out["unloaded_ttfa_p50_seconds"] = asyncio.run(unloaded_ttfa(server.url))
         report, poller = asyncio.run(measure(server, solo, args.clients, args.rounds))
         out["load"] = summarise(report, poller, server.metrics())
         statuses = asyncio.run(hang_up_after_first_chunk(server.url, args.disconnects))
@@ -263,6 +265,13 @@ def run(args) -> dict:
     finally:
         out["exit_code"] = server.stop()
     return out
+
+
+async def unloaded_ttfa(url: str, requests: int = 5) -> float:
+    """Median time to first audio of requests sent one at a time: no queue, an idle worker."""
+    async with httpx.AsyncClient(timeout=120) as client:
+        firsts = [(await speak(client, url, *SCRIPTS[0])).first_byte for _ in range(requests)]
+    return float(np.median(firsts))
 
 
 def wait_idle(server: ServerProcess, seconds: float = 30.0) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,28 @@ def test_the_cli_loads_no_web_stack_until_serve_runs():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_registered_voice_speaks_as_the_runtime_does_with_that_prefix(runtime, tmp_path):
+    """A --voice file conditions the request exactly as the runtime's own prefix path does."""
+    from dia2_trt.runtime.serve.command import _voices
+    from dia2_trt.runtime.voice import load_voice, save_voice
+
+    data = Path(__file__).resolve().parent / "data" / "voices"
+    path = tmp_path / "anna.voice"
+    save_voice(runtime.voice(data / "s1_24k_mono.flac", data / "s1_24k_mono.words.json", 1), path)
+    params = GenerationParams(seed=4)
+    expected = pcm16(runtime.speak(TEXT, params, prefix=runtime.prefix(load_voice(path))).pcm)
+    plain = pcm16(runtime.speak(TEXT, params).pcm)
+    app = create_app([runtime] * 2, voices=_voices([f"anna={path}"], runtime))
+    with live_server(app) as server:
+        listed = httpx.get(f"{server.url}/v1/voices").json()["voices"]
+        assert {"name": "anna", "conditioned": True} in listed
+        for _ in range(2):  # the second request starts from the pair's cached warm state
+            response = _post(server, speech_body(TEXT, voice="anna", seed=4))
+            assert response.status_code == 200 and response.content == expected
+        streamed = asyncio.run(ws_speak(server.ws_url, [TEXT[:9], TEXT[9:]], {"voice": "anna", "seed": 4}))
+        assert streamed["audio"] == expected
+        assert _post(server, speech_body(TEXT, seed=4)).content == plain != expected
+        lone = _post(server, speech_body(TEXT, voice="alloy", voice_2="anna"))
+        assert lone.status_code == 400 and lone.json()["error"]["param"] == "voice_2"

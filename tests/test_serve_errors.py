@@ -18,7 +18,7 @@ from serve_support import (  # noqa: E402,F401
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
 from dia2_trt.runtime.serve.voices import VoiceError, VoiceRegistry  # noqa: E402
-from dia2_trt.runtime.serve.workers import Limits, plain_session  # noqa: E402
+from dia2_trt.runtime.serve.workers import Limits  # noqa: E402
 
 TEXT = "[S1] Hello there. [S2] Hi!"
 LONG = "[S1] " + " ".join(["word"] * 17) + " [S2] " + " ".join(["again"] * 17)  # ~110 of tiny's 160 frames
@@ -38,6 +38,10 @@ class _CutOff:
         for chunk in self._session:
             yield chunk
             raise RuntimeError("injected failure after the first chunk")
+
+
+def plain_session(runtime, params, voices, progress):
+    return runtime.open_session(params, progress=progress)
 
 
 def faulty_session(runtime, params, voices, progress):
@@ -283,7 +287,7 @@ def test_cli_refuses_bad_setups_with_one_line(artifacts, tmp_path):
     cases = {
         ("--voice", "anna"): "expected NAME=FILE",
         ("--voice", f"anna={tmp_path / 'missing.voice'}"): "is not a file",
-        ("--voice", f"anna={voice}"): "voice-file support",
+        ("--voice", f"anna={voice}"): "not a voice file",
         ("--port", "0"): "0 is not in the range",
         ("--workers", "0"): "0 is not in the range",
     }

@@ -21,7 +21,7 @@ from .routes import StreamAborted, install_error_handlers, router as http_router
 from .schema import GenerationFields, RequestError
 from .voices import VoiceError, VoiceRegistry
 from .websocket import router as ws_router
-from .workers import Job, Limits, Pool, plain_session
+from .workers import Job, Limits, Pool, VoicedSessions
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,13 @@ class ServeState:
     """What the routes share: the pool, the voices, the metrics and the model's fixed facts."""
 
     def __init__(self, slots: Sequence[Dia2Runtime], config: ServeConfig, voices: VoiceRegistry,
-                 open_session=plain_session) -> None:
+                 open_session=None) -> None:
         self.runtime = slots[0]  # for parsing and the model's facts; generation runs on the pool's slots
         self.config = config
         self.voices = voices
         self.metrics = Metrics()
-        self.pool = Pool(slots, config.max_queue, open_session, on_change=self.metrics.pool_changed)
+        self.pool = Pool(slots, config.max_queue, open_session or VoicedSessions(),
+                         on_change=self.metrics.pool_changed)
         self.metrics.pool_changed(self.pool)
         self.formats = available_formats()
         self.sample_rate = self.runtime.sample_rate
@@ -51,6 +52,8 @@ class ServeState:
     def new_job(self, fields: GenerationFields, text: str | None = None) -> Job:
         """A checked job, admitted to the pool (text given: fed whole and closed); may raise Busy."""
         voices = (self._voice(fields.voice, "voice"), self._voice(fields.voice_2, "voice_2"))
+        if voices[1].conditioned and not voices[0].conditioned:
+            raise RequestError("voice_2: speaker 2's voice needs a voice for speaker 1 too (as in Dia2)", "voice_2")
         try:
             params = fields.params()
         except (TypeError, ValueError) as exc:  # the schema's ranges are the stricter, but say it either way
@@ -103,7 +106,7 @@ class _CutOffQuietly:
 
 
 def create_app(slots: Sequence[Dia2Runtime], config: ServeConfig | None = None,
-               voices: VoiceRegistry | None = None, open_session=plain_session) -> FastAPI:
+               voices: VoiceRegistry | None = None, open_session=None) -> FastAPI:
     """An app whose pool has one worker per slot; a slot is the runtime that worker's sessions
     run on, normally one loaded runtime repeated N times (the weights load once)."""
     state = ServeState(slots, config or ServeConfig(), voices or VoiceRegistry(), open_session)

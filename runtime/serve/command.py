@@ -44,8 +44,8 @@ def serve(artifacts, host, port, workers, max_queue, voice_options, request_time
     except ImportError as exc:
         raise click.ClickException(f"dia2-rt serve needs the [serve] extra (pip install 'dia2-trt[serve]'): "
                                    f"{exc}") from None
-    voices = _voices(voice_options)
     slots = _load(artifacts, workers, backend, threads)
+    voices = _voices(voice_options, slots[0])
     config = ServeConfig(max_queue=max_queue, limits=Limits(request_timeout, max_input_chars),
                          max_body_bytes=max_body_bytes, max_message_bytes=max_body_bytes,
                          shutdown_grace=shutdown_grace)
@@ -56,16 +56,19 @@ def serve(artifacts, host, port, workers, max_queue, voice_options, request_time
                 timeout_graceful_shutdown=shutdown_grace, timeout_keep_alive=5)
 
 
-def _voices(options) -> VoiceRegistry:
+def _voices(options, runtime) -> VoiceRegistry:
+    """Each ``--voice NAME=FILE`` loaded and checked against these artifacts now, not at its first request."""
+    from ..voice import load_voice
+
+    def load(path):
+        voice = load_voice(path)
+        runtime.prefix(voice)  # refuses a voice made for other artifacts, or too long for the context
+        return voice
+
     try:
-        registry = VoiceRegistry.from_options(list(options))
+        return VoiceRegistry.from_options(list(options), loader=load)
     except VoiceError as exc:
         raise click.ClickException(str(exc)) from None
-    if any(name != "default" for name in registry.names()):
-        # Voice files become generation prefixes through the runtime's voice support; until this build
-        # has it, a registered voice would be spoken without its prefix, so refuse rather than ignore it.
-        raise click.ClickException("--voice needs voice-file support in the runtime, which this build lacks")
-    return registry
 
 
 def _load(artifacts: str, workers: int, backend: str, threads: int | None) -> list:

@@ -5,10 +5,10 @@ OpenAI's built-in voice names mean "no prefix" (an unconditioned random
 speaker, as ``dia2-rt speak`` without a voice), so drop-in OpenAI clients work
 unchanged. Any other name is a request error: a voice is never ignored.
 
-The registry checks each file when the server starts (a regular, readable file
-inside its folder) and hands requests a :class:`Voice`. Turning a voice file
-into a generation prefix is the runtime's job; the registry only takes a
-``loader`` callable for it, so the server never reads voice files itself.
+The registry checks each file when the server starts (a regular, readable file,
+then the ``loader``: the CLI's loads it with the runtime's ``load_voice`` and
+checks it against the artifacts) and hands requests a :class:`Voice` whose
+``prefix`` is what the loader made of the file.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class VoiceError(ValueError):
 class Voice:
     name: str
     path: Path | None  # None: no prefix
-    prefix: Any = None  # what the runtime's voice loader made of the file (None: not loaded here)
+    prefix: Any = None  # what the loader made of the file (the runtime's voice)
 
     @property
     def conditioned(self) -> bool:

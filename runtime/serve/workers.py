@@ -197,17 +197,30 @@ class Job:
             self._cancelled.set()
 
 
-def plain_session(runtime: Dia2Runtime, params: GenerationParams, voices: tuple[Voice, Voice], progress):
-    """Open an unconditioned session; voice prefixes are refused at startup until the runtime has them."""
-    if any(voice.conditioned for voice in voices):
-        raise RuntimeError("a conditioned voice reached a runtime without voice support")
-    return runtime.open_session(params, progress=progress)
+class VoicedSessions:
+    """Opens sessions in their voices: each voice pair is warmed up once, then every session
+    speaking in it starts from that warm state (the runtime's ``warm``), not from a fresh warm-up."""
+
+    def __init__(self) -> None:
+        self._warm: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()  # one warm-up per pair, even when two requests want it at once
+
+    def __call__(self, runtime: Dia2Runtime, params: GenerationParams, voices: tuple[Voice, Voice], progress):
+        first, second = voices
+        if not (first.conditioned or second.conditioned):
+            return runtime.open_session(params, progress=progress)
+        with self._lock:
+            warm = self._warm.get((first.name, second.name))
+            if warm is None:
+                warm = runtime.warm(runtime.prefix(first.prefix, second.prefix))
+                self._warm[(first.name, second.name)] = warm
+        return runtime.open_session(params, progress=progress, prefix=warm)
 
 
 class Pool:
     """N worker slots (each with the runtime it runs on), at most ``max_queue`` jobs waiting for one."""
 
-    def __init__(self, slots: Sequence[Dia2Runtime], max_queue: int, open_session: Callable = plain_session,
+    def __init__(self, slots: Sequence[Dia2Runtime], max_queue: int, open_session: Callable,
                  on_change: Callable[["Pool"], None] | None = None) -> None:
         self.workers = len(slots)
         self.max_queue = max_queue
