@@ -28,7 +28,7 @@ from .frames import UNGENERATED, finish
 from .params import GenerationParams
 from .prefix import ROW_SHIFT, Prefix, WarmState, delay_codes, warmup_tokens
 from .sampling import guide, sample
-from .script import ScriptError, check_script, complete_prefix
+from .script import ScriptError, check_complete_script, check_script, check_size, complete_prefix
 from .state_machine import StateMachine
 
 if TYPE_CHECKING:
@@ -155,6 +155,7 @@ class Session:
         with self._lock:
             self._check_open()
             candidate = self._text + text
+            check_size(candidate)  # O(1), before anything scans the text
             self._take_entries(complete_prefix(candidate))
             self._text = candidate
 
@@ -164,7 +165,7 @@ class Session:
             if self._closed:
                 return
             self._check_open()
-            check_script(self._text)
+            check_complete_script(self._text)  # a script of tags alone would speak 0.7 s of lead-in
             self._take_entries(self._text)
             self._closed = True
 

@@ -289,6 +289,13 @@ def test_rejected_feed_keeps_nothing(runtime, solo):
     assert_same(session.result, solo(0, GREEDY))
 
 
+def test_a_script_of_tags_alone_is_refused_at_close(runtime):
+    """The API refuses what the CLIs refuse: nothing to say would still speak the lead-in."""
+    for script in ("[S1]", '[S2] <break time="1s"/>'):
+        with pytest.raises(ScriptError, match="no words"):
+            runtime.speak(script, GREEDY)
+
+
 @pytest.mark.parametrize("call,error,message", [
     (lambda rt: rt.speak(None), TypeError, "text must be a str, got NoneType"),
     (lambda rt: rt.speak(b"[S1] hi"), TypeError, "got bytes"),
