@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from dia2_trt.export.onnx_graph import reads, sort_topologically
 from dia2_trt.export.precision import _keep_fp32
 
 
@@ -78,12 +79,13 @@ def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Sc
                 done[w] = _weight_dq(inits[w], scheme, nodes, new_inits)
             node.input[0], node.input[1] = done[x], done[w]
         nodes.append(node)
-    used = {i for n in nodes for i in n.input}
+    used = {name for n in nodes for name in reads(n)}  # If branches read initializers too (TopK's k)
     kept = [t for t in model.graph.initializer if t.name in used]  # float weights now read only via DQ go
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    sort_topologically(model.graph)
     return {"scheme": scheme.name, "quantized_matmuls": len(targets),
             "activations": sum(1 for k in done if k not in inits), "weights": sum(1 for k in done if k in inits)}
 

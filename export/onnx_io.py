@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import warnings
 from pathlib import Path
 
@@ -59,4 +60,3 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 def _initializer_bytes(model: onnx.ModelProto) -> int:
     """Weight bytes, summed per tensor: ModelProto.ByteSize() itself fails past 2 GB."""
     return sum(t.ByteSize() for t in model.graph.initializer)
-

@@ -15,11 +15,12 @@ Graph I/O stays fp32 except the large per-step tensors named in ``fp16_io``
 
 from __future__ import annotations
 
-import heapq
 import re
 
 import onnx
 from onnx import TensorProto, helper
+
+from .onnx_graph import reads, sort_topologically
 
 _FP32_MODULES = ("RMSNorm", "Rotary")  # by class, from the exporter's class hierarchy
 _FP32_HEADS = re.compile(r"(^|\.)(action_head|cb0_head|logits\.\d+)$")  # by module path
@@ -56,33 +57,73 @@ def _fp32_nodes(nodes, inherited: bool = False):
 def to_fp16(model: onnx.ModelProto, fp16_io: tuple[str, ...] = FP16_IO) -> onnx.ModelProto:
     from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    blocked = [n.name for n in _fp32_nodes(model.graph.node)]
     made_by = {out: (node.name, i) for node in model.graph.node for i, out in enumerate(node.output)}
+    # Nodes with subgraphs are the sampler's Ifs (graphs.kth_largest): kept fp32 whole, with the
+    # nodes making what their branches read from outside (a branch has no casts of its own).
+    ifs = [n for n in model.graph.node if _has_graphs(n)]
+    captured = {name for n in ifs for name in reads(n) - set(n.input)}
+    blocked = ([n.name for n in _fp32_nodes(model.graph.node)] + [n.name for n in ifs]
+               + [made_by[name][0] for name in captured if name in made_by])
+    branches = _detach_branches(model.graph, set(blocked))
     converted = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + _FP32_OPS,
         # Shapes are inferred beforehand (by file path, which works past 2 GB).
         node_block_list=blocked, disable_shape_infer=True,
     )
+    _attach_branches(converted.graph, branches)
+    _attach_branches(model.graph, branches)  # the caller's model is left as it came
     _fp16_boundary(converted, set(fp16_io))
     _reconnect_captures(converted.graph, made_by)
-    _sort_topologically(converted.graph)
+    sort_topologically(converted.graph)
     return converted
 
 
-def _reconnect_captures(graph: onnx.GraphProto, made_by: dict[str, tuple[str, int]]) -> None:
-    """Point If branches back at the values they read from the enclosing graph.
+def _detach_branches(graph: onnx.GraphProto, blocked: set[str]) -> dict[str, list]:
+    """Take the subgraphs off the kept-fp32 nodes (the sampler's Ifs) for the conversion.
 
-    The converter renames a kept-fp32 node's output (``where`` -> ``node_where_output_cast_0``)
-    and rewires the consumers it sees, but not reads from inside a subgraph: the depformer's
-    TopK threshold branches then name a value nothing produces. Both sides are fp32, so the
-    renamed output is the right one."""
-    produced = {out for node in graph.node for out in node.output} | {v.name for v in graph.input}
-    produced |= {t.name for t in graph.initializer}
+    The converter walks into If branches on its own and leaves them half converted (a kept
+    TopK's output renamed and cast, the branch still declaring fp16); whole fp32 branches
+    put back afterwards are consistent, and ``_reconnect_captures`` points them at fp32 values."""
+    taken = {}
+    for node in graph.node:
+        graphs = [a for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        if node.name in blocked and graphs:
+            taken[node.name] = [onnx.AttributeProto.FromString(a.SerializeToString()) for a in graphs]
+            kept = [a for a in node.attribute if a.type != onnx.AttributeProto.GRAPH]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    return taken
+
+
+def _has_graphs(node: onnx.NodeProto) -> bool:
+    return any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)
+
+
+def _attach_branches(graph: onnx.GraphProto, taken: dict[str, list]) -> None:
+    """Put the fp32 branches back, and drop the outer graph's (converted) type notes on values
+    made inside them: ONNX Runtime would check the fp32 branch against those fp16 notes."""
+    inner = set()
+    for node in graph.node:
+        if node.name in taken:
+            node.attribute.extend(attr for attr in taken[node.name]
+                                  if attr.name not in {a.name for a in node.attribute})
+            inner |= {out for attr in taken[node.name] for n in attr.g.node for out in n.output}
+    stale = [v for v in graph.value_info if v.name in inner]
+    for value in stale:
+        graph.value_info.remove(value)
+
+
+def _reconnect_captures(graph: onnx.GraphProto, made_by: dict[str, tuple[str, int]]) -> None:
+    """Point the fp32 If branches back at the fp32 values they read from the enclosing graph.
+
+    For a kept-fp32 node the converter renames its output (``div`` -> ``node_div_output_cast_0``)
+    and gives the old name to an fp16 cast for the converted consumers it sees; reads from
+    inside a subgraph it does not see, so they would get the fp16 cast (or nothing at all)."""
     nodes = {node.name: node for node in graph.node}
     renamed = {}
     for name, (node_name, index) in made_by.items():
         node = nodes.get(node_name)
-        if name not in produced and node is not None and index < len(node.output):
+        if node is not None and index < len(node.output) and node.output[index] != name:
             renamed[name] = node.output[index]
     for node in graph.node:
         for attr in node.attribute:
@@ -98,49 +139,6 @@ def _rename_reads(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 _rename_reads(attr.g, renamed)
-
-
-def _sort_topologically(graph: onnx.GraphProto) -> None:
-    """Put every node after the producers of what it reads, subgraphs' outer-scope reads included.
-
-    The converter appends the casts it inserts for a kept-fp32 node inside an If branch (the
-    depformer's TopK threshold) after that If, which the ONNX checker refuses."""
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _sort_topologically(attr.g)
-    produced = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    users: list[list[int]] = [[] for _ in graph.node]
-    waiting = [0] * len(graph.node)
-    for i, node in enumerate(graph.node):
-        for j in {produced[name] for name in _reads(node) if name in produced} - {i}:
-            users[j].append(i)
-            waiting[i] += 1
-    ready = [i for i, count in enumerate(waiting) if count == 0]
-    heapq.heapify(ready)  # Kahn's algorithm, smallest original index first: valid orders stay as they are
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(graph.node[i])
-        for j in users[i]:
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                heapq.heappush(ready, j)
-    if len(order) != len(graph.node):
-        raise ValueError(f"graph {graph.name!r} has a cycle")
-    del graph.node[:]
-    graph.node.extend(order)
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Names a node reads: its inputs, and what its subgraphs take from the enclosing scope."""
-    names = {name for name in node.input if name}
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            inner = {out for n in attr.g.node for out in n.output}
-            inner |= {v.name for v in attr.g.input} | {t.name for t in attr.g.initializer}
-            names |= {name for n in attr.g.node for name in _reads(n)} - inner
-    return names
 
 
 def _fp16_boundary(model: onnx.ModelProto, names: set[str]) -> None:
