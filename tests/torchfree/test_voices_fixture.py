@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import pytest
 
@@ -52,7 +51,8 @@ def test_prefix_tokens_equal_the_reference_without_torch(runtime, case, tmp_path
              for slot in (1, 2)]
     again = runtime.speak(case["script"], GREEDY, prefix=runtime.prefix(*files, include_audio=case["include_prefix"]))
     assert again.tokens.tolist() == case["tokens"]
-    assert "torch" not in sys.modules
+    # Torch-free by construction in .ci/run's base venv (import torch fails there); in the full
+    # suite other tests have loaded torch, so tests/test_voices.py checks it in a subprocess.
 
 
 @pytest.mark.parametrize("enc", [e for e in GOLDEN["encodings"] if (e["variant"], e["seed"]) == ("default", 0)],
