@@ -57,7 +57,7 @@ def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, p
                            block_size=block_size)
     if from_artifacts:
         if size or checkpoint:
-            _fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")
+            fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")
         with quiet_descriptors(verbose) as console:
             progress = BuildProgress(console)
             manifest = quantize_artifacts(Path(from_artifacts), Path(out), options, progress=progress)

@@ -250,7 +250,7 @@ class Session:
             self._release()
 
     def _frames(self) -> Iterator[AudioChunk | object]:
-        s, m, p = self._state, self.runtime.manifest, self.params
+        s, m = self._state, self.runtime.manifest
         s.emitter.started = time.perf_counter()
         if self.prefix is not None:
             while not self._script_ready():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from .audio import AudioError
 from .voice import VoiceError, load_voice, save_voice
 
 _OPTIONS = [
