@@ -26,28 +26,14 @@ def default_2b_dir(seed: int = DEFAULT_SEED) -> Path:
 
 
 def ensure_2b_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
-    """Reuse a finished checkpoint at ``out``, else build it in a sibling and rename it into place.
-
-    An ``out`` that exists with other things in it is refused, never deleted: it is a path
-    the user gave, and this function only replaces what it would have made itself.
-    """
-    out = Path(out) if out else default_2b_dir(seed)
-    if (out / "config.json").is_file() and (out / "mimi" / "model.safetensors").is_file():
-        return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists but is not a finished 2B-topology checkpoint; "
-                         f"remove it yourself or choose another directory")
+    """The 2B-topology checkpoint at ``out`` (default: the cache), built once."""
     from dia2_trt.models.tiny import build_2b_topology_checkpoint
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    def build(tmp: Path) -> None:
         build_2b_topology_checkpoint(tmp, seed=seed)
         _add_real_size_mimi(tmp, seed)
-        os.rename(tmp, out)  # onto nothing, or onto the empty directory checked above
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return _build_once(Path(out) if out else default_2b_dir(seed), build, "2B-topology")
 
 
 def default_real_vocab_dir(seed: int = DEFAULT_SEED) -> Path:
@@ -55,20 +41,31 @@ def default_real_vocab_dir(seed: int = DEFAULT_SEED) -> Path:
 
 
 def ensure_real_vocab_checkpoint(out: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
-    """models.tiny's real-vocabulary preset, built once (in a sibling, renamed into place)."""
-    out = Path(out) if out else default_real_vocab_dir(seed)
-    if (out / "config.json").is_file() and (out / "mimi" / "model.safetensors").is_file():
-        return out
+    """models.tiny's real-vocabulary preset at ``out`` (default: the cache), built once."""
     from dia2_trt.models.tiny import build_real_vocab_checkpoint
 
+    return _build_once(Path(out) if out else default_real_vocab_dir(seed),
+                       lambda tmp: build_real_vocab_checkpoint(tmp, seed=seed), "real-vocabulary")
+
+
+def _build_once(out: Path, build, what: str) -> Path:
+    """Reuse a finished checkpoint at ``out``, else ``build`` one in a sibling and rename it into place.
+
+    An ``out`` that exists with other things in it is refused, never deleted: it is a path
+    the user gave, and this function only replaces what it would have made itself.
+    """
+    if (out / "config.json").is_file() and (out / "mimi" / "model.safetensors").is_file():
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists but is not a finished {what} checkpoint; "
+                         f"remove it yourself or choose another directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        build_real_vocab_checkpoint(tmp, seed=seed)
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
+        build(tmp)
+        os.rename(tmp, out)  # onto nothing, or onto the empty directory checked above
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary: gone after the rename anyway
     return out
 
 

@@ -443,3 +443,15 @@ def test_complete_prefix_is_the_walk_back_in_one_pass():
         text = "".join(rng.choice("ab <>[]\n") for _ in range(rng.randint(0, 14)))
         assert complete_prefix(text) == _prefix_by_walking_back(text), repr(text)
     assert complete_prefix('[S1] Hi <break time="1s"/> there <break ti') == '[S1] Hi <break time="1s"/> there '
+
+
+def test_real_vocab_checkpoint_helper_refuses_a_user_directory(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from checkpoints import ensure_real_vocab_checkpoint
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(ValueError, match="not a finished real-vocabulary checkpoint"):
+        ensure_real_vocab_checkpoint(mine)
+    assert (mine / "thesis.tex").read_text() == "keep"
