@@ -190,7 +190,7 @@ class Replay:
                 self._cache[cache_name("v", i)][:, :, t] = bb["v_new"][i]
             dep = self._run("depformer", {
                 "hidden": bb["hidden"], "cb0_logits": bb["cb0_logits"], "text_tokens": trace.text_tokens[t],
-                "noise": np.full((self.manifest.audio_channels, self.manifest.topology.audio_vocab_size), 0.5),
+                "noise": np.full(self.manifest.audio_channels, 0.5),
                 "temperature": np.array([0.0]), "top_k": np.array([params.audio_top_k]),
                 "cfg_scale": np.array([params.cfg_scale]), "cfg_filter_k": np.array([params.cfg_filter_k]),
             }, want)

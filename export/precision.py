@@ -64,6 +64,9 @@ def to_fp16(model: onnx.ModelProto, fp16_io: tuple[str, ...] = FP16_IO) -> onnx.
     captured = {name for n in ifs for name in reads(n) - set(n.input)}
     blocked = ([n.name for n in _fp32_nodes(model.graph.node)] + [n.name for n in ifs]
                + [made_by[name][0] for name in captured if name in made_by])
+    float_inits = {i.name: i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    captured_inits = {name: onnx.TensorProto.FromString(float_inits[name].SerializeToString())
+                      for name in captured if name in float_inits}
     branches = _detach_branches(model.graph, set(blocked))
     converted = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + _FP32_OPS,
@@ -74,6 +77,7 @@ def to_fp16(model: onnx.ModelProto, fp16_io: tuple[str, ...] = FP16_IO) -> onnx.
     _attach_branches(model.graph, branches)  # the caller's model is left as it came
     _fp16_boundary(converted, set(fp16_io))
     _reconnect_captures(converted.graph, made_by)
+    _keep_captured_initializers(converted.graph, captured_inits)
     sort_topologically(converted.graph)
     return converted
 
@@ -125,6 +129,23 @@ def _reconnect_captures(graph: onnx.GraphProto, made_by: dict[str, tuple[str, in
         node = nodes.get(node_name)
         if node is not None and index < len(node.output) and node.output[index] != name:
             renamed[name] = node.output[index]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_reads(attr.g, renamed)
+
+
+def _keep_captured_initializers(graph: onnx.GraphProto, originals: dict[str, onnx.TensorProto]) -> None:
+    """Give the fp32 If branches fp32 copies of the float constants they read from outside (the
+    sampler's clamp bounds): the converter turned the enclosing graph's initializers to fp16."""
+    converted = {i.name: i for i in graph.initializer}
+    renamed = {}
+    for name, original in originals.items():
+        if name in converted and converted[name].data_type != TensorProto.FLOAT:
+            copy = onnx.TensorProto.FromString(original.SerializeToString())
+            copy.name = f"{name}_fp32"
+            graph.initializer.append(copy)
+            renamed[name] = copy.name
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:

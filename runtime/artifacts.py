@@ -233,10 +233,9 @@ def _check_depformer(m: Manifest) -> None:
     for spec in g.inputs + g.outputs:
         if not spec.static:
             _fail(m, f"graphs.depformer.{spec.name} has a dynamic shape {list(spec.shape)}")
-    noise = g.input("noise")
-    vocab = m.topology.audio_vocab_size
-    if noise.shape != (m.audio_channels, vocab) or noise.dtype.name != "float32":
-        _fail(m, f"graphs.depformer.inputs.noise must be float32 [{m.audio_channels}, {vocab}], "
+    noise = g.input("noise")  # one uniform number per codebook for the in-graph sampler
+    if noise.shape != (m.audio_channels,) or noise.dtype.name != "float32":
+        _fail(m, f"graphs.depformer.inputs.noise must be float32 [{m.audio_channels}], "
                  f"got {noise.dtype} {list(noise.shape)}")
     if g.output("audio_tokens").shape != (m.audio_channels,):
         _fail(m, f"graphs.depformer.outputs.audio_tokens {list(g.output('audio_tokens').shape)} "

@@ -19,7 +19,7 @@ from .state_machine import TokenIds
 
 FORMAT = "dia2-trt-artifacts"
 # 2: typed manifest (codec block, tokenizer checksums, per-graph engine entries).
-VERSION = 2
+VERSION = 3  # 3: the depformer's noise is one uniform per codebook ([Q], was [Q, V])
 MANIFEST = "manifest.json"
 
 BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER = "backbone", "depformer", "codec_decoder", "codec_encoder"

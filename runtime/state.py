@@ -45,7 +45,7 @@ class GenerationState:
 
     tokens: np.ndarray  # [2, C] the step tokens fed to the backbone
     audio: np.ndarray  # [Q, cache_capacity + max_delay + 1] delayed codes (both CFG rows get the same ones)
-    noise: np.ndarray  # [Q, V] uniform noise for the in-graph audio sampler
+    noise: np.ndarray  # [Q] one uniform number per codebook for the in-graph audio sampler
     k_cache: np.ndarray  # [L, 2, Hkv, S, D]; layer i is bound as the backbone's k_cache.i
     v_cache: np.ndarray
     backbone: Binding
@@ -67,7 +67,7 @@ class GenerationState:
             tokens=np.zeros((BRANCHES, 2 + q), dtype=np.int64),
             # a prefix of A frames moves generation A frames on: room for every cached frame and the delay tail
             audio=np.zeros((q, m.cache_capacity + m.max_delay + 1), dtype=np.int64),
-            noise=np.zeros((q, m.topology.audio_vocab_size), dtype=np.float32),
+            noise=np.zeros(q, dtype=np.float32),
             k_cache=np.zeros((layers, *cache.shape), dtype=cache.dtype),
             v_cache=np.zeros((layers, *cache.shape), dtype=cache.dtype),
             backbone=backbone, depformer=bind("depformer"),

@@ -101,7 +101,7 @@ def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny
         with torch.no_grad():
             expected = _reference_frame(model, ids, hidden, cb0[:, None], main, second, params)
         feeds = {"hidden": hidden.numpy(), "cb0_logits": cb0.numpy(), "text_tokens": np.array([main, second]),
-                 "noise": np.random.default_rng(0).random((q, vocab), dtype=np.float32),
+                 "noise": np.random.default_rng(0).random(q, dtype=np.float32),
                  "temperature": np.zeros(1, np.float32), "top_k": np.array([50]),
                  "cfg_scale": np.array([cfg_scale], np.float32), "cfg_filter_k": np.array([filter_k])}
         (tokens,) = session.run(None, feeds)
@@ -119,7 +119,7 @@ def _reference_cb0_distribution(cb0: torch.Tensor, ids, temperature: float, top_
 
 
 def test_depformer_sampling_follows_the_reference_distribution(tiny, tiny_artifacts):
-    """Chi-square goodness of fit of the in-graph Gumbel-max sampler for cb0."""
+    """Chi-square goodness of fit of the in-graph inverse-CDF sampler for cb0."""
     model, ids, manifest = tiny
     session = _session(tiny_artifacts, manifest, "depformer")
     cfg = model.config
@@ -135,7 +135,7 @@ def test_depformer_sampling_follows_the_reference_distribution(tiny, tiny_artifa
              "top_k": np.array([top_k]), "cfg_scale": np.array([2.0], np.float32), "cfg_filter_k": np.array([12])}
     counts = np.zeros(vocab)
     for _ in range(draws):
-        feeds["noise"] = rng.random((q, vocab), dtype=np.float32)
+        feeds["noise"] = rng.random(q, dtype=np.float32)
         counts[session.run(None, feeds)[0][0]] += 1
     support = expected > 0
     assert counts[~support].sum() == 0, "sampled a token outside the reference's support"
