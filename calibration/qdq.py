@@ -28,6 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 from dia2_trt.export.onnx_graph import reads, sort_topologically
 from dia2_trt.export.precision import _keep_fp32
 
+from .weight_only import transposed_weights
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -43,11 +45,14 @@ SCHEMES = {
     "fp8-qdq": Scheme("fp8-qdq", TensorProto.FLOAT8E4M3FN, 448.0, 19),
 }
 QUANTIZED_GRAPHS = ("backbone", "depformer")
+_TRANSPOSED = "__T"  # suffix naming a weight's transpose
 
 
 def linear_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """MatMuls with a constant 2-D float weight, minus the heads and sampling kept in float."""
+    """MatMuls with a constant 2-D float weight (or its Transpose: the depformer's shared weights),
+    minus the heads and sampling kept in float."""
     weights = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT}
+    weights |= {out for out, w in transposed_weights(model.graph).items() if w in weights}
     return [n for n in model.graph.node
             if n.op_type == "MatMul" and n.input[1] in weights and not _keep_fp32(n)]
 
@@ -67,6 +72,7 @@ def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Sc
     if missing:
         raise ValueError(f"no calibrated range for {len(missing)} activations (e.g. {missing[0]})")
     inits = {t.name: t for t in model.graph.initializer}
+    transposed = transposed_weights(model.graph)
     target_ids = {id(n) for n in targets}
     done: dict[str, str] = {}  # original tensor -> its dequantized replacement
     nodes, new_inits = [], []
@@ -75,10 +81,15 @@ def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Sc
             x, w = node.input[0], node.input[1]
             if x not in done:
                 done[x] = _activation_qdq(x, amax[x], scheme, nodes, new_inits)
-            if w not in done:
+            if w in transposed:  # W^T, quantized once for every reader of a Transpose of W
+                w = transposed[w] + _TRANSPOSED
+                if w not in done:
+                    done[w] = _weight_dq(inits[w[: -len(_TRANSPOSED)]], scheme, nodes, new_inits, transpose=True)
+            elif w not in done:
                 done[w] = _weight_dq(inits[w], scheme, nodes, new_inits)
             node.input[0], node.input[1] = done[x], done[w]
         nodes.append(node)
+    nodes = _without_unread_transposes(nodes, transposed, model.graph)
     used = {name for n in nodes for name in reads(n)}  # If branches read initializers too (TopK's k)
     kept = [t for t in model.graph.initializer if t.name in used]  # float weights now read only via DQ go
     del model.graph.initializer[:]
@@ -87,7 +98,13 @@ def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Sc
     model.graph.node.extend(nodes)
     sort_topologically(model.graph)
     return {"scheme": scheme.name, "quantized_matmuls": len(targets),
-            "activations": sum(1 for k in done if k not in inits), "weights": sum(1 for k in done if k in inits)}
+            "activations": sum(1 for k in done if k in amax),
+            "weights": sum(1 for k in done if k not in amax)}
+
+
+def _without_unread_transposes(nodes: list, transposed: dict[str, str], graph: onnx.GraphProto) -> list:
+    read = {name for n in nodes for name in reads(n)} | {o.name for o in graph.output}
+    return [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in transposed and n.output[0] not in read)]
 
 
 def _activation_qdq(x: str, amax: float, scheme: Scheme, nodes: list, inits: list) -> str:
@@ -100,12 +117,15 @@ def _activation_qdq(x: str, amax: float, scheme: Scheme, nodes: list, inits: lis
     return f"{x}__dq"
 
 
-def _weight_dq(tensor: onnx.TensorProto, scheme: Scheme, nodes: list, inits: list) -> str:
-    """[K, N] weight -> quantized values with one scale per output column (axis 1)."""
+def _weight_dq(tensor: onnx.TensorProto, scheme: Scheme, nodes: list, inits: list, transpose: bool = False) -> str:
+    """[K, N] weight (or the transpose of an [N, K] one) -> quantized values with one scale per
+    output column (axis 1)."""
     w = numpy_helper.to_array(tensor).astype(np.float32)
+    if transpose:
+        w = np.ascontiguousarray(w.T)
     amax = np.abs(w).max(axis=0)
     scale = (np.where(amax > 0, amax, 1.0) / scheme.qmax).astype(np.float32)
-    name = tensor.name
+    name = tensor.name + (_TRANSPOSED if transpose else "")
     inits.append(_quantized(f"{name}__w", w / scale, scheme))
     inits.append(numpy_helper.from_array(scale, f"{name}__wscale"))
     inits.append(_zeros(f"{name}__wzero", scale.shape, scheme))

@@ -15,7 +15,8 @@ Everything else (norms, RoPE tables, softmax, sampling, biases) stays float.
 The pass streams: weights are read one tensor at a time (from the external data
 file when there is one) and written straight into the new data
 file, so a 6.6 GB backbone needs about one tensor of memory, not two models.
-A weight read by several MatMuls is written once per reader (see _matmul_readers).
+A weight read by several MatMuls is written once per reader (see _matmul_readers), and
+one read through Transpose(W) is quantized as W^T (see _transposed).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ DEFAULT_BLOCK_SIZE = 64
 # benchmark, block 64: level 1 (fp32 compute) ran int8 at 0.06x and int4 at 0.71x of fp32.
 # ORT 1.32 defaults to 4 when unset; it is set explicitly so an older ORT does not fall back.
 ORT_ACCURACY_LEVEL = 4
+# A quantized graph projected past this keeps its weights in FILE.data (protobuf stops at 2 GiB).
+INLINE_LIMIT = 1 << 30
 # Tensors smaller than this stay float: their bytes do not matter, their error would.
 MIN_ELEMENTS = 1024
 
@@ -203,7 +206,10 @@ def quantize_model_file(path: Path, scheme: WeightOnlyScheme) -> QuantizeReport:
     model = onnx.load(str(path), load_external_data=False)
     _check_opset(model, path)
     data = path.with_name(path.name + ".data")
-    external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+    # Per-reader copies can outgrow the source: the 2B depformer (1.06 GB inline in fp32) reads its
+    # shared weights 27-31 times a frame, ~1.9 GB in int8, near protobuf's 2 GiB limit.
+    external = (any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+                or _projected_bytes(model.graph, scheme) > INLINE_LIMIT)
     tmp_model = path.with_name(f".{path.name}.quant")
     tmp_data = data.with_name(f".{data.name}.quant") if external else None
     storage = _Storage(path.parent, tmp_data, data.name)
@@ -226,6 +232,22 @@ def quantize_model_file(path: Path, scheme: WeightOnlyScheme) -> QuantizeReport:
     return report
 
 
+def _projected_bytes(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> int:
+    """About how many bytes of weights the quantized graph will hold (copies included)."""
+    plan = plan_weights(graph, scheme)
+    readers = _matmul_readers(graph, plan)
+    total = 0
+    for t in graph.initializer:
+        size = int(np.prod(t.dims)) if t.dims else 1
+        kind = plan.get(t.name)
+        if kind is None:
+            total += size * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        else:
+            bits = EMBEDDING_BITS if kind == "gather" else scheme.bits
+            total += readers.get(t.name, 1) * (size * bits // 8 + size // scheme.block_size * 4)
+    return total
+
+
 def _check_opset(model: onnx.ModelProto, path: Path) -> None:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < QUANT_MIN_OPSET:
@@ -237,6 +259,7 @@ def _rewrite(model: onnx.ModelProto, storage: _Storage, scheme: WeightOnlyScheme
     graph = model.graph
     plan = plan_weights(graph, scheme)
     readers = _matmul_readers(graph, plan)
+    transposed = transposed_weights(graph)  # before the weights are swapped for their quantized copies
     report = QuantizeReport()
     initializers = []
     for t in graph.initializer:
@@ -245,16 +268,18 @@ def _rewrite(model: onnx.ModelProto, storage: _Storage, scheme: WeightOnlyScheme
             storage.keep(t)
             initializers.append(t)
             continue
-        bits = scheme.bits if kind == "matmul" else EMBEDDING_BITS
+        bits = EMBEDDING_BITS if kind == "gather" else scheme.bits
         w = storage.array(t)
-        q, scale = quantize_blocks(w, bits, scheme.block_size, axis=0 if kind == "matmul" else 1)
+        if kind == "matmul_t":  # read through Transpose: the MatMul weight is W^T
+            w = np.ascontiguousarray(w.T)
+        q, scale = quantize_blocks(w, bits, scheme.block_size, axis=1 if kind == "gather" else 0)
         for copy in range(readers.get(t.name, 1)):
             initializers += _quantized_tensors(t.name, copy, q, scale, bits, storage)
-        report.add(kind, w.size * 4, (q.size * bits + 7) // 8 + scale.nbytes)
+        report.add("gather" if kind == "gather" else "matmul", w.size * 4, (q.size * bits + 7) // 8 + scale.nbytes)
         del w, q, scale  # one tensor at a time
     del graph.initializer[:]
     graph.initializer.extend(initializers)
-    _rewire(graph, plan, scheme.block_size)
+    _rewire(graph, plan, transposed, scheme.block_size)
     return report
 
 
@@ -268,10 +293,39 @@ def _matmul_readers(graph: onnx.GraphProto, plan: dict[str, str]) -> dict[str, i
     31 stages; unfused, each stage would dequantize it whole.
     """
     counts: dict[str, int] = {}
+    transposed = transposed_weights(graph)
     for node in graph.node:
-        if node.op_type == "MatMul" and plan.get(node.input[1]) == "matmul":
-            counts[node.input[1]] = counts.get(node.input[1], 0) + 1
+        weight = _planned_matmul_weight(node, plan, transposed)
+        if weight is not None:
+            counts[weight] = counts.get(weight, 0) + 1
     return counts
+
+
+def transposed_weights(graph: onnx.GraphProto) -> dict[str, str]:
+    """Output -> initializer of each Transpose(perm [1, 0]) of a 2-D initializer.
+
+    The exporter keeps a weight that several stages share (the depformer's MLP and its
+    weights-schedule projections) as W[out, in] with a Transpose per reader; on the 2B
+    depformer 593 of 660 MatMuls read their weight that way."""
+    inits = {t.name for t in graph.initializer if len(t.dims) == 2}
+    return {n.output[0]: n.input[0] for n in graph.node
+            if n.op_type == "Transpose" and n.input[0] in inits and _perm(n) in ([1, 0], None)}
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _planned_matmul_weight(node: onnx.NodeProto, plan: dict[str, str], transposed: dict[str, str]) -> str | None:
+    """The planned weight a MatMul reads (directly, or through a planned Transpose), else None."""
+    if node.op_type != "MatMul":
+        return None
+    weight = node.input[1]
+    if plan.get(weight) == "matmul":
+        return weight
+    if weight in transposed and plan.get(transposed[weight]) == "matmul_t":
+        return transposed[weight]
+    return None
 
 
 def _quantized_tensors(name: str, copy: int, q: np.ndarray, scale: np.ndarray, bits: int,
@@ -292,21 +346,30 @@ def scale_name(name: str, copy: int = 0) -> str:
 
 
 def plan_weights(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> dict[str, str]:
-    """Initializer name -> "matmul" | "gather": 2-D fp32 weights whose every reader can take the int form."""
+    """Initializer name -> "matmul" | "matmul_t" (read as W^T through Transpose) | "gather": 2-D fp32
+    weights whose every reader can take the int form."""
     shapes = {t.name: tuple(t.dims) for t in graph.initializer
               if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
+    transposed = {out: w for out, w in transposed_weights(graph).items() if w in shapes}
+    constant = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     roles: dict[str, set[str]] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name in shapes:
-                roles.setdefault(name, set()).add(_role(node, i))
+            if name in shapes and not (node.op_type == "Transpose" and node.output[0] in transposed):
+                role = _role(node, i)
+                if role == "gather" and node.input[1] in constant:
+                    role = "other"  # a lookup at a fixed index (RoPE at a stage's position): folded at load
+                roles.setdefault(name, set()).add(role)
+            elif name in transposed:  # a read of W^T: a MatMul weight, or something that stays float
+                role = _role(node, i)
+                roles.setdefault(transposed[name], set()).add("matmul_t" if role == "matmul" else "other")
     plan = {}
     for name, used_as in roles.items():
         rows, cols = shapes[name]
         if rows * cols < MIN_ELEMENTS or len(used_as) != 1:
             continue  # a weight read both as a MatMul weight and as a table (tied) stays float
         role = next(iter(used_as))
-        if role == "matmul" or (role == "gather" and scheme.embeddings):
+        if role in ("matmul", "matmul_t") or (role == "gather" and scheme.embeddings):
             plan[name] = role
     for name in _weights_on_dequantized_rows(graph, plan):
         del plan[name]
@@ -321,12 +384,14 @@ def _weights_on_dequantized_rows(graph: onnx.GraphProto, plan: dict[str, str]) -
     step (seen on the backbone's text-embedding projections): these stay float.
     """
     rows = {n.output[0] for n in graph.node if n.op_type == "Gather" and plan.get(n.input[0]) == "gather"}
-    return {n.input[1] for n in graph.node
-            if n.op_type == "MatMul" and n.input[0] in rows and plan.get(n.input[1]) == "matmul"}
+    transposed = transposed_weights(graph)
+    found = (_planned_matmul_weight(n, plan, transposed) for n in graph.node if n.input and n.input[0] in rows)
+    return {weight for weight in found if weight is not None}
 
 
 def _blocked_dims(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> dict[str, int]:
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    # the input axis: W's rows for a MatMul weight, its columns when read as W^T; a table's columns
     return {name: shapes[name][0 if kind == "matmul" else 1] for name, kind in plan_weights(graph, scheme).items()}
 
 
@@ -358,12 +423,14 @@ def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
-def _rewire(graph: onnx.GraphProto, plan: dict[str, str], block: int) -> None:
+def _rewire(graph: onnx.GraphProto, plan: dict[str, str], transposed: dict[str, str], block: int) -> None:
     """Insert the dequantizing nodes: one DequantizeLinear (over its own copy) per MatMul reader."""
     nodes, copies = [], {}
     for node in graph.node:
-        weight = node.input[1] if node.op_type == "MatMul" else None
-        if plan.get(weight) == "matmul":
+        if node.op_type == "Transpose" and plan.get(transposed.get(node.output[0])) == "matmul_t":
+            continue  # its readers now take their own dequantized W^T
+        weight = _planned_matmul_weight(node, plan, transposed)
+        if weight is not None:
             copy = copies[weight] = copies.get(weight, -1) + 1
             out = f"{weight}_dequantized" + (f"_{copy}" if copy else "")
             nodes.append(_dq(qname(weight, copy), scale_name(weight, copy), out, axis=0, block=block))

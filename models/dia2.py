@@ -137,7 +137,9 @@ class Mlp(nn.Module):
         self.act1 = _activation(activations[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.wi(x).view(*x.shape[:-1], 2, self.hidden).unbind(dim=-2)
+        # the halves of wi's output, as the reference's view(..., 2, hidden).unbind(-2) takes them;
+        # chunk exports as one Split (unbind added a Squeeze per half)
+        gate, up = self.wi(x).chunk(2, dim=-1)
         return self.wo(self.act0(gate) * self.act1(up))
 
 
@@ -301,11 +303,18 @@ class ScheduleAttention(nn.Module):
     def project(self, x: torch.Tensor, stage: int, rotary: Rotary | None, fixed: bool = False):
         """x: [B, 1, E] -> q, k, v each [B, H, 1, D]; ``fixed``: the export form of the rotation."""
         b, t, _ = x.shape
-        proj = self.in_proj[str(self.schedule[stage])](x).view(b, t, 3, self.heads, self.head_dim)
-        q, k, v = self.q_norm(proj[:, :, 0]), self.k_norm(proj[:, :, 1]), proj[:, :, 2]
+        proj = self.in_proj[str(self.schedule[stage])](x)
+        if fixed:  # one Split, no per-part Squeeze; the same values as the view below
+            q, k, v = (part.view(b, t, self.heads, self.head_dim) for part in proj.chunk(3, dim=-1))
+        else:
+            proj = proj.view(b, t, 3, self.heads, self.head_dim)
+            q, k, v = proj[:, :, 0], proj[:, :, 1], proj[:, :, 2]
+        q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             pos = stage if fixed else torch.full((1, 1), stage, dtype=torch.long, device=x.device)
             q, k = rotary(q, pos), rotary(k, pos)
+        if fixed and t == 1:  # moving a unit axis: a Reshape, where Transpose copies
+            return tuple(y.reshape(b, self.heads, 1, self.head_dim) for y in (q, k, v))
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def output(self, attn: torch.Tensor, stage: int) -> torch.Tensor:
@@ -381,7 +390,8 @@ class Depformer(nn.Module):
             # The per-frame cache holds at most num_depth rows: concat is cheap here.
             out = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)), dim=-1) @ values
             b = q.shape[0]
-            x = x + att.output(out.transpose(1, 2).reshape(b, 1, att.heads * att.head_dim), stage)
+            # out [B, H, 1, D]: with one query the heads' order is already [B, 1, H * D]'s
+            x = x + att.output(out.reshape(b, 1, att.heads * att.head_dim), stage)
             x = x + layer.mlp(layer.post_norm(x))
         return self.stage_logits(stage, x)
 

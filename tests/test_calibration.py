@@ -51,6 +51,25 @@ def test_qdq_pass_shares_one_pair_per_tensor_and_stays_close(precision, toleranc
     assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max()
 
 
+def test_qdq_pass_quantizes_a_weight_read_through_transpose():
+    """The 2B depformer reads its stage-shared weights as Transpose(W[out, in]): those are linear layers too."""
+    import onnxruntime as ort
+
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)  # [out, in]
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 8)).astype(np.float32)
+    stats = quantize_in_place(model, {"x": 1.0}, SCHEMES["int8-qdq"])
+    onnx.checker.check_model(model, full_check=True)
+    assert stats["quantized_matmuls"] == 1 and stats["weights"] == 1
+    assert "Transpose" not in [n.op_type for n in model.graph.node] and not model.graph.initializer[0].name == "w"
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert np.abs(got - x @ w.T).max() <= 0.03 * np.abs(x @ w.T).max()
+
+
 def test_qdq_pass_refuses_uncalibrated_activations():
     with pytest.raises(ValueError, match="no calibrated range"):
         quantize_in_place(_two_layer_model(), {}, SCHEMES["int8-qdq"])
