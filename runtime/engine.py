@@ -36,7 +36,9 @@ from .voice import (Voice, VoiceError, Word, build_plan, parse_words, read_words
 __all__ = ["AudioChunk", "Dia2Runtime", "Progress", "Session", "SpeakResult", "TruncationWarning"]
 
 STEP_GRAPHS = ("backbone", "depformer", "codec_decoder")  # every session binds these
-OPTIONAL_GRAPHS = ("codec_encoder",)  # audio prompts only
+# Loaded on first use (audio prompts only): the real Mimi encoder is 0.23 GB of weights that a
+# runtime speaking without prefixes never reads.
+ENCODER_GRAPH = "codec_encoder"
 # Loaded on a prefix's first warm-up: it holds a second copy of the backbone's weights.
 PREFILL_GRAPH = "backbone_prefill"
 MISSING_TRANSCRIBER = "no word timings for the prefix audio: give a words JSON file or a transcriber"
@@ -49,8 +51,7 @@ class Dia2Runtime:
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
-        names = STEP_GRAPHS + tuple(g for g in OPTIONAL_GRAPHS if g in manifest.graphs)
-        self.graphs: dict[str, Graph] = {name: backend.load(manifest.graph(name)) for name in names}
+        self.graphs: dict[str, Graph] = {name: backend.load(manifest.graph(name)) for name in STEP_GRAPHS}
         # One lock per graph whose bindings cannot run at the same time: sessions take turns on it.
         self._turns = {name: threading.Lock() for name, g in self.graphs.items() if not g.concurrent}
         self._check_codec()
@@ -58,6 +59,7 @@ class Dia2Runtime:
         # Artifacts exported before prefixes have no cache_length input: they speak, without prefixes.
         self.row_input = any(t.name == "cache_length" for t in self.graphs["backbone"].spec.inputs)
         self._prefill_lock, self._prefill_unusable = threading.Lock(), False
+        self._encoder_lock = threading.Lock()
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
@@ -142,9 +144,14 @@ class Dia2Runtime:
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         """Mono pcm at ``sample_rate`` -> audio codes [Q, frames] (the artifact's codec encoder)."""
-        if "codec_encoder" not in self.graphs:
+        if ENCODER_GRAPH not in self.manifest.graphs:
             raise ArtifactError(f"{self.manifest.root}: no codec_encoder graph in these artifacts")
-        return encode(self.bind("codec_encoder"), pcm)
+        with self._encoder_lock:
+            if ENCODER_GRAPH not in self.graphs:
+                self.graphs[ENCODER_GRAPH] = self.backend.load(self.manifest.graph(ENCODER_GRAPH))
+                if not self.graphs[ENCODER_GRAPH].concurrent:
+                    self._turns[ENCODER_GRAPH] = threading.Lock()
+        return encode(self.bind(ENCODER_GRAPH), pcm)
 
     def parse(self, text: str) -> list[Entry]:
         return parse_script([text], self.tokenizer.encode, self.manifest.token_ids, self.manifest.frame_rate)

@@ -222,13 +222,14 @@ class _RecordingBackend:
 def test_every_graph_goes_through_the_backend(solo):
     backend = _RecordingBackend()
     runtime = Dia2Runtime.load(FIXTURE, backend=backend)
-    assert sorted(backend.loaded) == ["backbone", "codec_decoder", "codec_encoder", "depformer"]
+    # the encoder loads on first use: a runtime speaking without audio prompts never holds it
+    assert sorted(backend.loaded) == ["backbone", "codec_decoder", "depformer"]
     result = runtime.speak(SCRIPTS[0], GREEDY)
     assert_same(result, solo(0, GREEDY))
     assert backend.runs["backbone"] == backend.runs["depformer"] == result.frames
     assert backend.runs["codec_decoder"] == result.tokens.shape[1]  # one codec run per aligned frame
     codes = runtime.encode(result.pcm)
-    assert backend.runs["codec_encoder"] == 1
+    assert "codec_encoder" in backend.loaded and backend.runs["codec_encoder"] == 1
     assert codes.shape == (runtime.manifest.audio_channels, result.tokens.shape[1])
 
 
