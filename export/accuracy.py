@@ -155,23 +155,36 @@ def _compare(ref_logits, cand_logits, ref_tokens, cand_tokens, params: Generatio
 
 
 def _margin(logits: np.ndarray, params: GenerationParams, mask) -> float:
-    """How far the decision is from flipping, in units of the conditional logits' error.
+    """Twice the smallest logits error that could change the pick (compared with 2 x the measured error).
 
-    The sampler takes the best conditional logit among the guided top-k: it flips when the
-    conditional top-2 swap (margin) or an entry crosses the guided k-th value, whose error is
-    up to |w| + |1 - w| times the logits' (w = cfg_scale: guided = w * cond + (1 - w) * uncond).
-    On the 2B topology, fp16 flipped one cb21 step whose conditional margin alone cleared the bar.
+    The sampler takes the best conditional logit among the guided top-k. With an error e on the
+    logits the pick changes when the conditional top-2 among the kept swap (e >= margin / 2), when
+    the winner falls out of the guided top-k, or when an entry outside enters it and beats the
+    winner; the guided values' error is up to b = |w| + |1 - w| times e (guided = w * cond +
+    (1 - w) * uncond). On the 2B topology fp16 flipped one cb21 step that the conditional margin
+    alone called confident: an outside entry had crossed the boundary.
     """
     kept = guide(logits, params.cfg_scale, params.cfg_filter_k).copy()
     kept[list(mask)] = -np.inf
     finite = np.sort(kept[np.isfinite(kept)])
-    margin = float(finite[-1] - finite[-2]) if finite.size > 1 else float("inf")
+    flip = float(finite[-1] - finite[-2]) / 2 if finite.size > 1 else float("inf")
     w, k = params.cfg_scale, params.cfg_filter_k
     if w == 1.0 or k <= 0 or logits.ndim != 2 or logits.shape[1] <= k:
-        return margin
-    guided = np.sort(w * logits[0].astype(np.float64) + (1.0 - w) * logits[1])[::-1]
-    boundary = float(guided[k - 1] - guided[k]) / (abs(w) + abs(1.0 - w))
-    return min(margin, boundary)
+        return 2 * flip
+    cond = logits[0].astype(np.float64)
+    guided = w * cond + (1.0 - w) * logits[1].astype(np.float64)
+    b = abs(w) + abs(1.0 - w)
+    order = np.sort(guided)[::-1]
+    kth, next_ = order[k - 1], order[k]
+    winner = int(np.argmax(kept))
+    flip = min(flip, (guided[winner] - next_) / (2 * b))  # the winner leaves the kept set
+    outside = np.isfinite(cond) & ~np.isfinite(kept)
+    outside[list(mask)] = False
+    if outside.any():  # an outside entry enters and beats the winner: both must happen
+        enter = (kth - guided[outside]) / (2 * b)
+        beat = (cond[winner] - cond[outside]) / 2
+        flip = min(flip, float(np.maximum(enter, beat).min()))
+    return 2 * flip
 
 
 def _failures(report: dict) -> list[str]:

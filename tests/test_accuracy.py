@@ -86,21 +86,22 @@ def test_thresholds_cover_every_precision():
     assert np.isclose(THRESHOLDS["fp32"]["agreement"], 1.0)
 
 
-def test_a_decision_near_the_guided_filter_is_not_confident():
-    """The conditional top-2 can be far apart while an entry sits at the guided top-k boundary: a
-    small error moves it across and changes the pick, so the margin is the boundary's (in the
-    conditional logits' units, divided by |w| + |1 - w|)."""
+def test_a_decision_an_outside_entry_can_take_is_not_confident():
+    """The conditional top-2 among the kept can be far apart while an entry just outside the guided
+    top-k has a better conditional logit: a small error lets it in, and it wins."""
     from dia2_trt.export.accuracy import _margin
     from dia2_trt.runtime.params import GenerationParams
 
     params = GenerationParams(cfg_scale=2.0, cfg_filter_k=2, text_temperature=0.0, audio_temperature=0.0)
-    cond = np.array([5.0, 1.0, 0.0, 4.0], np.float32)
-    # guided = 2 * cond - uncond = [5, 3, -1, 2.99]: entry 3 sits 0.01 under the 2nd-largest guided value
-    uncond = 2 * cond - np.array([5.0, 3.0, -1.0, 2.99], np.float32)
-    margin = _margin(np.stack([cond, uncond]), params, ())
-    assert margin == pytest.approx(0.01 / 3, rel=1e-3)
+    cond = np.array([5.0, 1.0, 0.0, 6.0], np.float32)
+    # guided = 2 * cond - uncond = [5, 3, -1, 2.97]: entry 3 (cond 6 > the winner's 5) is 0.03 outside
+    close = np.stack([cond, 2 * cond - np.array([5.0, 3.0, -1.0, 2.97], np.float32)])
+    assert _margin(close, params, ()) == pytest.approx(2 * 0.03 / (2 * 3), rel=1e-3)
+    # far outside (guided 0): entering needs e >= 3 / 6 = 0.5; the kept pair 5 vs 1 needs 2; the winner
+    # leaving needs (5 - 0) / 6: the smallest, 0.5, decides
     far = np.stack([cond, 2 * cond - np.array([5.0, 3.0, -1.0, 0.0], np.float32)])
-    # kept cond values 5 and 1 (margin 4); the guided boundary is 3 - 0 = 3 wide, 1.0 in cond units
-    assert _margin(far, params, ()) == pytest.approx(1.0)
-    off = GenerationParams(cfg_scale=1.0, cfg_filter_k=2, text_temperature=0.0, audio_temperature=0.0)
-    assert _margin(far, off, ()) == pytest.approx(1.0)  # no guidance: the plain top-2 of cond, 5 - 4
+    assert _margin(far, params, ()) == pytest.approx(2 * 0.5)
+    # an outside entry that cannot beat the winner does not count
+    weak = np.stack([np.array([5.0, 1.0, 0.0, 0.5], np.float32),
+                     2 * np.array([5.0, 1.0, 0.0, 0.5], np.float32) - np.array([5.0, 3.0, -1.0, 2.97], np.float32)])
+    assert _margin(weak, params, ()) == pytest.approx(2 * min(4 / 2, (5 - 2.97) / 6, (5 - 0.5) / 2), rel=1e-3)
