@@ -16,7 +16,7 @@ The pass streams: weights are read one tensor at a time (from the external data
 file when there is one) and written straight into the new data
 file, so a 6.6 GB backbone needs about one tensor of memory, not two models.
 A weight read by several MatMuls is written once per reader (see _matmul_readers), and
-one read through Transpose(W) is quantized as W^T (see _transposed).
+one read through Transpose(W) is quantized as W^T (see transposed_weights).
 """
 
 from __future__ import annotations
