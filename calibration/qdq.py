@@ -45,7 +45,6 @@ SCHEMES = {
     "fp8-qdq": Scheme("fp8-qdq", TensorProto.FLOAT8E4M3FN, 448.0, 19),
 }
 QUANTIZED_GRAPHS = ("backbone", "depformer")
-_TRANSPOSED = "__T"  # suffix naming a weight's transpose
 
 
 def linear_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -74,20 +73,19 @@ def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Sc
     inits = {t.name: t for t in model.graph.initializer}
     transposed = transposed_weights(model.graph)
     target_ids = {id(n) for n in targets}
-    done: dict[str, str] = {}  # original tensor -> its dequantized replacement
+    # original tensor -> its dequantized replacement; a weight is keyed with whether it is read as W^T
+    acts: dict[str, str] = {}
+    weights: dict[tuple[str, bool], str] = {}
     nodes, new_inits = [], []
     for node in model.graph.node:
         if id(node) in target_ids:
             x, w = node.input[0], node.input[1]
-            if x not in done:
-                done[x] = _activation_qdq(x, amax[x], scheme, nodes, new_inits)
-            if w in transposed:  # W^T, quantized once for every reader of a Transpose of W
-                w = transposed[w] + _TRANSPOSED
-                if w not in done:
-                    done[w] = _weight_dq(inits[w[: -len(_TRANSPOSED)]], scheme, nodes, new_inits, transpose=True)
-            elif w not in done:
-                done[w] = _weight_dq(inits[w], scheme, nodes, new_inits)
-            node.input[0], node.input[1] = done[x], done[w]
+            if x not in acts:
+                acts[x] = _activation_qdq(x, amax[x], scheme, nodes, new_inits)
+            key = (transposed[w], True) if w in transposed else (w, False)  # W^T: once for all its Transposes
+            if key not in weights:
+                weights[key] = _weight_dq(inits[key[0]], scheme, nodes, new_inits, transpose=key[1])
+            node.input[0], node.input[1] = acts[x], weights[key]
         nodes.append(node)
     nodes = _without_unread_transposes(nodes, transposed, model.graph)
     used = {name for n in nodes for name in reads(n)}  # If branches read initializers too (TopK's k)
@@ -98,8 +96,7 @@ def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Sc
     model.graph.node.extend(nodes)
     sort_topologically(model.graph)
     return {"scheme": scheme.name, "quantized_matmuls": len(targets),
-            "activations": sum(1 for k in done if k in amax),
-            "weights": sum(1 for k in done if k not in amax)}
+            "activations": len(acts), "weights": len(weights)}
 
 
 def _without_unread_transposes(nodes: list, transposed: dict[str, str], graph: onnx.GraphProto) -> list:
@@ -125,7 +122,7 @@ def _weight_dq(tensor: onnx.TensorProto, scheme: Scheme, nodes: list, inits: lis
         w = np.ascontiguousarray(w.T)
     amax = np.abs(w).max(axis=0)
     scale = (np.where(amax > 0, amax, 1.0) / scheme.qmax).astype(np.float32)
-    name = tensor.name + (_TRANSPOSED if transpose else "")
+    name = tensor.name + ("__T" if transpose else "")
     inits.append(_quantized(f"{name}__w", w / scale, scheme))
     inits.append(numpy_helper.from_array(scale, f"{name}__wscale"))
     inits.append(_zeros(f"{name}__wzero", scale.shape, scheme))

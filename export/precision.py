@@ -76,8 +76,7 @@ def to_fp16(model: onnx.ModelProto, fp16_io: tuple[str, ...] = FP16_IO) -> onnx.
     _attach_branches(converted.graph, branches)
     _attach_branches(model.graph, branches)  # the caller's model is left as it came
     _fp16_boundary(converted, set(fp16_io))
-    _reconnect_captures(converted.graph, made_by)
-    _keep_captured_initializers(converted.graph, captured_inits)
+    _reconnect_captures(converted.graph, made_by, captured_inits)
     sort_topologically(converted.graph)
     return converted
 
@@ -117,35 +116,27 @@ def _attach_branches(graph: onnx.GraphProto, taken: dict[str, list]) -> None:
         graph.value_info.remove(value)
 
 
-def _reconnect_captures(graph: onnx.GraphProto, made_by: dict[str, tuple[str, int]]) -> None:
+def _reconnect_captures(graph: onnx.GraphProto, made_by: dict[str, tuple[str, int]],
+                        captured_inits: dict[str, onnx.TensorProto]) -> None:
     """Point the fp32 If branches back at the fp32 values they read from the enclosing graph.
 
     For a kept-fp32 node the converter renames its output (``div`` -> ``node_div_output_cast_0``)
     and gives the old name to an fp16 cast for the converted consumers it sees; reads from
-    inside a subgraph it does not see, so they would get the fp16 cast (or nothing at all)."""
+    inside a subgraph it does not see, so they would get the fp16 cast (or nothing at all).
+    A float initializer a branch reads (the sampler's clamp bounds) was converted to fp16 in
+    place: the branch gets an fp32 copy of it (``captured_inits``: the originals)."""
     nodes = {node.name: node for node in graph.node}
     renamed = {}
     for name, (node_name, index) in made_by.items():
         node = nodes.get(node_name)
         if node is not None and index < len(node.output) and node.output[index] != name:
             renamed[name] = node.output[index]
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _rename_reads(attr.g, renamed)
-
-
-def _keep_captured_initializers(graph: onnx.GraphProto, originals: dict[str, onnx.TensorProto]) -> None:
-    """Give the fp32 If branches fp32 copies of the float constants they read from outside (the
-    sampler's clamp bounds): the converter turned the enclosing graph's initializers to fp16."""
     converted = {i.name: i for i in graph.initializer}
-    renamed = {}
-    for name, original in originals.items():
+    for name, original in captured_inits.items():
         if name in converted and converted[name].data_type != TensorProto.FLOAT:
             copy = onnx.TensorProto.FromString(original.SerializeToString())
-            copy.name = f"{name}_fp32"
+            copy.name = renamed[name] = f"{name}_fp32"
             graph.initializer.append(copy)
-            renamed[name] = copy.name
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:

@@ -58,8 +58,7 @@ class Dia2Runtime:
         self.states = StatePool(manifest, self.bind)
         # Artifacts exported before prefixes have no cache_length input: they speak, without prefixes.
         self.row_input = any(t.name == "cache_length" for t in self.graphs["backbone"].spec.inputs)
-        self._prefill_lock, self._prefill_unusable = threading.Lock(), False
-        self._encoder_lock = threading.Lock()
+        self._lazy_lock, self._prefill_unusable = threading.Lock(), False
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
@@ -146,11 +145,7 @@ class Dia2Runtime:
         """Mono pcm at ``sample_rate`` -> audio codes [Q, frames] (the artifact's codec encoder)."""
         if ENCODER_GRAPH not in self.manifest.graphs:
             raise ArtifactError(f"{self.manifest.root}: no codec_encoder graph in these artifacts")
-        with self._encoder_lock:
-            if ENCODER_GRAPH not in self.graphs:
-                self.graphs[ENCODER_GRAPH] = self.backend.load(self.manifest.graph(ENCODER_GRAPH))
-                if not self.graphs[ENCODER_GRAPH].concurrent:
-                    self._turns[ENCODER_GRAPH] = threading.Lock()
+        self._load_once(ENCODER_GRAPH)
         return encode(self.bind(ENCODER_GRAPH), pcm)
 
     def parse(self, text: str) -> list[Entry]:
@@ -298,13 +293,18 @@ class Dia2Runtime:
         """A binding of the prefill graph (loaded on first use), or None in artifacts without one."""
         if PREFILL_GRAPH not in self.manifest.graphs or self._prefill_unusable:
             return None
-        with self._prefill_lock:
-            if PREFILL_GRAPH not in self.graphs:
-                try:
-                    self.graphs[PREFILL_GRAPH] = self.backend.load(self.manifest.graph(PREFILL_GRAPH))
-                except ArtifactError:  # a backend without dynamic shapes: the step-wise warm-up still works
-                    self._prefill_unusable = True
-                    return None
-                if not self.graphs[PREFILL_GRAPH].concurrent:
-                    self._turns[PREFILL_GRAPH] = threading.Lock()
+        try:
+            self._load_once(PREFILL_GRAPH)
+        except ArtifactError:  # a backend without dynamic shapes: the step-wise warm-up still works
+            self._prefill_unusable = True
+            return None
         return self.bind(PREFILL_GRAPH)
+
+    def _load_once(self, name: str) -> None:
+        """Load graph ``name`` on its first use (the prefill and encoder graphs: not every runtime needs them)."""
+        with self._lazy_lock:
+            if name not in self.graphs:
+                graph = self.backend.load(self.manifest.graph(name))
+                if not graph.concurrent:
+                    self._turns[name] = threading.Lock()
+                self.graphs[name] = graph
