@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from dia2_trt.export.onnx_io import EXTERNAL_DATA_BYTES
+
 QUANT_MIN_OPSET = 21  # blocked DequantizeLinear and INT4
 _QTYPES = {8: TensorProto.INT8, 4: TensorProto.INT4}
 # Gather has no INT4 type (ONNX Gather-13), so tables stay 8-bit in the int4 scheme too.
@@ -43,8 +45,8 @@ DEFAULT_BLOCK_SIZE = 64
 # benchmark, block 64: level 1 (fp32 compute) ran int8 at 0.06x and int4 at 0.71x of fp32.
 # ORT 1.32 defaults to 4 when unset; it is set explicitly so an older ORT does not fall back.
 ORT_ACCURACY_LEVEL = 4
-# A quantized graph projected past this keeps its weights in FILE.data (protobuf stops at 2 GiB).
-INLINE_LIMIT = 1 << 30
+# A quantized graph projected past this keeps its weights in FILE.data (see EXTERNAL_DATA_BYTES).
+INLINE_LIMIT = EXTERNAL_DATA_BYTES
 # Tensors smaller than this stay float: their bytes do not matter, their error would.
 MIN_ELEMENTS = 1024
 

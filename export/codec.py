@@ -24,12 +24,13 @@ from transformers import MimiModel
 
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
 from dia2_trt.runtime.graph_io import read_io
+
+from .onnx_io import EXTERNAL_DATA_BYTES, module_bytes
 from dia2_trt.runtime.manifest import STATE_IN, STATE_OUT
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-_TWO_GB = 2**31
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
 
@@ -135,8 +136,7 @@ def _export_dynamo(module, args, path: Path, inputs, outputs, opset: int, dynami
         module, args, None, input_names=inputs, output_names=outputs, opset_version=opset,
         dynamo=True, dynamic_shapes=shapes,
     )
-    # external_data=None: weights go to a side file only when the graph would pass protobuf's 2 GB cap
-    program.save(str(path), external_data=None)
+    program.save(str(path), external_data=module_bytes(module) > EXTERNAL_DATA_BYTES)
 
 
 def _validate(path: Path) -> None:
@@ -157,6 +157,6 @@ def _name_dim(path: Path, output: str, axis: int, label: str) -> None:
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    large = sum(t.ByteSize() for t in model.graph.initializer) > _TWO_GB - 2**26
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
     onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
     onnx.checker.check_model(str(path))
