@@ -191,7 +191,7 @@ class _TimedGraph:
 
 class _TimedBinding:
     def __init__(self, binding: Binding, clock: FrameClock, component: str | None) -> None:
-        self.spec = binding.spec
+        self.spec, self.resizable = binding.spec, binding.resizable
         self.bind, self.write, self.reset_state = binding.bind, binding.write, binding.reset_state
         self.run = clock.timed(component, binding.run, component == "backbone") if component else binding.run
 

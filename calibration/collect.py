@@ -56,7 +56,7 @@ class _Recorder:
 class _RecordingBinding:
     def __init__(self, inner, recorder: _Recorder) -> None:
         self._inner, self._recorder = inner, recorder
-        self.spec = inner.spec
+        self.spec, self.resizable = inner.spec, inner.resizable
 
     def bind(self, name, array) -> None:
         self._inner.bind(name, array)
@@ -162,7 +162,8 @@ class Replay:
             self.sessions[name] = backend.open_session(spec, path)
             self.outputs[name] = [t.name for t in spec.outputs] + list(extra.get(name, ()))
         bb = self.manifest.graph("backbone")
-        self._cache = {t.name: t.zeros() for t in bb.inputs if t.name.startswith(("k_cache.", "v_cache."))}
+        # Full capacity: a replay is teacher-forced over few steps, where the runtime's growing cache saves nothing.
+        self._cache = {t.name: t.bounded(bb.dims).zeros() for t in bb.inputs if t.name.startswith(("k_cache.", "v_cache."))}
         self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in ("backbone", "depformer")}
         self._row_input = "cache_length" in self._dtypes["backbone"]
 

@@ -18,8 +18,8 @@ from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
 from dia2_trt.runtime.artifacts import FORMAT, load_manifest
 from dia2_trt.runtime.cli_common import is_within, unwritable
-from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, CodecInfo,
-                                       Manifest, QuantizationRecord, SourceInfo)
+from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
+                                       DEPFORMER, CodecInfo, Manifest, QuantizationRecord, SourceInfo)
 
 from .codec import export_codec_decoder, export_codec_encoder
 from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
@@ -179,7 +179,7 @@ def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptio
         (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
     graphs = dict(manifest.graphs)
     for name in (BACKBONE, DEPFORMER):
-        graphs[name] = _quantized_graph(tmp, graphs[name].file, name, options, progress)
+        graphs[name] = replace(_quantized_graph(tmp, graphs[name].file, name, options, progress), dims=graphs[name].dims)
     write_manifest(replace(manifest, precision=options.precision, graphs=graphs, root=tmp), tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
 
@@ -249,7 +249,7 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     progress("exporting backbone step")
     backbone = BackboneStep(model)
     export_module(backbone, BackboneStep.example_inputs(model, capacity), backbone.input_names,
-                  backbone.output_names, tmp / "backbone.onnx", options.opset)
+                  backbone.output_names, tmp / "backbone.onnx", options.opset, dynamic=backbone.dynamic_shapes)
     progress("exporting depformer frame")
     export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
                   DepformerFrame.output_names, tmp / "depformer.onnx", options.opset)
@@ -268,6 +268,7 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
         graphs[name] = graph_spec(tmp, name, f"{name}.onnx", options.precision)
+    graphs[BACKBONE] = replace(graphs[BACKBONE], dims={CACHE_ROWS: capacity})
     q = cfg.data.audio_channels
     # The codec is small and convolutional: weight-only precisions leave it fp32.
     codec_precision = "fp32" if options.precision in WEIGHT_ONLY_BITS else options.precision

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dia2_trt.models.dia2 import Dia2Model
-from dia2_trt.runtime.manifest import cache_name
+from dia2_trt.runtime.manifest import CACHE_ROWS, cache_name
 from dia2_trt.runtime.state_machine import TokenIds
 
 BRANCHES = 2
@@ -43,6 +43,11 @@ class BackboneStep(nn.Module):
 
     def forward(self, tokens, position, cache_length, *caches):
         return self.backbone.step(tokens, position, caches[: self.n_layer], caches[self.n_layer:], cache_length)
+
+    @property
+    def dynamic_shapes(self) -> tuple:
+        """The caches' row axis is left open: a step reads as many rows as it is given (CACHE_ROWS)."""
+        return ({}, {}, {}, tuple({2: CACHE_ROWS} for _ in range(2 * self.n_layer)))
 
     @staticmethod
     def example_inputs(model: Dia2Model, capacity: int, position: int = 0):

@@ -38,9 +38,12 @@ def _keep_fp32(node: onnx.NodeProto) -> bool:
     scopes = [s.strip(" '\"") for s in _meta(node, "pkg.torch.onnx.name_scopes").strip("[]").split(",")]
     if any(_FP32_HEADS.search(s) for s in scopes):
         return True
-    # Code written in the graph wrappers themselves is guidance and sampling.
+    # Code written in the graph wrappers themselves is guidance and sampling, except in the backbone
+    # step, which has none: there the exporter attributes the cache's transposes to the wrapper's
+    # forward once the cache has a dynamic row axis.
     frames = re.findall(r'File "([^"]+)"', _meta(node, "pkg.torch.onnx.stack_trace"))
-    return bool(frames) and frames[-1].endswith("export/graphs.py")
+    in_backbone = "BackboneStep" in _meta(node, "pkg.torch.onnx.class_hierarchy")
+    return bool(frames) and frames[-1].endswith("export/graphs.py") and not in_backbone
 
 
 def _fp32_nodes(nodes, inherited: bool = False):
@@ -160,7 +163,12 @@ def _fp16_boundary(model: onnx.ModelProto, names: set[str]) -> None:
     for value in graph.input:
         if _named(value.name, names) and value.type.tensor_type.elem_type == TensorProto.FLOAT:
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
-            if not _drop_cast(graph, lambda n: n.input[0] == value.name, TensorProto.FLOAT16, keep=value.name):
+            # one cast per converted consumer at most (with a dynamic cache there are two: a
+            # Shape reads the input's rows too, and the converter casts for it apart)
+            dropped = False
+            while _drop_cast(graph, lambda n: n.input[0] == value.name, TensorProto.FLOAT16, keep=value.name):
+                dropped = True
+            if not dropped:
                 _insert_cast(graph, value.name, TensorProto.FLOAT, for_input=True)
     for value in graph.output:
         if _named(value.name, names) and value.type.tensor_type.elem_type == TensorProto.FLOAT:

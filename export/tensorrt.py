@@ -15,11 +15,11 @@ from typing import Callable
 
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.files import write_atomic
-from dia2_trt.runtime.manifest import GRAPH_NAMES, EngineEntry, EngineValidation, Manifest
+from dia2_trt.runtime.graph_io import read_io
+from dia2_trt.runtime.manifest import GRAPH_NAMES, EngineEntry, EngineValidation, GraphSpec, Manifest
 
 from .manifest import sha256, write_manifest
 
-# The step graphs are static; only the prefix encoder takes clips of any length.
 ENGINE_GRAPHS = GRAPH_NAMES
 ENCODER_SAMPLES = (1920, 1920 * 125, 1920 * 750)  # min / opt / max: 0.08 s, 10 s, 60 s
 
@@ -42,8 +42,22 @@ class EngineOptions:
     timing_cache: Path | None = None
 
 
-def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = EngineOptions()) -> EngineEntry:
-    """Parse, build and serialise one engine; returns what the manifest records about it."""
+def axis_ranges(manifest: Manifest, spec: GraphSpec) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each named input axis of ``spec``'s graph, for its optimisation profile.
+
+    A bounded axis (the backbone cache's rows) is built for its bound alone: the TensorRT
+    binding keeps the cache at capacity, because a captured CUDA graph replays one shape.
+    """
+    frames = max(1, manifest.prefix_frames)
+    ranges = {"samples": ENCODER_SAMPLES, "frames": (1, frames, frames)}
+    ranges.update({name: (bound, bound, bound) for name, bound in spec.dims.items()})
+    return ranges
+
+
+def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = EngineOptions(),
+                 ranges: dict[str, tuple[int, int, int]] | None = None) -> EngineEntry:
+    """Parse, build and serialise one engine; returns what the manifest records about it.
+    ``ranges``: (min, opt, max) of the graph's named input axes (see ``axis_ranges``)."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -54,7 +68,7 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = Engi
         raise EngineError(f"{onnx_path.name}: TensorRT cannot parse it: {errors[0] if errors else 'unknown error'}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_gib << 30)
-    _add_profile(builder, network, config)
+    _add_profile(builder, network, config, onnx_path, ranges or {"samples": ENCODER_SAMPLES})
     cache = _load_timing_cache(config, options.timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -68,15 +82,19 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = Engi
                        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def _add_profile(builder, network, config) -> None:
-    """One optimisation profile covering every dynamic input (the encoder's sample axis)."""
+def _add_profile(builder, network, config, onnx_path: Path, ranges: dict[str, tuple[int, int, int]]) -> None:
+    """One optimisation profile covering every dynamic input, each named axis over its range."""
     dynamic = [network.get_input(i) for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
     if not dynamic:
         return
+    named = {t["name"]: t["shape"] for t in read_io(onnx_path)[0]}
     profile = builder.create_optimization_profile()
     for tensor in dynamic:
-        shape = tuple(tensor.shape)
-        lo, opt, hi = (tuple(n if d == -1 else d for d in shape) for n in ENCODER_SAMPLES)
+        axes = named[tensor.name]
+        unknown = sorted({d for d in axes if isinstance(d, str) and d not in ranges})
+        if unknown:
+            raise EngineError(f"{onnx_path.name}: input {tensor.name} has axes {unknown} with no range to build for")
+        lo, opt, hi = (tuple(ranges[d][k] if isinstance(d, str) else d for d in axes) for k in range(3))
         profile.set_shape(tensor.name, lo, opt, hi)
     config.add_optimization_profile(profile)
 
@@ -126,13 +144,19 @@ def input_ranges(manifest: Manifest) -> dict[str, tuple[float, float]]:
 
 
 def compare_engine(onnx_path: Path, plan_path: Path, ranges: dict, *, atol: float, rtol: float,
-                   iterations: int = 8) -> EngineValidation:
-    """TensorRT vs ONNX Runtime on the same random inputs, through Polygraphy."""
+                   iterations: int = 8, spec: GraphSpec | None = None) -> EngineValidation:
+    """TensorRT vs ONNX Runtime on the same random inputs, through Polygraphy.
+    ``spec``: inputs with a bounded axis are fed at the bound, as the TensorRT binding feeds them."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.common import TensorMetadata
     from polygraphy.comparator import Comparator, CompareFunc, DataLoader
 
-    loader = DataLoader(iterations=iterations, val_range=ranges)
+    shapes = TensorMetadata()
+    for t in (spec.bounded().inputs if spec else ()):
+        if t.static and not spec.input(t.name).static:
+            shapes.add(t.name, None, t.shape)
+    loader = DataLoader(iterations=iterations, val_range=ranges, input_metadata=shapes or None)
     runners = [TrtRunner(EngineFromBytes(plan_path.read_bytes())), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
     results = Comparator.run(runners, data_loader=loader)
     accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
@@ -152,7 +176,7 @@ def build_engines(artifacts: Path, graphs: tuple[str, ...] = ENGINE_GRAPHS, opti
         plan_path = spec.path.with_suffix(".plan")
         echo(f"[engine] building {plan_path.name}")
         try:
-            engine = build_engine(spec.path, plan_path, options)
+            engine = build_engine(spec.path, plan_path, options, axis_ranges(manifest, spec))
         except EngineError as exc:
             if "cannot parse" not in str(exc):
                 raise
@@ -161,7 +185,7 @@ def build_engines(artifacts: Path, graphs: tuple[str, ...] = ENGINE_GRAPHS, opti
                               f"dia2-export build --opset 20)") from None
         if validate:
             atol = rtol = 1e-3 if spec.precision == "fp32" else 5e-2
-            result = compare_engine(spec.path, plan_path, input_ranges(manifest), atol=atol, rtol=rtol)
+            result = compare_engine(spec.path, plan_path, input_ranges(manifest), atol=atol, rtol=rtol, spec=spec)
             engine = replace(engine, validation=result)
             echo(f"[engine] {name}: {'ok' if result.passed else 'MISMATCH'} vs ONNX Runtime")
         manifest = manifest.with_engine(name, engine)

@@ -21,9 +21,9 @@ from typing import Any
 from .files import write_atomic
 from .graph_io import GraphFormatError, read_io
 from .manifest import (  # noqa: F401  (the names the runtime has always imported from here)
-    BACKBONE, BACKEND_NAMES, CODEC_DECODER, DEPFORMER, FORMAT, GRAPH_NAMES, MANIFEST, PRECISIONS, REQUIRED_GRAPHS,
-    VERSION, ArtifactError, CodecInfo, EngineEntry, FileRef, GraphSpec, Manifest, QuantizationRecord, StatePair,
-    TensorSpec, TokenizerEntry, Topology, cache_name, state_names,
+    BACKBONE, BACKEND_NAMES, CACHE_ROWS, CODEC_DECODER, DEPFORMER, FORMAT, GRAPH_NAMES, MANIFEST, PRECISIONS,
+    REQUIRED_GRAPHS, VERSION, ArtifactError, CodecInfo, EngineEntry, FileRef, GraphSpec, Manifest, QuantizationRecord,
+    StatePair, TensorSpec, TokenizerEntry, Topology, cache_name, state_names,
 )
 
 # Files up to this size are hashed on every load (~30 ms at ~2 GB/s); bigger ones once per
@@ -203,15 +203,15 @@ def _fail(m: Manifest, message: str) -> None:
 def _check_backbone(m: Manifest) -> None:
     g = m.graph(BACKBONE)
     for spec in g.inputs + g.outputs:
-        if not spec.static:
-            _fail(m, f"graphs.backbone.{spec.name} has a dynamic shape {list(spec.shape)}")
+        if not spec.bounded(g.dims).static:
+            _fail(m, f"graphs.backbone.{spec.name} has an unbounded dynamic shape {list(spec.shape)}")
     channels = g.input("tokens").shape
     if channels != (2, 2 + m.audio_channels):
         _fail(m, f"graphs.backbone.inputs.tokens {list(channels)} does not match {m.audio_channels} delays")
     cache = g.input(cache_name("k", 0)).shape
-    if len(cache) != 4 or cache[2] != m.cache_capacity:
-        _fail(m, f"graphs.backbone.inputs.{cache_name('k', 0)} {list(cache)} does not match cache_capacity "
-                 f"{m.cache_capacity}")
+    if len(cache) != 4 or cache[2] != CACHE_ROWS or g.dims.get(CACHE_ROWS) != m.cache_capacity:
+        _fail(m, f"graphs.backbone.inputs.{cache_name('k', 0)} {list(cache)} (dims {g.dims}) does not take "
+                 f"up to cache_capacity {m.cache_capacity} rows")
     for i in range(m.topology.n_layer):
         for kind in ("k", "v"):
             if g.input(cache_name(kind, i)).shape != cache:

@@ -10,6 +10,9 @@ A static-shape binding allocates its buffers once and each step only copies the
 small per-step inputs in. Large persistent inputs (the KV cache) are attached
 once with ``Binding.bind`` and changed only through ``Binding.write``, so a
 device backend (TensorRT) keeps them in device memory and writes rows in place.
+An axis with a bound (``GraphSpec.dims``: the cache's rows) counts as static at
+its bound; a ``resizable`` binding also takes a smaller input there through
+``bind`` between runs (ONNX Runtime reads whatever shape it is given).
 State pairs (``GraphSpec.state``: an output fed back as an input on the next
 run, e.g. the codec's streaming state) are double-buffered by the binding: each
 run reads one set and writes the other, then they swap, with no copy.
@@ -31,6 +34,7 @@ class Binding(Protocol):
     """One session's buffers for one graph: its inputs, outputs and carried state."""
 
     spec: GraphSpec
+    resizable: bool  # whether bind() takes a bounded axis below its bound (else only at the bound)
 
     def bind(self, name: str, array: np.ndarray) -> None:
         """Use ``array`` as the persistent buffer of input ``name`` (read in place by every run)."""
@@ -178,7 +182,8 @@ class OrtGraph:
                                 f"does not match the manifest")
 
     def binding(self) -> "OrtBinding | OrtDynamicBinding":
-        if all(t.static for t in (*self.spec.inputs, *self.spec.outputs)):
+        bounded = self.spec.bounded()
+        if all(t.static for t in (*bounded.inputs, *bounded.outputs)):
             return OrtBinding(self.session, self.spec)
         return OrtDynamicBinding(self.session, self.spec)
 
@@ -190,11 +195,14 @@ class OrtBinding:
     used alternately: run n reads set n % 2 and writes set (n + 1) % 2.
     """
 
+    resizable = True
+
     def __init__(self, session, spec: GraphSpec) -> None:
         self.spec = spec
         self._session = session
-        self._inputs = {t.name: t.zeros() for t in spec.inputs}
-        outputs = {t.name: t.zeros() for t in spec.outputs}
+        full = spec.bounded()  # np.zeros commits no memory until written: a bound costs nothing unused
+        self._inputs = {t.name: t.zeros() for t in full.inputs}
+        outputs = {t.name: t.zeros() for t in full.outputs}
         spare = {i: self._inputs[i].copy() for i, _ in spec.state}
         # Turn 0 reads the live state and writes the spare; turn 1 the other way round.
         self._sides = [(dict(self._inputs), {**outputs, **{o: spare[i] for i, o in spec.state}})]
@@ -216,9 +224,9 @@ class OrtBinding:
         spec = self.spec.input(name)
         if any(name == i for i, _ in self.spec.state):
             raise ValueError(f"{name}: a state input is the binding's own buffer")
-        if array.shape != spec.shape or array.dtype != spec.dtype or not array.flags.c_contiguous:
-            raise ValueError(f"{name}: need a C-contiguous {spec.dtype} array of shape {spec.shape}, "
-                             f"got {array.dtype} {array.shape}")
+        if not spec.fits(array.shape, self.spec.dims) or array.dtype != spec.dtype or not array.flags.c_contiguous:
+            raise ValueError(f"{name}: need a C-contiguous {spec.dtype} array of shape {spec.shape} "
+                             f"(bounds {self.spec.dims}), got {array.dtype} {array.shape}")
         self._inputs[name] = array
         for (inputs, _), binding in zip(self._sides, self._bindings):
             inputs[name] = array
@@ -247,6 +255,8 @@ class OrtBinding:
 class OrtDynamicBinding:
     """A graph with dynamic axes (the codec encoder): ORT allocates its outputs on each run."""
 
+    resizable = False  # it takes no persistent inputs at all
+
     def __init__(self, session, spec: GraphSpec) -> None:
         self.spec = spec
         self._session = session
@@ -271,6 +281,7 @@ class TakingTurns:
 
     def __init__(self, binding: Binding, lock) -> None:
         self.spec, self._binding, self._lock = binding.spec, binding, lock
+        self.resizable = binding.resizable
         self.bind, self.write, self.reset_state = binding.bind, binding.write, binding.reset_state
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:

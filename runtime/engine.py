@@ -262,9 +262,8 @@ class Dia2Runtime:
             state.reset(m, machine, GenerationParams())
             seq = script_free_frames(prefix.plan, machine, m.token_ids, m.delays, state.tokens)
             self.fill_cache(state, seq, prefill)
-            rows = (slice(None), slice(None), slice(None), slice(0, len(seq)))
-            return WarmState(prefix.plan, state.k_cache[rows].copy(), state.v_cache[rows].copy(), seq.copy(),
-                             self.artifact_hashes())
+            k_rows, v_rows = state.cache.copy_rows(len(seq))
+            return WarmState(prefix.plan, k_rows, v_rows, seq.copy(), self.artifact_hashes())
         finally:
             self.states.give_back(state)
 

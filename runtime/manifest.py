@@ -19,7 +19,8 @@ from .state_machine import TokenIds
 
 FORMAT = "dia2-trt-artifacts"
 # 2: typed manifest (codec block, tokenizer checksums, per-graph engine entries).
-VERSION = 3  # 3: the depformer's noise is one uniform per codebook ([Q], was [Q, V])
+# 3: the depformer's noise is one uniform per codebook ([Q], was [Q, V]).
+VERSION = 4  # 4: the backbone reads a prefix of its cache ("cache_rows", bounded by graphs.*.dims)
 MANIFEST = "manifest.json"
 
 BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER = "backbone", "depformer", "codec_decoder", "codec_encoder"
@@ -36,6 +37,12 @@ STATE_IN, STATE_OUT = "state.", "next."  # a graph's carried state: input state.
 
 class ArtifactError(ValueError):
     """An artifact directory the runtime cannot use."""
+
+
+# The backbone step's cache inputs are [2, Hkv, CACHE_ROWS, D]: any number of rows up to the
+# capacity, of which the first cache_length are valid. ONNX Runtime then reads only as many rows
+# as the runtime has grown the cache to, where a fixed capacity had every step read all of them.
+CACHE_ROWS = "cache_rows"
 
 
 def cache_name(kind: str, layer: int) -> str:
@@ -60,6 +67,15 @@ class TensorSpec:
     @property
     def static(self) -> bool:
         return all(isinstance(dim, int) for dim in self.shape)
+
+    def bounded(self, dims: dict[str, int]) -> "TensorSpec":
+        """This tensor at its largest: each named axis with a bound in ``dims`` replaced by it."""
+        return replace(self, shape=tuple(dims.get(d, d) if isinstance(d, str) else d for d in self.shape))
+
+    def fits(self, shape: tuple[int, ...], dims: dict[str, int]) -> bool:
+        """Whether ``shape`` is one of this tensor's: fixed axes equal, bounded axes 1..bound."""
+        return len(shape) == len(self.shape) and all(
+            s == d if isinstance(d, int) else d in dims and 1 <= s <= dims[d] for s, d in zip(shape, self.shape))
 
     def zeros(self) -> np.ndarray:
         if not self.static:
@@ -191,6 +207,7 @@ class GraphSpec:
     external_data: FileRef | None = None  # weights past protobuf's 2 GB limit
     quantization: QuantizationRecord | None = None
     engine: EngineEntry | None = None
+    dims: dict[str, int] = field(default_factory=dict, hash=False)  # the bound of each named axis that has one
     root: Path = field(default=Path("."), compare=False, repr=False)  # the artifact directory
 
     @property
@@ -208,6 +225,11 @@ class GraphSpec:
     def input(self, name: str) -> TensorSpec:
         return _find(self.inputs, name, self.name, "input")
 
+    def bounded(self) -> "GraphSpec":
+        """This graph with every bounded axis at its bound (what a fixed-shape binding allocates)."""
+        return replace(self, inputs=tuple(t.bounded(self.dims) for t in self.inputs),
+                       outputs=tuple(t.bounded(self.dims) for t in self.outputs))
+
     def output(self, name: str) -> TensorSpec:
         return _find(self.outputs, name, self.name, "output")
 
@@ -222,7 +244,8 @@ class GraphSpec:
             state=tuple(StatePair(str(p["input"]), str(p["output"])) for p in d.get("state", ())),
             external_data=opt("external_data", FileRef.from_json),
             quantization=opt("quantization", QuantizationRecord.from_json),
-            engine=opt("engine", EngineEntry.from_json), root=root,
+            engine=opt("engine", EngineEntry.from_json),
+            dims=_dims(d.get("dims") or {}, name), root=root,
         )
 
     def to_json(self) -> dict:
@@ -233,6 +256,7 @@ class GraphSpec:
             "external_data": self.external_data.to_json() if self.external_data else None,
             "quantization": self.quantization.to_json() if self.quantization else None,
             "engine": self.engine.to_json() if self.engine else None,
+            "dims": dict(self.dims) or None,
         })
 
 
@@ -445,6 +469,12 @@ class Manifest:
 
 
 # --- field parsing: a wrong type is one line naming the field -----------------------------------
+
+
+def _dims(d: Any, graph: str) -> dict[str, int]:
+    if not isinstance(d, dict):
+        raise ArtifactError(f"graphs.{graph}.dims: expected an object, got {d!r}")
+    return {str(k): _int(v, f"graphs.{graph}.dims.{k}") for k, v in d.items()}
 
 
 def _int(value: Any, where: str) -> int:

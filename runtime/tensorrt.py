@@ -106,7 +106,8 @@ class TrtGraph:
         self.spec, self.backend, self.engine = spec, backend, engine
 
     def binding(self) -> "TrtBinding | TrtDynamicBinding":
-        if all(t.static for t in (*self.spec.inputs, *self.spec.outputs)):
+        bounded = self.spec.bounded()
+        if all(t.static for t in (*bounded.inputs, *bounded.outputs)):
             return TrtBinding(self)
         return TrtDynamicBinding(self)
 
@@ -136,12 +137,20 @@ class TrtBinding:
 
     State pairs have a second device buffer each: turn 0 reads the first and
     writes the second, turn 1 the other way round, one captured CUDA graph per turn.
+    A bounded axis (the cache's rows) is fixed at its bound: a captured CUDA graph
+    replays one shape, so the cache lives at full capacity on the device.
     """
 
+    resizable = False
+
     def __init__(self, graph: TrtGraph) -> None:
-        self.spec = spec = graph.spec
+        self.spec = graph.spec
+        spec = graph.spec.bounded()
         self._b, self._cudart = graph.backend, graph.backend.cudart
         self._context = graph.engine.create_execution_context()
+        for t in graph.spec.inputs:
+            if not t.static:  # the engine's profile admits the bound (export/tensorrt.py)
+                self._context.set_input_shape(t.name, spec.input(t.name).shape)
         self._stream = _check(self._cudart.cudaStreamCreate())
         state_inputs, state_outputs = {i for i, _ in spec.state}, {o for _, o in spec.state}
         # A state output writes into its input's spare buffer; state never needs a host mirror.
@@ -257,6 +266,8 @@ class TrtBinding:
 
 class TrtDynamicBinding:
     """A dynamic-shape engine (the codec encoder): buffers sized and allocated per run."""
+
+    resizable = False
 
     def __init__(self, graph: TrtGraph) -> None:
         self.spec = graph.spec
