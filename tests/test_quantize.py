@@ -16,12 +16,14 @@ from onnx import TensorProto, helper, numpy_helper
 from dia2_trt.calibration.weight_only import (WeightOnlyScheme, pack_int4, quantize_blocks,
                                               quantize_model_file)
 from dia2_trt.export.build import BuildOptions, quantize_artifacts
+from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.engine import Dia2Runtime
 from dia2_trt.runtime.backends import OrtBackend
 from dia2_trt.runtime.params import GenerationParams
 
 PRECISIONS = ("int8", "int4")
 STEP_GRAPHS = ("backbone", "depformer")
+QUANTIZED_GRAPHS = (*STEP_GRAPHS, "codec_decoder")  # the codec decoder in 8 bits in both (build.CODEC_BITS)
 # Goals for the 2B backbone: int8 weights <= 30% and int4 <= 17% of the fp32 bytes.
 MAX_RATIO = {"int8": 0.30, "int4": 0.17}
 GREEDY = dict(text_temperature=0.0, audio_temperature=0.0)
@@ -62,7 +64,7 @@ def _optimized(path: Path, out: Path, accuracy_level: int | None) -> onnx.ModelP
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("graph", STEP_GRAPHS)
+@pytest.mark.parametrize("graph", QUANTIZED_GRAPHS)
 def test_onnxruntime_fuses_every_dequantized_matmul(quantized, tmp_path, precision, graph):
     art = quantized[precision]
     spec = _manifest(art)["graphs"][graph]
@@ -74,7 +76,8 @@ def test_onnxruntime_fuses_every_dequantized_matmul(quantized, tmp_path, precisi
     fused = [n for n in optimized.graph.node if n.op_type == "MatMulNBits"]
     assert len(fused) == pairs, "ONNX Runtime stopped fusing DequantizeLinear -> MatMul into MatMulNBits"
     assert _dq_matmul_pairs(optimized) == 0
-    bits = 8 if precision == "int8" else 4
+    bits = 8 if precision == "int8" or graph == "codec_decoder" else 4
+    assert spec["quantization"]["bits"] == bits
     for node in fused:
         attrs = {a.name: a.i for a in node.attribute}
         assert attrs["bits"] == bits and attrs["accuracy_level"] == level
@@ -82,8 +85,8 @@ def test_onnxruntime_fuses_every_dequantized_matmul(quantized, tmp_path, precisi
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_quantized_graphs_are_standard_onnx(quantized, precision):
-    qtype = TensorProto.INT8 if precision == "int8" else TensorProto.INT4
-    for graph in STEP_GRAPHS:
+    for graph in QUANTIZED_GRAPHS:
+        qtype = TensorProto.INT8 if precision == "int8" or graph == "codec_decoder" else TensorProto.INT4
         path = quantized[precision] / f"{graph}.onnx"
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path))
@@ -112,6 +115,29 @@ def test_weight_bytes_shrink(quantized, tiny_artifacts, precision):
         assert tables["bits"] == 8 and tables["bytes"] <= MAX_RATIO["int8"] * tables["fp32_bytes"]
         before = _weight_bytes(tiny_artifacts / f"{graph}.onnx")
         assert _weight_bytes(quantized[precision] / f"{graph}.onnx") < 0.6 * before
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_int8_codec_decodes_close_to_fp32(quantized, tiny_artifacts, precision):
+    """The same random codes through the fp32 and the quantized decoder, streaming 12 frames."""
+    spec = _manifest(tiny_artifacts)["graphs"]["codec_decoder"]
+    sessions = [OrtBackend(threads=1).open_session(load_manifest(art).graph("codec_decoder"))
+                for art in (tiny_artifacts, quantized[precision])]
+    rng = np.random.default_rng(1)
+    codes_shape = next(t["shape"] for t in spec["inputs"] if t["name"] == "codes")
+    states = [{t["name"]: np.zeros(t["shape"], t["dtype"]) for t in spec["inputs"] if t["name"] != "codes"}
+              for _ in sessions]
+    pcm = [[], []]
+    for _ in range(12):
+        codes = rng.integers(0, 64, size=codes_shape).astype(np.int64)
+        for k, session in enumerate(sessions):
+            names = [o.name for o in session.get_outputs()]
+            out = dict(zip(names, session.run(None, {"codes": codes, **states[k]})))
+            pcm[k].append(out["pcm"].ravel())
+            states[k] = {p["input"]: out[p["output"]] for p in spec["state"]}
+    ref, got = np.concatenate(pcm[0]), np.concatenate(pcm[1])
+    snr = 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
+    assert snr > 30, f"int8 codec decoder: {snr:.1f} dB SNR against fp32"
 
 
 def _weight_bytes(path: Path) -> int:
