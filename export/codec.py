@@ -25,7 +25,7 @@ from transformers import MimiModel
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
 from dia2_trt.runtime.graph_io import read_io
 
-from .onnx_io import EXTERNAL_DATA_BYTES, module_bytes
+from .onnx_io import EXTERNAL_DATA_BYTES, module_bytes, save_model
 from dia2_trt.runtime.manifest import STATE_IN, STATE_OUT
 
 log = logging.getLogger(__name__)
@@ -153,10 +153,6 @@ def _name_dim(path: Path, output: str, axis: int, label: str) -> None:
     for value in model.graph.output:
         if value.name == output:
             value.type.tensor_type.shape.dim[axis].dim_param = label
-    _save(model, path)
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
-    onnx.checker.check_model(str(path))
+    # save_model starts FILE.data afresh: onnx appends to an existing one (the weights, loaded
+    # above, were written twice: a 448 MB data file for the 2B encoder's 224 MB)
+    save_model(model, path)

@@ -184,3 +184,24 @@ def test_tiny_mimi_round_trips(mimi, tmp_path):
         assert torch.equal(a, b), name
     table = mimi.quantizer.acoustic_residual_vector_quantizer.layers[0].codebook.embed_sum
     assert table.std() > 0.5
+
+
+def test_large_graphs_keep_their_weights_once_in_a_side_file(mimi, tmp_path, monkeypatch):
+    """Past EXTERNAL_DATA_BYTES the weights go to FILE.data, written once: the encoder is saved twice
+    (its frame axis is renamed after export), and onnx appends to a data file it finds."""
+    import onnx
+
+    from dia2_trt.export import codec, onnx_io
+
+    monkeypatch.setattr(codec, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 0)
+    path = tmp_path / "encoder.onnx"
+    export_codec_encoder(mimi, path, opset=18, precision="fp32")
+    data = path.with_name(path.name + ".data")
+    model = onnx.load(str(path), load_external_data=False)
+    places = [{e.key: int(e.value) for e in t.external_data if e.key != "location"}
+              for t in model.graph.initializer if t.external_data]
+    stored = sum(p["length"] for p in places)
+    assert data.is_file() and stored > 0, "no external weights"
+    assert min(p["offset"] for p in places) == 0 and data.stat().st_size < 1.5 * stored
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
