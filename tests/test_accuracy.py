@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from conftest import SCRIPTS
 
-from dia2_trt.export.accuracy import THRESHOLDS, accuracy_report
+from dia2_trt.export.accuracy import MIN_COMPARED_STEPS, THRESHOLDS, _failures, accuracy_report
 from dia2_trt.runtime.artifacts import sha256
 
 
@@ -105,3 +105,16 @@ def test_a_decision_an_outside_entry_can_take_is_not_confident():
     weak = np.stack([np.array([5.0, 1.0, 0.0, 0.5], np.float32),
                      2 * np.array([5.0, 1.0, 0.0, 0.5], np.float32) - np.array([5.0, 3.0, -1.0, 2.97], np.float32)])
     assert _margin(weak, params, ()) == pytest.approx(2 * min(4 / 2, (5 - 2.97) / 6, (5 - 0.5) / 2), rel=1e-3)
+
+
+def test_the_agreement_floor_needs_enough_steps_and_the_confident_floor_does_not():
+    limits = THRESHOLDS["int8"]
+    outputs = {
+        "cb3": {"agreement": 0.1, "compared_steps": MIN_COMPARED_STEPS},
+        "cb19": {"agreement": 0.0, "compared_steps": 1},  # too few to judge
+        "cb20": {"agreement": 1.0, "compared_steps": 2, "confident_agreement": 0.5},
+        "cb21": {"agreement": None, "compared_steps": 0},
+    }
+    failures = _failures({"thresholds": limits, "outputs": outputs})
+    assert failures == [f"cb3 agreement 0.100 < {limits['agreement']}",
+                        f"cb20 confident agreement 0.500 < {limits['confident_agreement']}"]
