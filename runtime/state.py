@@ -97,6 +97,8 @@ class GenerationState:
         self.tokens[1, 0] = ids.zero
         self.audio.fill(UNGENERATED)
         self.noise.fill(0.0)
+        if self.cache.restart():  # a new utterance writes from row 0: read no more than it has written
+            self._bind_cache()
         self.codec.reset()
         self.text = machine.new_state([])
         self.rule = StopRule.start(m.max_context_steps + 1, m.delays, machine.max_padding, params.initial_padding,
@@ -127,7 +129,14 @@ class KVCache:
         self._head = tuple(shape[:2])
         size = self._blocks * self.capacity * self._width
         self._storage = {kind: np.zeros((layers, size), dtype=dtype) for kind in ("k", "v")}
-        self.rows = min(self.ROW_STEP, self.capacity) if grows else self.capacity
+        self._first = min(self.ROW_STEP, self.capacity) if grows else self.capacity
+        self.rows = self._first
+
+    def restart(self) -> bool:
+        """Back to the first ROW_STEP rows for a new utterance (no row is valid then, so nothing
+        moves); True when the layers changed shape (they must be bound again)."""
+        changed, self.rows = self.rows != self._first, self._first
+        return changed
 
     def layer(self, kind: str, i: int) -> np.ndarray:
         """Layer ``i``'s ``kind`` ("k" or "v") cache at its current rows: a view of the storage."""

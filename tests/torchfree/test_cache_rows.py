@@ -46,6 +46,9 @@ def test_growing_keeps_every_row_and_zeroes_the_new_ones():
     np.testing.assert_array_equal(v[1, :, :, :50], first["v", 1])
     with pytest.raises(IndexError, match="past the capacity 200"):
         cache.make_room(201)
+    # a new utterance: back to the first rows (what they hold is masked until written)
+    assert cache.restart() is True and cache.layer("k", 0).shape == (2, 3, KVCache.ROW_STEP, 4)
+    assert cache.restart() is False
 
 
 def test_a_fixed_size_binding_gets_the_whole_capacity():
@@ -63,6 +66,8 @@ def test_tokens_are_the_same_whether_the_cache_grows_or_not(monkeypatch):
     results = [grown.speak(script, GenerationParams(seed=4, **kw)) for kw in (GREEDY, {})]
     (state,) = grown.states._free
     assert 8 < state.cache.rows < capacity and state.cache.rows % 8 == 0
+    grown.speak("[S1] Hi.", GenerationParams(seed=4, **GREEDY))  # the same state, restarted and grown less
+    assert state.cache.rows < capacity
     assert state.backbone.spec.dims == {"cache_rows": capacity}
     monkeypatch.setattr(OrtBinding, "resizable", False)
     fixed = Dia2Runtime.load(FIXTURE, threads=1)
