@@ -119,9 +119,13 @@ def test_calibrated_artifacts_speak_greedily_end_to_end(qdq_artifacts):
     from dia2_trt.runtime.engine import Dia2Runtime
     from dia2_trt.runtime.params import GenerationParams
 
-    out, _ = qdq_artifacts
-    result = Dia2Runtime.load(out).speak(SCRIPTS["dialogue"], GenerationParams(text_temperature=0, audio_temperature=0))
+    out, precision = qdq_artifacts
+    runtime = Dia2Runtime.load(out)
+    result = runtime.speak(SCRIPTS["dialogue"], GenerationParams(text_temperature=0, audio_temperature=0))
     assert result.pcm.size > 0 and np.isfinite(result.pcm).all() and result.timestamps
+    # ORT CPU dequantizes fp8 weights on every run: no arena to keep each fp32 copy (int8 Q/DQ fuses)
+    options = runtime.graphs["backbone"].session.get_session_options()
+    assert options.enable_cpu_mem_arena == (precision != "fp8-qdq")
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
