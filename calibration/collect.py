@@ -162,8 +162,9 @@ class Replay:
             self.sessions[name] = backend.open_session(spec, path)
             self.outputs[name] = [t.name for t in spec.outputs] + list(extra.get(name, ()))
         bb = self.manifest.graph("backbone")
-        # Full capacity: a replay is teacher-forced over few steps, where the runtime's growing cache saves nothing.
-        self._cache = {t.name: t.bounded(bb.dims).zeros() for t in bb.inputs if t.name.startswith(("k_cache.", "v_cache."))}
+        # Full capacity: a replay is teacher-forced over few steps, where a growing cache saves little.
+        self._cache = {t.name: t.bounded(bb.dims).zeros() for t in bb.inputs
+                       if t.name.startswith(("k_cache.", "v_cache."))}
         self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in ("backbone", "depformer")}
         self._row_input = "cache_length" in self._dtypes["backbone"]
 

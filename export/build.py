@@ -184,7 +184,8 @@ def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptio
         (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
     graphs = dict(manifest.graphs)
     for name in (BACKBONE, DEPFORMER):
-        graphs[name] = replace(_quantized_graph(tmp, graphs[name].file, name, options, progress), dims=graphs[name].dims)
+        quantized = _quantized_graph(tmp, graphs[name].file, name, options, progress)
+        graphs[name] = replace(quantized, dims=graphs[name].dims)
     if graphs[CODEC_DECODER].precision == "fp32":
         graphs[CODEC_DECODER] = _quantized_codec(tmp, graphs[CODEC_DECODER], progress)
     write_manifest(replace(manifest, precision=options.precision, graphs=graphs, root=tmp), tmp)

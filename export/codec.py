@@ -24,9 +24,9 @@ from transformers import MimiModel
 
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
 from dia2_trt.runtime.graph_io import read_io
+from dia2_trt.runtime.manifest import STATE_IN, STATE_OUT
 
 from .onnx_io import EXTERNAL_DATA_BYTES, module_bytes, save_model
-from dia2_trt.runtime.manifest import STATE_IN, STATE_OUT
 
 log = logging.getLogger(__name__)
 

@@ -163,8 +163,8 @@ def _fp16_boundary(model: onnx.ModelProto, names: set[str]) -> None:
     for value in graph.input:
         if _named(value.name, names) and value.type.tensor_type.elem_type == TensorProto.FLOAT:
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
-            # one cast per converted consumer at most (with a dynamic cache there are two: a
-            # Shape reads the input's rows too, and the converter casts for it apart)
+            # every boundary cast goes: the converter may cast an input more than once (a dynamic
+            # cache has two, one for the Shape that reads its row count)
             dropped = False
             while _drop_cast(graph, lambda n: n.input[0] == value.name, TensorProto.FLOAT16, keep=value.name):
                 dropped = True

@@ -204,7 +204,7 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     state: tuple[StatePair, ...] = ()  # (input, output) pairs carried from one run to the next
-    external_data: FileRef | None = None  # weights past protobuf's 2 GB limit
+    external_data: FileRef | None = None  # FILE.data: the weights of a graph past 32 MB (export/onnx_io.py)
     quantization: QuantizationRecord | None = None
     engine: EngineEntry | None = None
     dims: dict[str, int] = field(default_factory=dict, hash=False)  # the bound of each named axis that has one
