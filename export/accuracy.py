@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -54,13 +55,17 @@ _HEAD = re.compile(r"depformer\.logits\.(\d+)'")
 
 
 def accuracy_report(candidate: Path, reference: Path, script: str = DEFAULT_SCRIPT,
-                    params: GenerationParams = GREEDY, echo: Callable[[str], None] = print) -> dict:
+                    params: GenerationParams = GREEDY, echo: Callable[[str], None] = print,
+                    max_steps: int | None = None) -> dict:
     ref_manifest, cand_manifest = _same_checkpoint(Path(reference), Path(candidate))
     precision = cand_manifest.precision
     if precision not in THRESHOLDS:
         raise ValueError(f"no accuracy thresholds for precision {precision!r}")
     echo(f"[accuracy] fp32 greedy run over the script ({reference})")
     trace = record(Path(reference), [script], params)[0]
+    if max_steps is not None:  # the first steps only (a slow candidate: fp8-qdq replays at ~20 s a 2B step)
+        trace = replace(trace, tokens=trace.tokens[:max_steps], text_tokens=trace.text_tokens[:max_steps],
+                        audio_tokens=trace.audio_tokens[:max_steps])
     echo(f"[accuracy] {trace.steps} teacher-forced steps through fp32 and {precision}")
     ref = _collect(Path(reference), trace, params)
     cand = _collect(Path(candidate), trace, params)

@@ -76,7 +76,8 @@ def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, p
 @main.command()
 @click.argument("artifacts", type=click.Path())
 @_source_options
-@click.option("--steps", default=64, show_default=True, type=click.IntRange(1), help="Teacher-forced decode steps.")
+@click.option("--steps", type=click.IntRange(1),
+              help="Teacher-forced decode steps [default: 64; with --against, the whole script].")
 @click.option("--codec-frames", default=320, show_default=True, type=click.IntRange(1))
 @click.option("--report", type=click.Path(), help="Write the JSON report here (default: ARTIFACTS/validation.json).")
 @click.option("--seed", default=0, show_default=True, type=int64_range())
@@ -89,7 +90,8 @@ def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, aga
     from .validate import validate_artifacts
 
     if against:
-        return _accuracy(Path(artifacts), Path(against), script_file, report)
+        return _accuracy(Path(artifacts), Path(against), script_file, report, steps)
+    steps = steps or 64
     path = Path(report) if report else Path(artifacts) / "validation.json"
     if report or Path(artifacts).is_dir():  # a missing ARTIFACTS is validate's own one-line error
         check_outputs({"--report": str(path)})  # before minutes of comparisons, not after
@@ -145,14 +147,14 @@ def engines(artifacts, graphs, workspace_gib, timing_cache, no_validate):
         fail("engines differ from ONNX Runtime beyond tolerance: " + ", ".join(failed))
 
 
-def _accuracy(artifacts: Path, against: Path, script_file, report) -> None:
+def _accuracy(artifacts: Path, against: Path, script_file, report, steps: int | None) -> None:
     from .accuracy import DEFAULT_SCRIPT, accuracy_report, summary_lines
 
     script = read_script(None, script_file).strip() if script_file else DEFAULT_SCRIPT
     path = Path(report) if report else artifacts / "accuracy.json"
     if report or artifacts.is_dir():
         check_outputs({"--report": str(path)})
-    result = accuracy_report(artifacts, against, script, echo=lambda msg: click.echo(msg, err=True))
+    result = accuracy_report(artifacts, against, script, max_steps=steps, echo=lambda msg: click.echo(msg, err=True))
     for line in summary_lines(result):
         click.echo(line, err=True)
     _write_atomic(path, json.dumps(result, indent=1) + "\n")

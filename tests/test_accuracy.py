@@ -30,6 +30,8 @@ def test_fp32_against_itself_agrees_everywhere(tiny_artifacts):
     assert list(report["outputs"]) == names
     for r in report["outputs"].values():
         assert r["agreement"] == 1.0 and r["max_abs"] == 0.0 and r["confident_agreement"] == 1.0
+    first = accuracy_report(tiny_artifacts, tiny_artifacts, SCRIPTS["dialogue"], echo=_quiet, max_steps=12)
+    assert first["steps"] == 12 < report["steps"] and first["outputs"]["cb0"]["compared_steps"] == 12
 
 
 def test_fp16_passes_with_small_logits_errors(artifacts_factory, tiny_artifacts):
