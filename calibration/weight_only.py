@@ -45,8 +45,6 @@ DEFAULT_BLOCK_SIZE = 64
 # benchmark, block 64: level 1 (fp32 compute) ran int8 at 0.06x and int4 at 0.71x of fp32.
 # ORT 1.32 defaults to 4 when unset; it is set explicitly so an older ORT does not fall back.
 ORT_ACCURACY_LEVEL = 4
-# A quantized graph projected past this keeps its weights in FILE.data (see EXTERNAL_DATA_BYTES).
-INLINE_LIMIT = EXTERNAL_DATA_BYTES
 # Tensors smaller than this stay float: their bytes do not matter, their error would.
 MIN_ELEMENTS = 1024
 
@@ -211,7 +209,7 @@ def quantize_model_file(path: Path, scheme: WeightOnlyScheme) -> QuantizeReport:
     # Per-reader copies can outgrow the source: the 2B depformer (1.06 GB inline in fp32) reads its
     # shared weights 27-31 times a frame, ~1.9 GB in int8, near protobuf's 2 GiB limit.
     external = (any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
-                or _projected_bytes(model.graph, scheme) > INLINE_LIMIT)
+                or _projected_bytes(model.graph, scheme) > EXTERNAL_DATA_BYTES)
     tmp_model = path.with_name(f".{path.name}.quant")
     tmp_data = data.with_name(f".{data.name}.quant") if external else None
     storage = _Storage(path.parent, tmp_data, data.name)

@@ -38,12 +38,12 @@ def _keep_fp32(node: onnx.NodeProto) -> bool:
     scopes = [s.strip(" '\"") for s in _meta(node, "pkg.torch.onnx.name_scopes").strip("[]").split(",")]
     if any(_FP32_HEADS.search(s) for s in scopes):
         return True
-    # Code written in the graph wrappers themselves is guidance and sampling, except in the backbone
-    # step, which has none: there the exporter attributes the cache's transposes to the wrapper's
-    # forward once the cache has a dynamic row axis.
+    # Guidance and sampling: code of the graph wrappers themselves, in the depformer frame (the
+    # only graph that samples; the exporter also attributes hoisted ops, such as the backbone
+    # cache's transposes once its rows are a dynamic axis, to a wrapper's forward).
     frames = re.findall(r'File "([^"]+)"', _meta(node, "pkg.torch.onnx.stack_trace"))
-    in_backbone = "BackboneStep" in _meta(node, "pkg.torch.onnx.class_hierarchy")
-    return bool(frames) and frames[-1].endswith("export/graphs.py") and not in_backbone
+    in_frame = "DepformerFrame" in _meta(node, "pkg.torch.onnx.class_hierarchy")
+    return in_frame and bool(frames) and frames[-1].endswith("export/graphs.py")
 
 
 def _fp32_nodes(nodes, inherited: bool = False):

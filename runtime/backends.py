@@ -190,8 +190,7 @@ class OrtGraph:
                                 f"does not match the manifest")
 
     def binding(self) -> "OrtBinding | OrtDynamicBinding":
-        bounded = self.spec.bounded()
-        if all(t.static for t in (*bounded.inputs, *bounded.outputs)):
+        if self.spec.fixed_shape:
             return OrtBinding(self.session, self.spec)
         return OrtDynamicBinding(self.session, self.spec)
 

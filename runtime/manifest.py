@@ -225,6 +225,12 @@ class GraphSpec:
     def input(self, name: str) -> TensorSpec:
         return _find(self.inputs, name, self.name, "input")
 
+    @property
+    def fixed_shape(self) -> bool:
+        """Whether every axis is static or bounded: a binding can allocate all its buffers once."""
+        full = self.bounded()
+        return all(t.static for t in (*full.inputs, *full.outputs))
+
     def bounded(self) -> "GraphSpec":
         """This graph with every bounded axis at its bound (what a fixed-shape binding allocates)."""
         return replace(self, inputs=tuple(t.bounded(self.dims) for t in self.inputs),

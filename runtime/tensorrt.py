@@ -106,8 +106,7 @@ class TrtGraph:
         self.spec, self.backend, self.engine = spec, backend, engine
 
     def binding(self) -> "TrtBinding | TrtDynamicBinding":
-        bounded = self.spec.bounded()
-        if all(t.static for t in (*bounded.inputs, *bounded.outputs)):
+        if self.spec.fixed_shape:
             return TrtBinding(self)
         return TrtDynamicBinding(self)
 
