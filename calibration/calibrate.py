@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from dia2_trt.export.manifest import write_manifest
+from dia2_trt.export.unroll import flat_graph
 from dia2_trt.runtime.artifacts import load_manifest, sha256
 from dia2_trt.runtime.manifest import FileRef, QuantizationRecord
 from dia2_trt.runtime.params import GenerationParams
@@ -73,7 +74,7 @@ def _calibrate_into(fp32_dir: Path, scripts, tmp: Path, precision: str, every: i
     source = load_manifest(fp32_dir)
     progress(f"speaking {len(scripts)} calibration script(s) with the fp32 runtime")
     traces = record(fp32_dir, scripts, CALIBRATION_PARAMS)
-    targets = {g: activation_names(onnx.load(str(source.graph(g).path), load_external_data=False))
+    targets = {g: activation_names(flat_graph(source.graph(g).path, load_external_data=False))
                for g in QUANTIZED_GRAPHS}
     progress(f"observing {sum(map(len, targets.values()))} activations over "
              f"{sum(t.steps for t in traces)} steps (every {every})")
@@ -116,7 +117,7 @@ def observe_ranges(fp32_dir: Path, traces: list[Trace], targets: dict[str, list[
 def _quantize_graph(path: Path, tmp: Path, amax: dict[str, float], precision: str) -> dict:
     from dia2_trt.export.onnx_io import save_model
 
-    model = onnx.load(str(path))
+    model = flat_graph(path)
     stats = quantize_in_place(model, amax, SCHEMES[precision])
     save_model(model, tmp / path.name)
     return stats

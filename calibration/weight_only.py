@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dia2_trt.export.onnx_io import EXTERNAL_DATA_BYTES
+from dia2_trt.export.precision import _keep_fp32
 
 QUANT_MIN_OPSET = 21  # blocked DequantizeLinear and INT4
 _QTYPES = {8: TensorProto.INT8, 4: TensorProto.INT4}
@@ -208,8 +209,8 @@ def quantize_model_file(path: Path, scheme: WeightOnlyScheme) -> QuantizeReport:
     data = path.with_name(path.name + ".data")
     # Per-reader copies can outgrow the source: the 2B depformer (1.06 GB inline in fp32) reads its
     # shared weights 27-31 times a frame, ~1.9 GB in int8, near protobuf's 2 GiB limit.
-    external = (any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
-                or _projected_bytes(model.graph, scheme) > EXTERNAL_DATA_BYTES)
+    external = (any(t.data_location == TensorProto.EXTERNAL for g in scopes(model.graph) for t in g.initializer)
+                or sum(_projected_bytes(g, scheme) for g in scopes(model.graph)) > EXTERNAL_DATA_BYTES)
     tmp_model = path.with_name(f".{path.name}.quant")
     tmp_data = data.with_name(f".{data.name}.quant") if external else None
     storage = _Storage(path.parent, tmp_data, data.name)
@@ -255,12 +256,32 @@ def _check_opset(model: onnx.ModelProto, path: Path) -> None:
                             f"export with --opset {QUANT_MIN_OPSET} or later")
 
 
+def scopes(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it (a Loop body, If branches), innermost first.
+
+    Each scope's weights are its own initializers: the depformer's Loop body holds the
+    tail's shared weights and its If leaves one codebook head each (export/depformer_loop.py).
+    """
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from scopes(attr.g)
+    yield graph
+
+
 def _rewrite(model: onnx.ModelProto, storage: _Storage, scheme: WeightOnlyScheme) -> QuantizeReport:
-    graph = model.graph
+    report = QuantizeReport()
+    # innermost first: rewriting a graph re-adds (copies) its nodes, subgraphs included
+    for graph in scopes(model.graph):
+        _rewrite_graph(graph, storage, scheme, report)
+    return report
+
+
+def _rewrite_graph(graph: onnx.GraphProto, storage: _Storage, scheme: WeightOnlyScheme,
+                   report: QuantizeReport) -> None:
     plan = plan_weights(graph, scheme)
     readers = _matmul_readers(graph, plan)
     transposed = transposed_weights(graph)  # before the weights are swapped for their quantized copies
-    report = QuantizeReport()
     initializers = []
     for t in graph.initializer:
         kind = plan.get(t.name)
@@ -280,7 +301,6 @@ def _rewrite(model: onnx.ModelProto, storage: _Storage, scheme: WeightOnlyScheme
     del graph.initializer[:]
     graph.initializer.extend(initializers)
     _rewire(graph, plan, transposed, scheme.block_size)
-    return report
 
 
 def _matmul_readers(graph: onnx.GraphProto, plan: dict[str, str]) -> dict[str, int]:
@@ -357,8 +377,10 @@ def plan_weights(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> dict[str, 
         for i, name in enumerate(node.input):
             if name in shapes and not (node.op_type == "Transpose" and node.output[0] in transposed):
                 role = _role(node, i)
-                if role == "gather" and node.input[1] in constant:
-                    role = "other"  # a lookup at a fixed index (RoPE at a stage's position): folded at load
+                if role == "gather" and (node.input[1] in constant or _keep_fp32(node)):
+                    # a lookup at a fixed index (RoPE at a stage's position: folded at load), or
+                    # of a float-kept module (RoPE rows looked up by the depformer loop's stage)
+                    role = "other"
                 roles.setdefault(name, set()).add(role)
             elif name in transposed:  # a read of W^T: a MatMul weight, or something that stays float
                 role = _role(node, i)
@@ -390,9 +412,13 @@ def _weights_on_dequantized_rows(graph: onnx.GraphProto, plan: dict[str, str]) -
 
 
 def _blocked_dims(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> dict[str, int]:
-    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
-    # the input axis: W's rows for a MatMul weight, its columns when read as W^T; a table's columns
-    return {name: shapes[name][0 if kind == "matmul" else 1] for name, kind in plan_weights(graph, scheme).items()}
+    dims = {}
+    for scope in scopes(graph):
+        shapes = {t.name: tuple(t.dims) for t in scope.initializer}
+        # the input axis: W's rows for a MatMul weight, its columns when read as W^T; a table's columns
+        dims.update({name: shapes[name][0 if kind == "matmul" else 1]
+                     for name, kind in plan_weights(scope, scheme).items()})
+    return dims
 
 
 def fit_block_size(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> WeightOnlyScheme:

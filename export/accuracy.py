@@ -120,10 +120,11 @@ def _collect(artifacts: Path, trace, params: GenerationParams) -> dict:
 
 def _head_outputs(path: Path) -> list[str]:
     """The depformer's per-codebook logits tensors, found by the module scope the exporter records
-    (every precision keeps these MatMuls; [] if a graph lost the scopes)."""
-    import onnx
+    (every precision keeps these MatMuls; [] if a graph lost the scopes). A Loop's stages are
+    unrolled first, as the Replay that fetches them does."""
+    from .unroll import flat_graph
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = flat_graph(path, load_external_data=False)
     found = {}
     for node in model.graph.node:
         scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")

@@ -22,6 +22,7 @@ from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, C
                                        DEPFORMER, CodecInfo, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
 
 from .codec import export_codec_decoder, export_codec_encoder
+from .depformer_loop import export_depformer_loop, tail_stages
 from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
 from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
 from .onnx_io import export_module, save_model
@@ -259,8 +260,7 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     export_module(backbone, BackboneStep.example_inputs(model, capacity), backbone.input_names,
                   backbone.output_names, tmp / "backbone.onnx", options.opset, dynamic=backbone.dynamic_shapes)
     progress("exporting depformer frame")
-    export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
-                  DepformerFrame.output_names, tmp / "depformer.onnx", options.opset)
+    _export_depformer(model, ids, tmp / "depformer.onnx", options)
     step_graphs = [BACKBONE, DEPFORMER]
     if options.prefix_frames:
         progress("exporting backbone prefill (audio-prefix warm-up)")
@@ -300,6 +300,16 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
                               tokenizer=tokenizer_entry(tmp, "tokenizer"), source=_source(files))
     write_manifest(manifest, tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
+
+
+def _export_depformer(model, ids, path: Path, options: BuildOptions) -> None:
+    """Stages that share their weights as one Loop (depformer_loop.py), except in fp16 builds: their
+    pass rewrites straight-line graphs, and they are made for TensorRT, which takes the stages laid out."""
+    if options.precision != "fp16" and tail_stages(model.depformer.schedule) >= 2:
+        export_depformer_loop(model, ids, path, options.opset)
+        return
+    export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
+                  DepformerFrame.output_names, path, options.opset)
 
 
 def _export_prefill(model, path: Path, opset: int) -> None:

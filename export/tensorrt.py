@@ -8,10 +8,15 @@ works the same on TensorRT 10.x.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+
+import onnx
 
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.files import write_atomic
@@ -19,6 +24,7 @@ from dia2_trt.runtime.graph_io import read_io
 from dia2_trt.runtime.manifest import GRAPH_NAMES, EngineEntry, EngineValidation, GraphSpec, Manifest
 
 from .manifest import sha256, write_manifest
+from .unroll import flat_graph, has_loop
 
 ENGINE_GRAPHS = GRAPH_NAMES
 ENCODER_SAMPLES = (1920, 1920 * 125, 1920 * 750)  # min / opt / max: 0.08 s, 10 s, 60 s
@@ -175,23 +181,49 @@ def build_engines(artifacts: Path, graphs: tuple[str, ...] = ENGINE_GRAPHS, opti
         spec = manifest.graph(name)
         plan_path = spec.path.with_suffix(".plan")
         echo(f"[engine] building {plan_path.name}")
-        try:
-            engine = build_engine(spec.path, plan_path, options, axis_ranges(manifest, spec))
-        except EngineError as exc:
-            if "cannot parse" not in str(exc):
-                raise
-            # The usual cause: the graphs' opset is newer than this TensorRT's ONNX parser.
-            raise EngineError(f"{exc} (graphs exported at opset {manifest.opset}; an older TensorRT may need "
-                              f"dia2-export build --opset 20)") from None
-        if validate:
-            atol = rtol = 1e-3 if spec.precision == "fp32" else 5e-2
-            result = compare_engine(spec.path, plan_path, input_ranges(manifest), atol=atol, rtol=rtol, spec=spec)
-            engine = replace(engine, validation=result)
-            echo(f"[engine] {name}: {'ok' if result.passed else 'MISMATCH'} vs ONNX Runtime")
+        with laid_out(spec.path) as source:
+            engine = _build_checked(source, plan_path, options, manifest, spec)
+            if validate:
+                atol = rtol = 1e-3 if spec.precision == "fp32" else 5e-2
+                result = compare_engine(source, plan_path, input_ranges(manifest), atol=atol, rtol=rtol, spec=spec)
+                engine = replace(engine, validation=result)
+                echo(f"[engine] {name}: {'ok' if result.passed else 'MISMATCH'} vs ONNX Runtime")
         manifest = manifest.with_engine(name, engine)
         built[name] = engine
     write_manifest(manifest, artifacts)
     return built
+
+
+def _build_checked(source: Path, plan_path: Path, options: EngineOptions, manifest: Manifest, spec: GraphSpec):
+    try:
+        return build_engine(source, plan_path, options, axis_ranges(manifest, spec))
+    except EngineError as exc:
+        if "cannot parse" not in str(exc):
+            raise
+        # The usual cause: the graphs' opset is newer than this TensorRT's ONNX parser.
+        raise EngineError(f"{exc} (graphs exported at opset {manifest.opset}; an older TensorRT may need "
+                          f"dia2-export build --opset 20)") from None
+
+
+@contextlib.contextmanager
+def laid_out(path: Path):
+    """``path``, or for a graph with a Loop (the depformer's shared stages) an unrolled copy beside it.
+
+    TensorRT's loops take no If inside (the sampler has them) and no carried value that grows (the
+    stages' K/V). The copy shares the original's data file and is removed afterwards.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    if not has_loop(model.graph):
+        yield path
+        return
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.unrolled-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    flat = Path(name)
+    try:
+        onnx.save_model(flat_graph(path, load_external_data=False), str(flat))
+        yield flat
+    finally:
+        flat.unlink(missing_ok=True)
 
 
 def have_gpu_tensorrt() -> tuple[bool, str]:

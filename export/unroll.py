@@ -1,0 +1,179 @@
+"""Loop with a constant trip count -> straight-line nodes (torch-free, works on graphs loaded without data).
+
+The depformer's stage Loop (depformer_loop.py) suits ONNX Runtime on CPU; the Q/DQ
+calibration must observe every stage's activations as graph outputs, and TensorRT
+wants the stages laid out (its loops take no If inside and no growing carried
+values). Unrolling gives them the same straight-line graph DepformerFrame exports:
+
+* the body's initializers are hoisted once, shared by every iteration;
+* each iteration's names get an ``@j`` suffix, the iteration number becomes a constant;
+* an ``If`` whose condition is ``Less`` of two constants (the head-picking tree) is
+  decided here, and the chosen branch inlined: each stage reads its own head again.
+
+Tensors are moved, never read, so external data keeps pointing at the same file.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def has_loop(graph: onnx.GraphProto) -> bool:
+    return any(n.op_type == "Loop" for n in graph.node)
+
+
+def unroll_loops(model: onnx.ModelProto) -> bool:
+    """Unroll every top-level Loop of ``model`` in place; False if there was none."""
+    graph = model.graph
+    if not has_loop(graph):
+        return False
+    constants = _constants(graph)
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Loop":
+            nodes += _unroll(node, graph, constants)
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Small integer constants (inline initializers and Constant nodes) a trip count or condition may read."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+              if t.data_type == TensorProto.INT64 and t.data_location != TensorProto.EXTERNAL
+              and int(np.prod(t.dims)) <= 1}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and value.data_type == TensorProto.INT64 and int(np.prod(value.dims)) <= 1:
+                values[node.output[0]] = numpy_helper.to_array(value)
+    return values
+
+
+def _unroll(loop: onnx.NodeProto, graph: onnx.GraphProto, constants: dict) -> list[onnx.NodeProto]:
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    trip, cond = loop.input[0], loop.input[1] if len(loop.input) > 1 else ""
+    if cond or trip not in constants:
+        raise ValueError(f"Loop {loop.name!r}: only a constant trip count and no condition can be unrolled")
+    carried = list(loop.input[2:])
+    n_carried = len(carried)
+    hoisted = {t.name: f"{loop.name}/{t.name}" for t in body.initializer}
+    for t in body.initializer:
+        graph.initializer.append(_renamed_tensor(t, hoisted[t.name]))
+    nodes, scans = [], [[] for _ in body.output[1 + n_carried:]]
+    for j in range(int(constants[trip])):
+        iteration = f"{loop.name}/iteration@{j}"
+        nodes.append(helper.make_node("Constant", [], [iteration], value=numpy_helper.from_array(np.array(j, np.int64))))
+        rename = {name: f"{name}@{j}" for name in _defined(body)}
+        rename.update(hoisted)
+        rename[body.input[0].name] = iteration
+        rename.update({v.name: c for v, c in zip(body.input[2:], carried)})
+        known = {**constants, iteration: np.array(j, np.int64)}
+        for node in body.node:
+            nodes += _place(_copied(node, rename, f"@{j}"), graph, known)
+        outputs = [rename.get(o.name, o.name) for o in body.output]
+        carried = outputs[1:1 + n_carried]
+        for scan, name in zip(scans, outputs[1 + n_carried:]):
+            scan.append(name)
+    nodes += [helper.make_node("Identity", [c], [out]) for c, out in zip(carried, loop.output[:n_carried])]
+    for scan, out in zip(scans, loop.output[n_carried:]):
+        axes = f"{out}/axes"
+        nodes.append(helper.make_node("Constant", [], [axes], value=numpy_helper.from_array(np.array([0], np.int64))))
+        stacked = [f"{name}/stacked" for name in scan]
+        nodes += [helper.make_node("Unsqueeze", [name, axes], [s]) for name, s in zip(scan, stacked)]
+        nodes.append(helper.make_node("Concat", stacked, [out], axis=0))
+    return [n for n in nodes if not _is_cond_passthrough(n, body)]
+
+
+def _is_cond_passthrough(node: onnx.NodeProto, body: onnx.GraphProto) -> bool:
+    """The body's cond -> cond_out Identity: nothing reads it once the loop is gone."""
+    return node.op_type == "Identity" and node.input[0].split("@")[0] == body.input[1].name
+
+
+def _place(node: onnx.NodeProto, graph: onnx.GraphProto, known: dict) -> list[onnx.NodeProto]:
+    """``node``, or for an If decided by ``known`` constants the nodes of the branch it takes."""
+    if node.op_type == "Constant":
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if value is not None and value.data_type == TensorProto.INT64 and int(np.prod(value.dims)) <= 1:
+            known[node.output[0]] = numpy_helper.to_array(value)
+    if node.op_type == "Less" and all(name in known for name in node.input):
+        known[node.output[0]] = np.less(known[node.input[0]], known[node.input[1]])
+    if node.op_type != "If" or node.input[0] not in known:
+        return [node]
+    branch = next(a.g for a in node.attribute if a.name == ("then_branch" if known[node.input[0]] else "else_branch"))
+    graph.initializer.extend(branch.initializer)
+    nodes = []
+    for inner in branch.node:
+        nodes += _place(inner, graph, known)
+    nodes += [helper.make_node("Identity", [o.name], [out]) for o, out in zip(branch.output, node.output)]
+    return nodes
+
+
+def _copied(node: onnx.NodeProto, rename: dict[str, str], suffix: str) -> onnx.NodeProto:
+    node = copy.deepcopy(node)
+    _rename_node(node, rename, suffix)
+    return node
+
+
+def _rename_node(node: onnx.NodeProto, rename: dict[str, str], suffix: str) -> None:
+    """Values by ``rename``, node names (unique model-wide for ONNX Runtime) by ``suffix``."""
+    node.input[:] = [rename.get(n, n) for n in node.input]
+    node.output[:] = [rename.get(n, n) for n in node.output]
+    if node.name:
+        node.name += suffix
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            _rename_graph(attr.g, rename, suffix)
+
+
+def _rename_graph(graph: onnx.GraphProto, rename: dict[str, str], suffix: str) -> None:
+    for seq in (graph.input, graph.output, graph.value_info):
+        for v in seq:
+            v.name = rename.get(v.name, v.name)
+    for t in graph.initializer:
+        t.name = rename.get(t.name, t.name)
+    for node in graph.node:
+        _rename_node(node, rename, suffix)
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    """Every name a graph and its subgraphs define."""
+    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= _defined(attr.g)
+    return names
+
+
+def _renamed_tensor(t: TensorProto, name: str) -> TensorProto:
+    out = TensorProto()
+    out.CopyFrom(t)
+    out.name = name
+    return out
+
+
+def flat_graph(path, load_external_data: bool = True) -> onnx.ModelProto:
+    """The ONNX file at ``path``, its Loops unrolled."""
+    model = onnx.load(str(path), load_external_data=load_external_data)
+    if unroll_loops(model):
+        _drop_unused_initializers(model.graph)
+    return model
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """The trip counts the unrolled Loops read."""
+    from .onnx_graph import reads
+
+    used = {name for node in graph.node for name in reads(node)} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
