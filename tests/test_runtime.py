@@ -1,8 +1,9 @@
 """The torch-free runtime against the PyTorch reference loop, on tiny random checkpoints.
 
-Two artifact sets are built once per session: the default tiny variant (second
-stream on, so no lead-in crop, as in the reference) and the "full" variant with
-the second stream off, which exercises the crop and first-word timing.
+Three artifact sets are built once per session: the default tiny variant (second
+stream on, so no lead-in crop, as in the reference), the "full" variant with
+the second stream off, which exercises the crop and first-word timing, and one
+whose weights schedule ends in a repeat, so its depformer stages run as a Loop.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _torch_threads(count: int):
 
 @pytest.fixture(scope="session")
 def built(checkpoint_factory, artifacts_factory, tmp_path_factory):
-    """{variant: (checkpoint files, artifact dir)}: conftest's default build, plus one without a second stream."""
+    """{variant: (checkpoint files, artifact dir)}: conftest's default build, one without a second
+    stream and one whose depformer stages loop."""
     from dia2_trt.export.build import BuildOptions, build_artifacts
     from dia2_trt.models.sources import resolve_checkpoint
     from dia2_trt.models.tiny import build_tiny_checkpoint
@@ -62,6 +64,12 @@ def built(checkpoint_factory, artifacts_factory, tmp_path_factory):
         files = resolve_checkpoint(checkpoint=ckpt)
         build_artifacts(files, root / "art", BuildOptions())
         out["nosecond"] = (files, root / "art")
+        # A schedule whose last stages share weights, as the 2B's do: the depformer is exported as a Loop.
+        root = tmp_path_factory.mktemp("runtime-looped")
+        ckpt = build_tiny_checkpoint(root / "ckpt", seed=2, overrides={"runtime.weights_schedule": [0, 1, 1, 1]})
+        files = resolve_checkpoint(checkpoint=ckpt)
+        build_artifacts(files, root / "art", BuildOptions())
+        out["looped"] = (files, root / "art")
     return out
 
 
@@ -101,6 +109,7 @@ def reference(built):
 PARITY = [
     ("default", 0, 2.0), ("default", 0, 1.0), ("default", 1, 2.0), ("default", 2, 2.0),
     ("nosecond", 0, 2.0), ("nosecond", 1, 1.0), ("nosecond", 3, 2.0), ("nosecond", 3, 1.0),
+    ("looped", 0, 2.0), ("looped", 1, 1.0),
 ]
 
 
@@ -113,6 +122,13 @@ def test_greedy_matches_reference(runtimes, reference, variant, script, cfg_scal
     assert result.frames == expected.frames
     assert not result.truncated
     assert result.pcm.size == result.tokens.shape[1] * runtimes[variant].manifest.samples_per_frame
+
+
+def test_parity_cases_cover_the_depformer_loop(built):
+    import onnx
+
+    graph = onnx.load(str(built["looped"][1] / "depformer.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("Loop") == 1
 
 
 def test_parity_cases_cover_the_lead_in_crop(runtimes, reference):
