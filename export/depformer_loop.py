@@ -13,7 +13,7 @@ flat table), its RoPE rows, its noise number, and its logits head. A head is a w
 [E, V] matrix, so it is picked by a binary tree of ``If`` nodes whose leaves each
 hold one head as a constant: a gathered weight could not be fused, and dequantizing
 a gathered int8 head cost 41 ms a frame against 3.5 ms for the tree (27 heads of
-the 2B, 2 threads; /work/runs/s17/treeprobe.py).
+the 2B's shape in a 27-iteration Loop, 2 threads, ONNX Runtime 1.32).
 
 Same arithmetic as DepformerFrame, op for op: the loop concatenates each stage's
 K/V onto the earlier ones (a loop-carried value that grows by one row), as the
@@ -62,24 +62,17 @@ class DepformerFramePrefix(DepformerFrame):
         self.output_names = ["prefix_tokens", "token", *_kv_names("past", self.n_layer)]
 
     def forward(self, hidden, cb0_logits, text_tokens, noise, temperature, top_k, cfg_scale, cfg_filter_k):
-        main = text_tokens[0:1].expand(BRANCHES)
-        second = text_tokens[1:2].expand(BRANCHES)
-        cb0 = guide(cb0_logits, cfg_scale, cfg_filter_k)
-        cb0 = cb0.masked_fill(self.special, torch.finfo(cb0.dtype).min)
-        token = sample(cb0, noise[0:1], temperature, top_k)
-        tokens = [token]
-        past: list[list] = [[] for _ in range(self.n_layer)]
-        for stage in range(self.stages):
-            logits = self.depformer.stage_split(stage, token.expand(BRANCHES), hidden, main, second, past)
-            token = sample(guide(logits, cfg_scale, cfg_filter_k), noise[stage + 1:stage + 2], temperature, top_k)
-            tokens.append(token)
+        tokens, past = self.first_stages(self.stages, hidden, cb0_logits, text_tokens, noise, temperature, top_k,
+                                         cfg_scale, cfg_filter_k)
         keys = [torch.cat([kv[0] for kv in layer], dim=2) for layer in past]
         values = [torch.cat([kv[1] for kv in layer], dim=2) for layer in past]
-        return torch.cat(tokens), token, *keys, *values
+        return torch.cat(tokens), tokens[-1], *keys, *values
 
 
 class StageLogits(nn.Module):
-    """The tail's codebook heads as one [S, E, V] stack (module name kept for the fp32 rules)."""
+    """The tail's codebook heads as one [S, E, V] stack, looked up by the iteration.
+
+    Only for the export: ``assemble`` swaps the lookup for the If tree of constant heads."""
 
     def __init__(self, heads: list[nn.Linear]) -> None:
         super().__init__()

@@ -216,6 +216,13 @@ class DepformerFrame(nn.Module):
         self.register_buffer("special", special, persistent=False)
 
     def forward(self, hidden, cb0_logits, text_tokens, noise, temperature, top_k, cfg_scale, cfg_filter_k):
+        tokens, _ = self.first_stages(self.depformer.num_depth, hidden, cb0_logits, text_tokens, noise, temperature,
+                                      top_k, cfg_scale, cfg_filter_k)
+        return torch.cat(tokens)
+
+    def first_stages(self, stages: int, hidden, cb0_logits, text_tokens, noise, temperature, top_k, cfg_scale,
+                     cfg_filter_k) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+        """cb0 and depformer stages 0 .. stages - 1: their tokens, and per layer the stages' (k, v)."""
         main = text_tokens[0:1].expand(BRANCHES)
         second = text_tokens[1:2].expand(BRANCHES)
         cb0 = guide(cb0_logits, cfg_scale, cfg_filter_k)
@@ -223,11 +230,11 @@ class DepformerFrame(nn.Module):
         token = sample(cb0, noise[0:1], temperature, top_k)
         tokens = [token]
         past: list[list] = [[] for _ in range(self.n_layer)]
-        for stage in range(self.depformer.num_depth):
+        for stage in range(stages):
             logits = self.depformer.stage_split(stage, token.expand(BRANCHES), hidden, main, second, past)
             token = sample(guide(logits, cfg_scale, cfg_filter_k), noise[stage + 1:stage + 2], temperature, top_k)
             tokens.append(token)
-        return torch.cat(tokens)
+        return tokens, past
 
     @staticmethod
     def example_inputs(model: Dia2Model):

@@ -66,13 +66,16 @@ def _unroll(loop: onnx.NodeProto, graph: onnx.GraphProto, constants: dict) -> li
     hoisted = {t.name: f"{loop.name}/{t.name}" for t in body.initializer}
     for t in body.initializer:
         graph.initializer.append(_renamed_tensor(t, hoisted[t.name]))
-    nodes, scans = [], [[] for _ in body.output[1 + n_carried:]]
+    always = f"{loop.name}/cond"  # no condition input: every iteration runs
+    nodes = [helper.make_node("Constant", [], [always], value=numpy_helper.from_array(np.array(True)))]
+    scans = [[] for _ in body.output[1 + n_carried:]]
     for j in range(int(constants[trip])):
         iteration = f"{loop.name}/iteration@{j}"
         nodes.append(helper.make_node("Constant", [], [iteration], value=numpy_helper.from_array(np.array(j, np.int64))))
         rename = {name: f"{name}@{j}" for name in _defined(body)}
         rename.update(hoisted)
         rename[body.input[0].name] = iteration
+        rename[body.input[1].name] = always
         rename.update({v.name: c for v, c in zip(body.input[2:], carried)})
         known = {**constants, iteration: np.array(j, np.int64)}
         for node in body.node:
@@ -88,12 +91,7 @@ def _unroll(loop: onnx.NodeProto, graph: onnx.GraphProto, constants: dict) -> li
         stacked = [f"{name}/stacked" for name in scan]
         nodes += [helper.make_node("Unsqueeze", [name, axes], [s]) for name, s in zip(scan, stacked)]
         nodes.append(helper.make_node("Concat", stacked, [out], axis=0))
-    return [n for n in nodes if not _is_cond_passthrough(n, body)]
-
-
-def _is_cond_passthrough(node: onnx.NodeProto, body: onnx.GraphProto) -> bool:
-    """The body's cond -> cond_out Identity: nothing reads it once the loop is gone."""
-    return node.op_type == "Identity" and node.input[0].split("@")[0] == body.input[1].name
+    return nodes
 
 
 def _place(node: onnx.NodeProto, graph: onnx.GraphProto, known: dict) -> list[onnx.NodeProto]:
