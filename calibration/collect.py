@@ -214,7 +214,8 @@ def _with_outputs(path: Path, names: Sequence[str], workdir: Path) -> Path:
 
     from dia2_trt.export.unroll import flat_graph
 
-    model = flat_graph(path, load_external_data=False)  # a Loop's stages cannot show their activations
+    # A Loop's stages cannot show their values as outputs: lay them out, computing as the Loop does.
+    model = flat_graph(path, load_external_data=False, copy_quantized=True)
     present = {o.name for o in model.graph.output}
     # No type given: ONNX Runtime infers it (fp16 graphs have fp16 intermediates).
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)

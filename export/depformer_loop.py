@@ -26,6 +26,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -36,9 +37,10 @@ from dia2_trt.runtime.state_machine import TokenIds
 
 from .graphs import BRANCHES, DepformerFrame, guide, sample
 from .onnx_io import export_module, save_model
+from .unroll import defined_names, rename_graph
 
 LOOP_PREFIX = "stage_loop/"  # the body's own names, kept apart from the outer graph's
-HEAD_TREE = "stage_head"  # node-name prefix of the head-picking If tree (unroll resolves it)
+HEAD_TREE = "stage_head"  # node-name prefix of the head-picking If tree
 OUTER = ["hidden", "noise", "temperature", "top_k", "cfg_scale", "cfg_filter_k"]  # read by the body from outside
 
 
@@ -210,17 +212,15 @@ def assemble(prefix: onnx.ModelProto, body: onnx.ModelProto, first: int, trip: i
     return model
 
 
-def _int64(value):
-    import numpy as np
-
+def _int64(value) -> np.ndarray:
     return np.array(value, dtype=np.int64)
 
 
 def _as_loop_body(graph: onnx.GraphProto, n_layer: int) -> onnx.GraphProto:
     """The exported stage graph as a Loop body: (iteration, cond, token, past...) -> (cond, token, next..., token)."""
     keep = set(OUTER)
-    renamed = {name: LOOP_PREFIX + name for name in _defined(graph) if name not in keep}
-    _rename_all(graph, renamed)
+    renamed = {name: LOOP_PREFIX + name for name in defined_names(graph) if name not in keep}
+    rename_graph(graph, renamed, lambda name: LOOP_PREFIX + name)
     iteration, token = (LOOP_PREFIX + n for n in ("iteration", "token"))
     inputs = {v.name: v for v in graph.input}
     past = [inputs[LOOP_PREFIX + n] for n in _kv_names("past", n_layer)]
@@ -237,34 +237,6 @@ def _as_loop_body(graph: onnx.GraphProto, n_layer: int) -> onnx.GraphProto:
                          helper.make_tensor_value_info(scan, TensorProto.INT64, [1])])
     graph.name = "stage_loop_body"
     return graph
-
-
-def _defined(graph: onnx.GraphProto) -> set[str]:
-    """Every name a graph and its subgraphs define."""
-    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    for node in graph.node:
-        names.update(o for o in node.output if o)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                names |= _defined(attr.g)
-    return names
-
-
-def _rename_all(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
-    """Apply ``renamed`` to every definition and use, subgraphs included."""
-    for seq in (graph.input, graph.output, graph.value_info):
-        for v in seq:
-            v.name = renamed.get(v.name, v.name)
-    for t in graph.initializer:
-        t.name = renamed.get(t.name, t.name)
-    for node in graph.node:
-        node.input[:] = [renamed.get(n, n) for n in node.input]
-        node.output[:] = [renamed.get(n, n) for n in node.output]
-        if node.name:
-            node.name = LOOP_PREFIX + node.name
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _rename_all(attr.g, renamed)
 
 
 def _pick_heads(graph: onnx.GraphProto, iteration: str, first: int) -> None:
@@ -298,7 +270,7 @@ def _head_nodes(matmul: onnx.NodeProto, stack, lo: int, hi: int, iteration: str,
                 first: int) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
     """Nodes (and their weights) computing ``out`` = ``matmul`` with head ``iteration``, known to lie in [lo, hi)."""
     if hi - lo == 1:
-        name = f"{LOOP_PREFIX}stage_logits.{lo}.weight"
+        name = f"{LOOP_PREFIX}depformer.logits.{first + lo}.weight"  # the checkpoint's name for that head
         leaf = helper.make_node("MatMul", [matmul.input[0], name], [out], name=f"{HEAD_TREE}_{lo}")
         _label_head(leaf, matmul, first + lo)
         return [leaf], [numpy_helper.from_array(stack[lo].copy(), name)]

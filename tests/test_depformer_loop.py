@@ -186,6 +186,25 @@ def test_quantized_loop_gives_the_unrolled_quantized_tokens(looped, quantized, t
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("copy_quantized", [True, False])
+def test_laid_out_quantized_graph_fuses_only_with_its_own_copies(looped, quantized, tmp_path, copy_quantized):
+    """The accuracy report reads the stages' logits from an unrolled copy: with a weight copy per stage
+    it runs the Loop's fused kernels (same tokens); sharing one, ONNX Runtime would dequantize instead."""
+    art = quantized["int4"]
+    level = json.loads((art / "manifest.json").read_text())["graphs"]["depformer"]["quantization"]
+    level = level["ort_accuracy_level"]
+    onnx.save(flat_graph(art / "depformer.onnx", copy_quantized=copy_quantized), str(tmp_path / "flat.onnx"))
+    opts = OrtBackend(threads=1).session_options(1, level)
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "flat.onnx"), opts, providers=["CPUExecutionProvider"])
+    assert (_dq_matmuls(onnx.load(str(tmp_path / "opt.onnx")).graph) == 0) == copy_quantized
+    if copy_quantized:
+        frames = _frames(looped[1], seed=3)
+        loop = _tokens(_session(art / "depformer.onnx", level), frames)
+        for a, b in zip(loop, _tokens(_session(tmp_path / "flat.onnx", level), frames)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_quantized_loop_speaks_greedily(quantized):
     from dia2_trt.runtime.engine import Dia2Runtime
     from dia2_trt.runtime.params import GenerationParams
