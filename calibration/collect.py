@@ -12,6 +12,7 @@ through the same steps, with intermediate tensors exposed on request.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ class Replay:
 
     ``extra`` names intermediate tensors per graph to return as well (the graph is
     re-saved with them as outputs, into ``workdir``; weights in a side file are
-    linked, not copied).
+    hard-linked, not copied, except a looped graph's: see _with_outputs).
     """
 
     def __init__(self, artifacts: Path, extra: dict[str, Sequence[str]] | None = None,
@@ -212,17 +213,23 @@ def _with_outputs(path: Path, names: Sequence[str], workdir: Path) -> Path:
     import onnx
     from onnx import helper
 
-    from dia2_trt.export.unroll import flat_graph
+    from dia2_trt.export.unroll import drop_unused_initializers, unroll_loops
 
+    model = onnx.load(str(path), load_external_data=False)
     # A Loop's stages cannot show their values as outputs: lay them out, computing as the Loop does.
-    model = flat_graph(path, load_external_data=False, copy_quantized=True)
+    looped = unroll_loops(model, copy_quantized=True)
+    if looped:
+        drop_unused_initializers(model.graph)
     present = {o.name for o in model.graph.output}
     # No type given: ONNX Runtime infers it (fp16 graphs have fp16 intermediates).
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
     out = workdir / path.name
     onnx.save_model(model, str(out))
     for location in _external_files(model):
-        _link(path.parent / location, workdir / location)
+        # ONNX Runtime refuses a Loop body's weights from a data file with a second hard link (a
+        # "hardlink attack"): linking the looped graph's file would break the artifact for every
+        # other process while this one runs (or for good, if it is killed). Copy that one.
+        (shutil.copyfile if looped else _link)(path.parent / location, workdir / location)
     return out
 
 

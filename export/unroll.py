@@ -182,11 +182,11 @@ def flat_graph(path, load_external_data: bool = True, copy_quantized: bool = Fal
     """The ONNX file at ``path``, its Loops unrolled (``copy_quantized``: see unroll_loops)."""
     model = onnx.load(str(path), load_external_data=load_external_data)
     if unroll_loops(model, copy_quantized):
-        _drop_unused_initializers(model.graph)
+        drop_unused_initializers(model.graph)
     return model
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     """The trip counts the unrolled Loops read."""
     from .onnx_graph import reads
 

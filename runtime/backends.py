@@ -172,6 +172,11 @@ class OrtBackend:
                                               providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "multiple hard links" in message:
+                # ONNX Runtime reads a Loop body's weights (the depformer's stages) only from a data
+                # file with a single link: a hard-linked copy of the artifacts breaks both copies.
+                raise ArtifactError(f"{path}: ONNX Runtime refuses its weights file, which has more than one "
+                                    f"hard link; copy artifact directories instead of hard-linking them") from None
             raise ArtifactError(f"{path}: cannot load graph ({message})") from None
 
 

@@ -258,3 +258,30 @@ def test_tensorrt_gets_the_stages_laid_out(looped):
     assert set(art.iterdir()) == before
     with laid_out(art / "backbone.onnx") as source:
         assert source == art / "backbone.onnx"
+
+
+def test_replay_copy_leaves_the_looped_artifact_loadable(looped, tmp_path):
+    """ONNX Runtime refuses a Loop body's weights from a data file with a second hard link, so the
+    replay (validate, calibrate) copies a looped graph's side file where it links the others."""
+    import os
+
+    from dia2_trt.calibration.collect import _with_outputs
+    from dia2_trt.export.accuracy import _head_outputs
+
+    src, work = tmp_path / "art", tmp_path / "work"
+    src.mkdir()
+    work.mkdir()
+    onnx.save_model(onnx.load(str(looped[3] / "depformer.onnx")), str(src / "depformer.onnx"),
+                    save_as_external_data=True, location="depformer.onnx.data", size_threshold=1024)
+    out = _with_outputs(src / "depformer.onnx", _head_outputs(src / "depformer.onnx"), work)
+    assert os.stat(src / "depformer.onnx.data").st_nlink == 1
+    frames = _frames(looped[1], count=2, seed=4)
+    for a, b in zip(_tokens(_session(src / "depformer.onnx"), frames), _tokens(_session(out), frames)):
+        np.testing.assert_array_equal(a, b)
+    # What the copy avoids: a second link makes the looped graph unloadable, said in one line.
+    from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
+
+    os.link(src / "depformer.onnx.data", tmp_path / "second-link.data")
+    spec = load_manifest(looped[3]).graph("depformer")
+    with pytest.raises(ArtifactError, match="more than one hard link; copy artifact directories"):
+        OrtBackend(threads=1).open_session(spec, src / "depformer.onnx")
