@@ -207,8 +207,8 @@ def quantize_model_file(path: Path, scheme: WeightOnlyScheme) -> QuantizeReport:
     model = onnx.load(str(path), load_external_data=False)
     _check_opset(model, path)
     data = path.with_name(path.name + ".data")
-    # Per-reader copies can outgrow the source: the 2B depformer (1.06 GB inline in fp32) reads its
-    # shared weights 27-31 times a frame, ~1.9 GB in int8, near protobuf's 2 GiB limit.
+    # Per-reader copies can outgrow the source: the unrolled 2B depformer (1.06 GB inline in fp32)
+    # came to ~1.9 GB in int8, near protobuf's 2 GiB limit.
     external = (any(t.data_location == TensorProto.EXTERNAL for g in scopes(model.graph) for t in g.initializer)
                 or sum(_projected_bytes(g, scheme) for g in scopes(model.graph)) > EXTERNAL_DATA_BYTES)
     tmp_model = path.with_name(f".{path.name}.quant")
@@ -308,9 +308,9 @@ def _matmul_readers(graph: onnx.GraphProto, plan: dict[str, str]) -> dict[str, i
 
     ONNX Runtime's MatMulNBits fusion repacks the integer initializer it consumes, so
     it fuses no DequantizeLinear whose initializer is shared (measured: a weight read
-    by two MatMuls, through one or two DequantizeLinear nodes, stayed unfused). The
-    depformer's weights schedule shares one set of projections across 27 of the 2B's
-    31 stages; unfused, each stage would dequantize it whole.
+    by two MatMuls, through one or two DequantizeLinear nodes, stayed unfused); unfused,
+    each reader would dequantize it whole every run. The depformer's stages that share
+    weights are a Loop for this reason (export/depformer_loop.py): there each has one reader.
     """
     counts: dict[str, int] = {}
     transposed = transposed_weights(graph)
