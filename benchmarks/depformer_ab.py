@@ -25,16 +25,18 @@ import numpy as np
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("a", type=Path)
-    parser.add_argument("b", type=Path)
+    parser.add_argument("a", type=Path, nargs="?")
+    parser.add_argument("b", type=Path, nargs="?")
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--load-only", type=Path, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.load_only:
-        print(json.dumps(_load_rss(_graph(args.a), args.threads)))
+        print(json.dumps(_load_rss(args.load_only, args.threads)))
         return
+    if args.b is None:
+        parser.error("give two artifact directories (or depformer.onnx files)")
     paths = [_graph(args.a), _graph(args.b)]
     loaded = [_load_in_child(p, args.threads) for p in paths]
     times, same = _alternate(paths, args.frames, args.threads, args.temperature)
@@ -87,7 +89,7 @@ def _load_rss(path: Path, threads: int) -> dict:
 
 def _load_in_child(path: Path, threads: int) -> dict:
     """In a fresh process: memory one process freed would otherwise be reused by the next load."""
-    out = subprocess.run([sys.executable, __file__, str(path), str(path), "--threads", str(threads), "--load-only"],
+    out = subprocess.run([sys.executable, __file__, "--load-only", str(path), "--threads", str(threads)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

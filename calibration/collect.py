@@ -213,13 +213,11 @@ def _with_outputs(path: Path, names: Sequence[str], workdir: Path) -> Path:
     import onnx
     from onnx import helper
 
-    from dia2_trt.export.unroll import drop_unused_initializers, unroll_loops
+    from dia2_trt.export.unroll import unroll_loops
 
     model = onnx.load(str(path), load_external_data=False)
     # A Loop's stages cannot show their values as outputs: lay them out, computing as the Loop does.
     looped = unroll_loops(model, copy_quantized=True)
-    if looped:
-        drop_unused_initializers(model.graph)
     present = {o.name for o in model.graph.output}
     # No type given: ONNX Runtime infers it (fp16 graphs have fp16 intermediates).
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)

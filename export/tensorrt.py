@@ -24,7 +24,7 @@ from dia2_trt.runtime.graph_io import read_io
 from dia2_trt.runtime.manifest import GRAPH_NAMES, EngineEntry, EngineValidation, GraphSpec, Manifest
 
 from .manifest import sha256, write_manifest
-from .unroll import flat_graph, has_loop
+from .unroll import unroll_loops
 
 ENGINE_GRAPHS = GRAPH_NAMES
 ENCODER_SAMPLES = (1920, 1920 * 125, 1920 * 750)  # min / opt / max: 0.08 s, 10 s, 60 s
@@ -213,14 +213,14 @@ def laid_out(path: Path):
     stages' K/V). The copy shares the original's data file and is removed afterwards.
     """
     model = onnx.load(str(path), load_external_data=False)
-    if not has_loop(model.graph):
+    if not unroll_loops(model):
         yield path
         return
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.unrolled-", suffix=".onnx", dir=path.parent)
     os.close(fd)
     flat = Path(name)
     try:
-        onnx.save_model(flat_graph(path, load_external_data=False), str(flat))
+        onnx.save_model(model, str(flat))
         yield flat
     finally:
         flat.unlink(missing_ok=True)

@@ -49,6 +49,7 @@ def unroll_loops(model: onnx.ModelProto, copy_quantized: bool = False) -> bool:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
+    _drop_unused_initializers(graph)  # the trip counts
     return True
 
 
@@ -181,13 +182,11 @@ def _renamed_tensor(t: TensorProto, name: str) -> TensorProto:
 def flat_graph(path, load_external_data: bool = True, copy_quantized: bool = False) -> onnx.ModelProto:
     """The ONNX file at ``path``, its Loops unrolled (``copy_quantized``: see unroll_loops)."""
     model = onnx.load(str(path), load_external_data=load_external_data)
-    if unroll_loops(model, copy_quantized):
-        drop_unused_initializers(model.graph)
+    unroll_loops(model, copy_quantized)
     return model
 
 
-def drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    """The trip counts the unrolled Loops read."""
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     from .onnx_graph import reads
 
     used = {name for node in graph.node for name in reads(node)} | {o.name for o in graph.output}
