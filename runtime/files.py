@@ -1,13 +1,105 @@
-"""Output files that appear whole or not at all."""
+"""Files in and out: inputs read within a bound before anything decodes them, outputs that
+appear whole or not at all."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+# --- bounded reads ----------------------------------------------------------------------------------
+
+# Nesting deeper than any file or request of ours has: the parser's recursion stays far from Python's
+# limit, so a crafted '[[[[...' is one line, not a RecursionError from deep inside json.
+MAX_JSON_DEPTH = 64
+
+
+class InputFileError(ValueError):
+    """A file that must not be decoded: missing, not a regular file, too large, or malformed.
+    The message is one line naming the file; callers re-raise it as their own error type."""
+
+
+def open_regular(path: str | Path, max_bytes: int, what: str = "file"):
+    """Open ``path`` for reading if it is a regular file of at most ``max_bytes``.
+
+    Checked on the open descriptor (no window between check and read), opened non-blocking so a
+    FIFO is refused instead of waiting for a writer forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputFileError(f"{what} {path} not found") from None
+    except OSError as exc:
+        raise InputFileError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise InputFileError(f"{what} {path} is not a regular file (a directory, device, pipe or socket)")
+    if info.st_size > max_bytes:
+        os.close(fd)
+        raise InputFileError(f"{what} {path} is too large: {info.st_size} bytes, at most {max_bytes}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | Path, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (read at most one byte past the bound,
+    so a file that grows while it is read is refused too)."""
+    with open_regular(path, max_bytes, what) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise InputFileError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > max_bytes:
+        raise InputFileError(f"{what} {path} is too large: over {max_bytes} bytes")
+    return data
+
+
+def parse_json(data: bytes | str, what: str = "JSON", max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that fails in one line on bad UTF-8, bad JSON, nesting deeper than
+    ``max_depth``, integers past Python's digit limit and non-finite numbers (NaN, Infinity)."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputFileError(f"{what} is not UTF-8 (byte {exc.start})") from None
+    if data.startswith("\ufeff"):
+        data = data[1:]  # a UTF-8 byte-order mark, as some editors write it
+    if _nesting(data) > max_depth:
+        raise InputFileError(f"{what} nests deeper than {max_depth} levels")
+    try:
+        return json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, NaN/Infinity
+        raise InputFileError(f"{what} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _nesting(text: str) -> int:
+    """The bracket nesting depth outside strings, counted without parsing (C-speed regexes)."""
+    brackets = "".join(_BRACKET.findall(_STRING.sub("", text)))
+    steps = np.frombuffer(brackets.translate(_STEP).encode("latin-1"), np.int8)
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+_STEP = str.maketrans({"[": "\x01", "{": "\x01", "]": "\xff", "}": "\xff"})  # +1 / -1 as int8
+
+
+def read_json_file(path: str | Path, max_bytes: int, what: str = "file") -> Any:
+    """A bounded regular file parsed as bounded JSON."""
+    return parse_json(read_regular(path, max_bytes, what), f"{what} {path}")
+
+
+# --- outputs -------------------------------------------------------------------------------------
 
 # soundfile format and subtype by extension; OGG means Vorbis.
 AUDIO_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
