@@ -52,15 +52,12 @@ def _graph(path: Path) -> Path:
 
 
 def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
+    """The session the runtime would open for this depformer file (its precision's options)."""
     from dia2_trt.runtime.artifacts import load_manifest
     from dia2_trt.runtime.backends import OrtBackend
 
     spec = load_manifest(path.parent, verify=False).graph("depformer")
-    level = spec.quantization.ort_accuracy_level if spec.quantization else None
-    return ort.InferenceSession(str(path), OrtBackend(threads=threads).session_options(threads, level),
-                                providers=["CPUExecutionProvider"])
+    return OrtBackend(threads=threads).open_session(spec, path)
 
 
 def _feeds(session, rng: np.random.Generator, temperature: float) -> dict:

@@ -97,7 +97,13 @@ def graph_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-FP32_DEQUANTIZED = ("fp8-qdq",)  # precisions ORT's CPU provider runs by dequantizing weights each run
+# Q/DQ artifacts are made for TensorRT, which multiplies int8 (or fp8) values exactly and accumulates
+# in int32/fp32. ONNX Runtime CPU would fuse int8 Q/DQ into integer kernels whose numerics depend on
+# the instruction set: without VNNI, its u8 x s8 kernels sum byte pairs into saturating int16 lanes
+# (a 1024x512 int8-qdq MatMul: max error 5.2% of the output range on AVX2 against 1.2% with VNNI
+# or unfused; tests/test_calibration.py). Unfused, the weights are dequantized once at load (ORT
+# folds the constant DequantizeLinear) and every CPU computes what TensorRT does, to fp32 rounding.
+QDQ_PRECISIONS = ("int8-qdq", "fp8-qdq")
 
 
 class OrtBackend:
@@ -132,7 +138,8 @@ class OrtBackend:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
 
-    def session_options(self, threads: int = 1, accuracy_level: int | None = None, arena: bool = True):
+    def session_options(self, threads: int = 1, accuracy_level: int | None = None, arena: bool = True,
+                        fuse_qdq: bool = True):
         ort = self._ort
         opts = ort.SessionOptions()
         opts.enable_cpu_mem_arena = opts.enable_mem_pattern = arena
@@ -148,6 +155,8 @@ class OrtBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         opts.log_severity_level = 3  # ORT's warnings about unused initializers are noise here
+        if not fuse_qdq:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         if accuracy_level is not None:
             # How the fused MatMulNBits kernels of a weight-only int8/int4 graph compute (the
             # manifest's quantization record says; 4 = int8 activations).
@@ -164,12 +173,12 @@ class OrtBackend:
         try:
             threads = self.threads or auto_threads(graph_bytes(path))
             level = spec.quantization.ort_accuracy_level if spec.quantization else None
-            # ORT's CPU provider has no FP8 MatMul: it dequantizes every weight to fp32 on every run,
-            # and its arena keeps each copy (2B fp8-qdq backbone: 10.3 GiB after two runs; without
-            # the arena 5.7 GiB at peak, 1.5 between runs).
-            arena = spec.precision not in FP32_DEQUANTIZED
-            return self._ort.InferenceSession(str(path), self.session_options(threads, level, arena),
-                                              providers=self.providers)
+            qdq = spec.precision in QDQ_PRECISIONS
+            # No arena for Q/DQ graphs: ORT's CPU provider has no FP8 MatMul and dequantizes every
+            # fp8 weight on every run, and the arena kept each copy (2B fp8-qdq backbone: 10.3 GiB
+            # after two runs; without the arena 5.7 GiB at peak, 1.5 between runs).
+            options = self.session_options(threads, level, arena=not qdq, fuse_qdq=not qdq)
+            return self._ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if "multiple hard links" in message:
