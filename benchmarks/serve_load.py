@@ -29,9 +29,9 @@ import asyncio
 import http.client
 import json
 import socket
-import threading
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -22,8 +22,8 @@ import logging
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from .. import ScriptError
 from .audio import AudioFormat, encode_whole, wav_header
