@@ -14,6 +14,9 @@ Starts the real server (a subprocess on a free loopback port), then:
 2. ``--disconnects`` clients that hang up after their first audio chunk: afterwards no worker
    may stay busy.
 3. RSS of the server after 30 and after ``--rss-requests`` requests.
+4. ``/healthz`` latency while ``--flood-clients`` clients post 1 MiB JSON bodies in a loop (a
+   second server, taking 2 MiB bodies so each one is read, decoded and checked): the event
+   loop must stay free for everything else while requests are parsed.
 
 Timings on a shared machine are disturbed by whatever else runs; the figures are for
 comparing configurations measured in one run, not absolute claims.
@@ -23,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +269,13 @@ def run(args) -> dict:
         out["seconds"] = time.perf_counter() - began
     finally:
         out["exit_code"] = server.stop()
+    if args.flood_clients:
+        flooded = ServerProcess(args.artifacts, args.workers, args.max_queue, "--max-body-bytes",
+                                str(2 * FLOOD_BODY_BYTES)).wait_ready()
+        try:
+            out["healthz_under_flood"] = healthz_under_flood(flooded.url, args.flood_clients)
+        finally:
+            flooded.stop()
     return out
 
 
@@ -293,6 +305,67 @@ def rss_growth(server: ServerProcess, requests: int, concurrency: int) -> dict:
             "ratio": after_all / after_30}
 
 
+FLOOD_BODY_BYTES = 2**20
+
+
+def flood_body(size: int) -> bytes:
+    """A well-formed speech request about ``size`` bytes long: its script is far over any
+    ``--max-input-chars``, so the server reads, decodes and checks all of it, then says 400."""
+    words = ("[S1] " + "word " * (size // 5)).encode()[:size]
+    return json.dumps({"model": "dia2", "voice": "alloy", "input": words.decode()}).encode()
+
+
+def flood(url: str, clients: int, seconds: float, size: int) -> int:
+    """``clients`` threads posting ``size``-byte bodies back to back for ``seconds``; prints and
+    returns how many requests got an answer."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    body, done, lock = flood_body(size), [0], threading.Lock()
+    end = time.monotonic() + seconds
+
+    def client() -> None:
+        while time.monotonic() < end:
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                conn.request("POST", "/v1/audio/speech", body, {"content-type": "application/json"})
+                conn.getresponse().read()
+                with lock:
+                    done[0] += 1
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(done[0], flush=True)
+    return done[0]
+
+
+def healthz_under_flood(url: str, clients: int = 20, seconds: float = 8.0, size: int = FLOOD_BODY_BYTES) -> dict:
+    """``/healthz`` latency (ms, one request every 20 ms on a kept-alive connection) while a
+    separate process floods the server; the flood runs apart so it never takes this process's GIL."""
+    code = ("import sys; from dia2_trt.benchmarks.serve_load import flood; "
+            "flood(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, url, str(clients), str(seconds), str(size)],
+                            stdout=subprocess.PIPE, text=True)
+    latencies, statuses = [], set()
+    time.sleep(min(1.0, seconds / 4))  # the flood is under way
+    with httpx.Client(timeout=10) as client:
+        while proc.poll() is None:
+            began = time.perf_counter()
+            statuses.add(client.get(f"{url}/healthz").status_code)
+            latencies.append((time.perf_counter() - began) * 1000)
+            time.sleep(0.02)
+    floods = int(proc.stdout.read().strip() or 0)
+    ms = np.array(latencies)
+    return {"healthz_requests": len(ms), "healthz_statuses": sorted(statuses), "flood_requests": floods,
+            "flood_clients": clients, "body_bytes": size, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", type=Path, required=True)
@@ -302,6 +375,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--disconnects", type=int, default=50)
     parser.add_argument("--rss-requests", type=int, default=300)
+    parser.add_argument("--flood-clients", type=int, default=20, help="0 skips the flood")
     parser.add_argument("--out", type=Path, default=Path("serve-load.json"))
     args = parser.parse_args()
     result = run(args)

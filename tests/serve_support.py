@@ -40,16 +40,19 @@ def runtime(artifacts):
 class LiveServer:
     """uvicorn serving ``app`` on 127.0.0.1:<free port>, in a background thread."""
 
-    def __init__(self, app, ws_max_size: int = 64 * 1024, grace: float = 5.0) -> None:
+    def __init__(self, app, ws_max_size: int = 64 * 1024, grace: float = 5.0, edge=None) -> None:
         import uvicorn
+
+        from dia2_trt.runtime.serve.guard import EdgeLimits, uvicorn_config
 
         self.app = app
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((LOOPBACK, 0))
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", ws_max_size=ws_max_size, timeout_graceful_shutdown=grace,
-                                timeout_keep_alive=5)
+        # The CLI's own protocol and limits (tests pass tighter ones to see them act)
+        config = uvicorn_config(app, edge or EdgeLimits(), log_level="warning", ws_max_size=ws_max_size,
+                                timeout_graceful_shutdown=grace, timeout_keep_alive=5)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
@@ -87,6 +90,13 @@ def live_server(app, **kwargs):
         yield server
     finally:
         server.stop()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 def wait_until(predicate, seconds: float = 20.0, step: float = 0.05):

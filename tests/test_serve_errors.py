@@ -13,7 +13,7 @@ pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
 from serve_support import (  # noqa: E402,F401
-    LiveServer, artifacts, live_server, pcm16, runtime, speech_body, wait_until, ws_speak)
+    LiveServer, artifacts, free_port, live_server, pcm16, runtime, speech_body, wait_until, ws_speak)
 
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
@@ -59,8 +59,8 @@ def runtimes(runtime):
 
 @pytest.fixture(scope="module")
 def server(runtimes):
-    config = ServeConfig(max_queue=4, limits=Limits(seconds=60, max_chars=2000), max_body_bytes=8192,
-                         max_message_bytes=8192, start_timeout=2.0)
+    config = ServeConfig(max_queue=4, limits=Limits(seconds=60, max_chars=2000, idle_seconds=2.0), max_body_bytes=8192,
+                         max_message_bytes=8192)
     with live_server(create_app(runtimes, config, open_session=faulty_session), ws_max_size=8192) as live:
         yield live
 
@@ -99,18 +99,20 @@ BAD_BODIES = {
     "too many chars": (speech_body("[S1] " + "la " * 900), 400, "input"),
     "past the context": (speech_body("[S1] " + " ".join(["word"] * 600)), 400, "input"),
     "json list": ([TEXT], 400, None),
-    "NaN temperature": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "temperature": NaN}', 400,
-                        "temperature"),
-    "infinite cfg": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "cfg_scale": Infinity}', 400,
-                     "cfg_scale"),
+    # NaN and Infinity are not JSON: refused by the parser, before any field is looked at
+    "NaN temperature": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "temperature": NaN}', 400, None),
+    "infinite cfg": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "cfg_scale": Infinity}', 400, None),
+    "overflowing cfg": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "cfg_scale": 1e999}', 400,
+                        "cfg_scale"),
 }
+JSON = {"content-type": "application/json"}
 
 
 @pytest.mark.parametrize("case", list(BAD_BODIES))
 def test_bad_json_bodies_are_400_in_openai_shape(server, case):
     body, status, param = BAD_BODIES[case]
     content = body if isinstance(body, str) else json.dumps(body)  # a str is raw JSON (NaN and Infinity)
-    response = httpx.post(f"{server.url}/v1/audio/speech", content=content, timeout=30)
+    response = httpx.post(f"{server.url}/v1/audio/speech", content=content, headers=JSON, timeout=30)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
@@ -122,14 +124,16 @@ def test_non_json_bodies_are_400(server, content):
     response = httpx.post(f"{server.url}/v1/audio/speech", content=content,
                           headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == 400
-    assert "not valid JSON" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert "not valid JSON" in message or "not UTF-8" in message, message
 
 
 def test_oversized_bodies_are_413_declared_or_chunked(server, expected):
     big = json.dumps(speech_body("[S1] " + "x" * 20_000)).encode()
-    declared = httpx.post(f"{server.url}/v1/audio/speech", content=big, timeout=30)
+    declared = httpx.post(f"{server.url}/v1/audio/speech", content=big, headers=JSON, timeout=30)
     assert declared.status_code == 413 and "8192 bytes" in declared.json()["error"]["message"]
-    chunked = httpx.post(f"{server.url}/v1/audio/speech", content=iter([big[:4000], big[4000:]]), timeout=30)
+    chunked = httpx.post(f"{server.url}/v1/audio/speech", content=iter([big[:4000], big[4000:]]), headers=JSON,
+                         timeout=30)
     assert chunked.status_code == 413
     _still_serving(server, expected)
 
@@ -293,12 +297,13 @@ def test_cli_refuses_bad_setups_with_one_line(artifacts, tmp_path):
         ("--port", "0"): "0 is not in the range",
         ("--workers", "0"): "0 is not in the range",
     }
+    port = ["--port", str(free_port())]  # 8000 may be anyone's on a shared machine
     for args, message in cases.items():
-        result = CliRunner().invoke(main, ["serve", "--artifacts", str(artifacts), *args])
+        result = CliRunner().invoke(main, ["serve", "--artifacts", str(artifacts), *port, *args])
         assert result.exit_code != 0
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
-    missing = CliRunner().invoke(main, ["serve", "--artifacts", str(tmp_path / "nope")])
+    missing = CliRunner().invoke(main, ["serve", "--artifacts", str(tmp_path / "nope"), *port])
     assert missing.exit_code == 1 and missing.output.startswith("Error:") and len(missing.output.splitlines()) == 1
 
 

@@ -6,5 +6,6 @@ package stays cheap: the web stack is imported only by ``app`` and what it pulls
 Modules: ``command`` (the CLI), ``app`` (the ASGI app and its shared state), ``routes``
 (HTTP endpoints), ``websocket`` (``/v1/stream``), ``page`` (the browser page), ``workers``
 (jobs, worker threads, the bounded queue), ``schema`` (request bodies and errors), ``audio``
-(response formats), ``voices`` (the voice-name registry), ``metrics`` (Prometheus).
+(response formats), ``voices`` (the voice-name registry), ``metrics`` (Prometheus), ``guard``
+(connection deadlines and cap, the Host/Origin checks, the listening socket).
 """

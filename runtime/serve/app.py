@@ -2,24 +2,32 @@
 
 ``create_app`` takes runtimes that are already loaded (the CLI loads them; tests
 pass their own), so building an app is cheap and never touches the network.
+
+Everything that costs time per request byte (JSON decoding, validation, the script
+checks, tokenizing) runs on a small thread pool of its own (``ServeState.offload``),
+so the event loop that answers ``/healthz`` and moves audio never waits on a large body.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from fastapi import FastAPI
 
-from .. import Dia2Runtime, ScriptError
+from .. import Dia2Runtime, GenerationParams, ScriptError
 from ..script import check_script
 from .audio import available_formats
+from .guard import EdgeChecks, OriginPolicy
 from .metrics import Metrics
 from .page import router as page_router
-from .routes import StreamAborted, install_error_handlers, router as http_router
+from .routes import ClientGone, StreamAborted, install_error_handlers, router as http_router
 from .schema import GenerationFields, RequestError
-from .voices import VoiceError, VoiceRegistry
+from .voices import Voice, VoiceError, VoiceRegistry
 from .websocket import router as ws_router
 from .workers import Job, Limits, Pool, VoicedSessions
 
@@ -30,8 +38,24 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     max_body_bytes: int = 64 * 1024  # an HTTP request body
     max_message_bytes: int = 64 * 1024  # one WebSocket message (uvicorn closes with 1009 past it)
-    start_timeout: float = 10.0  # seconds a socket may take to send its start message
+    max_messages: int = 10_000  # per WebSocket stream, empty ones included (a text needs >= 1 char)
+    body_timeout: float = 30.0  # seconds an HTTP body may take to arrive once its headers are in
     shutdown_grace: float = 10.0  # seconds in-flight streams get to finish on shutdown
+    parse_threads: int = 2  # threads decoding and checking requests, off the event loop
+    origins: OriginPolicy = field(default_factory=OriginPolicy)
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request checked in full, ready to be admitted: what to generate, in which voices."""
+
+    params: GenerationParams
+    voices: tuple[Voice, Voice]
+    text: str | None = None  # the whole script (HTTP); None: it arrives in pieces (WebSocket)
+    input_tokens: int = 0
 
 
 class ServeState:
@@ -48,9 +72,17 @@ class ServeState:
         self.metrics.pool_changed(self.pool)
         self.formats = available_formats()
         self.sample_rate = self.runtime.sample_rate
+        self._parsers = ThreadPoolExecutor(max_workers=config.parse_threads, thread_name_prefix="dia2-parse")
 
-    def new_job(self, fields: GenerationFields, text: str | None = None) -> Job:
-        """A checked job, admitted to the pool (text given: fed whole and closed); may raise Busy."""
+    async def offload(self, work: Callable[..., T], *args) -> T:
+        """``work(*args)`` on the parsing threads; its exceptions (RequestError...) come back here."""
+        return await asyncio.get_running_loop().run_in_executor(self._parsers, functools.partial(work, *args))
+
+    def close(self) -> None:
+        self._parsers.shutdown(wait=False, cancel_futures=True)
+
+    def plan(self, fields: GenerationFields, text: str | None = None, count_tokens: bool = False) -> Plan:
+        """Check a request in full (blocking: run it with ``offload``)."""
         voices = (self._voice(fields.voice, "voice"), self._voice(fields.voice_2, "voice_2"))
         if voices[1].conditioned and not voices[0].conditioned:
             raise RequestError("voice_2: speaker 2's voice needs a voice for speaker 1 too (as in Dia2)", "voice_2")
@@ -58,11 +90,18 @@ class ServeState:
             params = fields.params()
         except (TypeError, ValueError) as exc:  # the schema's ranges are the stricter, but say it either way
             raise RequestError(str(exc)) from None
-        job = Job(params, voices, self.config.limits)
         if text is not None:
             self.check_script(text)
+        tokens = self.input_tokens(text) if text is not None and count_tokens else 0
+        return Plan(params, voices, text, tokens)
+
+    def admit(self, plan: Plan) -> Job:
+        """The planned job, admitted to the pool (a whole script is fed and closed); may raise Busy.
+        On the event loop: a job belongs to the loop that reads its events."""
+        job = Job(plan.params, plan.voices, self.config.limits)
+        if plan.text is not None:
             try:
-                job.feed(text)
+                job.feed(plan.text)
             except ValueError as exc:
                 raise RequestError(str(exc), "input") from None
             job.close()
@@ -77,10 +116,10 @@ class ServeState:
 
     def check_script(self, text: str) -> None:
         """What the session would refuse, refused before a worker is taken (ScriptError)."""
-        check_script(text)
-        if len(text) > self.config.limits.max_chars:
+        if len(text) > self.config.limits.max_chars:  # first: the checks below scan the whole text
             raise RequestError(f"input: the script is longer than this server's limit of "
                                f"{self.config.limits.max_chars} characters", "input")
+        check_script(text)
         needed = self.runtime.frames_needed(self.runtime.parse(text), GenerationFields().params())
         limit = self.runtime.manifest.max_context_steps
         if needed > limit:
@@ -101,7 +140,7 @@ class _CutOffQuietly:
     async def __call__(self, scope, receive, send) -> None:
         try:
             await self.app(scope, receive, send)
-        except StreamAborted:
+        except (StreamAborted, ClientGone):
             pass
 
 
@@ -113,13 +152,17 @@ def create_app(slots: Sequence[Dia2Runtime], config: ServeConfig | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        await state.pool.shutdown(state.config.shutdown_grace)
+        try:
+            yield
+        finally:
+            await state.pool.shutdown(state.config.shutdown_grace)
+            state.close()
 
     app = FastAPI(title="dia2-trt", summary="Streaming Dia2 speech", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.serve = state
     app.add_middleware(_CutOffQuietly)
+    app.add_middleware(EdgeChecks, policy=state.config.origins)  # added last: runs first
     install_error_handlers(app)
     app.include_router(http_router)
     app.include_router(ws_router)

@@ -8,7 +8,14 @@ import warnings
 import click
 
 from ..backends import BACKEND_NAMES
+from ..cli_common import FiniteFloat, threads_option
+from ..script import MAX_SCRIPT_CHARS
 from .voices import VoiceError, VoiceRegistry
+
+
+# Upper bounds: past these a value is a typo, and some (threads, bytes) would be a resource sink.
+_DAY = 86_400.0
+_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @click.command()
@@ -21,39 +28,67 @@ from .voices import VoiceError, VoiceRegistry
               help="Requests that may wait for a worker; past that, 503 with Retry-After.")
 @click.option("--voice", "voice_options", multiple=True, metavar="NAME=FILE",
               help="Register a voice file under NAME (repeatable).")
-@click.option("--request-timeout", default=120.0, show_default=True, type=click.FloatRange(min=1),
+@click.option("--request-timeout", default=120.0, show_default=True, type=FiniteFloat(1, _DAY),
               help="Seconds a request may take from admission to its last audio.")
-@click.option("--max-input-chars", default=4096, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-input-chars", default=4096, show_default=True, type=click.IntRange(1, MAX_SCRIPT_CHARS),
               help="Longest script a request may send.")
-@click.option("--max-body-bytes", default=64 * 1024, show_default=True, type=click.IntRange(min=1024),
+@click.option("--max-body-bytes", default=64 * 1024, show_default=True, type=click.IntRange(1024, _MAX_BODY_BYTES),
               help="Largest HTTP body and WebSocket message.")
-@click.option("--shutdown-grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--max-connections", default=128, show_default=True, type=click.IntRange(1, 100_000),
+              help="Open connections (HTTP and WebSocket); past that, 503 and the connection is closed.")
+@click.option("--header-timeout", default=10.0, show_default=True, type=FiniteFloat(0.1, 3600),
+              help="Seconds a client may take to send a request's headers.")
+@click.option("--body-timeout", default=30.0, show_default=True, type=FiniteFloat(0.1, 3600),
+              help="Seconds a client may take to send a request's body (408 past it).")
+@click.option("--idle-timeout", default=10.0, show_default=True, type=FiniteFloat(0.1, 3600),
+              help="Seconds a WebSocket may wait before its start message, then before its first text "
+                   "(it holds no worker meanwhile).")
+@click.option("--max-messages", default=10_000, show_default=True, type=click.IntRange(2, 10_000_000),
+              help="Messages one WebSocket stream may send, empty ones included.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin (https://app.example) whose pages may call this server, besides its own "
+                   "(repeatable; '*' for any).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="A Host name to answer besides IP addresses and localhost, e.g. behind a proxy "
+                   "(repeatable; '*' for any).")
+@click.option("--shutdown-grace", default=10.0, show_default=True, type=FiniteFloat(0, 3600),
               help="Seconds in-flight streams get to finish on shutdown before they are cancelled.")
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads per graph [1].")
+@threads_option()
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(artifacts, host, port, workers, max_queue, voice_options, request_timeout, max_input_chars,
-          max_body_bytes, shutdown_grace, threads, backend, log_level) -> None:
+          max_body_bytes, max_connections, header_timeout, body_timeout, idle_timeout, max_messages,
+          allow_origins, allow_hosts, shutdown_grace, threads, backend, log_level) -> None:
     """Serve speech: POST /v1/audio/speech (OpenAI-compatible), WebSocket /v1/stream, a page at /."""
     try:
         import uvicorn
 
         from .app import ServeConfig, create_app
+        from .guard import EdgeLimits, ListenError, OriginPolicy, listen, uvicorn_config
         from .workers import Limits
     except ImportError as exc:
         raise click.ClickException(f"dia2-rt serve needs the [serve] extra (pip install 'dia2-trt[serve]'): "
                                    f"{exc}") from None
-    slots = _load(artifacts, workers, backend, threads)
-    voices = _voices(voice_options, slots[0])
-    config = ServeConfig(max_queue=max_queue, limits=Limits(request_timeout, max_input_chars),
-                         max_body_bytes=max_body_bytes, max_message_bytes=max_body_bytes,
-                         shutdown_grace=shutdown_grace)
-    app = create_app(slots, config, voices)
-    if not _loopback(host):
-        click.echo(f"warning: serving on {host}, reachable from other machines, with no authentication", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=max_body_bytes,
-                timeout_graceful_shutdown=shutdown_grace, timeout_keep_alive=5)
+    try:
+        sock = listen(host, port)  # before the artifacts load: a busy port fails at once
+    except ListenError as exc:
+        raise click.ClickException(str(exc)) from None
+    with sock:  # closed on every way out, a failed start included
+        slots = _load(artifacts, workers, backend, threads)
+        voices = _voices(voice_options, slots[0])
+        config = ServeConfig(max_queue=max_queue, limits=Limits(request_timeout, max_input_chars, idle_timeout),
+                             max_body_bytes=max_body_bytes, max_message_bytes=max_body_bytes,
+                             max_messages=max_messages, body_timeout=body_timeout, shutdown_grace=shutdown_grace,
+                             origins=OriginPolicy(host, allow_hosts, allow_origins))
+        app = create_app(slots, config, voices)
+        if not _loopback(host):
+            click.echo(f"warning: serving on {host}, reachable from other machines, with no authentication",
+                       err=True)
+        edge = EdgeLimits(max_connections, header_timeout, body_timeout)
+        server = uvicorn.Server(uvicorn_config(app, edge, log_level=log_level, ws_max_size=max_body_bytes,
+                                               timeout_graceful_shutdown=shutdown_grace, timeout_keep_alive=5))
+        server.run(sockets=[sock])
 
 
 def _voices(options, runtime) -> VoiceRegistry:

@@ -2,8 +2,12 @@
 
 ``POST /v1/audio/speech`` answers only once the request is sure to produce audio
 (its first chunk exists), so every refusal is a proper status with OpenAI's
-error body: 400 bad input, 413 body too large, 503 + Retry-After when every
-worker is busy and the queue is full, 500 when generation itself fails. After
+error body: 400 bad input, 408 body too slow, 413 body too large, 415 not
+``application/json`` (a web page's form or ``text/plain`` POST is a "simple"
+cross-origin request that no CORS preflight stops: it must not drive the server),
+503 + Retry-After when every worker is busy and the queue is full, 500 when
+generation itself fails. A refused request's connection is closed: its body may
+still be on the way. After
 that the audio streams as frames complete (chunked body, or SSE events in
 OpenAI's shape with ``stream_format: "sse"``). A client that disconnects
 cancels its generation at the next frame.
@@ -19,6 +23,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from .. import ScriptError
 from .audio import AudioFormat, encode_whole, wav_header
@@ -35,15 +40,17 @@ class StreamAborted(Exception):
     """Generation failed after the audio started: the chunked body is cut off, not ended cleanly."""
 
 
+class ClientGone(Exception):
+    """The client hung up while its request was being read: nobody to answer."""
+
+
 @router.post("/v1/audio/speech")
 async def speech(request: Request) -> Response:
     state = request.app.state.serve
-    body = validate(SpeechRequest, parse_json(await read_body(request, state.config.max_body_bytes)))
-    fmt = state.formats.get(body.response_format)
-    if fmt is None:
-        raise RequestError(f"response_format: unknown or unavailable format {body.response_format!r} "
-                           f"(use {', '.join(state.formats)})", "response_format")
-    job = state.new_job(body, body.input)
+    require_json(request)
+    raw = await read_body(request, state.config.max_body_bytes, state.config.body_timeout)
+    body, fmt, plan = await state.offload(_plan_speech, state, raw)
+    job = state.admit(plan)
     first = await first_event(job, request)
     if first is None:  # the client left before any audio
         state.metrics.outcome(SPEECH, "cancelled")
@@ -51,7 +58,7 @@ async def speech(request: Request) -> Response:
     if isinstance(first, Failed):
         return failure_response(state, first)
     if body.stream_format == "sse":
-        stream = sse_body(state, job, first, fmt, state.input_tokens(body.input))
+        stream = sse_body(state, job, first, fmt, plan.input_tokens)
         return StreamingResponse(stream, media_type="text/event-stream", headers=_NO_BUFFERING)
     return StreamingResponse(audio_body(state, job, first, fmt), media_type=fmt.media_type, headers=_NO_BUFFERING)
 
@@ -59,11 +66,41 @@ async def speech(request: Request) -> Response:
 _NO_BUFFERING = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing more than ``limit`` bytes without reading them all."""
+def _plan_speech(state, raw: bytes):
+    """Decode and check a speech request in full (on a parsing thread, not the event loop)."""
+    body = validate(SpeechRequest, parse_json(raw))
+    fmt = state.formats.get(body.response_format)
+    if fmt is None:
+        raise RequestError(f"response_format: unknown or unavailable format {body.response_format!r} "
+                           f"(use {', '.join(state.formats)})", "response_format")
+    return body, fmt, state.plan(body, body.input, count_tokens=body.stream_format == "sse")
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON: forms and text/plain are what a foreign page can send."""
+    declared = request.headers.get("content-type", "")
+    media = declared.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        shown = f"{declared[:60]!r}" if declared else "none"
+        raise RequestError(f"the body must be sent as Content-Type: application/json (got {shown})", status=415)
+
+
+async def read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The body, refusing more than ``limit`` bytes without reading them all, or a body still
+    arriving after ``seconds`` (408)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise RequestError(f"the body is larger than this server's limit of {limit} bytes", status=413)
+    try:
+        return await asyncio.wait_for(_read_within(request, limit), seconds)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the body did not arrive within this server's {seconds:g} s limit",
+                           status=408) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+
+
+async def _read_within(request: Request, limit: int) -> bytes:
     parts, size = [], 0
     async for part in request.stream():
         size += len(part)
@@ -194,7 +231,8 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         request.app.state.serve.metrics.outcome(_endpoint(request), "client_error")
-        return JSONResponse(error_body(str(exc), exc.param), status_code=exc.status)
+        # Unread body bytes may follow a 408/413/415: closing is the only way not to read them.
+        return JSONResponse(error_body(str(exc), exc.param), status_code=exc.status, headers=_CLOSE)
 
     @app.exception_handler(VoiceError)
     async def _voice_error(request: Request, exc: VoiceError):
@@ -211,6 +249,9 @@ def install_error_handlers(app) -> None:
         request.app.state.serve.metrics.outcome(_endpoint(request), "busy")
         return JSONResponse(error_body(str(exc), kind="server_busy"), status_code=503,
                             headers={"Retry-After": str(exc.retry_after)})
+
+
+_CLOSE = {"Connection": "close"}
 
 
 def _endpoint(request: Request) -> str:

@@ -5,12 +5,16 @@ on a WebSocket. All client messages are JSON text frames:
 
 1. ``{"type": "start", "voice"?, "voice_2"?, "seed"?, "temperature"?, "text_temperature"?,
    "audio_temperature"?, "top_k"?, "cfg_scale"?, "cfg_filter_k"?, "include_tokens"?}``
-   first (within the server's start timeout); the fields mean what they mean for
+   first (within the server's idle timeout); the fields mean what they mean for
    ``POST /v1/audio/speech``.
 2. ``{"type": "text", "text": "..."}`` any number of times: pieces of the script, in
    order, split anywhere (mid-word too). Generation waits for words that have not
-   arrived rather than ending the utterance.
+   arrived rather than ending the utterance. The stream takes a worker only once its
+   first non-empty text (or its end) arrives, which must be within the idle timeout.
 3. ``{"type": "end"}``: no more text; the utterance finishes.
+
+A stream may send at most the server's ``max_messages`` messages, empty ones included;
+the request time limit and the shutdown grace apply however fast messages come.
 
 The server sends:
 
@@ -23,8 +27,11 @@ The server sends:
   ``ttfa`` is from the first text the server received to the first audio it sent.
 
 On any error the server sends ``{"type": "error", "code", "message"}`` and closes with
-a reason: 1003 binary frame, 1007 not JSON, 1008 bad message or parameter, 1009 message
-too large, 1011 generation failed, 1013 busy or over the time limit (try again later).
+a reason: 1003 binary frame, 1007 not JSON (or nested too deep, or an integer too long),
+1008 bad message or parameter, too many messages, or idle too long, 1009 message too
+large, 1011 generation failed, 1013 busy or over the time limit (try again later).
+A handshake from a foreign ``Origin`` or ``Host`` is refused with 403 or 400 before any
+of this (see ``guard``).
 Closing the socket cancels the generation at its next frame.
 """
 
@@ -37,6 +44,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .schema import RequestError, StreamStart, parse_json, validate
+from .voices import VoiceError
 from .workers import Busy, Chunk, Failed, Finished, Job
 
 log = logging.getLogger("dia2_trt.serve")
@@ -53,7 +61,10 @@ class _Close(Exception):
 
 
 _BY_KIND = {"client": (1008, "bad_request"), "timeout": (1013, "timeout"), "cancelled": (1013, "cancelled"),
-            "internal": (1011, "internal")}
+            "idle": (1008, "idle"), "internal": (1011, "internal")}
+_OUTCOME = {"bad_request": "client_error", "internal": "error", "idle": "timeout"}
+# Messages up to this size decode on the event loop: a thread hand-off costs more than they do.
+_INLINE_BYTES = 4096
 
 
 @router.websocket("/v1/stream")
@@ -63,14 +74,13 @@ async def stream(ws: WebSocket) -> None:
     job, reader = None, None
     try:
         start = await _start(ws, state)
-        job = _admit(state, start)
+        job = await _admit(state, start)
         await ws.send_json({"type": "ready", "sample_rate": state.sample_rate, "encoding": "pcm_s16le",
                             "channels": 1})
-        reader = asyncio.ensure_future(_read(ws, job))
+        reader = asyncio.ensure_future(_read(ws, job, state))
         await _write(ws, state, job, start.include_tokens, reader)
     except _Close as close:
-        state.metrics.outcome(ENDPOINT, {"bad_request": "client_error", "internal": "error"}.get(close.kind,
-                                                                                                  close.kind))
+        state.metrics.outcome(ENDPOINT, _OUTCOME.get(close.kind, close.kind))
         await _close(ws, close)
     except WebSocketDisconnect:
         state.metrics.outcome(ENDPOINT, "cancelled")
@@ -82,36 +92,39 @@ async def stream(ws: WebSocket) -> None:
 
 
 async def _start(ws: WebSocket, state) -> StreamStart:
+    idle = state.config.limits.idle_seconds
     try:
-        message = await asyncio.wait_for(ws.receive(), state.config.start_timeout)
+        message = await asyncio.wait_for(ws.receive(), idle)
     except asyncio.TimeoutError:
-        raise _Close(1008, "bad_request", "no start message in time") from None
-    data = _json(message)
+        raise _Close(1008, "idle", f"no start message within this server's {idle:g} s idle limit") from None
+    data = await _json(message, state)
     if data.get("type") != "start":
         raise _Close(1008, "bad_request", 'the first message must be {"type": "start", ...}')
     try:
-        return validate(StreamStart, data)
+        return await state.offload(validate, StreamStart, data)
     except RequestError as exc:
         raise _Close(1008, "bad_request", str(exc)) from None
 
 
-def _admit(state, start: StreamStart) -> Job:
+async def _admit(state, start: StreamStart) -> Job:
     try:
-        return state.new_job(start)
-    except RequestError as exc:
+        return state.admit(await state.offload(state.plan, start))
+    except (RequestError, VoiceError) as exc:
         raise _Close(1008, "bad_request", str(exc)) from None
     except Busy as exc:
         raise _Close(1013, "busy", f"{exc}; retry after {exc.retry_after} s") from None
 
 
-def _json(message: dict) -> dict:
+async def _json(message: dict, state) -> dict:
     """A client message as a JSON object, or the close that refuses it."""
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
-    if message.get("text") is None:
+    text = message.get("text")
+    if text is None:
         raise _Close(1003, "bad_request", "binary frames are not accepted: send JSON text messages")
     try:
-        data = parse_json(message["text"])
+        data = parse_json(text, "the message") if len(text) <= _INLINE_BYTES else \
+            await state.offload(parse_json, text, "the message")
     except RequestError as exc:
         raise _Close(1007, "bad_request", str(exc)) from None
     if not isinstance(data, dict):
@@ -119,15 +132,21 @@ def _json(message: dict) -> dict:
     return data
 
 
-async def _read(ws: WebSocket, job: Job) -> _Close | None:
-    """Feed the job until the end message; a bad message or a disconnect cancels it.
+async def _read(ws: WebSocket, job: Job, state) -> _Close | None:
+    """Feed the job until the end message; a bad message, one message too many or a disconnect
+    cancels it.
 
     Returns the close to send for a bad message (the writer sends it once the job has stopped).
     """
-    ended = False
+    ended, count, limit = False, 1, state.config.max_messages  # the start message was the first
     try:
         while True:
-            data = _json(await ws.receive())
+            message = await ws.receive()
+            count += 1
+            if count > limit and message["type"] != "websocket.disconnect":
+                raise _Close(1008, "bad_request", f"more than this server's limit of {limit} messages "
+                                                  f"in one stream")
+            data = await _json(message, state)
             kind = data.get("type")
             if kind == "text" and not ended and isinstance(data.get("text"), str):
                 _feed(job, data["text"])
@@ -144,6 +163,10 @@ async def _read(ws: WebSocket, job: Job) -> _Close | None:
     except WebSocketDisconnect:
         job.cancel()
         return None
+    except Exception:  # a reader that dies silently would leave the stream waiting for text
+        log.exception("stream reader failed")
+        job.cancel()
+        return _Close(1011, "internal", "the server failed reading this stream")
 
 
 def _feed(job: Job, text: str) -> None:

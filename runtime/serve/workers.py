@@ -10,6 +10,10 @@ Cancellation reaches a running generation at its next frame: the session's
 per-frame progress callback raises, so a client that goes away frees its worker
 within one frame. The same check enforces the per-request time limit, counted
 from admission (queueing included).
+
+A job holds a queue place from admission but takes a worker only once it has input: a
+WebSocket that sends its start message and then nothing (or only empty messages) waits
+``Limits.idle_seconds`` without a worker, then fails.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Finished:
 
 @dataclass
 class Failed:
-    kind: str  # "client" (bad input), "cancelled", "timeout" or "internal"
+    kind: str  # "client" (bad input), "cancelled", "timeout", "idle" (no text in time) or "internal"
     message: str
 
 
@@ -71,6 +75,7 @@ class Failed:
 class Limits:
     seconds: float = 120.0  # per request, from admission to the last chunk
     max_chars: int = 4096  # of script text per request
+    idle_seconds: float = 10.0  # a stream's wait for its start message, then for its first text
 
 
 _CLOSE, _CANCEL = object(), object()
@@ -90,6 +95,8 @@ class Job:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()  # read by the worker thread
         self.cancel_requested = asyncio.Event()  # awaited by the pool while the job is queued
+        self.has_input = asyncio.Event()  # text or the end arrived: the job may take a worker
+        self.input_at: float | None = None
         self._chars = 0
         self.arrived = time.monotonic()
         self.deadline = self.arrived + self.limits.seconds
@@ -103,13 +110,22 @@ class Job:
         """Queue more script text; over the length limit is a ValueError (nothing queued)."""
         if self._chars + len(text) > self.limits.max_chars:
             raise ValueError(f"the script is longer than this server's limit of {self.limits.max_chars} characters")
+        if not text:
+            return  # nothing to wake the worker for
         self._chars += len(text)
         if self.first_text is None and text.strip():
             self.first_text = time.monotonic()
         self._inbox.put(text)
+        self._input_arrived()
 
     def close(self) -> None:
         self._inbox.put(_CLOSE)
+        self._input_arrived()
+
+    def _input_arrived(self) -> None:
+        if not self.has_input.is_set():
+            self.input_at = time.monotonic()
+            self.has_input.set()
 
     def cancel(self) -> None:
         """Stop at the next frame (or before starting); harmless once finished."""
@@ -154,7 +170,7 @@ class Job:
             if not session.done:
                 session.cancel()  # hands its state back to the runtime now, not when collected
         first = None if self.first_audio is None else self.first_audio - (self.first_text or self.arrived)
-        return Finished(session.result, self.started - self.arrived, first)
+        return Finished(session.result, self.started - (self.input_at or self.arrived), first)
 
     def _audio(self, chunk) -> None:
         if chunk.pcm.size and self.first_audio is None:
@@ -165,6 +181,7 @@ class Job:
         """Block until text arrives, then hand the session everything queued so far."""
         item = self._get(timeout=max(self.deadline - time.monotonic(), 0.0))
         while True:
+            self._check(None)  # a client that keeps sending never outruns the time limit
             if item is _CANCEL:
                 raise _Stop("cancelled", "the request was cancelled")
             if item is _CLOSE:
@@ -273,6 +290,8 @@ class Pool:
             self._on_change(self)
 
     async def _work(self, job: Job) -> None:
+        if not await self._wait_for_input(job):
+            return
         slot = await self._wait_for_slot(job)
         if slot is None:
             return
@@ -287,6 +306,26 @@ class Pool:
             self._job_seconds = seconds if self._job_seconds is None else 0.8 * self._job_seconds + 0.2 * seconds
             self.busy -= 1
             self._free.put_nowait(slot)
+
+    async def _wait_for_input(self, job: Job) -> bool:
+        """Whether the job has text to speak; an idle one fails without ever taking a worker."""
+        if job.has_input.is_set():
+            return True
+        limit = min(job.limits.idle_seconds, job.deadline - time.monotonic())
+        arrived = asyncio.ensure_future(job.has_input.wait())
+        stop = asyncio.ensure_future(job.cancel_requested.wait())
+        try:
+            await asyncio.wait({arrived, stop}, timeout=max(limit, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrived.cancel()
+            stop.cancel()
+        if job.cancelled:
+            job.fail("cancelled", "the request was cancelled")
+        elif not job.has_input.is_set():
+            job.fail("idle", f"no text within this server's {job.limits.idle_seconds:g} s idle limit")
+        else:
+            return True
+        return False
 
     async def _wait_for_slot(self, job: Job):
         """A free slot, or None when the job was cancelled or ran out of time while queued."""
