@@ -19,7 +19,9 @@ the same standard-domain result in ~150 lines with no new dependency.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -59,6 +61,47 @@ def linear_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def activation_names(model: onnx.ModelProto) -> list[str]:
     """The tensors whose ranges calibration must observe (inputs of the quantized MatMuls)."""
     return sorted({n.input[0] for n in linear_matmuls(model)})
+
+
+def ranges_by_weight(model: onnx.ModelProto, amax: dict[str, float], base_dir: Path) -> dict[tuple, float]:
+    """Each quantized MatMul's calibrated input range, keyed by its weight's content (see _weight_key)."""
+    found: dict[tuple, float] = {}
+    for node, key in _keyed_matmuls(model, base_dir):
+        found[key] = max(found.get(key, 0.0), amax[node.input[0]])
+    return found
+
+
+def ranges_for(model: onnx.ModelProto, by_weight: dict[tuple, float], base_dir: Path, what: str) -> dict[str, float]:
+    """Ranges for ``model``'s activations from another graph's (``ranges_by_weight``) through the weights
+    both hold: the prefill graph is the backbone's layers over T rows at once, so its MatMuls take the
+    backbone's scales and its rows quantize as stepping would."""
+    amax: dict[str, float] = {}
+    for node, key in _keyed_matmuls(model, base_dir):
+        if key not in by_weight:
+            raise ValueError(f"{what}: MatMul {node.name or node.output[0]!r} reads a weight the calibrated "
+                             f"graph does not hold; cannot give it the same scales")
+        amax[node.input[0]] = max(amax.get(node.input[0], 0.0), by_weight[key])
+    return amax
+
+
+def _keyed_matmuls(model: onnx.ModelProto, base_dir: Path):
+    """(MatMul, weight key) per quantized MatMul; weights are read one at a time (external data too)."""
+    transposed = transposed_weights(model.graph)
+    inits = {t.name: t for t in model.graph.initializer}
+    keys: dict[tuple[str, bool], tuple] = {}
+    for node in linear_matmuls(model):
+        w = node.input[1]
+        name, flipped = (transposed[w], True) if w in transposed else (w, False)
+        if (name, flipped) not in keys:
+            keys[name, flipped] = _weight_key(inits[name], flipped, base_dir)
+        yield node, keys[name, flipped]
+
+
+def _weight_key(tensor: onnx.TensorProto, flipped: bool, base_dir: Path) -> tuple:
+    """A weight's identity across two exports of one model: the exporter names constants per graph
+    (``val_25`` in one, ``val_101`` in the other), so names cannot match them; contents can."""
+    values = numpy_helper.to_array(tensor, base_dir=str(base_dir))
+    return flipped, values.shape, hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Scheme) -> dict:

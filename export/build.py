@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
@@ -23,6 +25,7 @@ from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, C
 
 from .codec import export_codec_decoder, export_codec_encoder
 from .depformer_loop import export_depformer_loop, tail_stages
+from .entry import deferred
 from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
 from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
 from .onnx_io import export_module, save_model
@@ -155,7 +158,8 @@ def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
     """
     check_source(out, files)
     check_request(out, options)
-    return _atomic_dir(Path(out), options, lambda tmp: _build_into(files, tmp, options, progress))
+    return atomic_dir(Path(out), options.overwrite, _build_bytes(files, options),
+                      lambda tmp: _build_into(files, tmp, options, progress))
 
 
 def quantize_artifacts(src: Path, out: Path, options: BuildOptions,
@@ -175,17 +179,18 @@ def quantize_artifacts(src: Path, out: Path, options: BuildOptions,
         raise BuildError(f"{src} holds {manifest.precision} graphs; quantize from fp32 artifacts")
     if manifest.opset < options.opset_floor():
         raise BuildError(f"{src} was exported at opset {manifest.opset}; int8/int4 need >= {options.opset_floor()}")
-    return _atomic_dir(out, options, lambda tmp: _quantize_into(src, tmp, manifest, options, progress))
+    return atomic_dir(out, options.overwrite, _quantize_bytes(manifest),
+                      lambda tmp: _quantize_into(src, tmp, manifest, options, progress))
 
 
 def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptions, progress) -> None:
     started = time.perf_counter()
     for entry in (p for p in sorted(src.iterdir()) if p.name != "manifest.json" and not p.name.startswith(".")):
         progress(f"copying {entry.name}")
-        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+        copy_tree(entry, tmp / entry.name)
     graphs = dict(manifest.graphs)
-    for name in (BACKBONE, DEPFORMER):
-        quantized = _quantized_graph(tmp, graphs[name].file, name, options, progress)
+    for name in (n for n in (BACKBONE, DEPFORMER, BACKBONE_PREFILL) if n in graphs):
+        quantized = _quantized_graph(tmp, graphs[name].file, name, options, progress, graphs)
         graphs[name] = replace(quantized, dims=graphs[name].dims)
     if graphs[CODEC_DECODER].precision == "fp32":
         graphs[CODEC_DECODER] = _quantized_codec(tmp, graphs[CODEC_DECODER], progress)
@@ -193,28 +198,117 @@ def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptio
     progress(f"done in {time.perf_counter() - started:.1f}s")
 
 
-def _atomic_dir(out: Path, options: BuildOptions, fill: Callable[[Path], None]) -> Manifest:
+def atomic_dir(out: Path, overwrite: bool, needed: int, fill: Callable[[Path], None]) -> Manifest:
     """Run ``fill`` on a new temporary sibling of ``out``, check the result with the runtime's
-    loader, then swap it into place; on failure leave nothing behind."""
+    loader, then swap it into place; on failure (SIGTERM and Ctrl-C included, see entry.py)
+    leave nothing behind. ``needed``: about how many bytes the build writes at its peak, for
+    the message when the disk fills up."""
     out = Path(out).resolve()  # a symlinked --out replaces what it points to, not the link
-    created = _make_parents(out.parent)
-    tmp = None
+    created, tmp = [], None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        with deferred():  # a directory made is a directory the cleanup knows of
+            created = _make_parents(out.parent)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
         fill(tmp)
         # What the runtime will read, checked by the runtime's own loader before it replaces anything;
         # this also records the big graphs' checksum stamps, so the first load does not hash them again.
         load_manifest(tmp)
-        _replace_dir(tmp, out, options.overwrite)
+        _replace_dir(tmp, out, overwrite)
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_dirs(created)
+        if disk_full(exc):
+            raise BuildError(f"cannot write {out}: {no_space(out.parent, needed)}") from None
         if isinstance(exc, OSError) and tmp is None:
             raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
         raise
     return load_manifest(out, verify=False)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error that led to it, is a full disk or a spent quota."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def no_space(directory: Path, needed: int) -> str:
+    return f"no space left on device (needs about {_gb(needed)} GB in {directory})"
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.1f}" if size >= 1e9 else f"{size / 1e9:.2g}"
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the regular files in ``path`` (a file or a directory tree)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.stat().st_size if path.is_file() else 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _build_bytes(files: CheckpointFiles, options: BuildOptions) -> int:
+    """About a build's peak: every weight in fp32 (the backbone's twice with a prefill graph, the
+    codec's in both codec graphs), half as much again for what the graphs hold beyond the
+    checkpoint (the depformer's stage heads) and a quantizing pass's new file beside the old.
+    Tiny, sampled: 3.65 MB seen with a prefill (4.1 estimated), 3.07 without (3.0). A hub Mimi not
+    in the local cache counts as 0."""
+    model = _safetensors_elements(files.weights_path) * 4
+    mimi = _safetensors_elements(_mimi_weights(files.mimi_ref)) * 4
+    return int(1.5 * (model * (2 if options.prefix_frames else 1) + 2 * mimi))
+
+
+def _quantize_bytes(manifest: Manifest) -> int:
+    """``--from-artifacts``: a copy of the fp32 artifacts, and a graph's quantized copy beside it
+    (tiny int4: 3.63 MB seen, 4.16 estimated)."""
+    sizes = [tree_bytes(spec.path) + (tree_bytes(spec.external_data_path) if spec.external_data else 0)
+             for spec in manifest.graphs.values()]
+    return tree_bytes(manifest.root) + max(sizes, default=0) // 2
+
+
+def _mimi_weights(ref: str) -> Path | None:
+    if Path(ref).is_dir():
+        return Path(ref) / "model.safetensors"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(ref, "model.safetensors")  # the cache only: no download
+    except (ImportError, ValueError):
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _safetensors_elements(path: Path | None) -> int:
+    """Elements of every tensor in a safetensors file, from its JSON header (no tensor is read)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(size, 100 << 20)))
+    except (OSError, TypeError, ValueError):
+        return 0
+    total = 0
+    for name, entry in header.items():
+        if name != "__metadata__" and isinstance(entry, dict):
+            total += int(np.prod(entry.get("shape") or [1]))
+    return total
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """copy2, or copytree for a directory, but raising the first OSError as it is: shutil.copytree
+    gathers failures into one shutil.Error without errno, which would hide a full disk."""
+    if not Path(src).is_dir():
+        shutil.copy2(src, dst)
+        return
+    Path(dst).mkdir()
+    for entry in sorted(Path(src).iterdir()):
+        copy_tree(entry, Path(dst) / entry.name)
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -270,7 +364,7 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     gc.collect()  # the exporter leaves reference cycles that still hold the weights
     for name in step_graphs:
         if options.precision in WEIGHT_ONLY_BITS:
-            graphs[name] = _quantized_graph(tmp, f"{name}.onnx", name, options, progress)
+            graphs[name] = _quantized_graph(tmp, f"{name}.onnx", name, options, progress, graphs)
             continue
         if options.precision == "fp16":
             progress(f"converting {name} to fp16")
@@ -327,11 +421,22 @@ def _convert_fp16(path: Path) -> None:
     save_model(to_fp16(onnx.load(str(path))), path)
 
 
-def _quantized_graph(root: Path, file: str, name: str, options: BuildOptions, progress):
-    """Quantize ``root/file`` in place and describe it, with its quantization record."""
+def _quantized_graph(root: Path, file: str, name: str, options: BuildOptions, progress,
+                     done: dict[str, GraphSpec]) -> GraphSpec:
+    """Quantize ``root/file`` in place and describe it, with its quantization record.
+
+    The prefill holds the backbone's weights and writes the rows stepping would: it takes the
+    backbone's scheme as quantized (``done[BACKBONE]``), block size included. Copied in fp32 next to
+    an int8 backbone, a warmed prefix's K/V rows differed from the step-wise ones by up to 0.05
+    (int4: 0.5, on rows of magnitude 4) and the greedy tokens after it changed."""
+    scheme = options.weight_only_scheme()
+    if name == BACKBONE_PREFILL:
+        record = done[BACKBONE].quantization
+        return _quantize_file(root, file, name, replace(scheme, block_size=record.block_size), options.precision,
+                              fit=False, progress=progress)
     # the default block size adapts to small models; one asked for is used as given
-    return _quantize_file(root, file, name, options.weight_only_scheme(), options.precision,
-                          fit=options.block_size is None, progress=progress)
+    return _quantize_file(root, file, name, scheme, options.precision, fit=options.block_size is None,
+                          progress=progress)
 
 
 def _quantized_codec(root: Path, spec: GraphSpec, progress) -> GraphSpec:
@@ -380,10 +485,13 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     and only if it still is an artifact directory (the export took minutes: look again)."""
     if out.exists() and any(out.iterdir()):
         _check_replaceable(out, overwrite)
-    if not out.exists():
+    # Not split by SIGTERM: between the two renames ``out`` would be gone and the old copy hidden.
+    # A signal that comes meanwhile ends the command just after: the new artifact is complete.
+    with deferred():
+        if not out.exists():
+            tmp.rename(out)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # a name nobody else uses
+        out.replace(old)  # onto the empty placeholder
         tmp.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # a name nobody else uses
-    out.replace(old)  # onto the empty placeholder
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
