@@ -22,10 +22,10 @@ from dia2_trt.runtime.artifacts import FORMAT, load_manifest
 from dia2_trt.runtime.cli_common import is_within, unwritable
 from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
                                        DEPFORMER, CodecInfo, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
+from dia2_trt.runtime.signals import deferred
 
 from .codec import export_codec_decoder, export_codec_encoder
 from .depformer_loop import export_depformer_loop, tail_stages
-from .entry import deferred
 from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
 from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
 from .onnx_io import export_module, save_model

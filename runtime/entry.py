@@ -1,4 +1,5 @@
-"""Console entry points that turn Ctrl-C into one line even while the heavy imports still run.
+"""Console entry points that turn Ctrl-C and SIGTERM into one line, even while the heavy imports
+still run, after the command's own cleanup (runtime/signals.py).
 
 Importing the CLI pulls in numpy, ONNX Runtime (and for ``dia2-export`` torch): seconds
 in which a Ctrl-C would otherwise print an import traceback. This module imports
@@ -10,17 +11,22 @@ from __future__ import annotations
 
 import sys
 
+from .signals import EXIT_TERMINATED, Terminated, install
+
 EXIT_INTERRUPTED = 130
 
 
 def launch(module: str, extra: str | None = None) -> None:
-    """Import ``module`` and run its ``main`` group; Ctrl-C and a missing extra are one line."""
+    """Import ``module`` and run its ``main`` group; Ctrl-C, SIGTERM and a missing extra are one line."""
+    install()
     try:
         from importlib import import_module
 
         main = import_module(module).main
     except KeyboardInterrupt:
         _die("Interrupted.", EXIT_INTERRUPTED)
+    except Terminated:
+        _die("Terminated.", EXIT_TERMINATED)
     except ModuleNotFoundError as exc:
         if extra is None or (exc.name or "").startswith("dia2_trt"):
             raise
@@ -30,6 +36,8 @@ def launch(module: str, extra: str | None = None) -> None:
         main()
     except KeyboardInterrupt:  # between the import and the command's own handling
         _die("Interrupted.", EXIT_INTERRUPTED)
+    except Terminated:
+        _die("Terminated.", EXIT_TERMINATED)
 
 
 def _die(line: str, code: int) -> None:

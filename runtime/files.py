@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .signals import deferred
+
 # --- bounded reads ----------------------------------------------------------------------------------
 
 # Nesting deeper than any file or request of ours has: the parser's recursion stays far from Python's
@@ -119,11 +121,13 @@ def write_together(items: Sequence[tuple[Path, Callable[[str], object]]]) -> Non
     temps: list[str] = []
     try:
         for path, write in items:
-            temps.append(_temp_beside(Path(path)))
+            with deferred():  # a temporary file made is one the cleanup below knows of
+                temps.append(_temp_beside(Path(path)))
             write(temps[-1])
             _share(temps[-1])
-        for (path, _), tmp in zip(items, temps):
-            os.replace(tmp, path)
+        with deferred():  # all renamed into place, or (stopped before) none
+            for (path, _), tmp in zip(items, temps):
+                os.replace(tmp, path)
     except BaseException:
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)

@@ -171,8 +171,8 @@ def test_sigterm_inside_a_deferred_step_ends_the_command_after_it():
     """The rename pair that swaps an artifact in runs whole; the termination follows it."""
     code = textwrap.dedent("""
         import os, signal
-        from dia2_trt.export import entry
-        signal.signal(signal.SIGTERM, entry._on_signal)
+        from dia2_trt.runtime import signals as entry
+        entry.install()
         done = []
         try:
             with entry.deferred():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import warnings
 
 import click
@@ -88,6 +89,9 @@ def serve(artifacts, host, port, workers, max_queue, voice_options, request_time
         edge = EdgeLimits(max_connections, header_timeout, body_timeout)
         server = uvicorn.Server(uvicorn_config(app, edge, log_level=log_level, ws_max_size=max_body_bytes,
                                                timeout_graceful_shutdown=shutdown_grace, timeout_keep_alive=5))
+        # SIGTERM is the server's normal stop: uvicorn drains the requests, then re-raises the signal
+        # it caught, which (as before dia2-rt's own handler) ends the process as SIGTERM does.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         server.run(sockets=[sock])
 
 
