@@ -186,14 +186,13 @@ def _warm_from(meta, data: dict) -> "WarmState":
     if not isinstance(plan, dict) or set(plan) != {"entries", "new_word_steps"}:
         raise VoiceError("plan: expected {\"entries\", \"new_word_steps\"}")
     check_codes(data["codes"], None, None, "codes")
-    for name in ("k_rows", "v_rows"):
-        if not np.isfinite(data[name]).all():
-            raise VoiceError(f"{name} holds NaN or infinite values")
     if data["tokens"].min() < 0:
         raise VoiceError("tokens must be non-negative")
     prefix_plan = PrefixPlan(_entries(plan["entries"], "plan.entries"), _ints(plan["new_word_steps"], "plan.new_word_steps"),
                              data["codes"])
-    return WarmState(prefix_plan, data["k_rows"], data["v_rows"], data["tokens"], _hashes(meta["artifacts"], "artifacts"))
+    warm = WarmState(prefix_plan, data["k_rows"], data["v_rows"], data["tokens"], _hashes(meta["artifacts"], "artifacts"))
+    _check_finite(warm)
+    return warm
 
 
 def _version(meta: dict) -> str:
@@ -218,8 +217,19 @@ def check_warm(warm: WarmState, expected_tokens: np.ndarray, layout: dict, text_
         if not isinstance(rows, np.ndarray) or rows.shape != want or rows.dtype != layout["dtype"]:
             got = f"{rows.dtype} {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__
             raise VoiceError(f"the warm state's {name} are {got}, these artifacts' cache rows {layout['dtype']} {want}")
+    _check_finite(warm)
+
+
+def _check_finite(warm: WarmState) -> None:
+    """NaN or infinite rows would be read by every step. Checked once per pair of row arrays (at 2B
+    size 126 frames of rows are 58 MB, ~60 ms to scan); arrays changed in place later are the caller's."""
+    seen = getattr(warm, "_finite", (None, None))
+    if seen[0] is warm.k_rows and seen[1] is warm.v_rows:
+        return
+    for name, rows in (("k_rows", warm.k_rows), ("v_rows", warm.v_rows)):
         if not np.isfinite(rows).all():
             raise VoiceError(f"the warm state's {name} hold NaN or infinite values")
+    warm._finite = (warm.k_rows, warm.v_rows)
 
 
 def _entry_json(entry: Entry) -> dict:

@@ -115,7 +115,7 @@ def read_words(path: str | Path, duration: float | None = None) -> list[Word]:
     try:
         raw = read_json_file(path, MAX_WORDS_BYTES, "words file")
     except InputFileError as exc:
-        raise VoiceError(str(exc)) from None
+        raise VoiceError(str(exc).replace(" is not valid JSON", " is malformed JSON", 1)) from None
     return parse_words(raw, duration, where=str(path))
 
 
@@ -423,7 +423,7 @@ def read_npz(path: str | Path, members: dict[str, NpyMember], max_bytes: int, wh
     """
     label = f"{what} {path}"
     with open_regular(path, max_bytes, what) as f, _as_input_error(label):
-        _check_directory(f, len(members), label)
+        _check_directory(f, len(members), label, what)
         with zipfile.ZipFile(f) as zf:
             infos = _member_infos(zf, members, label)
             headers = {name: _npy_header(zf, info, members[name], label) for name, info in infos.items()}
@@ -447,7 +447,7 @@ def _as_input_error(label: str):
         raise InputFileError(f"{label} is not a usable npz ({_first_line(exc)})") from None
 
 
-def _check_directory(f, count: int, label: str) -> None:
+def _check_directory(f, count: int, label: str, kind: str) -> None:
     """The end-of-directory record promises ``count`` members in a small directory: zipfile reads
     the whole directory into objects before anything else can be checked."""
     size = f.seek(0, 2)
@@ -456,7 +456,7 @@ def _check_directory(f, count: int, label: str) -> None:
     tail = f.read()
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < 22:
-        raise InputFileError(f"{label} is not an npz (zip) file")
+        raise InputFileError(f"{label}: not a {kind} (it is no npz archive)")
     disk_entries, entries, directory_size = struct.unpack("<HHI", tail[at + 8: at + 16])
     if entries != count or disk_entries != count or directory_size > MAX_CENTRAL_DIRECTORY:
         raise InputFileError(f"{label} lists {entries} members in a {directory_size}-byte directory; "
