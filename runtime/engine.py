@@ -260,9 +260,10 @@ class Dia2Runtime:
                 "tokenizer": self.manifest.tokenizer.files.get("tokenizer.json", "")}
 
     def warm_hashes(self) -> dict[str, str]:
-        """What a warm state depends on: every graph (its rows are the backbone's or the prefill's, its
-        codes the encoder's, read by the depformer and decoder next) and the tokenizer. A warm state
-        is a cache of these artifacts' run, cheap to make again: nothing less than all of them."""
+        """What a warm state is bound to: every graph and the tokenizer. Its rows are the backbone's
+        (or the prefill's) over codes the encoder made and entries the tokenizer made; the depformer
+        and decoder never read it, but it is a cache of one directory's run, remade by one warm-up,
+        so any changed file refuses it rather than leaving anyone to reason about which matter."""
         hashes = {name: spec.sha256 for name, spec in self.manifest.graphs.items()}
         return {**hashes, "tokenizer": self.manifest.tokenizer.files.get("tokenizer.json", "")}
 

@@ -138,7 +138,7 @@ class Session:
             if self.prefix is not None:
                 self._start_prefix()
         except BaseException:
-            self._release()  # scrubbed on the way back: nothing of this start reaches the next session
+            self._release()  # back to the pool; the next session's reset scrubs whatever this start wrote
             raise
         self._loop = self._generate()
 

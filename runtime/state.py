@@ -103,14 +103,7 @@ class GenerationState:
         """Back to what a fresh allocation holds: the cache rows a session may have written zeroed
         (where the backbone reads them), every binding's carried state zeroed (the codec's
         streaming state), the host buffers zeroed and the bookkeeping dropped."""
-        # A growing cache (ONNX Runtime) is read where it lies, and only in view (KVCache.zero): back
-        # to the first rows, then zero all of them, whoever wrote them. A fixed one may live on a
-        # device (TensorRT) that takes host memory only through bind(): zero the rows written, bind again.
-        restarted = self.cache.restart()
-        self.cache.zero(self.cache.rows if self.cache.grows else self.rows_written)
-        if restarted or self.rows_written:
-            self._bind_cache()
-        self.rows_written = 0
+        self._zero_cache()
         for binding in (self.backbone, self.depformer):
             binding.reset_state()
         self.codec.reset()
@@ -118,6 +111,29 @@ class GenerationState:
             buffer.fill(0)
         self.text, self.rule, self.emitter = None, None, Emitter()
         self.rng = np.random.default_rng(0)
+
+    def _zero_cache(self) -> None:
+        """Zero every cache row the backbone may read, through the binding (where the cache lives).
+
+        A growing cache goes back to its first rows, all of which are zeroed, whoever wrote them:
+        storage past the view needs nothing, as no step reads it and growing builds the new view
+        from the rows in view and zeroes, never from what lay past it (KVCache.make_room). A fixed
+        one (TensorRT's, at capacity) has the rows written zeroed; a binding that writes single rows
+        only takes the whole cache again from the host copy, which only bind() ever reads."""
+        if self.cache.restart():
+            self._bind_cache()
+        rows = self.cache.rows if self.cache.grows else self.rows_written
+        if rows:
+            view = self.cache.layer("k", 0)
+            zeros = np.broadcast_to(np.zeros((), view.dtype), (*view.shape[:2], rows, view.shape[3]))
+            index = (slice(None), slice(None), slice(0, rows))
+            try:
+                for names in self.cache_names:
+                    for name in names:
+                        self.backbone.write(name, index, zeros)
+            except ValueError:  # TensorRT writes one row per call: one upload beats a copy per row and layer
+                self._bind_cache()
+        self.rows_written = 0
 
     def reset(self, m: Manifest, machine: StateMachine, params: GenerationParams) -> None:
         """Ready for a new utterance: scrubbed, then set to the utterance's start."""
@@ -165,18 +181,6 @@ class KVCache:
         moves); True when the layers changed shape (they must be bound again)."""
         changed, self.rows = self.rows != self._first, self._first
         return changed
-
-    def zero(self, rows: int) -> None:
-        """Zero rows 0 .. rows-1 of every layer in the current layout. Storage past the view needs
-        nothing: no step reads it, and growing builds the new view from the rows in view (moved)
-        and zeroes, never from what lay past it. A layer already zero is left unwritten, so a cache
-        the backend keeps elsewhere (TensorRT) commits no host memory here."""
-        rows = min(rows, self.rows)
-        for kind in ("k", "v"):
-            for i in range(len(self._storage[kind])):
-                written = self.layer(kind, i)[:, :, :rows]
-                if written.any():  # NaN counts: any() is True for it
-                    written.fill(0)
 
     def layer(self, kind: str, i: int) -> np.ndarray:
         """Layer ``i``'s ``kind`` ("k" or "v") cache at its current rows: a view of the storage."""
