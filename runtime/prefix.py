@@ -33,8 +33,8 @@ import numpy as np
 
 from .files import InputFileError, parse_json, write_atomic
 from .state_machine import Entry, StateMachine, TextState, TokenIds
-from .voice import (MAX_CODES_BYTES, MAX_META_BYTES, NpyMember, PrefixPlan, VoiceError, _entries, _hashes, _ints,
-                    _is_int64, _is_text, check_codes, check_hashes, read_npz)
+from .voice import (MAX_CODES_BYTES, MAX_META_BYTES, NpyMember, PrefixPlan, VoiceError, check_codes,
+                    checked_hashes, checked_ints, entries_from_json, is_int64, is_text, read_npz)
 
 if TYPE_CHECKING:
     from .engine import Dia2Runtime
@@ -142,9 +142,9 @@ class WarmState:
         artifacts before any is read, and the whole state after (``runtime.check_warm``)."""
         path = Path(path)
         rows = NpyMember(lambda d: d in ROW_DTYPES, "float32 or float16", 5, MAX_WARM_BYTES)
-        members = {"k_rows": rows, "v_rows": rows, "tokens": NpyMember(_is_int64, "int64", 3, MAX_CODES_BYTES),
-                   "codes": NpyMember(_is_int64, "int64", 2, MAX_CODES_BYTES),
-                   "meta": NpyMember(_is_text, "text", 0, MAX_META_BYTES)}
+        members = {"k_rows": rows, "v_rows": rows, "tokens": NpyMember(is_int64, "int64", 3, MAX_CODES_BYTES),
+                   "codes": NpyMember(is_int64, "int64", 2, MAX_CODES_BYTES),
+                   "meta": NpyMember(is_text, "text", 0, MAX_META_BYTES)}
         expect = runtime.warm_layout() if runtime is not None else None
         try:
             data = read_npz(path, members, MAX_WARM_BYTES, "warm-state file", lambda h: _check_layout(h, expect))
@@ -188,9 +188,10 @@ def _warm_from(meta, data: dict) -> "WarmState":
     check_codes(data["codes"], None, None, "codes")
     if data["tokens"].min() < 0:
         raise VoiceError("tokens must be non-negative")
-    prefix_plan = PrefixPlan(_entries(plan["entries"], "plan.entries"), _ints(plan["new_word_steps"], "plan.new_word_steps"),
-                             data["codes"])
-    warm = WarmState(prefix_plan, data["k_rows"], data["v_rows"], data["tokens"], _hashes(meta["artifacts"], "artifacts"))
+    prefix_plan = PrefixPlan(entries_from_json(plan["entries"], "plan.entries"),
+                             checked_ints(plan["new_word_steps"], "plan.new_word_steps"), data["codes"])
+    warm = WarmState(prefix_plan, data["k_rows"], data["v_rows"], data["tokens"],
+                     checked_hashes(meta["artifacts"], "artifacts"))
     _check_finite(warm)
     return warm
 

@@ -234,8 +234,8 @@ def load_voice(path: str | Path) -> Voice:
     """A ``.voice`` file, every value checked that can be without the artifacts (``Dia2Runtime.prefix``
     checks the rest). Anything wrong is one ``VoiceError`` line."""
     path = Path(path)
-    members = {"codes": NpyMember(_is_int64, "int64", 2, MAX_CODES_BYTES),
-               "meta": NpyMember(_is_text, "text", 0, MAX_META_BYTES)}
+    members = {"codes": NpyMember(is_int64, "int64", 2, MAX_CODES_BYTES),
+               "meta": NpyMember(is_text, "text", 0, MAX_META_BYTES)}
     try:
         data = read_npz(path, members, MAX_VOICE_BYTES, "voice file")
         meta = parse_json(str(data["meta"]), f"voice file {path}: meta")
@@ -268,8 +268,8 @@ def _voice_from(meta: dict, codes: np.ndarray) -> Voice:
     words = parse_words(meta["words"], None, where="words")
     if len(words) != len(meta["words"]):
         raise VoiceError("words: an empty word (a voice file holds only words with text)")
-    entries = _entries(meta["entries"], "entries")
-    steps = _ints(meta["new_word_steps"], "new_word_steps")
+    entries = entries_from_json(meta["entries"], "entries")
+    steps = checked_ints(meta["new_word_steps"], "new_word_steps")
     if len(entries) != len(words) or len(steps) != len(words):
         raise VoiceError(f"{len(words)} words, {len(entries)} entries and {len(steps)} new_word_steps: "
                          f"a voice has one of each per word")
@@ -281,7 +281,7 @@ def _voice_from(meta: dict, codes: np.ndarray) -> Voice:
     sha = meta["audio_sha256"]
     if sha is not None and not (isinstance(sha, str) and SHA256.fullmatch(sha)):
         raise VoiceError("audio_sha256 must be a sha256 hex digest or null")
-    return Voice(speaker, codes, words, entries, steps, sha, _hashes(meta["artifacts"], "artifacts"))
+    return Voice(speaker, codes, words, entries, steps, sha, checked_hashes(meta["artifacts"], "artifacts"))
 
 
 def check_codes(codes: Any, channels: int | None, vocab: int | None, what: str) -> None:
@@ -300,20 +300,21 @@ def check_codes(codes: Any, channels: int | None, vocab: int | None, what: str) 
         raise VoiceError(f"{what} must {bound}, got values in [{low}, {high}]")
 
 
-def _entries(raw: Any, where: str) -> list[Entry]:
+def entries_from_json(raw: Any, where: str) -> list[Entry]:
     if not isinstance(raw, list):
         raise VoiceError(f"{where}: expected a list")
     out = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or set(item) != {"text", "tokens", "padding"} or not isinstance(item["text"], str):
+        keys = set(item) if isinstance(item, dict) else set()
+        if keys != {"text", "tokens", "padding"} or not isinstance(item["text"], str):
             raise VoiceError(f"{where}[{i}]: expected {{\"text\": str, \"tokens\": [int], \"padding\": int}}")
-        tokens = _ints(item["tokens"], f"{where}[{i}].tokens")
-        (padding,) = _ints([item["padding"]], f"{where}[{i}].padding")
+        tokens = checked_ints(item["tokens"], f"{where}[{i}].tokens")
+        (padding,) = checked_ints([item["padding"]], f"{where}[{i}].padding")
         out.append(Entry(tokens=tokens, text=item["text"], padding=padding))
     return out
 
 
-def _ints(raw: Any, where: str) -> list[int]:
+def checked_ints(raw: Any, where: str) -> list[int]:
     """A list of integers in [0, MAX_INT] (no bools, no floats)."""
     if not isinstance(raw, list):
         raise VoiceError(f"{where}: expected a list of integers")
@@ -323,7 +324,7 @@ def _ints(raw: Any, where: str) -> list[int]:
     return list(raw)
 
 
-def _hashes(raw: Any, where: str) -> dict[str, str]:
+def checked_hashes(raw: Any, where: str) -> dict[str, str]:
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
         raise VoiceError(f"{where}: expected an object of sha256 digests")
     if len(raw) > 64 or any(len(k) > 64 or len(v) > 64 for k, v in raw.items()):
@@ -399,11 +400,11 @@ class NpyMember:
     max_bytes: int
 
 
-def _is_int64(dtype: np.dtype) -> bool:
+def is_int64(dtype: np.dtype) -> bool:
     return dtype == np.dtype("<i8")
 
 
-def _is_text(dtype: np.dtype) -> bool:
+def is_text(dtype: np.dtype) -> bool:
     return dtype.kind == "U" and dtype.byteorder in ("<", "=", "|")
 
 

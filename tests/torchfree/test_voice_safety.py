@@ -89,8 +89,8 @@ def _refused(runtime, path: Path, fragment: str) -> str:
 def test_a_compressed_bomb_is_refused_from_its_declared_size(runtime, good, tmp_path):
     """80 MiB of zero codes deflate to ~80 KB; np.load would inflate all of it before any check."""
     meta, _ = _parts(good)
-    bomb = _npz(tmp_path / "bomb.voice", {"codes": np.zeros((5, 2 << 20), np.int64), "meta": np.array(json.dumps(meta))},
-                compress=True)
+    arrays = {"codes": np.zeros((5, 2 << 20), np.int64), "meta": np.array(json.dumps(meta))}
+    bomb = _npz(tmp_path / "bomb.voice", arrays, compress=True)
     assert bomb.stat().st_size < 1 << 20
     tracemalloc.start()
     try:
@@ -198,7 +198,8 @@ VALUE_CASES = {
     "speaker 0": (dict(edit=lambda m: m.update(speaker=0)), "speaker must be 1 or 2"),
     "speaker true": (dict(edit=lambda m: m.update(speaker=True)), "speaker must be 1 or 2, not True"),
     "speaker string": (dict(edit=lambda m: m.update(speaker="1")), "speaker must be 1 or 2"),
-    "token past the vocabulary": (dict(edit=lambda m: m["entries"][0].update(tokens=[10**6])), "not what its words give"),
+    "token past the vocabulary": (dict(edit=lambda m: m["entries"][0].update(tokens=[10**6])),
+                                  "not what its words give"),
     "negative token": (dict(edit=lambda m: m["entries"][0].update(tokens=[-1])), "not an integer in"),
     "bool token": (dict(edit=lambda m: m["entries"][0].update(tokens=[True])), "not an integer in"),
     "huge padding": (dict(edit=lambda m: m["entries"][0].update(padding=10**12)), "not an integer in"),
