@@ -19,19 +19,19 @@ from typing import Callable
 
 import numpy as np
 
-from .artifacts import ArtifactError, Manifest, load_manifest
+from .artifacts import ArtifactError, Manifest, cache_name, load_manifest
 from .audio import file_sha256, load_mono, read_audio
 from .backends import Backend, Binding, Graph, TakingTurns, create_backend
 from .codec import CodecStream, encode
 from .params import GenerationParams
-from .prefix import Prefix, WarmState, script_free_frames
+from .prefix import WARM_REMEDY, Prefix, WarmState, check_warm, script_free_frames
 from .script import parse_script
 from .session import AudioChunk, Progress, Session, SpeakResult, TruncationWarning, _check_text
 from .state import StatePool
 from .state_machine import Entry, StateMachine
 from .tokenizer import TextTokenizer
-from .voice import (Voice, VoiceError, Word, build_plan, parse_words, read_words, speaker_tag_for,
-                    words_to_entries)
+from .voice import (Voice, VoiceError, Word, build_plan, check_codes, check_hashes, check_voice_values, parse_words,
+                    read_words, recreate, speaker_tag_for, words_to_entries)
 
 __all__ = ["AudioChunk", "Dia2Runtime", "Progress", "Session", "SpeakResult", "TruncationWarning"]
 
@@ -114,8 +114,7 @@ class Dia2Runtime:
         if isinstance(prefix, SpeakResult):  # a conversation's previous turn
             prefix = self.prefix(self.turn_voice(prefix.tokens, prefix.timestamps), include_audio=include_prefix)
         elif isinstance(prefix, WarmState):
-            self._check_hashes(prefix.artifacts, "warm state")
-            self.check_prefix_frames(prefix.plan.frames)
+            self.check_warm(prefix)
         elif prefix is not None and not isinstance(prefix, Prefix):
             raise TypeError(f"prefix must be a Prefix, WarmState or SpeakResult, got {type(prefix).__name__}")
         return Session(self, params, progress, prefix, include_prefix, prefill)
@@ -215,7 +214,7 @@ class Dia2Runtime:
         """The reference's prefix plan from voices (speaker 2 needs speaker 1); checked against the context."""
         for voice in (speaker_1, speaker_2):
             if voice is not None:
-                self._check_hashes(voice.artifacts, "voice")
+                self.check_voice(voice)
         plan = build_plan(*(self._as_speaker(v, slot) if v else None for slot, v in ((1, speaker_1), (2, speaker_2))))
         if plan is None:
             return None
@@ -230,7 +229,20 @@ class Dia2Runtime:
             return voice
         tag = speaker_tag_for(speaker, self.tokenizer.token_id, self.manifest.token_ids)
         entries, steps = words_to_entries(voice.words, self.tokenizer.encode, tag, self.manifest.frame_rate)
-        return Voice(speaker, voice.codes, voice.words, entries, steps, voice.audio_sha256, voice.artifacts)
+        return Voice(speaker, voice.codes, voice.words, entries, steps, voice.audio_sha256, voice.artifacts,
+                     voice.source)
+
+    def check_voice(self, voice: Voice) -> None:
+        """Refuse (VoiceError, one line) a voice made with other artifacts, holding values these
+        artifacts cannot take, or too long for their cache; before anything is allocated for it."""
+        if not isinstance(voice, Voice):
+            raise TypeError(f"a voice must be a Voice, got {type(voice).__name__}")
+        m = self.manifest
+        check_hashes(voice.artifacts, self.artifact_hashes(), voice.name,
+                     "recreate it: " + recreate(voice, str(m.root)))
+        check_voice_values(voice, m.audio_channels, m.codec.codebook_size, m.frame_rate, self.tokenizer.encode,
+                           lambda n: speaker_tag_for(n, self.tokenizer.token_id, m.token_ids), str(m.root))
+        self.check_prefix_frames(voice.frames)
 
     def check_prefix_frames(self, frames: int) -> None:
         """A prefix needs its frames in the KV cache plus room for at least one generated frame."""
@@ -247,10 +259,40 @@ class Dia2Runtime:
         return {"codec_encoder": self.manifest.graph("codec_encoder").sha256,
                 "tokenizer": self.manifest.tokenizer.files.get("tokenizer.json", "")}
 
-    def _check_hashes(self, hashes: dict[str, str], what: str) -> None:
-        if hashes != self.artifact_hashes():
-            raise VoiceError(f"this {what} was made with other artifacts (codec encoder or tokenizer differ); "
-                             f"recreate it with these")
+    def warm_hashes(self) -> dict[str, str]:
+        """What a warm state is bound to: every graph and the tokenizer. Its rows are the backbone's
+        (or the prefill's) over codes the encoder made and entries the tokenizer made; the depformer
+        and decoder never read it, but it is a cache of one directory's run, remade by one warm-up,
+        so any changed file refuses it rather than leaving anyone to reason about which matter."""
+        hashes = {name: spec.sha256 for name, spec in self.manifest.graphs.items()}
+        return {**hashes, "tokenizer": self.manifest.tokenizer.files.get("tokenizer.json", "")}
+
+    def warm_layout(self) -> dict:
+        """The cache's shape ([2, Hkv, rows, D] per layer, at its bound), dtype and layers, and the codebooks."""
+        spec = self.graphs["backbone"].spec
+        cache = spec.input(cache_name("k", 0)).bounded(spec.dims)
+        return {"rows": (self.manifest.topology.n_layer, *cache.shape[:2], cache.shape[3]), "dtype": cache.dtype,
+                "channels": self.manifest.audio_channels}
+
+    def check_warm(self, warm: WarmState) -> None:
+        """Refuse (VoiceError, one line) a warm state of other artifacts or whose values these cannot
+        take: see ``prefix.check_warm``."""
+        if not isinstance(warm, WarmState):
+            raise TypeError(f"a warm state must be a WarmState, got {type(warm).__name__}")
+        check_hashes(warm.artifacts, self.warm_hashes(), "this warm state", WARM_REMEDY)
+        m = self.manifest
+        check_codes(warm.plan.codes, m.audio_channels, m.codec.codebook_size, "the warm state's codes")
+        self.check_prefix_frames(warm.plan.frames)
+        check_warm(warm, self._script_free(warm.plan), self.warm_layout(), m.topology.text_vocab_size)
+
+    def _script_free(self, plan) -> np.ndarray:
+        """The step tokens of ``plan``'s script-free warm-up frames on these artifacts (``warm`` keeps those)."""
+        m = self.manifest
+        machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead, initial_padding=0,
+                               max_padding=m.max_padding)
+        ids, tokens = m.token_ids, np.full((2, 2 + m.audio_channels), m.token_ids.pad, dtype=np.int64)
+        tokens[0, 0], tokens[1, 0] = ids.bos, ids.zero  # as GenerationState.reset leaves them
+        return script_free_frames(plan, machine, ids, m.delays, tokens)
 
     def warm(self, prefix: Prefix, prefill: bool = True) -> WarmState:
         """Run the script-independent part of ``prefix``'s warm-up once, for reuse by many sessions."""
@@ -263,7 +305,7 @@ class Dia2Runtime:
             seq = script_free_frames(prefix.plan, machine, m.token_ids, m.delays, state.tokens)
             self.fill_cache(state, seq, prefill)
             k_rows, v_rows = state.cache.copy_rows(len(seq))
-            return WarmState(prefix.plan, k_rows, v_rows, seq.copy(), self.artifact_hashes())
+            return WarmState(prefix.plan, k_rows, v_rows, seq.copy(), self.warm_hashes())
         finally:
             self.states.give_back(state)
 

@@ -133,9 +133,13 @@ class Session:
         # One step, feed or cancel at a time; reentrant so a progress callback may feed or cancel.
         self._lock = threading.RLock()
         self._state = runtime.states.take()
-        self._state.reset(m, self.machine, params)
-        if self.prefix is not None:
-            self._start_prefix()
+        try:
+            self._state.reset(m, self.machine, params)
+            if self.prefix is not None:
+                self._start_prefix()
+        except BaseException:
+            self._release()  # back to the pool; the next session's reset scrubs whatever this start wrote
+            raise
         self._loop = self._generate()
 
     def _start_prefix(self) -> None:
@@ -236,6 +240,13 @@ class Session:
             if item is _WAIT:
                 return
             yield item
+
+    def __del__(self) -> None:
+        # A session dropped before its first frame never starts its loop, whose `finally` gives
+        # the state back: give it back here (a no-op once the loop did).
+        loop = getattr(self, "_loop", None)
+        if getattr(self, "_state", None) is not None and not (loop is not None and loop.gi_running):
+            self._release()
 
     def _release(self) -> None:
         """Hand the state back to the runtime for another session (once)."""

@@ -6,6 +6,13 @@ the KV cache, its bindings of the step graphs and the codec (with the codec's
 streaming state), the text state, what has been emitted, and the random
 generator. ``reset`` readies it for a new utterance, so a finished session's
 state serves the next one without allocating or binding anything again.
+
+Nothing of one session may reach the next, however it ended (finished, cancelled,
+failed mid-frame, NaN in its outputs): ``reset`` scrubs every buffer a session
+writes, unconditionally, before the next session uses the state. Zeroing the cache
+matters although a step masks the rows past ``cache_length`` out: the mask gives
+them weight exactly 0, and 0 * NaN is NaN, so one NaN row left by a failed
+session would turn every later session's attention into NaN.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ class Emitter:
 
 @dataclass
 class GenerationState:
-    """One session's buffers and bookkeeping. The KV cache is never cleared: row t is written
-    at step t before any step reads it."""
+    """One session's buffers and bookkeeping. A session writes cache row t at step t before any
+    step reads it, but rows it never reaches are read too (masked), so ``scrub`` zeroes them."""
 
     tokens: np.ndarray  # [2, C] the step tokens fed to the backbone
     audio: np.ndarray  # [Q, cache_capacity + max_delay + 1] delayed codes (both CFG rows get the same ones)
@@ -55,6 +62,7 @@ class GenerationState:
     rule: StopRule | None = None
     emitter: Emitter = field(default_factory=Emitter)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    rows_written: int = 0  # cache rows 0 .. rows_written-1 may hold a session's values (scrub zeroes them)
 
     @classmethod
     def allocate(cls, m: Manifest, bind: Callable[[str], Binding]) -> "GenerationState":
@@ -83,6 +91,7 @@ class GenerationState:
     def write_rows(self, rows, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """Store K/V rows ([L, 2, Hkv, D] at one row, or [L, 2, Hkv, T, D] at a slice) in this state's cache."""
         end = rows.stop if isinstance(rows, slice) else rows + 1
+        self.rows_written = max(self.rows_written, end)  # before writing: a failed write may leave part of it
         if self.cache.make_room(end):
             self._bind_cache()
         index = (slice(None), slice(None), rows)
@@ -90,16 +99,50 @@ class GenerationState:
             self.backbone.write(k_name, index, k_new[i])
             self.backbone.write(v_name, index, v_new[i])
 
+    def scrub(self) -> None:
+        """Back to what a fresh allocation holds: the cache rows a session may have written zeroed
+        (where the backbone reads them), every binding's carried state zeroed (the codec's
+        streaming state), the host buffers zeroed and the bookkeeping dropped."""
+        self._zero_cache()
+        for binding in (self.backbone, self.depformer):
+            binding.reset_state()
+        self.codec.reset()
+        for buffer in (self.tokens, self.audio, self.noise):
+            buffer.fill(0)
+        self.text, self.rule, self.emitter = None, None, Emitter()
+        self.rng = np.random.default_rng(0)
+
+    def _zero_cache(self) -> None:
+        """Zero every cache row the backbone may read, through the binding (where the cache lives).
+
+        A growing cache goes back to its first rows, all of which are zeroed, whoever wrote them:
+        storage past the view needs nothing, as no step reads it and growing builds the new view
+        from the rows in view and zeroes, never from what lay past it (KVCache.make_room). A fixed
+        one (TensorRT's, at capacity) has the rows written zeroed; a binding that writes single rows
+        only takes the whole cache again from the host copy, which only bind() ever reads."""
+        if self.cache.restart():
+            self._bind_cache()
+        rows = self.cache.rows if self.cache.grows else self.rows_written
+        if rows:
+            view = self.cache.layer("k", 0)
+            zeros = np.broadcast_to(np.zeros((), view.dtype), (*view.shape[:2], rows, view.shape[3]))
+            index = (slice(None), slice(None), slice(0, rows))
+            try:
+                for names in self.cache_names:
+                    for name in names:
+                        self.backbone.write(name, index, zeros)
+            except ValueError:  # TensorRT writes one row per call: one upload beats a copy per row and layer
+                self._bind_cache()
+        self.rows_written = 0
+
     def reset(self, m: Manifest, machine: StateMachine, params: GenerationParams) -> None:
+        """Ready for a new utterance: scrubbed, then set to the utterance's start."""
+        self.scrub()
         ids = m.token_ids
         self.tokens.fill(ids.pad)
         self.tokens[0, 0] = ids.bos
         self.tokens[1, 0] = ids.zero
         self.audio.fill(UNGENERATED)
-        self.noise.fill(0.0)
-        if self.cache.restart():  # a new utterance writes from row 0: read no more than it has written
-            self._bind_cache()
-        self.codec.reset()
         self.text = machine.new_state([])
         self.rule = StopRule.start(m.max_context_steps + 1, m.delays, machine.max_padding, params.initial_padding,
                                    ids.new_word)
@@ -129,6 +172,7 @@ class KVCache:
         self._head = tuple(shape[:2])
         size = self._blocks * self.capacity * self._width
         self._storage = {kind: np.zeros((layers, size), dtype=dtype) for kind in ("k", "v")}
+        self.grows = grows
         self._first = min(self.ROW_STEP, self.capacity) if grows else self.capacity
         self.rows = self._first
 
@@ -175,14 +219,17 @@ class StatePool:
         self._lock = threading.Lock()
 
     def take(self) -> GenerationState:
+        """A state for one session; ``reset`` it before use (that scrubs it again)."""
         with self._lock:
             if self._free:
                 return self._free.pop()
         return GenerationState.allocate(self._manifest, self._bind)
 
     def give_back(self, state: GenerationState) -> None:
+        """Keep ``state`` for the next session (whose ``reset`` scrubs it); given back twice, kept once."""
         with self._lock:
-            self._free.append(state)
+            if not any(s is state for s in self._free):
+                self._free.append(state)
 
     def __len__(self) -> int:
         """States waiting for a session."""
