@@ -20,9 +20,10 @@ at the first decision they pick otherwise, measures
   (the top-2 gap among the kept entries, or the guided top-k boundary; ``_margin``).
 
 It is a near-tie, and tolerated (xfail, with the numbers), only if e is rounding
-(e <= 1e-5 x the largest |logit|) and m <= 2e (so that error can flip the pick). Any
-other departure is a defect and fails, with the same numbers: a wrong RoPE position,
-formula, dtype or filter moves logits by far more than 1e-5 relative. A departure whose
+(e <= ROUNDING_REL = 1e-4 x the largest |logit|: 17x the worst of 24,651 measured
+decisions, 5.8e-6) and m <= 2e (so that error can flip the pick). Any other departure
+is a defect and fails, with the same numbers: a wrong RoPE position, formula, dtype or
+filter moves logits by far more than rounding. A departure whose
 teacher-forced replay agrees everywhere is a defect of the runtime loop, not of a graph.
 """
 
