@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -228,3 +228,140 @@ def write_report(report: dict, path: Path) -> None:
     from dia2_trt.runtime.files import write_atomic
 
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
+
+
+# --- parity diagnosis: a near-tie or a defect ---------------------------------------------------
+
+# The largest |ONNX Runtime - torch| logits error, relative to the step's largest |logit|, that is
+# still fp32 rounding: two fp32 evaluations of the same formulas in another op order (SDPA vs
+# MatMul-Softmax-MatMul, MLAS vs MKL GEMM blocking, which also differs by instruction set) differ by
+# a few ulps per op. Measured on the real-vocabulary checkpoint (seed 0, AVX-512 Xeon), 7 scripts,
+# 24,651 decisions: worst 5.8e-6, median 5.3e-7; the cap leaves 17x for other CPUs' kernels. A
+# defect (a wrong position, formula, dtype or filter) moves logits by 1e-2 relative or more.
+ROUNDING_REL = 1e-4
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One greedy pick (text action or codebook) of one step, by torch and by the artifacts.
+
+    ``channel`` is "action" or a codebook index; ``gap_torch`` / ``gap_ort`` the gaps between
+    the top two guided logits (the candidates the pick chose among); ``error`` the largest
+    |ORT - torch| over the step's raw CFG-pair logits; ``flip_margin`` (``_margin``) twice the
+    smallest logits error that could change torch's pick. A near-tie: the error is fp32
+    rounding and at least half the flip margin, so rounding alone can flip the pick.
+    """
+
+    step: int
+    channel: str | int
+    torch_token: int
+    ort_token: int
+    gap_torch: float
+    gap_ort: float
+    error: float
+    scale: float
+    flip_margin: float
+
+    @property
+    def agree(self) -> bool:
+        return self.torch_token == self.ort_token
+
+    @property
+    def rounding(self) -> bool:
+        return self.error <= ROUNDING_REL * self.scale
+
+    @property
+    def near_tie(self) -> bool:
+        return self.rounding and self.flip_margin <= 2 * self.error
+
+    def describe(self) -> str:
+        where = f"step {self.step} {'action' if self.channel == 'action' else f'codebook {self.channel}'}"
+        numbers = (f"torch picks {self.torch_token}, ONNX Runtime {self.ort_token}; top-2 guided gap "
+                   f"torch {self.gap_torch:.3g}, ORT {self.gap_ort:.3g}; |ORT - torch| {self.error:.3g} "
+                   f"(logits up to {self.scale:.3g}); flip margin {self.flip_margin:.3g}")
+        if self.agree:
+            return f"agreement at {where}: {numbers}"
+        if self.near_tie:
+            return f"near-tie at {where} (flip margin {self.flip_margin:.3g} < 2 x rounding error): {numbers}"
+        return f"defect at {where} (flip margin {self.flip_margin:.3g}): {numbers}"
+
+
+def first_divergence(artifacts: Path, loop, script: str, params: GenerationParams = GREEDY) -> Decision | None:
+    """The first decision of the PyTorch reference's greedy run that the artifacts pick otherwise.
+
+    Up to that decision every input is the reference's, so it is also where a free-running
+    ``speak`` first departs. None: the artifacts pick as torch does at every step.
+    """
+    return next((d for d in decisions(artifacts, loop, script, params) if not d.agree), None)
+
+
+def decisions(artifacts: Path, loop, script: str, params: GenerationParams = GREEDY):
+    """Teacher-force the artifacts through the PyTorch reference's greedy run (``loop``: a
+    models.reference.ReferenceLoop) and yield every decision of every step, in the order they
+    are taken (action, cb0, cb1 ...), up to and including the first one the two pick otherwise
+    (past it a codebook's inputs are no longer the reference's)."""
+    trace, logits = _reference_trace(loop, script, params)
+    manifest = load_manifest(artifacts)
+    heads = _head_outputs(manifest.graph("depformer").path)
+    if not heads:
+        raise ValueError(f"{artifacts}: the depformer's codebook logits cannot be found")
+    special = [manifest.token_ids.audio_pad, manifest.token_ids.audio_bos]
+    replay = Replay(Path(artifacts), extra={"depformer": heads})
+    try:
+        for t, step in enumerate(replay.run(trace, params)):
+            for decision in _step_decisions(t, step, heads, logits[t], params, special):
+                yield decision
+                if not decision.agree:
+                    return
+    finally:
+        replay.close()
+
+
+def _reference_trace(loop, script: str, params: GenerationParams):
+    """The reference's greedy run as a Trace, and per step its raw logits {channel: [2, V]}."""
+    from dia2_trt.calibration.collect import Trace
+
+    tokens, logits = [], []
+
+    def observe(t, what, tensor):
+        if what == "tokens":
+            tokens.append(tensor.numpy().copy())
+            logits.append({})
+        else:
+            logits[t][what] = tensor.float().reshape(2, -1).numpy().copy()
+
+    result = loop.run(script, params, observe=observe)
+    steps = len(result.text_tokens)
+    audio = result.delayed[:, 1:steps + 1].T
+    return Trace(script, np.stack(tokens[:steps]), np.array(result.text_tokens), audio), logits[:steps]
+
+
+def _step_decisions(t, step, heads, torch_logits, params, special):
+    ort = {"action": step.backbone["action_logits"], 0: step.backbone["cb0_logits"]}
+    ort.update({q + 1: step.depformer[h] for q, h in enumerate(heads)})
+    ort_audio = step.depformer["audio_tokens"]
+    for channel in ["action", *range(len(heads) + 1)]:
+        ref = torch_logits[channel]
+        cand = np.asarray(ort[channel], np.float32).reshape(2, -1)[:, :ref.shape[1]]
+        mask = special if channel == 0 else []
+        torch_pick = _pick(ref, params, mask)
+        ort_pick = _pick(cand, params, mask) if channel == "action" else int(ort_audio[channel])
+        yield Decision(t, channel, torch_pick, ort_pick, _gap(ref, params, mask), _gap(cand, params, mask),
+                       float(np.abs(cand.astype(np.float64) - ref).max()), float(np.abs(ref).max()),
+                       _margin(ref, params, mask))
+
+
+def _guided(logits: np.ndarray, params: GenerationParams, mask) -> np.ndarray:
+    kept = guide(logits, params.cfg_scale, params.cfg_filter_k).copy()
+    kept[list(mask)] = -np.inf
+    return kept
+
+
+def _pick(logits: np.ndarray, params: GenerationParams, mask) -> int:
+    return int(np.argmax(_guided(logits, params, mask)))
+
+
+def _gap(logits: np.ndarray, params: GenerationParams, mask) -> float:
+    kept = _guided(logits, params, mask)
+    finite = np.sort(kept[np.isfinite(kept)])
+    return float(finite[-1] - finite[-2]) if finite.size > 1 else float("inf")

@@ -8,6 +8,7 @@ for step (same tensor ops in the same order), not what would be fastest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +21,15 @@ from dia2_trt.runtime.state_machine import StateMachine, TokenIds
 from .dia2 import Dia2Model
 
 BRANCHES = 2  # conditional and unconditional rows, always run (as in the reference)
+
+# observe(step, what, tensor): what is "tokens" (the backbone's [2, C] input), "action" or a
+# codebook index 0..Q-1 (its raw [2, V] CFG-pair logits). For parity diagnosis: the margin of
+# each decision (export/accuracy.py: first_divergence).
+Observer = Callable[[int, "str | int", torch.Tensor], None]
+
+
+def _ignore(step: int, what, tensor: torch.Tensor) -> None:
+    pass
 
 
 @dataclass
@@ -84,12 +94,14 @@ class ReferenceLoop:
         return parse_script([text], self.encode, self.ids, self.frame_rate)
 
     @torch.inference_mode()
-    def run(self, text: str, params: GenerationParams, max_frames: int | None = None) -> ReferenceResult:
-        """Generate; ``max_frames`` stops early (benchmarks) without changing any buffer's size."""
+    def run(self, text: str, params: GenerationParams, max_frames: int | None = None,
+            observe: Observer | None = None) -> ReferenceResult:
+        """Generate; ``max_frames`` stops early (benchmarks) without changing any buffer's size;
+        ``observe`` sees every step's inputs and logits (it must not change them)."""
         machine = StateMachine(self.ids, second_stream_ahead=self.cfg.data.second_stream_ahead,
                                initial_padding=params.initial_padding)
         state = machine.new_state(self.entries(text))
-        run = _Run(self, params)
+        run = _Run(self, params, observe or _ignore)
         rule = StopRule.start(run.capacity, self.delays, machine.max_padding, params.initial_padding,
                               self.ids.new_word)
         steps = self.cfg.runtime.max_context_steps
@@ -111,9 +123,9 @@ class ReferenceLoop:
 class _Run:
     """Buffers of one generation: step tokens, KV caches, the delayed audio buffer."""
 
-    def __init__(self, loop: ReferenceLoop, params: GenerationParams) -> None:
+    def __init__(self, loop: ReferenceLoop, params: GenerationParams, observe: Observer) -> None:
         cfg, ids = loop.cfg, loop.ids
-        self.loop, self.params, self.ids = loop, params, ids
+        self.loop, self.params, self.ids, self.observe = loop, params, ids, observe
         self.capacity = cfg.runtime.max_context_steps + 1
         q = cfg.data.audio_channels
         self.tokens = torch.full((BRANCHES, cfg.data.channels, 1), ids.pad, dtype=torch.long)
@@ -137,10 +149,13 @@ class _Run:
         self.tokens[:, 2:, 0] = torch.where(self.delays > t, self.ids.audio_bos, audio_in)
         self.tokens[1:, 0, 0] = self.ids.zero
         self.tokens[1:, 1, 0] = self.ids.pad
+        self.observe(t, "tokens", self.tokens[:, :, 0])
         positions = torch.full((BRANCHES, 1), t, dtype=torch.long)
         hidden, action, cb0 = self.loop.model.transformer.step_reference(
             self.tokens, positions, self.k, self.v, torch.tensor(t))
         self.hidden, self.cb0_logits = hidden[:, 0], cb0
+        self.observe(t, "action", action)
+        self.observe(t, 0, cb0)
         p = self.params
         return sample(guidance(action, p), p.text_temperature, p.text_top_k, self.generator)
 
@@ -158,5 +173,6 @@ class _Run:
         for stage in range(depformer.num_depth):
             prev = torch.full((BRANCHES,), token, dtype=torch.long)
             stage_logits = depformer.stage_reference(stage, prev, self.hidden, mains, seconds, self.dk, self.dv)
+            self.observe(t, stage + 1, stage_logits)
             token = sample(guidance(stage_logits, p), p.audio_temperature, p.audio_top_k, self.generator)
             self.audio[:, stage + 1, t + 1] = token
