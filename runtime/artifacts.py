@@ -211,8 +211,8 @@ def _check_bounds(m: Manifest, need) -> None:
         for kind, tensors in (("inputs", g.inputs), ("outputs", g.outputs)):
             for tensor in tensors:
                 total += _tensor_bytes(tensor.bounded(g.dims), f"graphs.{name}.{kind}.{tensor.name}", need)
-    need(total <= MAX_BUFFER_BYTES, "graphs", f"need {total / 2**30:.1f} GiB of buffers per session at their "
-                                              f"bounds, past {MAX_BUFFER_BYTES >> 30} GiB")
+    need(total <= MAX_BUFFER_BYTES, "graphs", f"need {total / 2**30:.3g} GiB of buffers per session at their "
+                                              f"bounds, past {MAX_BUFFER_BYTES / 2**30:.3g} GiB")
 
 
 def _tensor_bytes(t: TensorSpec, where: str, need) -> int:

@@ -81,6 +81,8 @@ def audio_info(path: str | Path, max_seconds: float = MAX_AUDIO_SECONDS) -> Audi
 
 
 def _open(path: Path):
+    if not path.exists():
+        raise AudioError(f"{path}: no such audio file")
     try:
         return open_regular(path, MAX_AUDIO_BYTES, "audio file")
     except InputFileError as exc:
