@@ -76,7 +76,8 @@ def parse_json(data: bytes | str, what: str = "JSON", max_depth: int = MAX_JSON_
     """``json.loads`` that fails in one line on bad UTF-8, bad JSON, nesting deeper than
     ``max_depth``, integers of more than ``MAX_JSON_INT_DIGITS`` digits and non-finite numbers
     (NaN, Infinity, and exponents that overflow to infinity such as 1e999) unless ``nonfinite``
-    (for a reader that range-checks its floats itself and names the field)."""
+    (for a reader that range-checks its floats itself and names the field), and strings that are
+    not UTF-8 text (lone surrogate escapes)."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -88,10 +89,24 @@ def parse_json(data: bytes | str, what: str = "JSON", max_depth: int = MAX_JSON_
         raise InputFileError(f"{what} nests deeper than {max_depth} levels")
     try:
         if nonfinite:
-            return json.loads(data, parse_int=_bounded_int)
-        return json.loads(data, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
+            value = json.loads(data, parse_int=_bounded_int)
+        else:
+            value = json.loads(data, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, NaN/Infinity
         raise InputFileError(f"{what} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if "\\u" in data:
+        _check_text(value, what)
+    return value
+
+
+def _check_text(value: Any, what: str) -> None:
+    """A ``\\udXXX`` escape can put a lone surrogate in a string: valid JSON, but no UTF-8 text, and
+    tokenizers and encoders downstream fail on it with their own errors. Checked in one pass over
+    the parsed value (only when the text has an escape at all)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputFileError(f"{what} holds a string that is not UTF-8 text (a lone surrogate escape)") from None
 
 
 def _no_constant(name: str) -> Any:

@@ -32,7 +32,10 @@ class TextTokenizer:
         return cls(Tokenizer.from_str(data.decode("utf-8", errors="strict").removeprefix("\ufeff")))
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers' words for a str that is not UTF-8 text (a lone surrogate)
+            raise ValueError(f"cannot tokenize {text[:40]!r}: not UTF-8 text") from None
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

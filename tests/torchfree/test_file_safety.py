@@ -152,6 +152,7 @@ def test_stdout_stays_an_output(work):
     (b'[{"word": "hi", "start": ' + b"9" * 5000 + b', "end": 1}]', "integer of 5000 digits"),
     (b'[{"word": "hi", "start": 0, "end": ' + b"9" * 4000 + b"}]", "integer of 4000 digits"),
     (b'[{"word": "hi", "start": 0, "end": 1e999}]', "not a finite number"),
+    (b'[{"word": "\\ud800", "start": 0, "end": 1}]', "not UTF-8 text"),  # valid JSON; tokenizers raised TypeError
 ])
 def test_a_hostile_words_file_is_one_line(work, content, needle):
     (work / "w.json").write_bytes(content)
@@ -318,6 +319,7 @@ def test_a_bad_stamps_file_is_ignored(artifact_copy, kind, monkeypatch):
 @pytest.mark.parametrize("text,ok", [
     ("12345678901234567890", True), ("-12345678901234567890", True), ("123456789012345678901", False),
     ("1e308", True), ("1e999", False), ("-1e999", False), ("NaN", False), ("\ufeff[1]", True),
+    ('["\\ud83d\\ude00"]', True), ('["\\ud800"]', False), ('{"\\udc00": 1}', False), ('["\\\\ud800"]', True),
 ])
 def test_json_numbers_are_bounded(text, ok):
     if ok:
