@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from dia2_trt.runtime.cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, int64_range,
-                                         read_script)
-from dia2_trt.runtime.files import AUDIO_FORMATS, audio_writer, write_atomic, write_together
+from dia2_trt.runtime.cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, files_under, int64_range,
+                                         is_within, read_script)
+from dia2_trt.runtime.files import AUDIO_FORMATS, InputFileError, audio_writer, check_regular, write_atomic, write_together
 
 from .build import DEFAULT_OPSET, PRECISIONS, BuildOptions
 
@@ -94,8 +94,13 @@ def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, aga
     steps = steps or 64
     path = Path(report) if report else Path(artifacts) / "validation.json"
     if report or Path(artifacts).is_dir():  # a missing ARTIFACTS is validate's own one-line error
-        check_outputs({"--report": str(path)})  # before minutes of comparisons, not after
+        _check_report(path, [artifacts], "validation.json")  # before minutes of comparisons, not after
     source = _checkpoint_files(size, checkpoint) if (size or checkpoint) else None
+    if source is not None:
+        from .build import source_dirs
+
+        _check_report(path, [artifacts], "validation.json",
+                      protected=[("checkpoint directory", d) for d in source_dirs(source)])
     result = validate_artifacts(Path(artifacts), source, steps=steps, codec_frames=codec_frames, seed=seed,
                                 echo=lambda msg: click.echo(msg, err=True))
     _write_atomic(path, json.dumps(result, indent=1) + "\n")
@@ -118,11 +123,29 @@ def calibrate(fp32_artifacts, scripts_file, precision, out, every, overwrite):
     from dia2_trt.calibration.calibrate import calibrate_artifacts, check_calibrate_request
     from dia2_trt.calibration.collect import read_scripts
 
+    _check_calibrate_paths(Path(fp32_artifacts), Path(scripts_file), Path(out))
     check_calibrate_request(Path(fp32_artifacts), Path(out), precision, overwrite)
     scripts = read_scripts(Path(scripts_file))
     calibrate_artifacts(Path(fp32_artifacts), scripts, Path(out), precision, every=every, overwrite=overwrite,
                         progress=lambda msg: click.echo(f"[calibrate] {msg}", err=True))
     click.echo(str(out))
+
+
+# Calibration scripts are a line each: thousands of lines are a few hundred kB.
+MAX_SCRIPTS_BYTES = 16 << 20
+
+
+def _check_calibrate_paths(fp32: Path, scripts: Path, out: Path) -> None:
+    """--out (a directory it creates or, with --overwrite, replaces) must not be, hold or lie inside
+    the fp32 artifacts, nor hold the scripts; the scripts file must be a bounded regular file."""
+    if is_within(out, fp32) or is_within(fp32, out):
+        fail(f"--out {out} is, holds or lies inside the fp32 artifact directory {fp32}; write it elsewhere")
+    if is_within(scripts, out):
+        fail(f"--out {out} holds the --scripts file {scripts}; write it elsewhere")
+    try:
+        check_regular(scripts, "calibration scripts", MAX_SCRIPTS_BYTES)
+    except InputFileError as exc:
+        fail(str(exc))
 
 
 @main.command()
@@ -136,6 +159,8 @@ def engines(artifacts, graphs, workspace_gib, timing_cache, no_validate):
     """Build TensorRT engines (strongly typed: precision from the ONNX) next to the graphs."""
     from .tensorrt import EngineOptions, build_engines, have_gpu_tensorrt
 
+    if timing_cache:  # read and rewritten: it must not be (or replace) a file of the artifacts
+        check_outputs({"--timing-cache": timing_cache}, inputs=_artifact_files(Path(artifacts)))
     available, reason = have_gpu_tensorrt()
     if not available:
         fail(f"cannot build TensorRT engines here: {reason}")
@@ -153,7 +178,7 @@ def _accuracy(artifacts: Path, against: Path, script_file, report, steps: int | 
     script = read_script(None, script_file).strip() if script_file else DEFAULT_SCRIPT
     path = Path(report) if report else artifacts / "accuracy.json"
     if report or artifacts.is_dir():
-        check_outputs({"--report": str(path)})
+        _check_report(path, [artifacts, against], "accuracy.json", inputs=[("--script file", script_file)])
     result = accuracy_report(artifacts, against, script, max_steps=steps, echo=lambda msg: click.echo(msg, err=True))
     for line in summary_lines(result):
         click.echo(line, err=True)
@@ -187,9 +212,10 @@ def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_f
         kwargs.update(text_temperature=temperature, audio_temperature=temperature)
     params = GenerationParams(**kwargs)
     names = {"--tokens-out": tokens_out, "--out": wav_out}
-    check_outputs(names)
+    inputs = [("script --input", input_file)]
+    check_outputs(names, inputs=inputs)
     files = _checkpoint_files(size, checkpoint)
-    outputs = check_outputs(names, protected=[("checkpoint directory", d) for d in source_dirs(files)])
+    outputs = check_outputs(names, protected=[("checkpoint directory", d) for d in source_dirs(files)], inputs=inputs)
     from .reference_run import run_reference
 
     result, pcm, rate = run_reference(files, text, params, decode=wav_out is not None)
@@ -200,6 +226,27 @@ def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_f
         items.append((outputs["--out"], audio_writer(outputs["--out"], pcm, rate)))
     write_together(items)
     click.echo(f"{result.frames} frames, {result.tokens.shape[1]} aligned", err=True)
+
+
+def _check_report(path: Path, artifact_dirs, default: str, protected=(), inputs=()) -> None:
+    """A report may be its default file in an artifact directory but never replace any other file
+    there (the manifest, a graph...), nor any other input."""
+    files = [f for d in artifact_dirs for f in files_under("artifact", d, keep=[Path(d) / default])]
+    check_outputs({"--report": str(path)}, protected=protected, inputs=[*inputs, *files])
+
+
+def _artifact_files(directory: Path) -> list[tuple[str, Path]]:
+    """The files an artifact directory consists of (its manifest, what that names, the stamps); every
+    file in it when the manifest cannot be read."""
+    from dia2_trt.runtime.artifacts import MANIFEST, STAMP, checked_files, load_manifest
+
+    try:
+        manifest = load_manifest(directory, verify=False)
+    except ValueError:
+        return files_under("artifact", directory)
+    named = [directory / MANIFEST, directory / STAMP, *(path for path, _ in checked_files(manifest))]
+    named += [g.engine_path for g in manifest.graphs.values() if g.engine]
+    return [("artifact file", path) for path in named]
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -14,11 +14,12 @@ import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .files import write_atomic
+from .files import InputFileError, open_regular, parse_json, read_json_file, read_regular, write_atomic
 from .graph_io import GraphFormatError, read_io
 from .manifest import (  # noqa: F401  (the names the runtime has always imported from here)
     BACKBONE, BACKEND_NAMES, CACHE_ROWS, CODEC_DECODER, DEPFORMER, FORMAT, GRAPH_NAMES, MANIFEST, PRECISIONS,
@@ -31,6 +32,19 @@ from .manifest import (  # noqa: F401  (the names the runtime has always importe
 # replaced or edited in place, even with its mtime restored, is hashed again.
 CHEAP_BYTES = 64 << 20
 STAMP = ".verified.json"
+# A manifest is tens of kB (the 2B's, with a cache input per layer); the stamps a line per big file.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_STAMP_BYTES = 1 << 20
+# Bounds on the values the runtime sizes buffers and loops by, far past any Dia2 (the 2B: 1501 cache
+# rows, 32 codebooks, a 49280-token vocabulary, 24 kHz): a manifest past them is refused in one line
+# before anything is allocated from it, instead of failing (or swapping) deep inside numpy.
+MAX_COUNT = 1 << 20  # any count or size: layers, heads, widths, vocabularies, delays, graph axes
+MAX_FRAMES = 1 << 16  # context, prefix and cache rows: 87 minutes at 12.5 Hz (the 2B's context is 2)
+MAX_SAMPLE_RATE = 384_000
+MAX_RANK = 8
+# One session's graph buffers at their bounds (the bindings allocate them all; the 2B's are ~1 GB,
+# 0.69 GB of it the KV cache): room for 10x the 2B's context, not for a manifest that asks for 10^12.
+MAX_BUFFER_BYTES = 8 << 30
 _TEXT_IDS = ("new_word", "pad", "bos", "zero", "spk1", "spk2")
 _AUDIO_IDS = ("audio_pad", "audio_bos")
 
@@ -47,7 +61,7 @@ def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
         manifest = Manifest.from_json(raw, root)
     except ArtifactError as exc:
         raise ArtifactError(f"{where}: {exc}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
         raise ArtifactError(f"{where}: malformed manifest ({detail})") from None
     contain_paths(manifest)
@@ -60,14 +74,16 @@ def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    if not os.path.lexists(path):
+        raise ArtifactError(f"{path} not found: not an artifact directory (build one with dia2-export build)")
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} not found: not an artifact directory (build one with dia2-export build)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: corrupt manifest ({exc})") from None
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read ({exc.strerror})") from None
+        data = read_regular(path, MAX_MANIFEST_BYTES, "manifest")
+    except InputFileError as exc:
+        raise ArtifactError(str(exc)) from None
+    try:
+        raw = parse_json(data, str(path), nonfinite=True)  # check_values names a non-finite field
+    except InputFileError as exc:
+        raise ArtifactError(f"corrupt manifest: {exc}") from None
     if not isinstance(raw, dict):
         raise ArtifactError(f"{path}: corrupt manifest (not a JSON object)")
     return raw
@@ -107,15 +123,23 @@ def _check_files(m: Manifest) -> None:
         if name not in m.graphs:
             raise ArtifactError(f"{m.root / MANIFEST}: graph {name!r} is missing")
     for spec in m.graphs.values():
-        if not spec.path.is_file():
-            raise ArtifactError(f"{spec.path}: graph file missing (listed in {MANIFEST})")
-        if spec.external_data and not spec.external_data_path.is_file():
-            raise ArtifactError(f"{spec.external_data_path}: weights file missing (listed in {MANIFEST})")
+        _need_file(spec.path, "graph file")
+        if spec.external_data:
+            _need_file(spec.external_data_path, "weights file")
     for name in m.tokenizer.files:
-        if not (m.tokenizer_dir / name).is_file():
-            raise ArtifactError(f"{m.tokenizer_dir / name}: tokenizer file missing (listed in {MANIFEST})")
+        _need_file(m.tokenizer_dir / name, "tokenizer file")
     if "tokenizer.json" not in m.tokenizer.files:
         raise ArtifactError(f"{m.root / MANIFEST}: tokenizer.files lists no tokenizer.json")
+
+
+def _need_file(path: Path, what: str) -> None:
+    """A listed file must be a regular file: a FIFO or device would block or never end a reader."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise ArtifactError(f"{path}: {what} missing (listed in {MANIFEST})") from None
+    if not stat.S_ISREG(mode):
+        raise ArtifactError(f"{path}: {what} is not a regular file (a directory, device, pipe or socket)")
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -129,6 +153,7 @@ def check_values(m: Manifest) -> None:
         if not ok:
             raise ArtifactError(f"{where}: {field_name} {message}")
 
+    _check_bounds(m, need)
     t, c = m.topology, m.codec
     for f in fields(Topology):
         value = getattr(t, f.name)
@@ -160,6 +185,47 @@ def check_values(m: Manifest) -> None:
          f"{m.cache_capacity} != max_context_steps + 1 + prefix_frames")
 
 
+def _check_bounds(m: Manifest, need) -> None:
+    """Every count within MAX_COUNT (frames within MAX_FRAMES), and one session's buffers within
+    MAX_BUFFER_BYTES, before any other check does arithmetic with them."""
+    t, c = m.topology, m.codec
+    counts = [(f"topology.{f.name}", getattr(t, f.name)) for f in fields(Topology)]
+    counts += [(f"topology.depformer.{f.name}", getattr(t.depformer, f.name)) for f in fields(type(t.depformer))]
+    counts += [(f"topology.depformer.weights_schedule[{i}]", w) for i, w in enumerate(t.depformer.weights_schedule)]
+    counts += [(f"delays[{i}]", d) for i, d in enumerate(m.delays)]
+    counts += [("opset", m.opset), ("second_stream_ahead", m.second_stream_ahead), ("max_padding", m.max_padding),
+               ("codec.samples_per_frame", c.samples_per_frame), ("codec.num_quantizers", c.num_quantizers),
+               ("codec.codebook_size", c.codebook_size)]
+    for where, value in counts:
+        if isinstance(value, int) and not isinstance(value, bool):
+            need(abs(value) <= MAX_COUNT, where, f"{value} is past the bound {MAX_COUNT}")
+    need(len(m.delays) <= MAX_COUNT, "delays", f"has {len(m.delays)} entries")
+    for where in ("max_context_steps", "prefix_frames", "cache_capacity"):
+        value = getattr(m, where)
+        need(abs(value) <= MAX_FRAMES, where, f"{value} is past the bound {MAX_FRAMES} frames")
+    need(abs(c.sample_rate) <= MAX_SAMPLE_RATE, "codec.sample_rate", f"{c.sample_rate} is past {MAX_SAMPLE_RATE} Hz")
+    total = 0
+    for name, g in m.graphs.items():
+        for axis, bound in g.dims.items():
+            need(1 <= bound <= MAX_COUNT, f"graphs.{name}.dims.{axis}", f"{bound} is not in [1, {MAX_COUNT}]")
+        for kind, tensors in (("inputs", g.inputs), ("outputs", g.outputs)):
+            for tensor in tensors:
+                total += _tensor_bytes(tensor.bounded(g.dims), f"graphs.{name}.{kind}.{tensor.name}", need)
+    need(total <= MAX_BUFFER_BYTES, "graphs", f"need {total / 2**30:.3g} GiB of buffers per session at their "
+                                              f"bounds, past {MAX_BUFFER_BYTES / 2**30:.3g} GiB")
+
+
+def _tensor_bytes(t: TensorSpec, where: str, need) -> int:
+    """The bytes a binding allocates for ``t`` at its bounds (0 for an axis only known at run time)."""
+    need(len(t.shape) <= MAX_RANK, where, f"has {len(t.shape)} axes (at most {MAX_RANK})")
+    size = t.dtype.itemsize
+    for dim in t.shape:
+        if isinstance(dim, int):
+            need(0 <= dim <= MAX_COUNT, where, f"axis {dim} is not in [0, {MAX_COUNT}]")
+            size *= dim
+    return size if t.static else 0
+
+
 def _need_id(m: Manifest, name: str, vocab: int, vocab_name: str) -> None:
     value = getattr(m.token_ids, name)
     if not 0 <= value < vocab:
@@ -181,7 +247,7 @@ def _same_io(spec: GraphSpec) -> None:
     """The manifest's I/O for a graph must be the graph file's own, name for name."""
     try:
         inputs, outputs = read_io(spec.path)
-    except (GraphFormatError, OSError) as exc:
+    except (GraphFormatError, InputFileError, OSError) as exc:
         raise ArtifactError(f"{spec.path}: not a readable ONNX graph ({exc})") from None
     for kind, declared, actual in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
         mine = {t.name: t.to_json() for t in declared}
@@ -311,12 +377,13 @@ class _Stamps:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.path = root / STAMP
-        try:
-            self.entries = json.loads(self.path.read_text())
-            if not isinstance(self.entries, dict):
-                self.entries = {}
-        except (OSError, ValueError):
-            self.entries = {}
+        self.entries: dict = {}
+        if os.path.lexists(self.path):
+            try:  # bounded, regular files only: a bad stamps file only costs a re-hash
+                entries = read_json_file(self.path, MAX_STAMP_BYTES, "stamps file")
+                self.entries = entries if isinstance(entries, dict) else {}
+            except (InputFileError, OSError):
+                pass
         self.changed = False
 
     @staticmethod
@@ -344,7 +411,11 @@ class _Stamps:
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path, 1 << 62, "artifact file")  # no size bound: weights are GBs, read in blocks
+    except InputFileError as exc:
+        raise ArtifactError(str(exc)) from None
+    with f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()

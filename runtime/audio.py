@@ -15,18 +15,39 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
 
+from .files import InputFileError, open_regular
+
+# Bounds checked on the header, before a sample is decoded. A prefix is at most the artifact's
+# cache (2B: 1501 frames, 2 minutes); ten minutes is far past any, and callers that know the
+# artifact pass its own limit (``max_seconds``). The duration bound is also what keeps resampling
+# small: a 1 Hz file of 10^6 frames would otherwise become 24 * 10^9 samples at 24 kHz.
+MAX_AUDIO_SECONDS = 600.0
+MAX_AUDIO_SAMPLES = 1 << 25  # frames x channels decoded as float32: 128 MiB (~6 min of 48 kHz stereo)
+MAX_AUDIO_BYTES = 1 << 30  # the file itself: float64 samples at MAX_AUDIO_SAMPLES plus metadata
+
 
 class AudioError(ValueError):
-    """Audio the prefix path cannot use (unreadable, empty)."""
+    """Audio the prefix path cannot use (unreadable, empty, too long)."""
 
 
-def load_mono(path: str | Path, target_rate: int) -> np.ndarray:
+class AudioInfo(NamedTuple):
+    frames: int
+    channels: int
+    rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.rate
+
+
+def load_mono(path: str | Path, target_rate: int, max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
     """float32 mono samples at ``target_rate``, exactly as the reference loads a prefix."""
-    audio, rate = read_audio(path)
+    audio, rate = read_audio(path, max_seconds)
     if audio.ndim == 2:
         audio = audio.mean(axis=1)
     if rate != target_rate:
@@ -34,19 +55,55 @@ def load_mono(path: str | Path, target_rate: int) -> np.ndarray:
     return audio
 
 
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """(samples [n] or [n, channels] float32, rate); AudioError for anything unusable."""
+def read_audio(path: str | Path, max_seconds: float = MAX_AUDIO_SECONDS) -> tuple[np.ndarray, int]:
+    """(samples [n] or [n, channels] float32, rate); AudioError for anything unusable, and for
+    more than ``max_seconds`` or MAX_AUDIO_SAMPLES, refused from the header before decoding."""
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
-    try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"{path}: cannot read audio ({_reason(exc)})") from None
+    with _open(path) as f:
+        info = _checked_info(f, path, max_seconds)
+        try:
+            f.seek(0)
+            # frames= the header's count: never more than was checked, whatever the stream holds
+            audio, rate = sf.read(f, frames=info.frames, dtype="float32", always_2d=False)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
+            raise AudioError(f"{path}: cannot read audio ({_reason(exc)})") from None
     audio = np.asarray(audio, dtype=np.float32)
     if audio.shape[0] == 0:
         raise AudioError(f"{path}: the audio is empty")
     return audio, int(rate)
+
+
+def audio_info(path: str | Path, max_seconds: float = MAX_AUDIO_SECONDS) -> AudioInfo:
+    """The header of a prefix audio file, checked as ``read_audio`` checks it, without decoding."""
+    path = Path(path)
+    with _open(path) as f:
+        return _checked_info(f, path, max_seconds)
+
+
+def _open(path: Path):
+    if not path.exists():
+        raise AudioError(f"{path}: no such audio file")
+    try:
+        return open_regular(path, MAX_AUDIO_BYTES, "audio file")
+    except InputFileError as exc:
+        raise AudioError(str(exc)) from None
+
+
+def _checked_info(f, path: Path, max_seconds: float) -> AudioInfo:
+    try:
+        with sf.SoundFile(f) as snd:
+            info = AudioInfo(int(snd.frames), int(snd.channels), int(snd.samplerate))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
+        raise AudioError(f"{path}: cannot read audio ({_reason(exc)})") from None
+    if info.rate < 1 or info.channels < 1:
+        raise AudioError(f"{path}: cannot read audio ({info.rate} Hz, {info.channels} channels)")
+    if info.frames * info.channels > MAX_AUDIO_SAMPLES:
+        raise AudioError(f"{path}: too much audio ({info.frames} frames x {info.channels} channels; "
+                         f"at most {MAX_AUDIO_SAMPLES} samples)")
+    if info.seconds > max_seconds:
+        raise AudioError(f"{path}: the audio is {info.seconds:.1f} s long ({info.frames} frames at {info.rate} Hz); "
+                         f"a prefix may be at most {max_seconds:.1f} s")
+    return info
 
 
 def _reason(exc: Exception) -> str:
@@ -102,7 +159,7 @@ def _fma32(a, b, c) -> np.ndarray:
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open(Path(path)) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -15,7 +15,7 @@ from .cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, int64_r
                          silence_stdout, threads_option)
 from .files import AUDIO_FORMATS, audio_writer, write_together
 from .params import GenerationParams
-from .voice_cli import check_prefix_args, load_prefix, prefix_options
+from .voice_cli import check_prefix_args, load_prefix, prefix_inputs, prefix_options
 
 
 class _Group(OneLineGroup):
@@ -78,7 +78,8 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     if out != "-" and Path(out).suffix.lower() not in AUDIO_FORMATS:
         fail(f"{out}: unknown audio format (use .wav, .flac or .ogg, or '-' for raw PCM)")
     outputs = check_outputs({"--out": None if out == "-" else out, "--timestamps-out": timestamps_out,
-                             "--tokens-out": tokens_out}, protected=[("artifact directory", Path(artifacts))])
+                             "--tokens-out": tokens_out}, protected=[("artifact directory", Path(artifacts))],
+                            inputs=[("script --input", input_file), *prefix_inputs(prefix_args)])
     from .engine import Dia2Runtime, TruncationWarning
 
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -174,6 +175,7 @@ def _decode(data: bytes, source: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         fail(f"{source} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r})")
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write: not part of the script
     try:
         check_size(text)
     except ScriptError as exc:
@@ -193,31 +195,52 @@ def _check_argument(text: str) -> str:
 # --- outputs -----------------------------------------------------------------
 
 
-def check_outputs(outputs: dict[str, str | None], protected: Sequence[tuple[str, Path]] = ()) -> dict[str, Path]:
-    """Up-front checks for files a command will write at its end, so a long run never ends in
-    "cannot write": each in an existing, writable directory, not a directory itself, no two the
-    same file, none inside a protected directory (the artifacts or checkpoint in use).
+Inputs = Sequence[tuple[str, "str | Path | None"]]
 
-    ``outputs`` maps option names (``--out``) to paths (None = not given); returns the given ones."""
+
+def check_outputs(outputs: dict[str, str | None], protected: Sequence[tuple[str, Path]] = (),
+                  inputs: Inputs = ()) -> dict[str, Path]:
+    """Up-front checks for files a command will write at its end, so a long run never ends in
+    "cannot write" and no output ever replaces what the command reads: each in an existing,
+    writable directory; not a directory, device, pipe, socket or symbolic link; no two the same
+    file; none the same file as an input (``inputs``: (label, path) pairs; hard links count),
+    nor inside, nor a hard link into, a protected directory (the artifacts or checkpoint in use).
+
+    A symbolic link is refused rather than followed: outputs are renamed into place, which would
+    replace the link itself with a regular file, and writing through it in place could not be
+    atomic. ``outputs`` maps option names (``--out``) to paths (None = not given); returns the given
+    ones."""
     given = {option: Path(path) for option, path in outputs.items() if path is not None}
-    seen: dict[Path, str] = {}
+    sources = [(label, Path(path)) for label, path in inputs if path is not None and str(path) != "-"]
+    seen: list[tuple[str, Path, os.stat_result | None]] = []
     for option, path in given.items():
-        _check_output_file(option, path)
+        info = _check_output_file(option, path)
         real = path.resolve()
-        if real in seen:
-            fail(f"{seen[real]} and {option} name the same file ({path})")
-        seen[real] = option
+        for other, other_real, other_info in seen:
+            if real == other_real or _same(info, other_info):
+                fail(f"{other} and {option} name the same file ({path})")
+        seen.append((option, real, info))
+        for label, source in sources:
+            if real == source.resolve() or _same(info, _stat(source)):
+                fail(f"{option} {path} is the same file as the {label} {source}; write the output elsewhere")
         for label, directory in protected:
             if is_within(real, directory):
                 fail(f"{option} {path} lies inside the {label} {directory}; write outputs elsewhere")
+            linked = _linked_into(info, Path(directory)) if info is not None else None
+            if linked is not None:
+                fail(f"{option} {path} is a hard link to {linked} in the {label}; write outputs elsewhere")
     return given
 
 
-def _check_output_file(option: str, path: Path) -> None:
+def _check_output_file(option: str, path: Path) -> os.stat_result | None:
+    """The output's own checks; its stat when it exists (to tell it apart from the inputs)."""
     parent = path.parent
-    if path.is_dir():
+    info = _stat(path, follow=False)
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        fail(f"{option} {path} is a symbolic link; name the file itself (outputs replace what they name)")
+    if info is not None and stat.S_ISDIR(info.st_mode):
         fail(f"{option} {path} is a directory")
-    if path.exists() and not path.is_file():
+    if info is not None and not stat.S_ISREG(info.st_mode):
         # Outputs are renamed into place: over /dev/null that would replace the device itself.
         fail(f"{option} {path} is not a regular file (a device, pipe or socket); name a file")
     if not parent.is_dir():
@@ -225,6 +248,57 @@ def _check_output_file(option: str, path: Path) -> None:
     reason = unwritable(parent)
     if reason:
         fail(f"{option} {path}: cannot write to {parent} ({reason})")
+    return info
+
+
+def _stat(path: Path, follow: bool = True) -> os.stat_result | None:
+    try:
+        return os.stat(path, follow_symlinks=follow)
+    except (OSError, ValueError):  # missing, unreadable, or a name the system cannot take
+        return None
+
+
+def _same(a: os.stat_result | None, b: os.stat_result | None) -> bool:
+    return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+# Enough for any artifact or checkpoint directory (a few dozen files); a bigger tree is walked this far.
+MAX_WALK_FILES = 10_000
+
+
+def _linked_into(info: os.stat_result, directory: Path) -> Path | None:
+    """The file under ``directory`` that an existing output is a hard link to, if any. Only an
+    output with more than one link can be one, so the walk is skipped for almost every output."""
+    if info.st_nlink < 2 or not directory.is_dir():
+        return None
+    seen = 0
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            candidate = Path(folder, name)
+            if _same(info, _stat(candidate)):
+                return candidate
+            seen += 1
+            if seen >= MAX_WALK_FILES:
+                return None
+    return None
+
+
+def files_under(label: str, directory: str | Path, keep: Sequence[str | Path] = ()) -> list[tuple[str, Path]]:
+    """(label, file) for each file in ``directory`` (walked up to MAX_WALK_FILES), as ``inputs`` for
+    ``check_outputs`` where an output may sit in that directory but must not replace any file of it
+    (``keep``: the output's own default names there, e.g. a report the command rewrites)."""
+    directory, kept = Path(directory), {Path(k).resolve() for k in keep}
+    found: list[tuple[str, Path]] = []
+    if not directory.is_dir():
+        return found
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            path = Path(folder, name)
+            if path.resolve() not in kept:
+                found.append((f"{label} file", path))
+            if len(found) >= MAX_WALK_FILES:
+                return found
+    return found
 
 
 def unwritable(directory: Path) -> str | None:

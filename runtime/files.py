@@ -4,6 +4,7 @@ appear whole or not at all."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -20,6 +21,9 @@ from .signals import deferred
 # Nesting deeper than any file or request of ours has: the parser's recursion stays far from Python's
 # limit, so a crafted '[[[[...' is one line, not a RecursionError from deep inside json.
 MAX_JSON_DEPTH = 64
+# No file or request of ours holds an integer past 64 bits (seeds, ids, shapes, counts); a longer one
+# would pass json (up to 4300 digits) and then overflow float() or numpy far from the parser.
+MAX_JSON_INT_DIGITS = 20
 
 
 class InputFileError(ValueError):
@@ -49,6 +53,13 @@ def open_regular(path: str | Path, max_bytes: int, what: str = "file"):
     return os.fdopen(fd, "rb")
 
 
+def check_regular(path: str | Path, what: str = "file", max_bytes: int = 1 << 62) -> int:
+    """The size of ``path`` if it is a regular file of at most ``max_bytes`` (InputFileError if not),
+    without reading it: for files another reader opens later (a FIFO is refused, not waited on)."""
+    with open_regular(path, max_bytes, what) as f:
+        return os.fstat(f.fileno()).st_size
+
+
 def read_regular(path: str | Path, max_bytes: int, what: str = "file") -> bytes:
     """The bytes of a regular file of at most ``max_bytes`` (read at most one byte past the bound,
     so a file that grows while it is read is refused too)."""
@@ -62,9 +73,13 @@ def read_regular(path: str | Path, max_bytes: int, what: str = "file") -> bytes:
     return data
 
 
-def parse_json(data: bytes | str, what: str = "JSON", max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(data: bytes | str, what: str = "JSON", max_depth: int = MAX_JSON_DEPTH, *,
+               nonfinite: bool = False) -> Any:
     """``json.loads`` that fails in one line on bad UTF-8, bad JSON, nesting deeper than
-    ``max_depth``, integers past Python's digit limit and non-finite numbers (NaN, Infinity)."""
+    ``max_depth``, integers of more than ``MAX_JSON_INT_DIGITS`` digits and non-finite numbers
+    (NaN, Infinity, and exponents that overflow to infinity such as 1e999) unless ``nonfinite``
+    (for a reader that range-checks its floats itself and names the field), and strings that are
+    not UTF-8 text (lone surrogate escapes)."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -75,13 +90,42 @@ def parse_json(data: bytes | str, what: str = "JSON", max_depth: int = MAX_JSON_
     if _nesting(data) > max_depth:
         raise InputFileError(f"{what} nests deeper than {max_depth} levels")
     try:
-        return json.loads(data, parse_constant=_no_constant)
+        if nonfinite:
+            value = json.loads(data, parse_int=_bounded_int)
+        else:
+            value = json.loads(data, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, NaN/Infinity
         raise InputFileError(f"{what} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if "\\u" in data:
+        _check_text(value, what)
+    return value
+
+
+def _check_text(value: Any, what: str) -> None:
+    """A ``\\udXXX`` escape can put a lone surrogate in a string: valid JSON, but no UTF-8 text, and
+    tokenizers and encoders downstream fail on it with their own errors. Checked in one pass over
+    the parsed value (only when the text has an escape at all)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputFileError(f"{what} holds a string that is not UTF-8 text (a lone surrogate escape)") from None
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_JSON_INT_DIGITS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return value
 
 
 def _nesting(text: str) -> int:

@@ -13,8 +13,11 @@ TensorShapeProto.dim=1; Dimension.dim_value=1, dim_param=2), as in onnx/onnx.pro
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 from typing import Iterator
+
+from .files import InputFileError, open_regular
 
 # TensorProto.DataType values of the dtypes a manifest may declare.
 ELEM_TYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16"}
@@ -26,8 +29,12 @@ class GraphFormatError(ValueError):
 
 def read_io(path: str | Path) -> tuple[list[dict], list[dict]]:
     """([{name, shape, dtype}] inputs, outputs); a dynamic axis is its dim_param string."""
-    with open(path, "rb") as f:
-        if Path(path).stat().st_size == 0:
+    try:  # a regular file only: mmap of a FIFO or device would block or fail obscurely
+        f = open_regular(path, 1 << 62, "graph file")
+    except InputFileError as exc:
+        raise GraphFormatError(str(exc)) from None
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
             raise GraphFormatError("empty file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             graph = _only(buf, 0, len(buf), 7, "graph")

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import click
 
-from .voice import VoiceError, load_voice, save_voice
+from .audio import AudioError, audio_info
+from .files import InputFileError, check_regular, parse_json, read_json_file, read_regular
+from .voice import VoiceError, load_voice, parse_words, save_voice
+
+# Words files hold a clip's word timings: a two-minute prefix has a few hundred words, ~20 kB.
+MAX_WORDS_BYTES = 1 << 20
+# A --tokens-out file: [channels, frames] small integers; the 2B's longest utterance is ~0.3 MB.
+MAX_TURN_BYTES = 16 << 20
 
 _OPTIONS = [
     click.option("--prefix-speaker-1", "prefix_1", type=click.Path(dir_okay=False),
@@ -47,28 +53,92 @@ def prefix_options(command):
     return wrapper
 
 
+def prefix_inputs(a: dict) -> list[tuple[str, str | None]]:
+    """(label, path) of every file the prefix options read: no output may be one of them."""
+    labels = {"turn": "--prefix-turn file"}
+    for slot in (1, 2):
+        labels.update({f"prefix_{slot}": f"--prefix-speaker-{slot} audio", f"words_{slot}": f"--prefix-words-{slot} "
+                       "file", f"voice_{slot}": f"--voice-{slot} file"})
+    return [(label, a[key]) for key, label in labels.items()]
+
+
 def check_prefix_args(a: dict) -> None:
-    """Flag combinations that cannot work, before anything slow is loaded (VoiceError)."""
+    """Flag combinations that cannot work and files that cannot be read (wrong type, too large,
+    malformed), before anything slow is loaded (VoiceError, AudioError)."""
     if a["turn"] and (a["prefix_1"] or a["voice_1"]):
         raise VoiceError("--prefix-turn is speaker 1's prefix: drop --prefix-speaker-1/--voice-1")
-    if a["turn"] and not Path(a["turn"]).is_file():
-        raise VoiceError(f"{a['turn']}: no such file")
     for slot in (1, 2):
         if a[f"prefix_{slot}"] and a[f"voice_{slot}"]:
             raise VoiceError(f"give speaker {slot}'s prefix as --prefix-speaker-{slot} or --voice-{slot}, not both")
         if a[f"words_{slot}"] and not a[f"prefix_{slot}"]:
             raise VoiceError(f"--prefix-words-{slot} needs --prefix-speaker-{slot}")
-        for key in (f"prefix_{slot}", f"words_{slot}", f"voice_{slot}"):
-            if a[key] and not Path(a[key]).is_file():
-                raise VoiceError(f"{a[key]}: no such file")
     if (a["prefix_2"] or a["voice_2"]) and not (a["prefix_1"] or a["voice_1"] or a["turn"]):
         raise VoiceError("a speaker 2 prefix needs a speaker 1 prefix too (as in the reference)")
     if a["include_prefix"] and not (a["prefix_1"] or a["voice_1"] or a["turn"]):
         raise VoiceError("--include-prefix needs a prefix (--prefix-speaker-1 or --voice-1)")
+    if a["turn"]:
+        read_turn(a["turn"])
+    for slot in (1, 2):
+        if a[f"prefix_{slot}"]:
+            audio_info(a[f"prefix_{slot}"])  # type, size and length from the header; nothing decoded
+        if a[f"words_{slot}"]:
+            check_words(a[f"words_{slot}"])
+        if a[f"voice_{slot}"]:
+            _check_file(a[f"voice_{slot}"], "voice file")
+
+
+def _check_file(path: str, what: str) -> None:
+    try:
+        check_regular(path, what)
+    except InputFileError as exc:
+        raise VoiceError(str(exc)) from None
+
+
+def check_words(path: str | Path) -> None:
+    """A words file, bounded and well-formed, checked before the artifacts load (they read it again)."""
+    try:
+        data = read_regular(path, MAX_WORDS_BYTES, "words file")
+    except InputFileError as exc:
+        raise VoiceError(str(exc)) from None
+    try:
+        raw = parse_json(data, "words")
+    except InputFileError as exc:
+        raise VoiceError(f"{path}: malformed JSON ({exc})") from None
+    parse_words(raw, where=str(path))
+
+
+def read_turn(path: str | Path) -> tuple[list, list[tuple[str, float]]]:
+    """(tokens, timestamps) of a --tokens-out file, bounded and well-formed."""
+    try:
+        raw = read_json_file(path, MAX_TURN_BYTES, "--prefix-turn file")
+        tokens, stamps = raw["tokens"], [(str(w), float(s)) for w, s in raw["timestamps"]]
+        if not isinstance(tokens, list):
+            raise TypeError("tokens is not a list")
+    except InputFileError as exc:
+        raise VoiceError(str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VoiceError(f"{path}: not a --tokens-out file ({str(exc).splitlines()[0] if str(exc) else exc})") \
+            from None
+    return tokens, stamps
+
+
+def check_prefix_audio(runtime, a: dict) -> None:
+    """Each prefix audio no longer than these artifacts can hold, from its header, before decoding."""
+    m = runtime.manifest
+    # The room is cache_capacity - 1 frames; one frame more allows for resampling's rounding
+    # (Dia2Runtime.voice checks the exact frame count once the audio is decoded).
+    limit = m.cache_capacity / m.frame_rate
+    for slot in (1, 2):
+        if a[f"prefix_{slot}"]:
+            try:
+                audio_info(a[f"prefix_{slot}"], max_seconds=limit)
+            except AudioError as exc:
+                raise AudioError(f"{exc} for these artifacts (rebuild them with a larger --prefix-frames)") from None
 
 
 def load_prefix(runtime, a: dict):
     """The Prefix the options describe, or None. Raises VoiceError/AudioError."""
+    check_prefix_audio(runtime, a)
     voices = []
     for slot in (1, 2):
         if slot == 1 and a["turn"]:
@@ -83,13 +153,12 @@ def load_prefix(runtime, a: dict):
 
 
 def _turn_voice(runtime, path: Path):
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        tokens, stamps = raw["tokens"], [(str(w), float(s)) for w, s in raw["timestamps"]]
-        import numpy as np
+    import numpy as np
 
+    tokens, stamps = read_turn(path)
+    try:
         codes = np.asarray(tokens, dtype=np.int64)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise VoiceError(f"{path}: not a --tokens-out file ({str(exc).splitlines()[0] if str(exc) else exc})") \
             from None
     return runtime.turn_voice(codes, stamps, 1)
@@ -127,12 +196,15 @@ def create(audio, artifacts, speaker, out, words, whisper_model, whisper_device)
 
     if Path(out).suffix != ".voice":
         fail(f"{out}: a voice file's name must end in .voice")
-    out = check_outputs({"--out": out}, protected=[("artifact directory", Path(artifacts))])["--out"]
-    if words and not Path(words).is_file():
-        raise VoiceError(f"{words}: no such file")
+    out = check_outputs({"--out": out}, protected=[("artifact directory", Path(artifacts))],
+                        inputs=[("AUDIO", audio), ("--words file", words)])["--out"]
+    audio_info(audio)
+    if words:
+        check_words(words)
     args = {"whisper_model": whisper_model, "whisper_device": whisper_device}
     # VoiceError, AudioError and ArtifactError are ValueErrors: dia2-rt's group makes each one line.
     runtime = Dia2Runtime.load(artifacts)
+    check_prefix_audio(runtime, {"prefix_1": audio, "prefix_2": None})
     made = runtime.voice(audio, words, speaker, _transcriber(args))
     runtime.check_prefix_frames(made.frames)
     save_voice(made, out)
