@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 
 from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
+from dia2_trt.runtime.cli_common import check_outputs
+from dia2_trt.runtime.files import write_atomic
 
 from . import node_profile
 from .harness import BACKENDS, DEFAULT_TEXT, Settings, plan_contenders, run_bench
@@ -55,6 +57,7 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
           schedule, out, profile, no_plots, no_verify, prefix, prefix_seconds) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
+    check_bench_outputs(Path(out), PREFIX_FILES if prefix else BENCH_FILES)
     if prefix:
         _prefix_bench(artifacts[0], prefix_seconds, repeats, text, threads, Path(out))
         return
@@ -79,13 +82,30 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
     result = run_bench(contenders, skipped, settings, manifests[0], echo)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result) + node_profile.markdown(
         {c["name"]: c["node_profile"] for c in result["contenders"] if c.get("node_profile")})
-    (out / "bench.md").write_text(table)
+    write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
+    write_text(out / "bench.md", table)
     if not no_plots:
         plot(result, out)
     click.echo(table)
+
+
+BENCH_FILES = ("bench.json", "bench.md", "latency.png", "breakdown.png")
+PREFIX_FILES = ("prefix_bench.json", "prefix_bench.md")
+
+
+def check_bench_outputs(out: Path, names: tuple[str, ...]) -> None:
+    """Before minutes of measuring: OUT is a directory (or can be made), and no report file in it is
+    a symbolic link, device or directory (they are replaced by renaming, never written through)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise click.ClickException(f"--out {out} is not a directory")
+    if out.is_dir():
+        check_outputs({f"--out {name}": str(out / name) for name in names})
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _prefix_bench(artifacts: str, seconds: float, repeats: int, text: str, threads, out: Path) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import soundfile as sf
 
 from dia2_trt.runtime.engine import Dia2Runtime
+from dia2_trt.runtime.files import write_atomic
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.voice import Word
 
@@ -112,7 +113,7 @@ def markdown(result: dict) -> str:
 
 def write_report(result: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix_bench.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    (out / "prefix_bench.md").write_text(table)
+    write_atomic(out / "prefix_bench.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
+    write_atomic(out / "prefix_bench.md", lambda tmp: Path(tmp).write_text(table))
     return table

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dia2_trt.runtime.files import write_atomic
+
 GIB = 2**30
 _PARTS = ("backbone", "depformer", "codec", "host")
 
@@ -67,7 +69,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     ax.set_ylabel("ms per frame (box: IQR, whiskers: p10/p90)")
     ax.set_title("per-frame latency")
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
+    write_atomic(paths[0], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
     fig, (ax, share) = plt.subplots(1, 2, figsize=(3.2 * len(names) + 4, 4))
@@ -88,6 +90,6 @@ def plot(result: dict, out: Path) -> list[Path]:
     share.set_ylabel("% of the frame")
     share.set_title("share per component")
     fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
+    write_atomic(paths[1], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return paths

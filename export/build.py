@@ -20,8 +20,9 @@ from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
 from dia2_trt.runtime.artifacts import FORMAT, load_manifest
 from dia2_trt.runtime.cli_common import is_within, unwritable
+from dia2_trt.runtime.files import InputFileError, open_regular, read_json_file
 from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
-                                       DEPFORMER, CodecInfo, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
+                                       DEPFORMER, MANIFEST, CodecInfo, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
 from dia2_trt.runtime.signals import deferred
 
 from .codec import export_codec_decoder, export_codec_encoder
@@ -109,11 +110,9 @@ def source_dirs(files: CheckpointFiles) -> list[Path]:
 
 def is_artifact_dir(path: Path) -> bool:
     """A directory holding a dia2-trt manifest: what ``--overwrite`` may replace."""
-    manifest = Path(path) / "manifest.json"
-    try:
-        with open(manifest, "rb") as f:
-            raw = json.loads(f.read(64 << 20))  # manifests are kB; a huge file is not ours
-    except (OSError, ValueError):
+    try:  # manifests are kB; a huge file, a FIFO or a device is not ours
+        raw = read_json_file(Path(path) / MANIFEST, 16 << 20, "manifest")
+    except InputFileError:
         return False
     return isinstance(raw, dict) and raw.get("format") == FORMAT
 
@@ -288,10 +287,10 @@ def _mimi_weights(ref: str) -> Path | None:
 def _safetensors_elements(path: Path | None) -> int:
     """Elements of every tensor in a safetensors file, from its JSON header (no tensor is read)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, 1 << 50, "checkpoint weights") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(min(size, 100 << 20)))
-    except (OSError, TypeError, ValueError):
+    except (OSError, TypeError, ValueError):  # InputFileError is a ValueError
         return 0
     total = 0
     for name, entry in header.items():

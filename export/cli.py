@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -250,4 +251,10 @@ def _artifact_files(directory: Path) -> list[tuple[str, Path]]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    data = text.encode("utf-8")
+    try:
+        write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # after minutes of validating: say what is needed
+            fail(f"cannot write {path}: no space left on device (the report needs {len(data)} bytes in {path.parent})")
+        raise

@@ -18,6 +18,7 @@ from typing import NoReturn, Sequence
 import click
 
 from .script import MAX_SCRIPT_BYTES, ScriptError, check_complete_script, check_size
+from .signals import deferred
 
 INT64_MAX = 2**63 - 1  # seeds and top-k reach the graphs and numpy as int64
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -304,12 +305,13 @@ def files_under(label: str, directory: str | Path, keep: Sequence[str | Path] = 
 def unwritable(directory: Path) -> str | None:
     """Why no file can be created in ``directory`` (None if one can). Tried, not guessed from its
     mode: root ignores modes, and read-only mounts or /proc refuse whatever the mode says."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".dia2-write-probe.", dir=directory)
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
-    os.close(fd)
-    os.unlink(probe)
+    with deferred():  # a SIGTERM here must not leave the probe behind
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".dia2-write-probe.", dir=directory)
+        except OSError as exc:
+            return exc.strerror or type(exc).__name__
+        os.close(fd)
+        os.unlink(probe)
     return None
 
 

@@ -24,6 +24,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from .artifacts import ArtifactError, GraphSpec
+from .files import InputFileError, read_regular
+
+MAX_ENGINE_BYTES = 64 << 30  # a 2B fp16 engine is about 5 GB
 
 
 def _cuda():
@@ -64,7 +67,11 @@ class TrtBackend:
 
     def load(self, spec: GraphSpec) -> "TrtGraph":
         plan = check_engine(spec, self._trt.__version__, self.gpu)
-        engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        try:  # a regular file only (with --no-verify nothing else has opened it): a FIFO is refused
+            data = read_regular(plan, MAX_ENGINE_BYTES, "TensorRT engine")
+        except InputFileError as exc:
+            raise ArtifactError(str(exc)) from None
+        engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise ArtifactError(f"{plan}: TensorRT cannot load it (see its log above)")
         return TrtGraph(self, engine, spec)

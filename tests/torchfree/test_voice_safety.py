@@ -188,7 +188,7 @@ VALUE_CASES = {
     "no frames": (dict(codes=lambda c: c[:, :0]), "non-empty int64"),
     "negative start": (dict(edit=lambda m: _word(0)(m).update(start=-1.0)), "non-negative number of seconds"),
     "infinite end": (dict(text=lambda t: t.replace('"end": ', '"end": 1e999, "was": ', 1)),
-                     '"end" must be a non-negative number of seconds'),
+                     "1e999 is not a finite number"),  # refused by the shared JSON parser
     "NaN time": (dict(text=lambda t: t.replace('"start": ', '"start": NaN, "was": ', 1)), "NaN"),
     "string time": (dict(edit=lambda m: _word(0)(m).update(start="0")), "non-negative number of seconds"),
     "end before start": (dict(edit=lambda m: _word(0)(m).update(end=0.0, start=0.1)), "before it starts"),
@@ -205,7 +205,8 @@ VALUE_CASES = {
     "huge padding": (dict(edit=lambda m: m["entries"][0].update(padding=10**12)), "not an integer in"),
     "edited padding": (dict(edit=lambda m: m["entries"][0].update(padding=500)), "not what its words give"),
     "negative step": (dict(edit=lambda m: m["new_word_steps"].__setitem__(0, -5)), "not an integer in"),
-    "huge step": (dict(edit=lambda m: m["new_word_steps"].__setitem__(0, 10**30)), "not an integer in"),
+    "huge step": (dict(edit=lambda m: m["new_word_steps"].__setitem__(0, 2**40)), "not an integer in"),
+    "31-digit step": (dict(edit=lambda m: m["new_word_steps"].__setitem__(0, 10**30)), "an integer of 31 digits"),
     "steps not increasing": (dict(edit=lambda m: m.update(new_word_steps=sorted(m["new_word_steps"])[::-1])),
                              "must increase"),
     "edited step": (dict(edit=lambda m: m["new_word_steps"].__setitem__(0, m["new_word_steps"][0] + 1)),
