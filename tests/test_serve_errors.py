@@ -102,8 +102,8 @@ BAD_BODIES = {
     # NaN and Infinity are not JSON: refused by the parser, before any field is looked at
     "NaN temperature": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "temperature": NaN}', 400, None),
     "infinite cfg": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "cfg_scale": Infinity}', 400, None),
-    "overflowing cfg": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "cfg_scale": 1e999}', 400,
-                        "cfg_scale"),
+    # 1e999 parses to infinity: the body's parser refuses it, as NaN and Infinity, before any field
+    "overflowing cfg": ('{"model": "dia2", "input": "[S1] Hi.", "voice": "alloy", "cfg_scale": 1e999}', 400, None),
 }
 JSON = {"content-type": "application/json"}
 
