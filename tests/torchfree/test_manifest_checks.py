@@ -143,3 +143,13 @@ def test_a_bad_field_is_named(artifact_copy, field, value, message):
 def test_a_missing_field_is_named(artifact_copy):
     edit_manifest(artifact_copy, lambda raw: raw["codec"].pop("sample_rate"))
     _refused(artifact_copy, "missing field 'sample_rate'")
+
+
+# --- the directory and its manifest file --------------------------------------------------------
+
+
+def test_missing_artifacts(tmp_path):
+    with pytest.raises(ArtifactError, match="not found"):
+        load_manifest(tmp_path / "nothing")
+    with pytest.raises(ArtifactError, match="manifest.json not found"):
+        load_manifest(tmp_path)
