@@ -1,4 +1,5 @@
-"""Session-wide fixtures: tiny checkpoints and artifact directories, each built once."""
+"""Session-wide fixtures: tiny checkpoints and artifact directories, each built once, and the
+committed tiny fixture with one runtime on it (the serve tests' server and solo runs)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ os.environ.setdefault("DIA2_TRT_CACHE", tempfile.mkdtemp(prefix="dia2-trt-test-c
 # Tiny models gain nothing from intra-op threads, and torch's idle OpenMP workers
 # spin on the cores ONNX Runtime needs next (subprocesses inherit this too).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+FIXTURE = Path(__file__).resolve().parent / "data" / "tiny-artifacts"
 
 SCRIPTS = {
     "dialogue": "[S1] Hello there, how are you? [S2] I am fine, thanks.",
@@ -65,3 +68,20 @@ def tiny_checkpoint(checkpoint_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_artifacts(artifacts_factory) -> Path:
     return artifacts_factory("default", 0, "fp32")
+
+
+# --- the committed fixture (no export, no torch) ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """The committed tiny artifact directory (read only)."""
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def runtime(artifacts):
+    """One loaded runtime for every server and solo run: sessions on it run side by side."""
+    from dia2_trt.runtime import Dia2Runtime
+
+    return Dia2Runtime.load(artifacts, threads=1)

@@ -1,7 +1,8 @@
 """Helpers for the dia2-rt serve tests: a real uvicorn server on a loopback port, in a thread.
 
-Imported by tests/test_serve*.py (pytest puts tests/ on sys.path). The server runs on the
-committed tiny fixture (tests/data/tiny-artifacts): no export, no torch.
+Imported by tests/test_serve*.py (pytest puts tests/ on sys.path): plain helpers only; the
+fixtures they use (``artifacts``, ``runtime``: the committed tiny fixture, no export, no torch)
+live in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -12,29 +13,12 @@ import struct
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
-import pytest
 
-FIXTURE = Path(__file__).resolve().parent / "data" / "tiny-artifacts"
 LOOPBACK = "127.0.0.1"
 # Bounded waits: no loop in these tests runs unbounded.
 STARTUP_SECONDS = 30.0
-
-
-@pytest.fixture(scope="session")
-def artifacts() -> Path:
-    """The committed tiny artifact directory (read only)."""
-    return FIXTURE
-
-
-@pytest.fixture(scope="session")
-def runtime(artifacts):
-    """One loaded runtime for every server and solo run: sessions on it run side by side."""
-    from dia2_trt.runtime import Dia2Runtime
-
-    return Dia2Runtime.load(artifacts, threads=1)
 
 
 class LiveServer:

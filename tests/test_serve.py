@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import artifacts, live_server, pcm16, runtime, speech_body, split_wav, ws_speak  # noqa: E402,F401
+from serve_support import live_server, pcm16, speech_body, split_wav, ws_speak  # noqa: E402
 
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402

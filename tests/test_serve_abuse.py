@@ -22,8 +22,7 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import (  # noqa: E402,F401
-    LOOPBACK, LiveServer, artifacts, free_port, live_server, runtime, speech_body, wait_until)
+from serve_support import LOOPBACK, LiveServer, free_port, live_server, speech_body, wait_until  # noqa: E402
 
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
 from dia2_trt.runtime.serve.guard import EdgeLimits, OriginPolicy  # noqa: E402

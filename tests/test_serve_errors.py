@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import (  # noqa: E402,F401
-    LiveServer, artifacts, free_port, live_server, pcm16, runtime, speech_body, wait_until, ws_speak)
+from serve_support import (  # noqa: E402
+    LiveServer, free_port, live_server, pcm16, speech_body, wait_until, ws_speak)
 
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402

@@ -18,8 +18,6 @@ pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 pytest.importorskip("psutil", reason="needs the [dev] extra")
 
-from serve_support import artifacts, runtime  # noqa: E402,F401
-
 from dia2_trt.benchmarks import serve_load as load  # noqa: E402
 
 from dia2_trt.runtime import GenerationParams  # noqa: E402

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dia2_trt.runtime import artifacts
+from dia2_trt.runtime import Dia2Runtime, artifacts
 from dia2_trt.runtime.artifacts import ArtifactError, load_manifest
 
 from .conftest import edit_manifest
@@ -143,3 +144,28 @@ def test_a_bad_field_is_named(artifact_copy, field, value, message):
 def test_a_missing_field_is_named(artifact_copy):
     edit_manifest(artifact_copy, lambda raw: raw["codec"].pop("sample_rate"))
     _refused(artifact_copy, "missing field 'sample_rate'")
+
+
+# --- the directory and its manifest file --------------------------------------------------------
+
+
+def test_missing_artifacts(tmp_path):
+    with pytest.raises(ArtifactError, match="not found"):
+        load_manifest(tmp_path / "nothing")
+    with pytest.raises(ArtifactError, match="manifest.json not found"):
+        load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("{not json", "corrupt manifest"),
+    (lambda m: json.dumps({**m, "format": "other"}), "not a dia2-trt artifact"),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != "delays"}), "missing field 'delays'"),
+    (lambda m: json.dumps({**m, "graphs": {**m["graphs"], "backbone": {**m["graphs"]["backbone"],
+                                                                        "file": "gone.onnx"}}}), "graph file missing"),
+])
+def test_bad_artifacts(artifact_copy, edit, message):
+    manifest = artifact_copy / "manifest.json"
+    manifest.write_text(edit(json.loads(manifest.read_text())) if callable(edit) else edit)
+    with pytest.raises(ArtifactError, match=message) as info:
+        Dia2Runtime.load(artifact_copy)
+    assert "\n" not in str(info.value)
