@@ -191,7 +191,7 @@ def _parse_data(r: _Reader) -> DataConfig:
         audio_bos_token_id=r.get("audio_bos_token_id", int, audio_vocab - 2),
         action_pad_token_id=r.get("action_pad_token_id", int),
         action_new_word_token_id=r.get("action_new_word_token_id", int),
-        delay_pattern=r.int_list("delay_pattern", []),
+        delay_pattern=r.int_list("delay_pattern", []) or [],
         first_word_min_start=r.get("first_word_min_start", int, 0),
         max_pad=r.get("max_pad", int, 0),
         second_stream_ahead=r.get("second_stream_ahead", int, 0),

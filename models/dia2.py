@@ -16,11 +16,21 @@ Each attention module has two ways of consuming its KV cache:
 
 from __future__ import annotations
 
+from typing import TypeVar, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import Dia2Config
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def typed(modules: nn.ModuleList, kind: type[M]) -> list[M]:
+    """The modules of ``modules`` as ``kind``s: iterating an nn.ModuleList gives a type checker plain
+    Modules, whose attributes torch types as ``Tensor | Module``."""
+    return cast("list[M]", list(modules))
 
 
 def _activation(name: str) -> nn.Module:
@@ -233,7 +243,7 @@ class Backbone(nn.Module):
     def step_reference(self, tokens, positions, k_cache, v_cache, length):
         """One frame, writing into ``[L, B, Hkv, S, D]`` caches at ``length`` (a 0-d tensor)."""
         x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(typed(self.layers, DecoderLayer)):
             q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)
             x = layer.mlp_residual(x + layer.attn.attend_reference(q, k, v, k_cache[i], v_cache[i], length))
         return self.heads(x)
@@ -256,7 +266,7 @@ class Backbone(nn.Module):
         length = position if cache_length is None else cache_length
         valid = torch.arange(k_caches[0].shape[2], device=position.device) < length
         k_out, v_out = [], []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(typed(self.layers, DecoderLayer)):
             q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)
             x = layer.mlp_residual(x + layer.attn.attend_split(q, k, v, k_caches[i], v_caches[i], valid))
             k_out.append(k[:, :, 0])
@@ -277,7 +287,7 @@ class Backbone(nn.Module):
         positions = torch.arange(frames, device=tokens.device).view(1, frames)
         causal = torch.ones(frames, frames, dtype=torch.bool, device=tokens.device).tril()
         k_out, v_out = [], []
-        for layer in self.layers:
+        for layer in typed(self.layers, DecoderLayer):
             q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)
             x = layer.mlp_residual(x + layer.attn.attend_causal(q, k, v, causal))
             k_out.append(k)
@@ -366,7 +376,7 @@ class Depformer(nn.Module):
         """One stage with the reference's per-frame cache ``[L, B, H, num_depth, D]``."""
         x = self.stage_input(stage, prev_audio, hidden, main_text, second_text)
         length = torch.tensor(stage)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(typed(self.layers, DepformerLayer)):
             att = layer.self_attention
             q, k, v = att.project(layer.pre_norm(x), stage, self.rotary)
             k_cache[i][:, :, stage] = k[:, :, 0]
@@ -381,7 +391,7 @@ class Depformer(nn.Module):
     def stage_split(self, stage, prev_audio, hidden, main_text, second_text, past: list[list[tuple]]):
         """Export form: ``past[i]`` lists the (k, v) of earlier stages of layer i; appended in place."""
         x = self.stage_input(stage, prev_audio, hidden, main_text, second_text)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(typed(self.layers, DepformerLayer)):
             att = layer.self_attention
             q, k, v = att.project(layer.pre_norm(x), stage, self.rotary, fixed=True)
             past[i].append((k, v))

@@ -164,6 +164,7 @@ class _Run:
         p, ids = self.params, self.ids
         self.tokens[:, 0, 0] = main
         self.tokens[:, 1, 0] = second
+        assert self.cb0_logits is not None, "depformer() runs after the frame's backbone step"
         logits = mask_special_audio(guidance(self.cb0_logits, p), ids)
         token = sample(logits, p.audio_temperature, p.audio_top_k, self.generator)
         self.audio[:, 0, t + 1] = token

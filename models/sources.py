@@ -49,6 +49,7 @@ def resolve_checkpoint(size: str | None = None, checkpoint: str | Path | None = 
         raise CheckpointError("give either a model size or a checkpoint directory, not both or neither")
     if checkpoint is not None:
         return _resolve_local(Path(checkpoint))
+    assert size is not None  # exactly one of the two, checked above
     key = size.upper() if size.lower() != "tiny" else "tiny"
     if key == "tiny":
         return _resolve_local(tiny_checkpoint_dir())
@@ -298,7 +299,8 @@ def load_mimi(ref: str):
     from transformers import MimiModel
 
     try:
-        model, info = MimiModel.from_pretrained(ref, dtype=torch.float32, output_loading_info=True)
+        loaded: Any = MimiModel.from_pretrained(ref, dtype=torch.float32, output_loading_info=True)
+        model, info = loaded  # (model, loading info): transformers types the return as the model alone
     except OSError:
         if Path(ref).is_dir():
             raise CheckpointError(f"no Mimi weights (config.json + model.safetensors) in {ref}") from None

@@ -77,10 +77,15 @@ class TensorSpec:
         return len(shape) == len(self.shape) and all(
             s == d if isinstance(d, int) else d in dims and 1 <= s <= dims[d] for s, d in zip(shape, self.shape))
 
-    def zeros(self) -> np.ndarray:
+    @property
+    def static_shape(self) -> tuple[int, ...]:
+        """The shape of a static tensor (ArtifactError for one with a named axis left)."""
         if not self.static:
             raise ArtifactError(f"{self.name}: no static shape to allocate ({list(self.shape)})")
-        return np.zeros(self.shape, dtype=self.dtype)
+        return tuple(int(dim) for dim in self.shape)
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(self.static_shape, dtype=self.dtype)
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":

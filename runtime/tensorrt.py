@@ -18,6 +18,7 @@ first use only.
 from __future__ import annotations
 
 import ctypes
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,17 +32,18 @@ MAX_ENGINE_BYTES = 64 << 30  # a 2B fp16 engine is about 5 GB
 
 def _cuda():
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # pyright: ignore[reportMissingImports]  (the [tensorrt] extra)
     except ImportError:
         try:
-            from cuda import cudart  # cuda-python < 12.6
+            from cuda import cudart  # pyright: ignore[reportMissingImports]  (cuda-python < 12.6)
         except ImportError:
             raise ArtifactError("the TensorRT backend needs cuda-python (pip install 'dia2-trt[tensorrt]')") from None
     return cudart
 
 
-def _check(result):
-    """cuda-python returns (error, *values); raise on error, unwrap the values."""
+def _check(result: Any) -> Any:
+    """cuda-python returns (error, *values); raise on error, unwrap the values (untyped: cuda-python's
+    bindings return whatever the CUDA call does)."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise RuntimeError(f"CUDA error {int(err)}: {err}")
@@ -52,8 +54,8 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, device: int = 0, cuda_graphs: bool = True) -> None:
-        try:
-            import tensorrt as trt
+        try:  # by name: a type checker would take `import tensorrt` for this very module
+            trt: Any = import_module("tensorrt")
         except ImportError:
             raise ArtifactError("TensorRT is not installed (pip install 'dia2-trt[tensorrt]')") from None
         self._trt = trt
@@ -83,7 +85,7 @@ def check_engine(spec: GraphSpec, tensorrt_version: str, gpu: dict) -> Path:
     entry = spec.engine
     if entry is None:
         raise ArtifactError(f"graph {spec.name!r} has no TensorRT engine in the manifest (run dia2-export engines)")
-    plan = spec.engine_path
+    plan = spec.root / entry.file
     if entry.tensorrt != tensorrt_version:
         raise ArtifactError(f"{plan.name}: built with TensorRT {entry.tensorrt}, this is TensorRT "
                             f"{tensorrt_version}; rebuild it with dia2-export engines")
@@ -126,11 +128,12 @@ class _DeviceBuffer:
         count = int(np.prod(shape))
         self.nbytes = max(count * self.dtype.itemsize, 1)
         self.device = _check(cudart.cudaMalloc(self.nbytes))
-        self.host, self._host_ptr = None, None
+        self.host: np.ndarray = np.empty(0, self.dtype)  # without a mirror: nothing is copied through it
+        self._host_ptr = None
         if mirror:
             self._host_ptr = _check(cudart.cudaMallocHost(self.nbytes))
             raw = (ctypes.c_byte * self.nbytes).from_address(int(self._host_ptr))
-            self.host = np.frombuffer(raw, dtype=self.dtype, count=count).reshape(shape)
+            self.host = np.frombuffer(memoryview(raw), dtype=self.dtype, count=count).reshape(shape)
 
     def free(self, cudart) -> None:
         cudart.cudaFree(self.device)
@@ -160,9 +163,9 @@ class TrtBinding:
         self._stream = _check(self._cudart.cudaStreamCreate())
         state_inputs, state_outputs = {i for i, _ in spec.state}, {o for _, o in spec.state}
         # A state output writes into its input's spare buffer; state never needs a host mirror.
-        self._buffers = {t.name: _DeviceBuffer(self._cudart, t.shape, t.dtype, mirror=t.name not in state_inputs)
+        self._buffers = {t.name: _DeviceBuffer(self._cudart, t.static_shape, t.dtype, mirror=t.name not in state_inputs)
                          for t in (*spec.inputs, *spec.outputs) if t.name not in state_outputs}
-        self._spare = {i: _DeviceBuffer(self._cudart, spec.input(i).shape, spec.input(i).dtype, mirror=False)
+        self._spare = {i: _DeviceBuffer(self._cudart, spec.input(i).static_shape, spec.input(i).dtype, mirror=False)
                        for i in state_inputs}
         self._outputs = [t.name for t in spec.outputs if t.name not in state_outputs]
         self._turn = 0
@@ -261,6 +264,8 @@ class TrtBinding:
 
     def __del__(self) -> None:
         cudart = getattr(self, "_cudart", None)
+        if cudart is None:  # __init__ failed before anything was allocated
+            return
         for buf in (*getattr(self, "_buffers", {}).values(), *getattr(self, "_spare", {}).values()):
             buf.free(cudart)
         for exe in getattr(self, "_graph_exec", ()):
