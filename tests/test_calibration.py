@@ -150,7 +150,7 @@ def test_calibrate_cli_rejects_missing_scripts_in_one_line_without_a_directory(t
     result = _run_cli("calibrate", str(tiny_artifacts), "--scripts", str(tmp_path / "none.txt"),
                       "--precision", "int8-qdq", "--out", str(out))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1 and lines == [f"Error: calibration scripts not found: {tmp_path / 'none.txt'}"]
+    assert result.returncode == 1 and lines == [f"Error: calibration scripts {tmp_path / 'none.txt'} not found"]
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
