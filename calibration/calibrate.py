@@ -27,7 +27,7 @@ from dia2_trt.runtime.artifacts import load_manifest, sha256
 from dia2_trt.runtime.manifest import BACKBONE, BACKBONE_PREFILL, FileRef, Manifest, QuantizationRecord
 from dia2_trt.runtime.params import GenerationParams
 
-from .collect import Replay, Trace, record
+from dia2_trt.export.replay import Replay, Trace, record
 from .qdq import QUANTIZED_GRAPHS, SCHEMES, activation_names, quantize_in_place, ranges_by_weight, ranges_for
 
 # Calibration speaks with the runtime's default sampling (seeded): the activations
@@ -49,6 +49,27 @@ def check_calibrate_request(fp32_dir: Path, out: Path, precision: str, overwrite
     if Path(out).resolve() == Path(fp32_dir).resolve():
         raise ValueError("--out must differ from the fp32 artifact directory")
     _check_output_dir(Path(out), overwrite)
+
+
+def read_scripts(path: Path) -> list[str]:
+    """One script per non-blank line; each must be a valid script."""
+    from dia2_trt.runtime.script import check_script
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"calibration scripts not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read calibration scripts {path}: {exc}") from None
+    scripts = [line.strip() for line in lines if line.strip()]
+    if not scripts:
+        raise ValueError(f"{path} holds no calibration scripts (one script per line)")
+    for number, script in enumerate(scripts, 1):
+        try:
+            check_script(script)
+        except ValueError as exc:
+            raise ValueError(f"{path}: script {number}: {exc}") from None
+    return scripts
 
 
 def calibrate_artifacts(fp32_dir: Path, scripts: Sequence[str], out: Path, precision: str, *,

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dia2_trt.export.onnx_graph import reads, sort_topologically
 from dia2_trt.export.precision import _keep_fp32
 
-from .weight_only import transposed_weights
+from dia2_trt.export.weight_only import transposed_weights
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ error. Random tiny weights give nearly flat logits, where any error flips a
 token; the confident-step agreement is the number that says whether the
 precision itself breaks decisions.
 
-Torch-free: ONNX Runtime only (``dia2_trt.calibration.collect``).
+Torch-free: ONNX Runtime only (``dia2_trt.export.replay``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from dia2_trt.calibration.collect import Replay, record
+from .replay import Replay, record
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.sampling import guide
@@ -319,7 +319,7 @@ def decisions(artifacts: Path, loop, script: str, params: GenerationParams = GRE
 
 def _reference_trace(loop, script: str, params: GenerationParams):
     """The reference's greedy run as a Trace, and per step its raw logits {channel: [2, V]}."""
-    from dia2_trt.calibration.collect import Trace
+    from .replay import Trace
 
     tokens, logits = [], []
 

@@ -59,13 +59,13 @@ class BuildOptions:
 
     @staticmethod
     def opset_floor() -> int:
-        from dia2_trt.calibration.weight_only import QUANT_MIN_OPSET
+        from .weight_only import QUANT_MIN_OPSET
 
         return QUANT_MIN_OPSET
 
     def weight_only_scheme(self):
         """The int8/int4 scheme asked for, or None for a float precision."""
-        from dia2_trt.calibration.weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
+        from .weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
 
         if self.precision not in WEIGHT_ONLY_BITS:
             return None
@@ -440,7 +440,7 @@ def _quantized_graph(root: Path, file: str, name: str, options: BuildOptions, pr
 
 def _quantized_codec(root: Path, spec: GraphSpec, progress) -> GraphSpec:
     """The codec decoder's MatMul weights and codebook table in CODEC_BITS, whatever the build's bits."""
-    from dia2_trt.calibration.weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
+    from .weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
 
     label = f"int{CODEC_BITS}"
     state = [{"input": p.input, "output": p.output} for p in spec.state]
@@ -450,7 +450,7 @@ def _quantized_codec(root: Path, spec: GraphSpec, progress) -> GraphSpec:
 
 def _quantize_file(root: Path, file: str, name: str, scheme, label: str, *, fit: bool, progress,
                    state: list[dict] | tuple = ()) -> GraphSpec:
-    from dia2_trt.calibration.weight_only import (QuantizeError, check_block_size, fit_block_size,
+    from .weight_only import (QuantizeError, check_block_size, fit_block_size,
                                                   quantize_model_file)
 
     progress(f"quantizing {name} weights to {label}")

@@ -121,8 +121,7 @@ def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, aga
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
 def calibrate(fp32_artifacts, scripts_file, precision, out, every, overwrite):
     """Calibrated Q/DQ artifacts (for TensorRT INT8/FP8) from fp32 artifacts and scripts."""
-    from dia2_trt.calibration.calibrate import calibrate_artifacts, check_calibrate_request
-    from dia2_trt.calibration.collect import read_scripts
+    from dia2_trt.calibration.calibrate import calibrate_artifacts, check_calibrate_request, read_scripts
 
     _check_calibrate_paths(Path(fp32_artifacts), Path(scripts_file), Path(out))
     check_calibrate_request(Path(fp32_artifacts), Path(out), precision, overwrite)

@@ -6,7 +6,8 @@ depformer's text tokens. The KV cache is state, so it is not stored: ``Replay``
 rebuilds it by running a backbone over the recorded tokens. A 2B sample is then
 a few hundred bytes instead of a 0.9 GB cache copy (28 layers x K,V x [2, 8, 1501,
 128] fp32), and any artifact (fp32, fp16, quantized) can be driven teacher-forced
-through the same steps, with intermediate tensors exposed on request.
+through the same steps, with intermediate tensors exposed on request. Calibration observes
+activation ranges through it; ``validate --against`` (accuracy.py) compares precisions with it.
 """
 
 from __future__ import annotations
@@ -111,27 +112,6 @@ def record(artifacts: Path, scripts: Sequence[str], params: GenerationParams,
     return traces
 
 
-def read_scripts(path: Path) -> list[str]:
-    """One script per non-blank line; each must be a valid script."""
-    from dia2_trt.runtime.script import check_script
-
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"calibration scripts not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read calibration scripts {path}: {exc}") from None
-    scripts = [line.strip() for line in lines if line.strip()]
-    if not scripts:
-        raise ValueError(f"{path} holds no calibration scripts (one script per line)")
-    for number, script in enumerate(scripts, 1):
-        try:
-            check_script(script)
-        except ValueError as exc:
-            raise ValueError(f"{path}: script {number}: {exc}") from None
-    return scripts
-
-
 # --- replay ------------------------------------------------------------------
 
 
@@ -213,7 +193,7 @@ def _with_outputs(path: Path, names: Sequence[str], workdir: Path) -> Path:
     import onnx
     from onnx import helper
 
-    from dia2_trt.export.unroll import unroll_loops
+    from .unroll import unroll_loops
 
     model = onnx.load(str(path), load_external_data=False)
     # A Loop's stages cannot show their values as outputs: lay them out, computing as the Loop does.

@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dia2_trt.export.onnx_io import EXTERNAL_DATA_BYTES
-from dia2_trt.export.precision import _keep_fp32
+from .onnx_io import EXTERNAL_DATA_BYTES
+from .precision import _keep_fp32
 
 QUANT_MIN_OPSET = 21  # blocked DequantizeLinear and INT4
 _QTYPES = {8: TensorProto.INT8, 4: TensorProto.INT4}
