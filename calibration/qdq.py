@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dia2_trt.export.onnx_graph import reads, sort_topologically
-from dia2_trt.export.precision import _keep_fp32
+from dia2_trt.export.precision import keep_fp32
 
 from dia2_trt.export.weight_only import transposed_weights
 
@@ -55,7 +55,7 @@ def linear_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     weights = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT}
     weights |= {out for out, w in transposed_weights(model.graph).items() if w in weights}
     return [n for n in model.graph.node
-            if n.op_type == "MatMul" and n.input[1] in weights and not _keep_fp32(n)]
+            if n.op_type == "MatMul" and n.input[1] in weights and not keep_fp32(n)]
 
 
 def activation_names(model: onnx.ModelProto) -> list[str]:
