@@ -25,7 +25,7 @@ from dia2_trt.export.manifest import write_manifest
 from dia2_trt.export.replay import Replay, Trace, record
 from dia2_trt.export.unroll import flat_graph
 from dia2_trt.runtime.artifacts import load_manifest, sha256
-from dia2_trt.runtime.manifest import BACKBONE, BACKBONE_PREFILL, FileRef, Manifest, QuantizationRecord
+from dia2_trt.runtime.manifest import BACKBONE, BACKBONE_PREFILL, DEPFORMER, FileRef, Manifest, QuantizationRecord
 from dia2_trt.runtime.params import GenerationParams
 
 from .qdq import QUANTIZED_GRAPHS, SCHEMES, activation_names, quantize_in_place, ranges_by_weight, ranges_for
@@ -139,7 +139,7 @@ def observe_ranges(fp32_dir: Path, traces: list[Trace], targets: dict[str, list[
                 if t % every:
                     continue
                 observed += 1
-                for graph, outputs in (("backbone", step.backbone), ("depformer", step.depformer)):
+                for graph, outputs in ((BACKBONE, step.backbone), (DEPFORMER, step.depformer)):
                     for name in targets[graph]:
                         amax[graph][name] = max(amax[graph][name], float(np.abs(outputs[name]).max()))
     finally:

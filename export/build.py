@@ -19,7 +19,8 @@ from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.cli_common import is_within
 from dia2_trt.runtime.files import open_regular
 from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
-                                       DEPFORMER, MANIFEST, CodecInfo, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
+                                       DEPFORMER, FLOAT_PRECISIONS, MANIFEST, WEIGHT_ONLY_PRECISIONS, CodecInfo,
+                                       GraphSpec, Manifest, QuantizationRecord, SourceInfo)
 
 from .artifact_dir import BuildError, atomic_dir, check_output_dir, copy_tree, tree_bytes
 from .codec import export_codec_decoder, export_codec_encoder
@@ -28,9 +29,9 @@ from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
 from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
 from .onnx_io import export_module, save_model
 
-# What this exporter can write (the manifest's PRECISIONS also holds the calibrated Q/DQ ones).
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-WEIGHT_ONLY_BITS = {"int8": 8, "int4": 4}  # weight-only precisions: fp32 graphs, integer weights
+# What this exporter can write: the manifest's PRECISIONS but the calibrated Q/DQ ones (calibration/).
+BUILD_PRECISIONS = FLOAT_PRECISIONS + WEIGHT_ONLY_PRECISIONS
+WEIGHT_ONLY_BITS = dict(zip(WEIGHT_ONLY_PRECISIONS, (8, 4)))  # fp32 graphs, integer weights
 # Their codec decoder's weights (the real Mimi's 48 transformer MatMuls, 100 of its 228 MB, and the
 # codebook table) in 8 bits whatever the build's: on the 2B decoder, 40.9 dB SNR against fp32 over
 # 40 random-code frames, 31 vs 38 ms a frame on one thread, 76 MB less to hold. The encoder, run once
@@ -67,8 +68,8 @@ class BuildOptions:
 
 def check_request(out: Path, options: BuildOptions) -> None:
     """Fail before any work (or download) if the options are bad or the result could not be put in place."""
-    if options.precision not in PRECISIONS:
-        raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.precision not in BUILD_PRECISIONS:
+        raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(BUILD_PRECISIONS)}")
     _check_weight_only(options)
     check_output_dir(Path(out), options.overwrite)
 

@@ -12,7 +12,7 @@ from dia2_trt.runtime.cli_common import (FiniteFloat, OneLineGroup, check_output
                                          is_within, read_script)
 from dia2_trt.runtime.files import AUDIO_FORMATS, InputFileError, audio_writer, check_regular, write_atomic, write_together
 
-from .build import DEFAULT_OPSET, PRECISIONS, BuildOptions
+from .build import BUILD_PRECISIONS, DEFAULT_OPSET, BuildOptions
 
 SIZES = ("tiny", "1B", "2B")
 
@@ -37,7 +37,7 @@ def main() -> None:
 
 @main.command()
 @_source_options
-@click.option("--precision", default="fp32", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
+@click.option("--precision", default="fp32", show_default=True, help=f"One of {', '.join(BUILD_PRECISIONS)}.")
 @click.option("--block-size", type=int, help="int8/int4: weights per scale along the input axis "
               "(a power of two >= 16; default 64).")
 @click.option("--from-artifacts", type=click.Path(), help="int8/int4: quantize this fp32 artifact directory "

@@ -25,6 +25,7 @@ import numpy as np
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
 from dia2_trt.runtime.backends import OrtBackend
 from dia2_trt.runtime.engine import Dia2Runtime, TruncationWarning
+from dia2_trt.runtime.manifest import BACKBONE, DEPFORMER
 from dia2_trt.runtime.params import GenerationParams
 
 
@@ -79,7 +80,7 @@ class _RecordingBinding:
 
 
 class _RecordingBackend(OrtBackend):
-    _KEEP = {"backbone": (("tokens",), ()), "depformer": (("text_tokens",), ("audio_tokens",))}
+    _KEEP = {BACKBONE: (("tokens",), ()), DEPFORMER: (("text_tokens",), ("audio_tokens",))}
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__(threads)
@@ -105,7 +106,7 @@ def record(artifacts: Path, scripts: Sequence[str], params: GenerationParams,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)  # a cut-off script still calibrates
             runtime.speak(script, params)
-        bb, dep = backend.recorders["backbone"].calls, backend.recorders["depformer"].calls
+        bb, dep = backend.recorders[BACKBONE].calls, backend.recorders[DEPFORMER].calls
         traces.append(Trace(script, np.stack([c["tokens"] for c in bb]),
                             np.stack([np.asarray(c["text_tokens"]).reshape(2) for c in dep]),
                             np.stack([c["audio_tokens"] for c in dep])))
@@ -136,18 +137,18 @@ class Replay:
         self._tmp = tempfile.TemporaryDirectory(prefix=".replay-", dir=workdir)
         backend = OrtBackend(threads)
         self.sessions, self.outputs = {}, {}
-        for name in ("backbone", "depformer"):
+        for name in (BACKBONE, DEPFORMER):
             spec = self.manifest.graph(name)
             path = _with_outputs(spec.path, extra.get(name, ()), Path(self._tmp.name))
             # The runtime's own session options (threads, a weight-only graph's ORT accuracy level).
             self.sessions[name] = backend.open_session(spec, path)
             self.outputs[name] = [t.name for t in spec.outputs] + list(extra.get(name, ()))
-        bb = self.manifest.graph("backbone")
+        bb = self.manifest.graph(BACKBONE)
         # Full capacity: a replay is teacher-forced over few steps, where a growing cache saves little.
         self._cache = {t.name: t.bounded(bb.dims).zeros() for t in bb.inputs
                        if t.name.startswith(("k_cache.", "v_cache."))}
-        self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in ("backbone", "depformer")}
-        self._row_input = "cache_length" in self._dtypes["backbone"]
+        self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in (BACKBONE, DEPFORMER)}
+        self._row_input = "cache_length" in self._dtypes[BACKBONE]
 
     def close(self) -> None:
         self.sessions.clear()
@@ -167,11 +168,11 @@ class Replay:
             step = {"tokens": trace.tokens[t], "position": np.array([t])}
             if self._row_input:  # artifacts with audio-prefix room write cache row t apart from RoPE position t
                 step["cache_length"] = np.array([t])
-            bb = self._run("backbone", {**step, **self._cache}, want)
+            bb = self._run(BACKBONE, {**step, **self._cache}, want)
             for i in range(n_layer):
                 self._cache[cache_name("k", i)][:, :, t] = bb["k_new"][i]
                 self._cache[cache_name("v", i)][:, :, t] = bb["v_new"][i]
-            dep = self._run("depformer", {
+            dep = self._run(DEPFORMER, {
                 "hidden": bb["hidden"], "cb0_logits": bb["cb0_logits"], "text_tokens": trace.text_tokens[t],
                 "noise": np.full(self.manifest.audio_channels, 0.5),
                 "temperature": np.array([0.0]), "top_k": np.array([params.audio_top_k]),
