@@ -1,12 +1,12 @@
 """Side-by-side performance of the PyTorch reference loop and the runtime's backends.
 
 Every contender runs in its own worker process (``python -m
-dia2_trt.benchmarks.harness WORKER_JSON``, or ``dia2_trt.export.bench_reference``
+dia2_trt.benchmarks.harness WORKER_JSON``, or ``dia2_trt.benchmarks.reference_worker``
 for the reference), loaded once, so its peak RSS is its
 own (``ru_maxrss``) and no contender's allocations or caches flatter another.
 The parent sends "run" requests to the workers in turn, rotating the order each
 repeat, so machine noise is spread over all contenders alike. The reference
-contender (torch) lives in ``dia2_trt.export.bench_reference`` and is started
+contender (torch) lives in ``dia2_trt.benchmarks.reference_worker`` and is started
 by module name: this module imports neither torch, onnx nor export/.
 
 Timing inside a worker: the graph calls are wrapped (the runtime is loaded on
@@ -88,8 +88,8 @@ def plan_contenders(artifacts: Iterable[Path], backends: Iterable[str], referenc
     return contenders, skipped
 
 
-# Each contender kind's worker module, started by name: the runtime never imports export/.
-WORKER_MODULES = {"runtime": "dia2_trt.benchmarks.harness", "reference": "dia2_trt.export.bench_reference"}
+# Each contender kind's worker module, started by name: this process never imports torch or export/.
+WORKER_MODULES = {"runtime": "dia2_trt.benchmarks.harness", "reference": "dia2_trt.benchmarks.reference_worker"}
 
 
 def reference_unavailable() -> str | None:

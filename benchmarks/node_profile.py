@@ -33,8 +33,8 @@ def profiled(backend, out_dir: str | Path) -> ProfiledSessions:
     make_options, load = backend.session_options, backend.load
 
     def load_profiled(spec):
-        def options(threads: int = 1, accuracy_level: int | None = None, arena: bool = True):
-            opts = make_options(threads, accuracy_level, arena)
+        def options(*args, **kwargs):  # whatever session_options takes (fuse_qdq came later and broke a copy)
+            opts = make_options(*args, **kwargs)
             opts.enable_profiling = True
             opts.profile_file_prefix = str(out / spec.name)
             return opts

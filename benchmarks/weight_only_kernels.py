@@ -4,7 +4,7 @@
 
 Each variant is the same random fp32 graph (a stack of the 2B backbone's MLP
 matmuls, 2048 -> 12288 and 6144 -> 2048, batch 2 as the CFG pair runs)
-quantized by ``calibration.weight_only``. Runs alternate between variants so
+quantized by ``export.weight_only``. Runs alternate between variants so
 machine noise lands on all alike. Reports median ms per run, speed over fp32,
 whether ORT fused every MatMul into MatMulNBits, and the output error relative
 to fp32 (max |diff| / max |fp32|).
@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from dia2_trt.calibration.weight_only import WeightOnlyScheme, quantize_model_file
+from dia2_trt.export.weight_only import WeightOnlyScheme, quantize_model_file
 from dia2_trt.runtime.backends import OrtBackend
 
 D, HIDDEN = 2048, 6144  # the 2B backbone's n_embd and n_hidden

@@ -20,14 +20,14 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from dia2_trt.export.build import copy_tree
+from dia2_trt.export.artifact_dir import atomic_dir, check_output_dir, copy_tree, tree_bytes
 from dia2_trt.export.manifest import write_manifest
+from dia2_trt.export.replay import Replay, Trace, record
 from dia2_trt.export.unroll import flat_graph
 from dia2_trt.runtime.artifacts import load_manifest, sha256
-from dia2_trt.runtime.manifest import BACKBONE, BACKBONE_PREFILL, FileRef, Manifest, QuantizationRecord
+from dia2_trt.runtime.manifest import BACKBONE, BACKBONE_PREFILL, DEPFORMER, FileRef, Manifest, QuantizationRecord
 from dia2_trt.runtime.params import GenerationParams
 
-from .collect import Replay, Trace, record
 from .qdq import QUANTIZED_GRAPHS, SCHEMES, activation_names, quantize_in_place, ranges_by_weight, ranges_for
 
 # Calibration speaks with the runtime's default sampling (seeded): the activations
@@ -36,8 +36,6 @@ CALIBRATION_PARAMS = GenerationParams()
 
 
 def check_calibrate_request(fp32_dir: Path, out: Path, precision: str, overwrite: bool) -> None:
-    from dia2_trt.export.build import _check_output_dir
-
     if precision not in SCHEMES:
         raise ValueError(f"unknown calibrated precision {precision!r}; choose one of {', '.join(SCHEMES)}")
     manifest = load_manifest(fp32_dir)
@@ -48,15 +46,34 @@ def check_calibrate_request(fp32_dir: Path, out: Path, precision: str, overwrite
                          f"{fp32_dir} was built with opset {manifest.opset}")
     if Path(out).resolve() == Path(fp32_dir).resolve():
         raise ValueError("--out must differ from the fp32 artifact directory")
-    _check_output_dir(Path(out), overwrite)
+    check_output_dir(Path(out), overwrite)
+
+
+def read_scripts(path: Path) -> list[str]:
+    """One script per non-blank line; each must be a valid script."""
+    from dia2_trt.runtime.script import check_script
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"calibration scripts not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read calibration scripts {path}: {exc}") from None
+    scripts = [line.strip() for line in lines if line.strip()]
+    if not scripts:
+        raise ValueError(f"{path} holds no calibration scripts (one script per line)")
+    for number, script in enumerate(scripts, 1):
+        try:
+            check_script(script)
+        except ValueError as exc:
+            raise ValueError(f"{path}: script {number}: {exc}") from None
+    return scripts
 
 
 def calibrate_artifacts(fp32_dir: Path, scripts: Sequence[str], out: Path, precision: str, *,
                         every: int = 1, overwrite: bool = False,
                         progress: Callable[[str], None] = lambda msg: None) -> Manifest:
-    """Build through export.build's atomic_dir: a failure, SIGTERM or a full disk leaves nothing."""
-    from dia2_trt.export.build import atomic_dir
-
+    """Build through export.artifact_dir's atomic_dir: a failure, SIGTERM or a full disk leaves nothing."""
     fp32_dir, out = Path(fp32_dir), Path(out)
     check_calibrate_request(fp32_dir, out, precision, overwrite)
     return atomic_dir(out, overwrite, _calibrate_bytes(load_manifest(fp32_dir)),
@@ -66,8 +83,6 @@ def calibrate_artifacts(fp32_dir: Path, scripts: Sequence[str], out: Path, preci
 def _calibrate_bytes(source: Manifest) -> int:
     """About the peak: the size of the fp32 artifacts (tiny: 3.03 MB seen, 3.6 estimated). The
     Replay's re-saved graphs hard-link big side files, and the Q/DQ graphs are smaller than fp32."""
-    from dia2_trt.export.build import tree_bytes
-
     return tree_bytes(source.root)
 
 
@@ -124,7 +139,7 @@ def observe_ranges(fp32_dir: Path, traces: list[Trace], targets: dict[str, list[
                 if t % every:
                     continue
                 observed += 1
-                for graph, outputs in (("backbone", step.backbone), ("depformer", step.depformer)):
+                for graph, outputs in ((BACKBONE, step.backbone), (DEPFORMER, step.depformer)):
                     for name in targets[graph]:
                         amax[graph][name] = max(amax[graph][name], float(np.abs(outputs[name]).max()))
     finally:

@@ -28,9 +28,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dia2_trt.export.onnx_graph import reads, sort_topologically
-from dia2_trt.export.precision import _keep_fp32
-
-from .weight_only import transposed_weights
+from dia2_trt.export.precision import keep_fp32
+from dia2_trt.export.weight_only import transposed_weights
+from dia2_trt.runtime.manifest import BACKBONE, DEPFORMER, QDQ_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,13 @@ class Scheme:
     min_opset: int
 
 
-SCHEMES = {
-    "int8-qdq": Scheme("int8-qdq", TensorProto.INT8, 127.0, 13),
+INT8_QDQ, FP8_QDQ = QDQ_PRECISIONS
+SCHEMES = {  # one per QDQ_PRECISIONS
+    INT8_QDQ: Scheme(INT8_QDQ, TensorProto.INT8, 127.0, 13),
     # FP8 QuantizeLinear/DequantizeLinear arrived in opset 19.
-    "fp8-qdq": Scheme("fp8-qdq", TensorProto.FLOAT8E4M3FN, 448.0, 19),
+    FP8_QDQ: Scheme(FP8_QDQ, TensorProto.FLOAT8E4M3FN, 448.0, 19),
 }
-QUANTIZED_GRAPHS = ("backbone", "depformer")
+QUANTIZED_GRAPHS = (BACKBONE, DEPFORMER)
 
 
 def linear_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -55,7 +56,7 @@ def linear_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     weights = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT}
     weights |= {out for out, w in transposed_weights(model.graph).items() if w in weights}
     return [n for n in model.graph.node
-            if n.op_type == "MatMul" and n.input[1] in weights and not _keep_fp32(n)]
+            if n.op_type == "MatMul" and n.input[1] in weights and not keep_fp32(n)]
 
 
 def activation_names(model: onnx.ModelProto) -> list[str]:

@@ -10,7 +10,7 @@ error. Random tiny weights give nearly flat logits, where any error flips a
 token; the confident-step agreement is the number that says whether the
 precision itself breaks decisions.
 
-Torch-free: ONNX Runtime only (``dia2_trt.calibration.collect``).
+Torch-free: ONNX Runtime only (``dia2_trt.export.replay``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Callable
 
 import numpy as np
 
-from dia2_trt.calibration.collect import Replay, record
+from .replay import Replay, record
 from dia2_trt.runtime.artifacts import load_manifest
+from dia2_trt.runtime.manifest import DEPFORMER
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.sampling import guide
 
@@ -99,9 +100,9 @@ def _same_checkpoint(reference: Path, candidate: Path):
 def _collect(artifacts: Path, trace, params: GenerationParams) -> dict:
     """Per step: guided action tokens, raw logits, audio tokens and (when found) each codebook head's logits."""
     manifest = load_manifest(artifacts)
-    heads = _head_outputs(manifest.graph("depformer").path)
+    heads = _head_outputs(manifest.graph(DEPFORMER).path)
     limit = min(manifest.token_ids.audio_pad, manifest.token_ids.audio_bos)
-    replay = Replay(artifacts, extra={"depformer": heads} if heads else None)
+    replay = Replay(artifacts, extra={DEPFORMER: heads} if heads else None)
     try:
         steps = list(replay.run(trace, params))
     finally:
@@ -302,11 +303,11 @@ def decisions(artifacts: Path, loop, script: str, params: GenerationParams = GRE
     (past it a codebook's inputs are no longer the reference's)."""
     trace, logits = _reference_trace(loop, script, params)
     manifest = load_manifest(artifacts)
-    heads = _head_outputs(manifest.graph("depformer").path)
+    heads = _head_outputs(manifest.graph(DEPFORMER).path)
     if not heads:
         raise ValueError(f"{artifacts}: the depformer's codebook logits cannot be found")
     special = [manifest.token_ids.audio_pad, manifest.token_ids.audio_bos]
-    replay = Replay(Path(artifacts), extra={"depformer": heads})
+    replay = Replay(Path(artifacts), extra={DEPFORMER: heads})
     try:
         for t, step in enumerate(replay.run(trace, params)):
             for decision in _step_decisions(t, step, heads, logits[t], params, special):
@@ -319,7 +320,7 @@ def decisions(artifacts: Path, loop, script: str, params: GenerationParams = GRE
 
 def _reference_trace(loop, script: str, params: GenerationParams):
     """The reference's greedy run as a Trace, and per step its raw logits {channel: [2, V]}."""
-    from dia2_trt.calibration.collect import Trace
+    from .replay import Trace
 
     tokens, logits = [], []
 

@@ -1,13 +1,10 @@
-"""checkpoint -> artifact directory (graphs + tokenizer + manifest), built atomically."""
+"""checkpoint -> artifact directory (graphs + tokenizer + manifest), built atomically (artifact_dir.py)."""
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,22 +15,23 @@ import onnx
 
 from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model
 from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
-from dia2_trt.runtime.artifacts import FORMAT, load_manifest
-from dia2_trt.runtime.cli_common import is_within, unwritable
-from dia2_trt.runtime.files import InputFileError, open_regular, read_json_file
+from dia2_trt.runtime.artifacts import load_manifest
+from dia2_trt.runtime.cli_common import is_within
+from dia2_trt.runtime.files import open_regular
 from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
-                                       DEPFORMER, MANIFEST, CodecInfo, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
-from dia2_trt.runtime.signals import deferred
+                                       DEPFORMER, FLOAT_PRECISIONS, MANIFEST, WEIGHT_ONLY_PRECISIONS, CodecInfo,
+                                       GraphSpec, Manifest, QuantizationRecord, SourceInfo)
 
+from .artifact_dir import BuildError, atomic_dir, check_output_dir, copy_tree, tree_bytes
 from .codec import export_codec_decoder, export_codec_encoder
 from .depformer_loop import export_depformer_loop, tail_stages
 from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
 from .manifest import build_manifest, graph_spec, sha256, tokenizer_entry, write_manifest
 from .onnx_io import export_module, save_model
 
-# What this exporter can write (the manifest's PRECISIONS also holds the calibrated Q/DQ ones).
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-WEIGHT_ONLY_BITS = {"int8": 8, "int4": 4}  # weight-only precisions: fp32 graphs, integer weights
+# What this exporter can write: the manifest's PRECISIONS but the calibrated Q/DQ ones (calibration/).
+BUILD_PRECISIONS = FLOAT_PRECISIONS + WEIGHT_ONLY_PRECISIONS
+WEIGHT_ONLY_BITS = dict(zip(WEIGHT_ONLY_PRECISIONS, (8, 4)))  # fp32 graphs, integer weights
 # Their codec decoder's weights (the real Mimi's 48 transformer MatMuls, 100 of its 228 MB, and the
 # codebook table) in 8 bits whatever the build's: on the 2B decoder, 40.9 dB SNR against fp32 over
 # 40 random-code frames, 31 vs 38 ms a frame on one thread, 76 MB less to hold. The encoder, run once
@@ -43,10 +41,6 @@ CODEC_BITS = 8
 # CPU). For a TensorRT whose ONNX parser predates opset 23, build with --opset 20.
 DEFAULT_OPSET = 23
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
-
-
-class BuildError(ValueError):
-    """Bad build request: unknown precision, unusable output directory."""
 
 
 @dataclass(frozen=True)
@@ -59,13 +53,13 @@ class BuildOptions:
 
     @staticmethod
     def opset_floor() -> int:
-        from dia2_trt.calibration.weight_only import QUANT_MIN_OPSET
+        from .weight_only import QUANT_MIN_OPSET
 
         return QUANT_MIN_OPSET
 
     def weight_only_scheme(self):
         """The int8/int4 scheme asked for, or None for a float precision."""
-        from dia2_trt.calibration.weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
+        from .weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
 
         if self.precision not in WEIGHT_ONLY_BITS:
             return None
@@ -74,10 +68,10 @@ class BuildOptions:
 
 def check_request(out: Path, options: BuildOptions) -> None:
     """Fail before any work (or download) if the options are bad or the result could not be put in place."""
-    if options.precision not in PRECISIONS:
-        raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.precision not in BUILD_PRECISIONS:
+        raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(BUILD_PRECISIONS)}")
     _check_weight_only(options)
-    _check_output_dir(Path(out), options.overwrite)
+    check_output_dir(Path(out), options.overwrite)
 
 
 def _check_weight_only(options: BuildOptions) -> None:
@@ -108,47 +102,6 @@ def source_dirs(files: CheckpointFiles) -> list[Path]:
     return dirs
 
 
-def is_artifact_dir(path: Path) -> bool:
-    """A directory holding a dia2-trt manifest: what ``--overwrite`` may replace."""
-    try:  # manifests are kB; a huge file, a FIFO or a device is not ours
-        raw = read_json_file(Path(path) / MANIFEST, 16 << 20, "manifest")
-    except InputFileError:
-        return False
-    return isinstance(raw, dict) and raw.get("format") == FORMAT
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    real = out.resolve()
-    if real.parent == real:
-        raise BuildError(f"--out {out} is the root directory")
-    if real.exists() and not real.is_dir():
-        raise BuildError(f"{out} exists and is not a directory")
-    if real.exists() and any(real.iterdir()):
-        _check_replaceable(out, overwrite)
-    if real.exists() and is_within(Path.cwd(), real):
-        raise BuildError(f"--out {out} is (or holds) the current directory; build from somewhere else")
-    ancestor = _existing_ancestor(real.parent)
-    if not ancestor.is_dir():
-        raise BuildError(f"cannot create {real.parent}: {ancestor} is not a directory")
-    reason = unwritable(ancestor)
-    if reason:
-        raise BuildError(f"cannot write to {ancestor} ({reason})")
-
-
-def _check_replaceable(out: Path, overwrite: bool) -> None:
-    if not overwrite:
-        raise BuildError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
-    if not is_artifact_dir(out):
-        raise BuildError(f"{out} is not empty and holds no dia2-trt artifacts (manifest.json); "
-                         f"--overwrite only replaces an artifact directory, so it stays untouched")
-
-
-def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
 def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
                     progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export every graph into a temporary sibling of ``out``, then rename it into place.
@@ -158,7 +111,7 @@ def build_artifacts(files: CheckpointFiles, out: Path, options: BuildOptions,
     check_source(out, files)
     check_request(out, options)
     return atomic_dir(Path(out), options.overwrite, _build_bytes(files, options),
-                      lambda tmp: _build_into(files, tmp, options, progress))
+                      lambda tmp: _build_into(files, tmp, options, progress), load=load_manifest)
 
 
 def quantize_artifacts(src: Path, out: Path, options: BuildOptions,
@@ -179,12 +132,12 @@ def quantize_artifacts(src: Path, out: Path, options: BuildOptions,
     if manifest.opset < options.opset_floor():
         raise BuildError(f"{src} was exported at opset {manifest.opset}; int8/int4 need >= {options.opset_floor()}")
     return atomic_dir(out, options.overwrite, _quantize_bytes(manifest),
-                      lambda tmp: _quantize_into(src, tmp, manifest, options, progress))
+                      lambda tmp: _quantize_into(src, tmp, manifest, options, progress), load=load_manifest)
 
 
 def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptions, progress) -> None:
     started = time.perf_counter()
-    for entry in (p for p in sorted(src.iterdir()) if p.name != "manifest.json" and not p.name.startswith(".")):
+    for entry in (p for p in sorted(src.iterdir()) if p.name != MANIFEST and not p.name.startswith(".")):
         progress(f"copying {entry.name}")
         copy_tree(entry, tmp / entry.name)
     graphs = dict(manifest.graphs)
@@ -195,62 +148,6 @@ def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptio
         graphs[CODEC_DECODER] = _quantized_codec(tmp, graphs[CODEC_DECODER], progress)
     write_manifest(replace(manifest, precision=options.precision, graphs=graphs, root=tmp), tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
-
-
-def atomic_dir(out: Path, overwrite: bool, needed: int, fill: Callable[[Path], None]) -> Manifest:
-    """Run ``fill`` on a new temporary sibling of ``out``, check the result with the runtime's
-    loader, then swap it into place; on failure (SIGTERM and Ctrl-C included, see entry.py)
-    leave nothing behind. ``needed``: about how many bytes the build writes at its peak, for
-    the message when the disk fills up."""
-    out = Path(out).resolve()  # a symlinked --out replaces what it points to, not the link
-    created, tmp = [], None
-    try:
-        with deferred():  # a directory made is a directory the cleanup knows of
-            created = _make_parents(out.parent)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
-        fill(tmp)
-        # What the runtime will read, checked by the runtime's own loader before it replaces anything;
-        # this also records the big graphs' checksum stamps, so the first load does not hash them again.
-        load_manifest(tmp)
-        _replace_dir(tmp, out, overwrite)
-    except BaseException as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _remove_dirs(created)
-        if disk_full(exc):
-            raise BuildError(f"cannot write {out}: {no_space(out.parent, needed)}") from None
-        if isinstance(exc, OSError) and tmp is None:
-            raise BuildError(f"cannot write to {out.parent}: {exc.strerror}") from None
-        raise
-    return load_manifest(out, verify=False)
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """Whether ``exc``, or an error that led to it, is a full disk or a spent quota."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def no_space(directory: Path, needed: int) -> str:
-    return f"no space left on device (needs about {_gb(needed)} GB in {directory})"
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.1f}" if size >= 1e9 else f"{size / 1e9:.2g}"
-
-
-def tree_bytes(path: Path) -> int:
-    """Bytes of the regular files in ``path`` (a file or a directory tree)."""
-    path = Path(path)
-    if not path.is_dir():
-        return path.stat().st_size if path.is_file() else 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _build_bytes(files: CheckpointFiles, options: BuildOptions) -> int:
@@ -297,42 +194,6 @@ def _safetensors_elements(path: Path | None) -> int:
         if name != "__metadata__" and isinstance(entry, dict):
             total += int(np.prod(entry.get("shape") or [1]))
     return total
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """copy2, or copytree for a directory, but raising the first OSError as it is: shutil.copytree
-    gathers failures into one shutil.Error without errno, which would hide a full disk."""
-    if not Path(src).is_dir():
-        shutil.copy2(src, dst)
-        return
-    Path(dst).mkdir()
-    for entry in sorted(Path(src).iterdir()):
-        copy_tree(entry, Path(dst) / entry.name)
-
-
-def _make_parents(directory: Path) -> list[Path]:
-    """mkdir -p that says which directories it made (outermost first), to undo on failure."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    try:
-        for path in reversed(missing):
-            path.mkdir()
-    except OSError as exc:
-        _remove_dirs(list(reversed(missing)))
-        raise BuildError(f"cannot create {path}: {exc.strerror}") from None
-    return list(reversed(missing))
-
-
-def _remove_dirs(created: list[Path]) -> None:
-    for path in reversed(created):
-        try:
-            path.rmdir()  # only if still empty: something else may have moved in meanwhile
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return
 
 
 def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progress) -> None:
@@ -440,7 +301,7 @@ def _quantized_graph(root: Path, file: str, name: str, options: BuildOptions, pr
 
 def _quantized_codec(root: Path, spec: GraphSpec, progress) -> GraphSpec:
     """The codec decoder's MatMul weights and codebook table in CODEC_BITS, whatever the build's bits."""
-    from dia2_trt.calibration.weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
+    from .weight_only import DEFAULT_BLOCK_SIZE, WeightOnlyScheme
 
     label = f"int{CODEC_BITS}"
     state = [{"input": p.input, "output": p.output} for p in spec.state]
@@ -450,7 +311,7 @@ def _quantized_codec(root: Path, spec: GraphSpec, progress) -> GraphSpec:
 
 def _quantize_file(root: Path, file: str, name: str, scheme, label: str, *, fit: bool, progress,
                    state: list[dict] | tuple = ()) -> GraphSpec:
-    from dia2_trt.calibration.weight_only import (QuantizeError, check_block_size, fit_block_size,
+    from .weight_only import (QuantizeError, check_block_size, fit_block_size,
                                                   quantize_model_file)
 
     progress(f"quantizing {name} weights to {label}")
@@ -477,20 +338,3 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def _source(files: CheckpointFiles) -> SourceInfo:
     return SourceInfo(repo_id=files.repo_id, checkpoint=str(files.config_path.parent), mimi=files.mimi_ref,
                       files={p.name: sha256(p) for p in (files.config_path, files.weights_path)})
-
-
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Swap the finished directory in; an old one is removed only after the new one is complete,
-    and only if it still is an artifact directory (the export took minutes: look again)."""
-    if out.exists() and any(out.iterdir()):
-        _check_replaceable(out, overwrite)
-    # Not split by SIGTERM: between the two renames ``out`` would be gone and the old copy hidden.
-    # A signal that comes meanwhile ends the command just after: the new artifact is complete.
-    with deferred():
-        if not out.exists():
-            tmp.rename(out)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # a name nobody else uses
-        out.replace(old)  # onto the empty placeholder
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)

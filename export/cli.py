@@ -1,4 +1,5 @@
-"""``dia2-export``: build artifacts, validate them, and run the PyTorch reference loop."""
+"""``dia2-export``'s export commands: build artifacts, validate them, build engines, run the PyTorch reference
+loop. ``calibrate`` is added on top of them by dia2_trt.calibration.cli, which the console entry starts."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 import click
 
 from dia2_trt.runtime.cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, files_under, int64_range,
-                                         is_within, read_script)
-from dia2_trt.runtime.files import AUDIO_FORMATS, InputFileError, audio_writer, check_regular, write_atomic, write_together
+                                         read_script)
+from dia2_trt.runtime.files import AUDIO_FORMATS, audio_writer, write_atomic, write_together
 
-from .build import DEFAULT_OPSET, PRECISIONS, BuildOptions
+from .build import BUILD_PRECISIONS, DEFAULT_OPSET, BuildOptions
 
 SIZES = ("tiny", "1B", "2B")
 
@@ -37,7 +38,7 @@ def main() -> None:
 
 @main.command()
 @_source_options
-@click.option("--precision", default="fp32", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
+@click.option("--precision", default="fp32", show_default=True, help=f"One of {', '.join(BUILD_PRECISIONS)}.")
 @click.option("--block-size", type=int, help="int8/int4: weights per scale along the input axis "
               "(a power of two >= 16; default 64).")
 @click.option("--from-artifacts", type=click.Path(), help="int8/int4: quantize this fp32 artifact directory "
@@ -108,45 +109,6 @@ def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, aga
     click.echo(f"report: {path}", err=True)
     if not result["passed"]:
         fail("validation failed: " + ", ".join(result["failures"]))
-
-
-@main.command()
-@click.argument("fp32_artifacts", type=click.Path())
-@click.option("--scripts", "scripts_file", required=True, type=click.Path(),
-              help="Calibration scripts, one per line.")
-@click.option("--precision", required=True, help="int8-qdq or fp8-qdq.")
-@click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
-@click.option("--every", default=1, show_default=True, type=click.IntRange(1),
-              help="Observe activations at every N-th step only.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
-def calibrate(fp32_artifacts, scripts_file, precision, out, every, overwrite):
-    """Calibrated Q/DQ artifacts (for TensorRT INT8/FP8) from fp32 artifacts and scripts."""
-    from dia2_trt.calibration.calibrate import calibrate_artifacts, check_calibrate_request
-    from dia2_trt.calibration.collect import read_scripts
-
-    _check_calibrate_paths(Path(fp32_artifacts), Path(scripts_file), Path(out))
-    check_calibrate_request(Path(fp32_artifacts), Path(out), precision, overwrite)
-    scripts = read_scripts(Path(scripts_file))
-    calibrate_artifacts(Path(fp32_artifacts), scripts, Path(out), precision, every=every, overwrite=overwrite,
-                        progress=lambda msg: click.echo(f"[calibrate] {msg}", err=True))
-    click.echo(str(out))
-
-
-# Calibration scripts are a line each: thousands of lines are a few hundred kB.
-MAX_SCRIPTS_BYTES = 16 << 20
-
-
-def _check_calibrate_paths(fp32: Path, scripts: Path, out: Path) -> None:
-    """--out (a directory it creates or, with --overwrite, replaces) must not be, hold or lie inside
-    the fp32 artifacts, nor hold the scripts; the scripts file must be a bounded regular file."""
-    if is_within(out, fp32) or is_within(fp32, out):
-        fail(f"--out {out} is, holds or lies inside the fp32 artifact directory {fp32}; write it elsewhere")
-    if is_within(scripts, out):
-        fail(f"--out {out} holds the --scripts file {scripts}; write it elsewhere")
-    try:
-        check_regular(scripts, "calibration scripts", MAX_SCRIPTS_BYTES)
-    except InputFileError as exc:
-        fail(str(exc))
 
 
 @main.command()

@@ -24,13 +24,13 @@ from transformers import MimiModel
 
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
 from dia2_trt.runtime.graph_io import read_io
-from dia2_trt.runtime.manifest import STATE_IN, STATE_OUT
+from dia2_trt.runtime.manifest import FLOAT_PRECISIONS, STATE_IN, STATE_OUT
 
 from .onnx_io import EXTERNAL_DATA_BYTES, module_bytes, save_model
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
+CODEC_PRECISIONS = FLOAT_PRECISIONS  # the codec graphs' own; a weight-only build quantizes the fp32 ones
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
 
@@ -95,8 +95,8 @@ def export_codec_encoder(
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in CODEC_PRECISIONS:
+        raise ValueError(f"precision must be one of {CODEC_PRECISIONS}, got {precision!r}")
 
 
 def _io(name: str, shape, dtype: torch.dtype) -> dict:

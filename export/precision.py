@@ -32,7 +32,9 @@ def _meta(node: onnx.NodeProto, key: str) -> str:
     return next((p.value for p in node.metadata_props if p.key == key), "")
 
 
-def _keep_fp32(node: onnx.NodeProto) -> bool:
+def keep_fp32(node: onnx.NodeProto) -> bool:
+    """Whether a node stays float in every reduced precision (fp16, weight-only, Q/DQ): the logits
+    heads, norms and the like (_FP32_MODULES, _FP32_HEADS) and guidance/sampling."""
     if any(cls in _meta(node, "pkg.torch.onnx.class_hierarchy") for cls in _FP32_MODULES):
         return True
     scopes = [s.strip(" '\"") for s in _meta(node, "pkg.torch.onnx.name_scopes").strip("[]").split(",")]
@@ -49,7 +51,7 @@ def _keep_fp32(node: onnx.NodeProto) -> bool:
 def _fp32_nodes(nodes, inherited: bool = False):
     """Nodes to keep in fp32, subgraphs included: an If of the sampler (graphs.kth_largest) keeps its branches."""
     for node in nodes:
-        keep = inherited or _keep_fp32(node)
+        keep = inherited or keep_fp32(node)
         if keep:
             yield node
         for attr in node.attribute:

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from .artifacts import ArtifactError, GraphSpec
-from .manifest import BACKEND_NAMES
+from .manifest import BACKEND_NAMES, QDQ_PRECISIONS
 
 
 class Binding(Protocol):
@@ -103,7 +103,7 @@ def graph_bytes(path: Path) -> int:
 # (a 1024x512 int8-qdq MatMul: max error 5.2% of the output range on AVX2 against 1.2% with VNNI
 # or unfused; tests/test_calibration.py). Unfused, the weights are dequantized once at load (ORT
 # folds the constant DequantizeLinear) and every CPU computes what TensorRT does, to fp32 rounding.
-QDQ_PRECISIONS = ("int8-qdq", "fp8-qdq")
+# So QDQ_PRECISIONS (runtime/manifest.py) run unfused: OrtBackend.open_session.
 
 
 class OrtBackend:

@@ -28,8 +28,13 @@ BACKBONE_PREFILL = "backbone_prefill"  # an audio prefix's warm-up in one call (
 GRAPH_NAMES = (BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER, BACKBONE_PREFILL)
 # Graphs the generation loop cannot run without (the codec encoder is only for voice prompts).
 REQUIRED_GRAPHS = (BACKBONE, DEPFORMER, CODEC_DECODER)
-# A closed set: the quantized ones are written by the calibration/quantization tools.
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "int8-qdq", "fp8-qdq")
+# A closed set, in three kinds. Float: every tensor in that type (export's build).
+FLOAT_PRECISIONS = ("fp32", "fp16")
+# Weight-only: fp32 compute, integer MatMul weights read through DequantizeLinear (export's build).
+WEIGHT_ONLY_PRECISIONS = ("int8", "int4")
+# Calibrated Q/DQ on activations and weights, for TensorRT's strongly typed engines (calibration).
+QDQ_PRECISIONS = ("int8-qdq", "fp8-qdq")
+PRECISIONS = FLOAT_PRECISIONS + WEIGHT_ONLY_PRECISIONS + QDQ_PRECISIONS
 BACKEND_NAMES = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 STATE_IN, STATE_OUT = "state.", "next."  # a graph's carried state: input state.<x> -> output next.<x>

@@ -159,7 +159,7 @@ def test_calibrate_cli_rejects_missing_scripts_in_one_line_without_a_directory(t
     ("Hello without a speaker\n", "script 1: the script must start with a speaker tag"),
 ])
 def test_read_scripts_rejects_empty_and_bad_files(tmp_path, content, message):
-    from dia2_trt.calibration.collect import read_scripts
+    from dia2_trt.calibration.calibrate import read_scripts
 
     (tmp_path / "s.txt").write_text(content)
     with pytest.raises(ValueError, match=message):
@@ -185,7 +185,7 @@ def test_calibrate_refuses_non_fp32_sources(artifacts_factory, tmp_path):
 
 
 def test_read_scripts_skips_blank_lines(tmp_path):
-    from dia2_trt.calibration.collect import read_scripts
+    from dia2_trt.calibration.calibrate import read_scripts
 
     path = Path(tmp_path / "s.txt")
     path.write_text(f"{SCRIPTS['dialogue']}\n\n{SCRIPTS['break']}\n")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np, onnx, onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from dia2_trt.calibration.qdq import SCHEMES, quantize_in_place
-from dia2_trt.calibration.weight_only import WeightOnlyScheme, quantize_model_file
+from dia2_trt.export.weight_only import WeightOnlyScheme, quantize_model_file
 from dia2_trt.runtime.backends import OrtBackend
 
 K, N = 1024, 512

@@ -19,12 +19,12 @@ from dia2_trt.runtime.backends import OrtBackend
 
 torch = pytest.importorskip("torch")
 
-from dia2_trt.calibration.weight_only import scopes  # noqa: E402
 from dia2_trt.export.build import BuildOptions, build_artifacts, quantize_artifacts  # noqa: E402
 from dia2_trt.export.depformer_loop import tail_stages  # noqa: E402
 from dia2_trt.export.graphs import DepformerFrame  # noqa: E402
 from dia2_trt.export.onnx_io import export_module  # noqa: E402
 from dia2_trt.export.unroll import flat_graph, has_loop  # noqa: E402
+from dia2_trt.export.weight_only import scopes  # noqa: E402
 
 SCHEDULE = [0, 1, 1, 1]
 TAIL = 3
@@ -142,7 +142,7 @@ def _dq_matmuls(graph: onnx.GraphProto) -> int:
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_loop_holds_each_weight_once_and_fuses_it(looped, quantized, precision, tmp_path):
-    from dia2_trt.calibration.weight_only import WeightOnlyScheme, fit_block_size, quantize_model_file
+    from dia2_trt.export.weight_only import WeightOnlyScheme, fit_block_size, quantize_model_file
 
     path = quantized[precision] / "depformer.onnx"
     model = onnx.load(str(path))
@@ -173,7 +173,7 @@ def test_quantized_loop_holds_each_weight_once_and_fuses_it(looped, quantized, p
 
 def test_quantized_loop_gives_the_unrolled_quantized_tokens(looped, quantized, tmp_path):
     """The same integer weights through the same fused kernel: the loop changes nothing but the copies."""
-    from dia2_trt.calibration.weight_only import WeightOnlyScheme, fit_block_size, quantize_model_file
+    from dia2_trt.export.weight_only import WeightOnlyScheme, fit_block_size, quantize_model_file
 
     unrolled = tmp_path / "depformer.onnx"
     unrolled.write_bytes(looped[4].read_bytes())
@@ -265,7 +265,7 @@ def test_replay_copy_leaves_the_looped_artifact_loadable(looped, tmp_path):
     replay (validate, calibrate) copies a looped graph's side file where it links the others."""
     import os
 
-    from dia2_trt.calibration.collect import _with_outputs
+    from dia2_trt.export.replay import _with_outputs
     from dia2_trt.export.accuracy import _head_outputs
 
     src, work = tmp_path / "art", tmp_path / "work"

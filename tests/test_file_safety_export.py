@@ -27,7 +27,7 @@ def _identity(path: Path) -> tuple:
 def _refused(tmp_path: Path, args, *needles: str) -> str:
     from click.testing import CliRunner
 
-    from dia2_trt.export.cli import main
+    from dia2_trt.calibration.cli import main
 
     before = _snapshot(tmp_path)
     done = CliRunner().invoke(main, [str(a) for a in args])

@@ -13,9 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dia2_trt.calibration.weight_only import (WeightOnlyScheme, pack_int4, quantize_blocks,
-                                              quantize_model_file)
 from dia2_trt.export.build import BuildOptions, quantize_artifacts
+from dia2_trt.export.weight_only import WeightOnlyScheme, pack_int4, quantize_blocks, quantize_model_file
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.engine import Dia2Runtime
 from dia2_trt.runtime.backends import OrtBackend

@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dia2_trt.export.onnx_io import EXTERNAL_DATA_BYTES
-from dia2_trt.export.precision import _keep_fp32
+from .onnx_io import EXTERNAL_DATA_BYTES
+from .precision import keep_fp32
 
 QUANT_MIN_OPSET = 21  # blocked DequantizeLinear and INT4
 _QTYPES = {8: TensorProto.INT8, 4: TensorProto.INT4}
@@ -377,7 +377,7 @@ def plan_weights(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> dict[str, 
         for i, name in enumerate(node.input):
             if name in shapes and not (node.op_type == "Transpose" and node.output[0] in transposed):
                 role = _role(node, i)
-                if role == "gather" and (node.input[1] in constant or _keep_fp32(node)):
+                if role == "gather" and (node.input[1] in constant or keep_fp32(node)):
                     # a lookup at a fixed index (RoPE at a stage's position: folded at load), or
                     # of a float-kept module (RoPE rows looked up by the depformer loop's stage)
                     role = "other"

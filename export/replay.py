@@ -6,7 +6,8 @@ depformer's text tokens. The KV cache is state, so it is not stored: ``Replay``
 rebuilds it by running a backbone over the recorded tokens. A 2B sample is then
 a few hundred bytes instead of a 0.9 GB cache copy (28 layers x K,V x [2, 8, 1501,
 128] fp32), and any artifact (fp32, fp16, quantized) can be driven teacher-forced
-through the same steps, with intermediate tensors exposed on request.
+through the same steps, with intermediate tensors exposed on request. Calibration observes
+activation ranges through it; ``validate --against`` (accuracy.py) compares precisions with it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
 from dia2_trt.runtime.backends import OrtBackend
 from dia2_trt.runtime.engine import Dia2Runtime, TruncationWarning
+from dia2_trt.runtime.manifest import BACKBONE, DEPFORMER
 from dia2_trt.runtime.params import GenerationParams
 
 
@@ -78,7 +80,7 @@ class _RecordingBinding:
 
 
 class _RecordingBackend(OrtBackend):
-    _KEEP = {"backbone": (("tokens",), ()), "depformer": (("text_tokens",), ("audio_tokens",))}
+    _KEEP = {BACKBONE: (("tokens",), ()), DEPFORMER: (("text_tokens",), ("audio_tokens",))}
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__(threads)
@@ -104,32 +106,11 @@ def record(artifacts: Path, scripts: Sequence[str], params: GenerationParams,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)  # a cut-off script still calibrates
             runtime.speak(script, params)
-        bb, dep = backend.recorders["backbone"].calls, backend.recorders["depformer"].calls
+        bb, dep = backend.recorders[BACKBONE].calls, backend.recorders[DEPFORMER].calls
         traces.append(Trace(script, np.stack([c["tokens"] for c in bb]),
                             np.stack([np.asarray(c["text_tokens"]).reshape(2) for c in dep]),
                             np.stack([c["audio_tokens"] for c in dep])))
     return traces
-
-
-def read_scripts(path: Path) -> list[str]:
-    """One script per non-blank line; each must be a valid script."""
-    from dia2_trt.runtime.script import check_script
-
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"calibration scripts not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read calibration scripts {path}: {exc}") from None
-    scripts = [line.strip() for line in lines if line.strip()]
-    if not scripts:
-        raise ValueError(f"{path} holds no calibration scripts (one script per line)")
-    for number, script in enumerate(scripts, 1):
-        try:
-            check_script(script)
-        except ValueError as exc:
-            raise ValueError(f"{path}: script {number}: {exc}") from None
-    return scripts
 
 
 # --- replay ------------------------------------------------------------------
@@ -156,18 +137,18 @@ class Replay:
         self._tmp = tempfile.TemporaryDirectory(prefix=".replay-", dir=workdir)
         backend = OrtBackend(threads)
         self.sessions, self.outputs = {}, {}
-        for name in ("backbone", "depformer"):
+        for name in (BACKBONE, DEPFORMER):
             spec = self.manifest.graph(name)
             path = _with_outputs(spec.path, extra.get(name, ()), Path(self._tmp.name))
             # The runtime's own session options (threads, a weight-only graph's ORT accuracy level).
             self.sessions[name] = backend.open_session(spec, path)
             self.outputs[name] = [t.name for t in spec.outputs] + list(extra.get(name, ()))
-        bb = self.manifest.graph("backbone")
+        bb = self.manifest.graph(BACKBONE)
         # Full capacity: a replay is teacher-forced over few steps, where a growing cache saves little.
         self._cache = {t.name: t.bounded(bb.dims).zeros() for t in bb.inputs
                        if t.name.startswith(("k_cache.", "v_cache."))}
-        self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in ("backbone", "depformer")}
-        self._row_input = "cache_length" in self._dtypes["backbone"]
+        self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in (BACKBONE, DEPFORMER)}
+        self._row_input = "cache_length" in self._dtypes[BACKBONE]
 
     def close(self) -> None:
         self.sessions.clear()
@@ -187,11 +168,11 @@ class Replay:
             step = {"tokens": trace.tokens[t], "position": np.array([t])}
             if self._row_input:  # artifacts with audio-prefix room write cache row t apart from RoPE position t
                 step["cache_length"] = np.array([t])
-            bb = self._run("backbone", {**step, **self._cache}, want)
+            bb = self._run(BACKBONE, {**step, **self._cache}, want)
             for i in range(n_layer):
                 self._cache[cache_name("k", i)][:, :, t] = bb["k_new"][i]
                 self._cache[cache_name("v", i)][:, :, t] = bb["v_new"][i]
-            dep = self._run("depformer", {
+            dep = self._run(DEPFORMER, {
                 "hidden": bb["hidden"], "cb0_logits": bb["cb0_logits"], "text_tokens": trace.text_tokens[t],
                 "noise": np.full(self.manifest.audio_channels, 0.5),
                 "temperature": np.array([0.0]), "top_k": np.array([params.audio_top_k]),
@@ -213,7 +194,7 @@ def _with_outputs(path: Path, names: Sequence[str], workdir: Path) -> Path:
     import onnx
     from onnx import helper
 
-    from dia2_trt.export.unroll import unroll_loops
+    from .unroll import unroll_loops
 
     model = onnx.load(str(path), load_external_data=False)
     # A Loop's stages cannot show their values as outputs: lay them out, computing as the Loop does.

@@ -1,6 +1,6 @@
 """The PyTorch reference loop as a benchmark contender (torch lives here, outside the runtime).
 
-Run as its own benchmark worker (``python -m dia2_trt.export.bench_reference``),
+Run as its own benchmark worker (``python -m dia2_trt.benchmarks.reference_worker``),
 driven by ``dia2_trt.benchmarks.harness``.
 The model's ``step_reference`` (backbone), ``stage_reference`` (one depformer
 stage) and Mimi's batch decode are timed; everything else is host work. The
@@ -15,11 +15,11 @@ import time
 
 import torch
 
+from dia2_trt.export.reference_run import decode_batch, reference_loop
 from dia2_trt.models.sources import resolve_checkpoint
-from dia2_trt.benchmarks.harness import FrameClock, worker_main
 from dia2_trt.runtime.params import GenerationParams
 
-from .reference_run import decode_batch, reference_loop
+from .harness import FrameClock, worker_main
 
 
 class ReferenceSubject:
