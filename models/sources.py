@@ -22,7 +22,7 @@ from .config import ConfigError, load_config
 
 HUB_REPOS = {"1B": "nari-labs/Dia2-1B", "2B": "nari-labs/Dia2-2B"}
 SIZES = ("tiny", *HUB_REPOS)
-MANIFEST = "dia2_assets.json"
+ASSETS_FILE = "dia2_assets.json"  # the checkpoint repo's asset list (not an artifact's manifest.json)
 DEFAULT_MIMI = "kyutai/mimi"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 # Bump when models/tiny.py changes what it writes, so stale cached builds are not reused.
@@ -63,7 +63,7 @@ def resolve_checkpoint(size: str | None = None, checkpoint: str | Path | None = 
 def _resolve_local(root: Path) -> CheckpointFiles:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {root}")
-    manifest = _read_manifest(root / MANIFEST)
+    manifest = _read_manifest(root / ASSETS_FILE)
     config_path = _require_file(root, manifest.get("config", "config.json"))
     weights_path = _require_file(root, manifest.get("weights", "model.safetensors"))
     assets = load_config(config_path).assets
@@ -185,7 +185,7 @@ def _hub_manifest(repo_id: str) -> dict[str, Any]:
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        path = _download(repo_id, MANIFEST)
+        path = _download(repo_id, ASSETS_FILE)
     except (EntryNotFoundError, CheckpointError):
         # Absent from the repo, or not cached while offline: both mean "no overrides";
         # if the repo itself is unreachable, fetching config.json says so.
