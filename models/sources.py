@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dia2_trt.runtime.errors import first_line
+
 from .config import ConfigError, load_config
 
 HUB_REPOS = {"1B": "nari-labs/Dia2-1B", "2B": "nari-labs/Dia2-2B"}
@@ -234,7 +236,7 @@ def _download(repo_id: str, name: str) -> str:
     except RepositoryNotFoundError:
         raise CheckpointError(f"Hugging Face repo {repo_id} not found (or private: run `hf auth login`)") from None
     except (HfHubHTTPError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(f"could not fetch {name} from {repo_id}: {reason}") from None
 
 
@@ -305,7 +307,7 @@ def load_mimi(ref: str):
         message = f"Mimi {ref} could not be loaded from the Hugging Face cache{_offline_hint(ref)}"
         raise CheckpointError(message) from None
     except RuntimeError as exc:
-        raise CheckpointError(f"cannot load Mimi from {ref}: {str(exc).strip().splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load Mimi from {ref}: {first_line(exc)}") from None
     # transformers fills missing weights with random ones and only warns; a
     # codebook's "initialized" flag is the one buffer it legitimately recreates.
     missing = [k for k in info["missing_keys"] if not k.endswith(".initialized")]

@@ -19,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .errors import first_line
 from .files import InputFileError, open_regular, parse_json, read_json_file, read_regular, write_atomic
 from .graph_io import GraphFormatError, read_io
 from .manifest import (  # noqa: F401  (the names the runtime has always imported from here)
@@ -62,7 +63,7 @@ def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
     except ArtifactError as exc:
         raise ArtifactError(f"{where}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        detail = f"missing field {exc}" if isinstance(exc, KeyError) else first_line(exc)
         raise ArtifactError(f"{where}: malformed manifest ({detail})") from None
     contain_paths(manifest)
     _check_files(manifest)

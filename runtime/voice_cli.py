@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .audio import AudioError, audio_info
+from .errors import first_line
 from .files import InputFileError, check_regular, parse_json, read_json_file, read_regular
 from .voice import VoiceError, load_voice, parse_words, save_voice
 
@@ -117,7 +118,7 @@ def read_turn(path: str | Path) -> tuple[list, list[tuple[str, float]]]:
     except InputFileError as exc:
         raise VoiceError(str(exc)) from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise VoiceError(f"{path}: not a --tokens-out file ({str(exc).splitlines()[0] if str(exc) else exc})") \
+        raise VoiceError(f"{path}: not a --tokens-out file ({first_line(exc)})") \
             from None
     return tokens, stamps
 
@@ -159,7 +160,7 @@ def _turn_voice(runtime, path: Path):
     try:
         codes = np.asarray(tokens, dtype=np.int64)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise VoiceError(f"{path}: not a --tokens-out file ({str(exc).splitlines()[0] if str(exc) else exc})") \
+        raise VoiceError(f"{path}: not a --tokens-out file ({first_line(exc)})") \
             from None
     return runtime.turn_voice(codes, stamps, 1)
 
