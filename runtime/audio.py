@@ -160,3 +160,9 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def pcm16(pcm: np.ndarray) -> bytes:
+    """Float samples -> s16le bytes: clipped to [-1, 1], scaled by 32767 and rounded (every output
+    of the runtime, ``dia2-rt speak --out -`` and the server alike, rounds this way)."""
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()

@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 
 import click
-import numpy as np
 
+from .audio import pcm16
 from .backends import BACKEND_NAMES, create_backend
 from .cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, int64_range, read_script,
                          silence_stdout, threads_option)
@@ -118,7 +118,7 @@ def _generate(session, to_stdout: bool):
     """Raw PCM goes to stdout chunk by chunk; files are written at the end (``_write_outputs``)."""
     for chunk in session:
         if to_stdout:
-            _write_stdout(_pcm16(chunk.pcm))
+            _write_stdout(pcm16(chunk.pcm))
     return session.result
 
 
@@ -130,10 +130,6 @@ def _write_stdout(data: bytes) -> None:
         silence_stdout()  # the unwritten rest would fail again in the interpreter's exit flush
         reason = "the reader closed it" if isinstance(exc, BrokenPipeError) else exc.strerror or str(exc)
         fail(f"cannot write audio to stdout: {reason}")
-
-
-def _pcm16(pcm: np.ndarray) -> bytes:
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
 def _write_outputs(outputs: dict[str, Path], result, rate: int) -> None:

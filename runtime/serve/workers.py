@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .. import Dia2Runtime, GenerationParams, ScriptError, SpeakResult
-from .audio import pcm16
+from ..audio import pcm16
 from .voices import Voice
 
 log = logging.getLogger("dia2_trt.serve")
