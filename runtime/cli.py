@@ -74,7 +74,9 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     """
     script = read_script(text, input_file)
     check_prefix_args(prefix_args)
-    params = _params(seed, temperature, text_temperature, audio_temperature, top_k, cfg_scale, cfg_filter_k)
+    params = GenerationParams.from_options(seed=seed, temperature=temperature, text_temperature=text_temperature,
+                                           audio_temperature=audio_temperature, top_k=top_k, cfg_scale=cfg_scale,
+                                           cfg_filter_k=cfg_filter_k)
     if out != "-" and Path(out).suffix.lower() not in AUDIO_FORMATS:
         fail(f"{out}: unknown audio format (use .wav, .flac or .ogg, or '-' for raw PCM)")
     outputs = check_outputs({"--out": None if out == "-" else out, "--timestamps-out": timestamps_out,
@@ -100,18 +102,6 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     _write_outputs(outputs, result, runtime.sample_rate)
     if not quiet:
         _summary(result)
-
-
-def _params(seed, temperature, text_temperature, audio_temperature, top_k, cfg_scale, cfg_filter_k):
-    defaults = GenerationParams()
-    return GenerationParams(
-        text_temperature=_first(text_temperature, temperature, defaults.text_temperature),
-        audio_temperature=_first(audio_temperature, temperature, defaults.audio_temperature),
-        text_top_k=top_k, audio_top_k=top_k, cfg_scale=cfg_scale, cfg_filter_k=cfg_filter_k, seed=seed)
-
-
-def _first(*values):
-    return next(v for v in values if v is not None)
 
 
 def _generate(session, to_stdout: bool):
