@@ -27,7 +27,7 @@ from .metrics import Metrics
 from .page import router as page_router
 from .routes import ClientGone, StreamAborted, install_error_handlers, router as http_router
 from .schema import GenerationFields, RequestError
-from .voices import Voice, VoiceError, VoiceRegistry
+from .voices import RegisteredVoice, VoiceRegistry, VoiceRegistryError
 from .websocket import router as ws_router
 from .workers import Job, Limits, Pool, VoicedSessions
 
@@ -53,7 +53,7 @@ class Plan:
     """A request checked in full, ready to be admitted: what to generate, in which voices."""
 
     params: GenerationParams
-    voices: tuple[Voice, Voice]
+    voices: tuple[RegisteredVoice, RegisteredVoice]
     text: str | None = None  # the whole script (HTTP); None: it arrives in pieces (WebSocket)
     input_tokens: int = 0
 
@@ -111,7 +111,7 @@ class ServeState:
     def _voice(self, name: str | None, param: str):
         try:
             return self.voices.resolve(name)
-        except VoiceError as exc:
+        except VoiceRegistryError as exc:
             raise RequestError(str(exc), param) from None
 
     def check_script(self, text: str) -> None:

@@ -11,7 +11,7 @@ import click
 from ..backends import BACKEND_NAMES
 from ..cli_common import FiniteFloat, threads_option
 from ..script import MAX_SCRIPT_CHARS
-from .voices import VoiceError, VoiceRegistry
+from .voices import VoiceRegistry, VoiceRegistryError
 
 
 # Upper bounds: past these a value is a typo, and some (threads, bytes) would be a resource sink.
@@ -106,7 +106,7 @@ def _voices(options, runtime) -> VoiceRegistry:
 
     try:
         return VoiceRegistry.from_options(list(options), loader=load)
-    except VoiceError as exc:
+    except VoiceRegistryError as exc:
         raise click.ClickException(str(exc)) from None
 
 
