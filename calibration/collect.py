@@ -23,7 +23,7 @@ import numpy as np
 
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
 from dia2_trt.runtime.backends import OrtBackend
-from dia2_trt.runtime.engine import Dia2Runtime, TruncationWarning
+from dia2_trt.runtime import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.params import GenerationParams
 
 

@@ -82,13 +82,13 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     outputs = check_outputs({"--out": None if out == "-" else out, "--timestamps-out": timestamps_out,
                              "--tokens-out": tokens_out}, protected=[("artifact directory", Path(artifacts))],
                             inputs=[("script --input", input_file), *prefix_inputs(prefix_args)])
-    from .engine import Dia2Runtime, TruncationWarning
+    from .runtime import Dia2Runtime, TruncationWarning
 
     try:
-        engine = create_backend(backend, threads)
+        backend = create_backend(backend, threads)
     except (ImportError, ValueError) as exc:
         fail(f"backend {backend} cannot run here: {exc}")
-    runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
+    runtime = Dia2Runtime.load(artifacts, backend=backend, verify=not no_verify)
     prefix = load_prefix(runtime, prefix_args)
     bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
     session = runtime.stream(script, params, progress=bar, prefix=prefix, prefill=not prefix_args["step_warmup"])

@@ -32,7 +32,7 @@ from .script import ScriptError, check_complete_script, check_script, check_size
 from .state_machine import StateMachine
 
 if TYPE_CHECKING:
-    from .engine import Dia2Runtime
+    from .runtime import Dia2Runtime
 
 
 class TruncationWarning(UserWarning):

@@ -193,7 +193,7 @@ def voice() -> None:
 def create(audio, artifacts, speaker, out, words, whisper_model, whisper_device) -> None:
     """Encode AUDIO and its words into a .voice file for dia2-rt speak --voice-1/--voice-2."""
     from .cli_common import check_outputs, fail
-    from .engine import Dia2Runtime
+    from .runtime import Dia2Runtime
 
     if Path(out).suffix != ".voice":
         fail(f"{out}: a voice file's name must end in .voice")

@@ -17,7 +17,7 @@ from dia2_trt.calibration.weight_only import (WeightOnlyScheme, pack_int4, quant
                                               quantize_model_file)
 from dia2_trt.export.build import BuildOptions, quantize_artifacts
 from dia2_trt.runtime.artifacts import load_manifest
-from dia2_trt.runtime.engine import Dia2Runtime
+from dia2_trt.runtime import Dia2Runtime
 from dia2_trt.runtime.backends import OrtBackend
 from dia2_trt.runtime.params import GenerationParams
 

@@ -25,7 +25,7 @@ import pytest
 import soundfile as sf
 
 from dia2_trt.runtime.audio import AudioError, load_mono, resample_linear
-from dia2_trt.runtime.engine import Dia2Runtime
+from dia2_trt.runtime import Dia2Runtime
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.prefix import WarmState
 from dia2_trt.runtime.transcribe import transcribe

@@ -65,12 +65,12 @@ class Dia2Runtime:
              threads: int | None = None, *, verify: bool = True) -> "Dia2Runtime":
         """``verify=False`` skips the files' checksums (the manifest's other checks always run)."""
         manifest = load_manifest(artifacts_dir, verify=verify)
-        engine = create_backend(backend, threads) if isinstance(backend, str) else backend
+        backend = create_backend(backend, threads) if isinstance(backend, str) else backend
         try:
             tokenizer = TextTokenizer.from_dir(manifest.tokenizer_dir)
         except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
             raise ArtifactError(f"{manifest.tokenizer_dir}: cannot load tokenizer ({exc})") from None
-        return cls(manifest, engine, tokenizer)
+        return cls(manifest, backend, tokenizer)
 
     def _check_codec(self) -> None:
         spec = self.manifest.graph("codec_decoder")
