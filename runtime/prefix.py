@@ -54,7 +54,7 @@ class Prefix:
     """An audio prefix for one utterance: the plan, and whether its audio stays in the output."""
 
     plan: PrefixPlan
-    include_audio: bool = False
+    include_prefix: bool = False
 
     @property
     def frames(self) -> int:

@@ -112,7 +112,7 @@ class Dia2Runtime:
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be callable, got {type(progress).__name__}")
         if isinstance(prefix, SpeakResult):  # a conversation's previous turn
-            prefix = self.prefix(self.turn_voice(prefix.tokens, prefix.timestamps), include_audio=include_prefix)
+            prefix = self.prefix(self.turn_voice(prefix.tokens, prefix.timestamps), include_prefix=include_prefix)
         elif isinstance(prefix, WarmState):
             self.check_warm(prefix)
         elif prefix is not None and not isinstance(prefix, Prefix):
@@ -210,8 +210,13 @@ class Dia2Runtime:
         return Voice(speaker, codes, words, entries, steps, None, self.artifact_hashes())
 
     def prefix(self, speaker_1: Voice | None, speaker_2: Voice | None = None,
-               include_audio: bool = False) -> Prefix | None:
-        """The reference's prefix plan from voices (speaker 2 needs speaker 1); checked against the context."""
+               include_prefix: bool = False, *, include_audio: bool | None = None) -> Prefix | None:
+        """The reference's prefix plan from voices (speaker 2 needs speaker 1); checked against the context.
+
+        ``include_prefix`` keeps the prefix audio in the output, as ``open_session``'s and the reference's
+        argument of that name; ``include_audio`` is its earlier spelling, still accepted."""
+        if include_audio is not None:
+            include_prefix = include_audio
         for voice in (speaker_1, speaker_2):
             if voice is not None:
                 self.check_voice(voice)
@@ -221,7 +226,7 @@ class Dia2Runtime:
         if plan.codes.shape[0] != self.manifest.audio_channels:
             raise VoiceError(f"the prefix has {plan.codes.shape[0]} codebooks, the model {self.manifest.audio_channels}")
         self.check_prefix_frames(plan.frames)
-        return Prefix(plan, include_audio)
+        return Prefix(plan, include_prefix)
 
     def _as_speaker(self, voice: Voice, speaker: int) -> Voice:
         """A voice recorded for the other speaker slot gets its entries re-tokenised with this slot's tag."""

@@ -150,7 +150,7 @@ def load_prefix(runtime, a: dict):
             voices.append(runtime.voice(a[f"prefix_{slot}"], a[f"words_{slot}"], slot, _transcriber(a)))
         else:
             voices.append(None)
-    return runtime.prefix(*voices, include_audio=a["include_prefix"])
+    return runtime.prefix(*voices, include_prefix=a["include_prefix"])
 
 
 def _turn_voice(runtime, path: Path):

@@ -62,7 +62,7 @@ def runtimes(artifacts_factory):
 def _prefix(runtime: Dia2Runtime, case: dict):
     voices = [runtime.voice(DATA / clip, _words_file(clip), slot) if clip else None
               for slot, clip in ((1, case["speaker_1"]), (2, case["speaker_2"]))]
-    return runtime.prefix(*voices, include_audio=case["include_prefix"])
+    return runtime.prefix(*voices, include_prefix=case["include_prefix"])
 
 
 def _same(result, case) -> None:
