@@ -167,7 +167,6 @@ class Replay:
         self._cache = {t.name: t.bounded(bb.dims).zeros() for t in bb.inputs
                        if t.name.startswith(("k_cache.", "v_cache."))}
         self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in ("backbone", "depformer")}
-        self._row_input = "cache_length" in self._dtypes["backbone"]
 
     def close(self) -> None:
         self.sessions.clear()
@@ -184,9 +183,7 @@ class Replay:
             buf.fill(0)  # rows past t are masked, but a clean start keeps runs reproducible
         for t in range(trace.steps):
             want = extra_at(t)
-            step = {"tokens": trace.tokens[t], "position": np.array([t])}
-            if self._row_input:  # artifacts with audio-prefix room write cache row t apart from RoPE position t
-                step["cache_length"] = np.array([t])
+            step = {"tokens": trace.tokens[t], "position": np.array([t]), "cache_length": np.array([t])}
             bb = self._run("backbone", {**step, **self._cache}, want)
             for i in range(n_layer):
                 self._cache[cache_name("k", i)][:, :, t] = bb["k_new"][i]

@@ -276,6 +276,8 @@ def _check_backbone(m: Manifest) -> None:
     channels = g.input("tokens").shape
     if channels != (2, 2 + m.audio_channels):
         _fail(m, f"graphs.backbone.inputs.tokens {list(channels)} does not match {m.audio_channels} delays")
+    if not any(t.name == "cache_length" for t in g.inputs):  # the cache row, apart from RoPE's after a prefix
+        _fail(m, "graphs.backbone has no cache_length input (the cache row a step writes); rebuild the artifacts")
     cache = g.input(cache_name("k", 0)).shape
     if len(cache) != 4 or cache[2] != CACHE_ROWS or g.dims.get(CACHE_ROWS) != m.cache_capacity:
         _fail(m, f"graphs.backbone.inputs.{cache_name('k', 0)} {list(cache)} (dims {g.dims}) does not take "

@@ -56,8 +56,6 @@ class Dia2Runtime:
         self._turns = {name: threading.Lock() for name, g in self.graphs.items() if not g.concurrent}
         self._check_codec()
         self.states = StatePool(manifest, self.bind)
-        # Artifacts exported before prefixes have no cache_length input: they speak, without prefixes.
-        self.row_input = any(t.name == "cache_length" for t in self.graphs["backbone"].spec.inputs)
         self._lazy_lock, self._prefill_unusable = threading.Lock(), False
 
     @classmethod
@@ -251,9 +249,6 @@ class Dia2Runtime:
 
     def check_prefix_frames(self, frames: int) -> None:
         """A prefix needs its frames in the KV cache plus room for at least one generated frame."""
-        if not self.row_input:
-            raise VoiceError(f"{self.manifest.root}: these artifacts predate audio prefixes (their backbone has no "
-                             f"cache_length input); rebuild them to use a prefix")
         room = self.manifest.cache_capacity - 1
         if frames > room:
             raise VoiceError(f"the prefix is {frames} frames ({frames / self.manifest.frame_rate:.1f} s) but these "
@@ -329,11 +324,8 @@ class Dia2Runtime:
             state.write_rows(t, out["k_new"], out["v_new"])
 
     def step_feeds(self, tokens: np.ndarray, position: int, row: int) -> dict:
-        """The backbone step's inputs: RoPE ``position`` and, where the graph has it, the cache ``row``."""
-        feeds = {"tokens": tokens, "position": position}
-        if self.row_input:
-            feeds["cache_length"] = row
-        return feeds
+        """The backbone step's inputs: RoPE ``position`` and the cache ``row`` (they differ after a prefix)."""
+        return {"tokens": tokens, "position": position, "cache_length": row}
 
     def _prefill_binding(self):
         """A binding of the prefill graph (loaded on first use), or None in artifacts without one."""
