@@ -22,7 +22,7 @@ from dia2_trt.runtime.artifacts import FORMAT, load_manifest
 from dia2_trt.runtime.cli_common import is_within, unwritable
 from dia2_trt.runtime.files import InputFileError, open_regular, read_json_file
 from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
-                                       DEPFORMER, MANIFEST, CodecInfo, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
+                                       DEPFORMER, MANIFEST, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
 from dia2_trt.runtime.signals import deferred
 
 from .codec import export_codec_decoder, export_codec_encoder
@@ -374,20 +374,14 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     # Weight-only builds export the codec in fp32, then quantize the decoder's weights (CODEC_BITS).
     codec_precision = "fp32" if options.precision in WEIGHT_ONLY_BITS else options.precision
     progress("exporting codec decoder step")
-    decoder = export_codec_decoder(mimi, tmp / "codec_decoder.onnx", opset=options.opset,
-                                   precision=codec_precision, num_quantizers=q)
-    graphs[CODEC_DECODER] = graph_spec(tmp, CODEC_DECODER, "codec_decoder.onnx", decoder["precision"],
-                                       decoder["state"])
+    graphs[CODEC_DECODER], codec = export_codec_decoder(mimi, tmp / "codec_decoder.onnx", opset=options.opset,
+                                                        precision=codec_precision, num_quantizers=q)
     if options.precision in WEIGHT_ONLY_BITS:
         graphs[CODEC_DECODER] = _quantized_codec(tmp, graphs[CODEC_DECODER], progress)
     progress("exporting codec encoder")
-    encoder = export_codec_encoder(mimi, tmp / "codec_encoder.onnx", opset=options.opset,
-                                   precision=codec_precision, num_quantizers=q)
-    graphs[CODEC_ENCODER] = graph_spec(tmp, CODEC_ENCODER, "codec_encoder.onnx", encoder["precision"])
+    graphs[CODEC_ENCODER] = export_codec_encoder(mimi, tmp / "codec_encoder.onnx", opset=options.opset,
+                                                 precision=codec_precision, num_quantizers=q)
     _copy_tokenizer(files.tokenizer_dir, tmp / "tokenizer")
-    codec = CodecInfo(frame_rate=float(mimi.config.frame_rate), sample_rate=int(mimi.config.sampling_rate),
-                      samples_per_frame=int(decoder["frame_samples"]), num_quantizers=int(decoder["num_quantizers"]),
-                      codebook_size=int(decoder["codebook_size"]))
     manifest = build_manifest(cfg, ids, root=tmp, precision=options.precision, opset=options.opset,
                               capacity=capacity, prefix_frames=options.prefix_frames, codec=codec, graphs=graphs,
                               tokenizer=tokenizer_entry(tmp, "tokenizer"), source=_source(files))
