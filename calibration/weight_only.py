@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dia2_trt.export.onnx_io import EXTERNAL_DATA_BYTES
 from dia2_trt.export.precision import _keep_fp32
+from dia2_trt.runtime.manifest import QuantizationRecord
 
 QUANT_MIN_OPSET = 21  # blocked DequantizeLinear and INT4
 _QTYPES = {8: TensorProto.INT8, 4: TensorProto.INT4}
@@ -67,20 +68,18 @@ class WeightOnlyScheme:
             raise QuantizeError(f"block size {self.block_size} must be a power of two >= 16 "
                                 "(ONNX Runtime's MatMulNBits kernel requires it)")
 
-    def record(self, report: "QuantizeReport") -> dict:
-        """The manifest's per-graph quantization record (runtime.manifest.QuantizationRecord), less its scheme."""
-        return {
-            "bits": self.bits,
-            "symmetric": True,
-            "block_size": self.block_size,
-            "ops": ["MatMul", "Gather"] if report.kinds["gather"][0] else ["MatMul"],
-            "ort_accuracy_level": ORT_ACCURACY_LEVEL,
+    def record(self, report: "QuantizeReport", label: str) -> QuantizationRecord:
+        """The manifest's per-graph quantization record, under the precision name ``label``."""
+        return QuantizationRecord(
+            scheme=label, bits=self.bits, symmetric=True, block_size=self.block_size,
+            ops=("MatMul", "Gather") if report.kinds["gather"][0] else ("MatMul",),
+            ort_accuracy_level=ORT_ACCURACY_LEVEL,
             # Bytes count each weight once, though a weight shared by several MatMuls is stored once per reader.
-            "weights": {"matmul_weights": report.record("matmul", self.bits),
-                        "gather_tables": report.record("gather", EMBEDDING_BITS)},
-            "kept_float": ["norms", "RoPE", "softmax", "sampling", f"weights under {MIN_ELEMENTS} elements",
-                           "MatMul weights applied to looked-up embedding rows", "scales (fp32)"],
-        }
+            weights={"matmul_weights": report.record("matmul", self.bits),
+                     "gather_tables": report.record("gather", EMBEDDING_BITS)},
+            kept_float=("norms", "RoPE", "softmax", "sampling", f"weights under {MIN_ELEMENTS} elements",
+                        "MatMul weights applied to looked-up embedding rows", "scales (fp32)"),
+        )
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dia2_trt.runtime.artifacts import FORMAT, load_manifest
 from dia2_trt.runtime.cli_common import is_within, unwritable
 from dia2_trt.runtime.files import InputFileError, open_regular, read_json_file
 from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
-                                       DEPFORMER, MANIFEST, GraphSpec, Manifest, QuantizationRecord, SourceInfo)
+                                       DEPFORMER, MANIFEST, GraphSpec, Manifest, SourceInfo)
 from dia2_trt.runtime.signals import deferred
 
 from .codec import export_codec_decoder, export_codec_encoder
@@ -454,11 +454,10 @@ def _quantize_file(root: Path, file: str, name: str, scheme, label: str, *, fit:
         if fit:
             scheme = fit_block_size(graph, scheme)
         check_block_size(graph, scheme, name)
-        record = scheme.record(quantize_model_file(path, scheme))
+        record = scheme.record(quantize_model_file(path, scheme), label)
     except QuantizeError as exc:
         raise BuildError(str(exc)) from None
-    return replace(graph_spec(root, name, file, label, state),
-                   quantization=QuantizationRecord.from_json(dict(record, scheme=label)))
+    return replace(graph_spec(root, name, file, label, state), quantization=record)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
