@@ -59,8 +59,7 @@ def runtimes(runtime):
 
 @pytest.fixture(scope="module")
 def server(runtimes):
-    config = ServeConfig(max_queue=4, limits=Limits(seconds=60, max_chars=2000, idle_seconds=2.0), max_body_bytes=8192,
-                         max_message_bytes=8192)
+    config = ServeConfig(max_queue=4, limits=Limits(seconds=60, max_chars=2000, idle_seconds=2.0), max_body_bytes=8192)
     with live_server(create_app(runtimes, config, open_session=faulty_session), ws_max_size=8192) as live:
         yield live
 

@@ -36,8 +36,8 @@ from .workers import Job, Limits, Pool, VoicedSessions
 class ServeConfig:
     max_queue: int = 16  # requests waiting for a worker before 503s
     limits: Limits = field(default_factory=Limits)
-    max_body_bytes: int = 64 * 1024  # an HTTP request body
-    max_message_bytes: int = 64 * 1024  # one WebSocket message (uvicorn closes with 1009 past it)
+    # An HTTP request body; a WebSocket message's bound is uvicorn's ws_max_size (it closes with 1009 past it).
+    max_body_bytes: int = 64 * 1024
     max_messages: int = 10_000  # per WebSocket stream, empty ones included (a text needs >= 1 char)
     body_timeout: float = 30.0  # seconds an HTTP body may take to arrive once its headers are in
     shutdown_grace: float = 10.0  # seconds in-flight streams get to finish on shutdown
