@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from dia2_trt.runtime.engine import Dia2Runtime
+from dia2_trt.runtime import Dia2Runtime
 from dia2_trt.runtime.files import write_atomic
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.voice import Word

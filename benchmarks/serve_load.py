@@ -113,7 +113,7 @@ class ServerProcess:
 def solo_audio(artifacts: Path) -> dict[tuple[str, int], bytes]:
     """Each (script, seed)'s audio generated alone, as s16le bytes (what the server must send)."""
     from dia2_trt.runtime import Dia2Runtime, GenerationParams
-    from dia2_trt.runtime.serve.audio import pcm16
+    from dia2_trt.runtime.audio import pcm16
 
     runtime = Dia2Runtime.load(artifacts, threads=1)
     return {(text, seed): pcm16(runtime.speak(text, GenerationParams(seed=seed)).pcm) for text, seed in SCRIPTS}

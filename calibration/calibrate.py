@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import onnx
 
 from dia2_trt.export.artifact_dir import atomic_dir, check_output_dir, copy_tree, tree_bytes
 from dia2_trt.export.manifest import write_manifest

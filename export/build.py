@@ -19,8 +19,7 @@ from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.cli_common import is_within
 from dia2_trt.runtime.files import open_regular
 from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
-                                       DEPFORMER, FLOAT_PRECISIONS, MANIFEST, WEIGHT_ONLY_PRECISIONS, CodecInfo,
-                                       GraphSpec, Manifest, QuantizationRecord, SourceInfo)
+                                       DEPFORMER, FLOAT_PRECISIONS, MANIFEST, WEIGHT_ONLY_PRECISIONS, GraphSpec, Manifest, SourceInfo)
 
 from .artifact_dir import BuildError, atomic_dir, check_output_dir, copy_tree, tree_bytes
 from .codec import export_codec_decoder, export_codec_encoder
@@ -235,20 +234,14 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     # Weight-only builds export the codec in fp32, then quantize the decoder's weights (CODEC_BITS).
     codec_precision = "fp32" if options.precision in WEIGHT_ONLY_BITS else options.precision
     progress("exporting codec decoder step")
-    decoder = export_codec_decoder(mimi, tmp / "codec_decoder.onnx", opset=options.opset,
-                                   precision=codec_precision, num_quantizers=q)
-    graphs[CODEC_DECODER] = graph_spec(tmp, CODEC_DECODER, "codec_decoder.onnx", decoder["precision"],
-                                       decoder["state"])
+    graphs[CODEC_DECODER], codec = export_codec_decoder(mimi, tmp / "codec_decoder.onnx", opset=options.opset,
+                                                        precision=codec_precision, num_quantizers=q)
     if options.precision in WEIGHT_ONLY_BITS:
         graphs[CODEC_DECODER] = _quantized_codec(tmp, graphs[CODEC_DECODER], progress)
     progress("exporting codec encoder")
-    encoder = export_codec_encoder(mimi, tmp / "codec_encoder.onnx", opset=options.opset,
-                                   precision=codec_precision, num_quantizers=q)
-    graphs[CODEC_ENCODER] = graph_spec(tmp, CODEC_ENCODER, "codec_encoder.onnx", encoder["precision"])
+    graphs[CODEC_ENCODER] = export_codec_encoder(mimi, tmp / "codec_encoder.onnx", opset=options.opset,
+                                                 precision=codec_precision, num_quantizers=q)
     _copy_tokenizer(files.tokenizer_dir, tmp / "tokenizer")
-    codec = CodecInfo(frame_rate=float(mimi.config.frame_rate), sample_rate=int(mimi.config.sampling_rate),
-                      samples_per_frame=int(decoder["frame_samples"]), num_quantizers=int(decoder["num_quantizers"]),
-                      codebook_size=int(decoder["codebook_size"]))
     manifest = build_manifest(cfg, ids, root=tmp, precision=options.precision, opset=options.opset,
                               capacity=capacity, prefix_frames=options.prefix_frames, codec=codec, graphs=graphs,
                               tokenizer=tokenizer_entry(tmp, "tokenizer"), source=_source(files))
@@ -321,11 +314,10 @@ def _quantize_file(root: Path, file: str, name: str, scheme, label: str, *, fit:
         if fit:
             scheme = fit_block_size(graph, scheme)
         check_block_size(graph, scheme, name)
-        record = scheme.record(quantize_model_file(path, scheme))
+        record = scheme.record(quantize_model_file(path, scheme), label)
     except QuantizeError as exc:
         raise BuildError(str(exc)) from None
-    return replace(graph_spec(root, name, file, label, state),
-                   quantization=QuantizationRecord.from_json(dict(record, scheme=label)))
+    return replace(graph_spec(root, name, file, label, state), quantization=record)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

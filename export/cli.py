@@ -170,10 +170,8 @@ def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_f
     if wav_out and Path(wav_out).suffix.lower() not in AUDIO_FORMATS:
         fail(f"{wav_out}: unknown audio format (use .wav, .flac or .ogg)")
     text = read_script(None, input_file, stdin_dash=True).strip()
-    kwargs = dict(text_top_k=top_k, audio_top_k=top_k, cfg_scale=cfg_scale, cfg_filter_k=cfg_filter_k, seed=seed)
-    if temperature is not None:
-        kwargs.update(text_temperature=temperature, audio_temperature=temperature)
-    params = GenerationParams(**kwargs)
+    params = GenerationParams.from_options(seed=seed, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale,
+                                           cfg_filter_k=cfg_filter_k)
     names = {"--tokens-out": tokens_out, "--out": wav_out}
     inputs = [("script --input", input_file)]
     check_outputs(names, inputs=inputs)

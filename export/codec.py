@@ -1,9 +1,8 @@
 """ONNX export of the Mimi codec: the one-frame streaming decoder step and the whole-clip encoder.
 
-Both exporters return an I/O description (plain JSON-able dict) that runtime/codec.py consumes:
-  {"inputs": [{"name", "shape", "dtype"}], "outputs": [...],
-   "state": [{"input": "state.<x>", "output": "next.<x>"}], plus codec facts (rates, sizes, precision)}.
-Shapes are lists of ints; a dynamic dimension is a string naming it.
+Both exporters return the graph's manifest entry (``GraphSpec``: I/O, state pairs, checksum), checked
+against the written file; the decoder's also returns the codec facts (``CodecInfo``: rates and sizes).
+A dynamic dimension is a string naming it.
 
 Exporter: both paths produce correct graphs on torch 2.13 (checked: decoder parity and encoder codes
 for off-grid lengths).  The dynamo exporter (dynamo=True) is used first: it is the maintained path and
@@ -16,16 +15,19 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from transformers import MimiModel
 
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
-from dia2_trt.runtime.graph_io import read_io
-from dia2_trt.runtime.manifest import FLOAT_PRECISIONS, STATE_IN, STATE_OUT
+from dia2_trt.runtime.manifest import (CODEC_DECODER, CODEC_ENCODER, FLOAT_PRECISIONS, STATE_IN, STATE_OUT, CodecInfo,
+                                       GraphSpec, StatePair, TensorSpec)
 
+from .manifest import graph_spec
 from .onnx_io import EXTERNAL_DATA_BYTES, module_bytes, save_model
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int
 
 def export_codec_decoder(
     mimi: MimiModel, path: str | Path, *, opset: int = 18, precision: str = "fp32", num_quantizers: int | None = None
-) -> dict:
+) -> tuple[GraphSpec, CodecInfo]:
     """Export the streaming decoder step: codes [1,Q,1] int64 + state -> pcm [1,1,1920] float32 + next state.
 
     precision "fp16": weights and activations fp16, with RoPE, LayerNorm statistics, attention softmax,
@@ -51,25 +53,23 @@ def export_codec_decoder(
     inputs = ["codes"] + [STATE_IN + n for n in names]
     outputs = ["pcm"] + [STATE_OUT + n for n in names]
     _export(decoder, args, Path(path), inputs, outputs, opset=opset)
-    config = mimi.config
-    return _checked_spec(path, {
-        "graph": "codec_decoder",
-        "precision": precision,
-        "inputs": [_io("codes", codes.shape, torch.int64)]
+    spec = _checked_spec(
+        path, CODEC_DECODER, precision,
+        [_io("codes", codes.shape, torch.int64)]
         + [_io(STATE_IN + n, shape, dtype) for n, shape, dtype in decoder.state_specs],
-        "outputs": [_io("pcm", (1, 1, decoder.frame_samples), torch.float32)]
+        [_io("pcm", (1, 1, decoder.frame_samples), torch.float32)]
         + [_io(STATE_OUT + n, shape, dtype) for n, shape, dtype in decoder.state_specs],
-        "state": [{"input": STATE_IN + n, "output": STATE_OUT + n} for n in names],
-        "num_quantizers": decoder.num_quantizers,
-        "codebook_size": config.codebook_size,
-        "frame_samples": decoder.frame_samples,
-        "sample_rate": config.sampling_rate,
-    })
+        tuple(StatePair(STATE_IN + n, STATE_OUT + n) for n in names))
+    config = mimi.config
+    codec = CodecInfo(frame_rate=float(config.frame_rate), sample_rate=int(config.sampling_rate),
+                      samples_per_frame=int(decoder.frame_samples), num_quantizers=int(decoder.num_quantizers),
+                      codebook_size=int(config.codebook_size))
+    return spec, codec
 
 
 def export_codec_encoder(
     mimi: MimiModel, path: str | Path, *, opset: int = 18, precision: str = "fp32", num_quantizers: int | None = None
-) -> dict:
+) -> GraphSpec:
     """Export the encoder: pcm [1,1,samples] float32 -> codes [1,Q,frames] int64.
 
     Always computed in fp32, whatever `precision`: nearest-centroid search flips codes under fp16 rounding,
@@ -81,17 +81,8 @@ def export_codec_encoder(
     path = Path(path)
     _export(encoder, (pcm,), path, ["pcm"], ["codes"], opset=opset, dynamic={"pcm": {2: "samples"}})
     _name_dim(path, "codes", 2, "frames")
-    return _checked_spec(path, {
-        "graph": "codec_encoder",
-        "precision": "fp32",
-        "requested_precision": precision,
-        "inputs": [_io("pcm", (1, 1, "samples"), torch.float32)],
-        "outputs": [_io("codes", (1, encoder.num_quantizers, "frames"), torch.int64)],
-        "state": [],
-        "num_quantizers": encoder.num_quantizers,
-        "frame_samples": frame,
-        "sample_rate": mimi.config.sampling_rate,
-    })
+    return _checked_spec(path, CODEC_ENCODER, "fp32", [_io("pcm", (1, 1, "samples"), torch.float32)],
+                         [_io("codes", (1, encoder.num_quantizers, "frames"), torch.int64)])
 
 
 def _check_precision(precision: str) -> None:
@@ -99,15 +90,18 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {CODEC_PRECISIONS}, got {precision!r}")
 
 
-def _io(name: str, shape, dtype: torch.dtype) -> dict:
-    return {"name": name, "shape": list(shape), "dtype": _DTYPES[dtype]}
+def _io(name: str, shape, dtype: torch.dtype) -> TensorSpec:
+    return TensorSpec(name, tuple(int(d) if not isinstance(d, str) else d for d in shape), np.dtype(_DTYPES[dtype]))
 
 
-def _checked_spec(path: str | Path, spec: dict) -> dict:
-    """The spec, once the written graph is known to have exactly its inputs and outputs."""
-    for kind, actual in zip(("inputs", "outputs"), read_io(path)):
-        if actual != spec[kind]:
-            raise ValueError(f"{path}: graph {kind} {actual} differ from the expected {spec[kind]}")
+def _checked_spec(path: str | Path, name: str, precision: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                  state: tuple[StatePair, ...] = ()) -> GraphSpec:
+    """The written graph's manifest entry, once it is known to have exactly the expected inputs and outputs."""
+    path = Path(path)
+    spec = replace(graph_spec(path.parent, name, path.name, precision), state=state)
+    for kind, expected in (("inputs", tuple(inputs)), ("outputs", tuple(outputs))):
+        if getattr(spec, kind) != expected:
+            raise ValueError(f"{path}: graph {kind} {getattr(spec, kind)} differ from the expected {expected}")
     return spec
 
 

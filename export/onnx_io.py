@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
+
+if TYPE_CHECKING:  # torch is imported where a module is exported, not when this module loads
+    import torch
 
 # Graphs with more weight bytes than this keep them in ``<file>.data``. Beyond protobuf's 2 GB cap,
 # ONNX Runtime holds an inline graph's protobuf beside the tensors it builds from it: loading the

@@ -24,7 +24,7 @@ import numpy as np
 
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
 from dia2_trt.runtime.backends import OrtBackend
-from dia2_trt.runtime.engine import Dia2Runtime, TruncationWarning
+from dia2_trt.runtime import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.manifest import BACKBONE, DEPFORMER
 from dia2_trt.runtime.params import GenerationParams
 
@@ -148,7 +148,6 @@ class Replay:
         self._cache = {t.name: t.bounded(bb.dims).zeros() for t in bb.inputs
                        if t.name.startswith(("k_cache.", "v_cache."))}
         self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in (BACKBONE, DEPFORMER)}
-        self._row_input = "cache_length" in self._dtypes[BACKBONE]
 
     def close(self) -> None:
         self.sessions.clear()
@@ -165,9 +164,7 @@ class Replay:
             buf.fill(0)  # rows past t are masked, but a clean start keeps runs reproducible
         for t in range(trace.steps):
             want = extra_at(t)
-            step = {"tokens": trace.tokens[t], "position": np.array([t])}
-            if self._row_input:  # artifacts with audio-prefix room write cache row t apart from RoPE position t
-                step["cache_length"] = np.array([t])
+            step = {"tokens": trace.tokens[t], "position": np.array([t]), "cache_length": np.array([t])}
             bb = self._run(BACKBONE, {**step, **self._cache}, want)
             for i in range(n_layer):
                 self._cache[cache_name("k", i)][:, :, t] = bb["k_new"][i]

@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from dia2_trt.models.sources import resolve_checkpoint
 from dia2_trt.models.tiny import build_tiny_checkpoint
+from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.files import write_atomic
 from dia2_trt.runtime.params import GenerationParams
 
 from .build import BuildOptions, build_artifacts
+from .manifest import write_manifest
 from .reference_run import run_reference
 
 SCRIPT = "[S1] Hello there, how are you? [S2] I am fine, thanks."
@@ -38,10 +41,18 @@ def regenerate(out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="dia2-tiny-fixture-") as tmp:
         files = resolve_checkpoint(checkpoint=build_tiny_checkpoint(Path(tmp) / "ckpt", seed=0))
         build_artifacts(files, out / ARTIFACTS, BuildOptions(overwrite=True, prefix_frames=PREFIX_FRAMES))
+        forget_checkpoint_paths(out / ARTIFACTS)
         result, _, _ = run_reference(files, SCRIPT, GenerationParams(**GREEDY))
     golden = {"script": SCRIPT, "params": GREEDY, "tokens": result.tokens.tolist(),
               "timestamps": [[word, seconds] for word, seconds in result.timestamps]}
     write_atomic(out / GOLDEN, lambda t: Path(t).write_text(json.dumps(golden) + "\n"))
+
+
+def forget_checkpoint_paths(directory: Path) -> None:
+    """The checkpoint was built in a temporary directory, whose path names nothing once it is gone (and
+    differs on every run): the committed manifest identifies it by its files' hashes alone."""
+    manifest = load_manifest(directory, verify=False)
+    write_manifest(replace(manifest, source=replace(manifest.source, checkpoint=None, mimi=None)), directory)
 
 
 def main(argv: list[str] | None = None) -> None:

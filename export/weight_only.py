@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from dia2_trt.runtime.manifest import QuantizationRecord
+
 from .onnx_io import EXTERNAL_DATA_BYTES
 from .precision import keep_fp32
 
@@ -67,20 +69,18 @@ class WeightOnlyScheme:
             raise QuantizeError(f"block size {self.block_size} must be a power of two >= 16 "
                                 "(ONNX Runtime's MatMulNBits kernel requires it)")
 
-    def record(self, report: "QuantizeReport") -> dict:
-        """The manifest's per-graph quantization record (runtime.manifest.QuantizationRecord), less its scheme."""
-        return {
-            "bits": self.bits,
-            "symmetric": True,
-            "block_size": self.block_size,
-            "ops": ["MatMul", "Gather"] if report.kinds["gather"][0] else ["MatMul"],
-            "ort_accuracy_level": ORT_ACCURACY_LEVEL,
+    def record(self, report: "QuantizeReport", label: str) -> QuantizationRecord:
+        """The manifest's per-graph quantization record, under the precision name ``label``."""
+        return QuantizationRecord(
+            scheme=label, bits=self.bits, symmetric=True, block_size=self.block_size,
+            ops=("MatMul", "Gather") if report.kinds["gather"][0] else ("MatMul",),
+            ort_accuracy_level=ORT_ACCURACY_LEVEL,
             # Bytes count each weight once, though a weight shared by several MatMuls is stored once per reader.
-            "weights": {"matmul_weights": report.record("matmul", self.bits),
-                        "gather_tables": report.record("gather", EMBEDDING_BITS)},
-            "kept_float": ["norms", "RoPE", "softmax", "sampling", f"weights under {MIN_ELEMENTS} elements",
-                           "MatMul weights applied to looked-up embedding rows", "scales (fp32)"],
-        }
+            weights={"matmul_weights": report.record("matmul", self.bits),
+                     "gather_tables": report.record("gather", EMBEDDING_BITS)},
+            kept_float=("norms", "RoPE", "softmax", "sampling", f"weights under {MIN_ELEMENTS} elements",
+                        "MatMul weights applied to looked-up embedding rows", "scales (fp32)"),
+        )
 
 
 @dataclass

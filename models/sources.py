@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dia2_trt.runtime.errors import first_line
+
 from .config import ConfigError, load_config
 
 HUB_REPOS = {"1B": "nari-labs/Dia2-1B", "2B": "nari-labs/Dia2-2B"}
 SIZES = ("tiny", *HUB_REPOS)
-MANIFEST = "dia2_assets.json"
+ASSETS_FILE = "dia2_assets.json"  # the checkpoint repo's asset list (not an artifact's manifest.json)
 DEFAULT_MIMI = "kyutai/mimi"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 # Bump when models/tiny.py changes what it writes, so stale cached builds are not reused.
@@ -64,7 +66,7 @@ def resolve_checkpoint(size: str | None = None, checkpoint: str | Path | None = 
 def _resolve_local(root: Path) -> CheckpointFiles:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {root}")
-    manifest = _read_manifest(root / MANIFEST)
+    manifest = _read_manifest(root / ASSETS_FILE)
     config_path = _require_file(root, manifest.get("config", "config.json"))
     weights_path = _require_file(root, manifest.get("weights", "model.safetensors"))
     assets = load_config(config_path).assets
@@ -186,7 +188,7 @@ def _hub_manifest(repo_id: str) -> dict[str, Any]:
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        path = _download(repo_id, MANIFEST)
+        path = _download(repo_id, ASSETS_FILE)
     except (EntryNotFoundError, CheckpointError):
         # Absent from the repo, or not cached while offline: both mean "no overrides";
         # if the repo itself is unreachable, fetching config.json says so.
@@ -235,7 +237,7 @@ def _download(repo_id: str, name: str) -> str:
     except RepositoryNotFoundError:
         raise CheckpointError(f"Hugging Face repo {repo_id} not found (or private: run `hf auth login`)") from None
     except (HfHubHTTPError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(f"could not fetch {name} from {repo_id}: {reason}") from None
 
 
@@ -307,7 +309,7 @@ def load_mimi(ref: str):
         message = f"Mimi {ref} could not be loaded from the Hugging Face cache{_offline_hint(ref)}"
         raise CheckpointError(message) from None
     except RuntimeError as exc:
-        raise CheckpointError(f"cannot load Mimi from {ref}: {str(exc).strip().splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load Mimi from {ref}: {first_line(exc)}") from None
     # transformers fills missing weights with random ones and only warns; a
     # codebook's "initialized" flag is the one buffer it legitimately recreates.
     missing = [k for k in info["missing_keys"] if not k.endswith(".initialized")]

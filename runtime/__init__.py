@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "Dia2Runtime": "engine",
+    "Dia2Runtime": "runtime",
     "Session": "session",
     "AudioChunk": "session",
     "SpeakResult": "session",
@@ -36,7 +36,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .artifacts import ArtifactError
     from .backends import BACKEND_NAMES, Backend, Binding, Graph, create_backend
-    from .engine import Dia2Runtime
+    from .runtime import Dia2Runtime
     from .params import GenerationParams
     from .script import ScriptError
     from .session import AudioChunk, Progress, Session, SpeakResult, TruncationWarning

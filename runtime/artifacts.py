@@ -19,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .errors import first_line
 from .files import InputFileError, open_regular, parse_json, read_json_file, read_regular, write_atomic
 from .graph_io import GraphFormatError, read_io
 from .manifest import (  # noqa: F401  (the names the runtime has always imported from here)
@@ -62,7 +63,7 @@ def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
     except ArtifactError as exc:
         raise ArtifactError(f"{where}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        detail = f"missing field {exc}" if isinstance(exc, KeyError) else first_line(exc)
         raise ArtifactError(f"{where}: malformed manifest ({detail})") from None
     contain_paths(manifest)
     _check_files(manifest)
@@ -275,6 +276,8 @@ def _check_backbone(m: Manifest) -> None:
     channels = g.input("tokens").shape
     if channels != (2, 2 + m.audio_channels):
         _fail(m, f"graphs.backbone.inputs.tokens {list(channels)} does not match {m.audio_channels} delays")
+    if not any(t.name == "cache_length" for t in g.inputs):  # the cache row, apart from RoPE's after a prefix
+        _fail(m, "graphs.backbone has no cache_length input (the cache row a step writes); rebuild the artifacts")
     cache = g.input(cache_name("k", 0)).shape
     if len(cache) != 4 or cache[2] != CACHE_ROWS or g.dims.get(CACHE_ROWS) != m.cache_capacity:
         _fail(m, f"graphs.backbone.inputs.{cache_name('k', 0)} {list(cache)} (dims {g.dims}) does not take "

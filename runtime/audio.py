@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import soundfile as sf
 
+from .errors import first_line
 from .files import InputFileError, open_regular
 
 # Bounds checked on the header, before a sample is decoded. A prefix is at most the artifact's
@@ -66,7 +67,7 @@ def read_audio(path: str | Path, max_seconds: float = MAX_AUDIO_SECONDS) -> tupl
             # frames= the header's count: never more than was checked, whatever the stream holds
             audio, rate = sf.read(f, frames=info.frames, dtype="float32", always_2d=False)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
-            raise AudioError(f"{path}: cannot read audio ({_reason(exc)})") from None
+            raise AudioError(f"{path}: cannot read audio ({first_line(exc)})") from None
     audio = np.asarray(audio, dtype=np.float32)
     if audio.shape[0] == 0:
         raise AudioError(f"{path}: the audio is empty")
@@ -94,7 +95,7 @@ def _checked_info(f, path: Path, max_seconds: float) -> AudioInfo:
         with sf.SoundFile(f) as snd:
             info = AudioInfo(int(snd.frames), int(snd.channels), int(snd.samplerate))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
-        raise AudioError(f"{path}: cannot read audio ({_reason(exc)})") from None
+        raise AudioError(f"{path}: cannot read audio ({first_line(exc)})") from None
     if info.rate < 1 or info.channels < 1:
         raise AudioError(f"{path}: cannot read audio ({info.rate} Hz, {info.channels} channels)")
     if info.frames * info.channels > MAX_AUDIO_SAMPLES:
@@ -104,10 +105,6 @@ def _checked_info(f, path: Path, max_seconds: float) -> AudioInfo:
         raise AudioError(f"{path}: the audio is {info.seconds:.1f} s long ({info.frames} frames at {info.rate} Hz); "
                          f"a prefix may be at most {max_seconds:.1f} s")
     return info
-
-
-def _reason(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def resample_linear(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
@@ -163,3 +160,9 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def pcm16(pcm: np.ndarray) -> bytes:
+    """Float samples -> s16le bytes: clipped to [-1, 1], scaled by 32767 and rounded (every output
+    of the runtime, ``dia2-rt speak --out -`` and the server alike, rounds this way)."""
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()

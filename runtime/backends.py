@@ -27,6 +27,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from .artifacts import ArtifactError, GraphSpec
+from .errors import first_line
 from .manifest import BACKEND_NAMES, QDQ_PRECISIONS
 
 
@@ -180,7 +181,7 @@ class OrtBackend:
             options = self.session_options(threads, level, arena=not qdq, fuse_qdq=not qdq)
             return self._ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
             if "multiple hard links" in message:
                 # ONNX Runtime reads a Loop body's weights (the depformer's stages) only from a data
                 # file with a single link: a hard-linked copy of the artifacts breaks both copies.

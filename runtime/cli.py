@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 
 import click
-import numpy as np
 
+from .audio import pcm16
 from .backends import BACKEND_NAMES, create_backend
 from .cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, int64_range, read_script,
                          silence_stdout, threads_option)
@@ -74,19 +74,21 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     """
     script = read_script(text, input_file)
     check_prefix_args(prefix_args)
-    params = _params(seed, temperature, text_temperature, audio_temperature, top_k, cfg_scale, cfg_filter_k)
+    params = GenerationParams.from_options(seed=seed, temperature=temperature, text_temperature=text_temperature,
+                                           audio_temperature=audio_temperature, top_k=top_k, cfg_scale=cfg_scale,
+                                           cfg_filter_k=cfg_filter_k)
     if out != "-" and Path(out).suffix.lower() not in AUDIO_FORMATS:
         fail(f"{out}: unknown audio format (use .wav, .flac or .ogg, or '-' for raw PCM)")
     outputs = check_outputs({"--out": None if out == "-" else out, "--timestamps-out": timestamps_out,
                              "--tokens-out": tokens_out}, protected=[("artifact directory", Path(artifacts))],
                             inputs=[("script --input", input_file), *prefix_inputs(prefix_args)])
-    from .engine import Dia2Runtime, TruncationWarning
+    from .runtime import Dia2Runtime, TruncationWarning
 
     try:
-        engine = create_backend(backend, threads)
+        backend = create_backend(backend, threads)
     except (ImportError, ValueError) as exc:
         fail(f"backend {backend} cannot run here: {exc}")
-    runtime = Dia2Runtime.load(artifacts, backend=engine, verify=not no_verify)
+    runtime = Dia2Runtime.load(artifacts, backend=backend, verify=not no_verify)
     prefix = load_prefix(runtime, prefix_args)
     bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
     session = runtime.stream(script, params, progress=bar, prefix=prefix, prefill=not prefix_args["step_warmup"])
@@ -102,23 +104,11 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
         _summary(result)
 
 
-def _params(seed, temperature, text_temperature, audio_temperature, top_k, cfg_scale, cfg_filter_k):
-    defaults = GenerationParams()
-    return GenerationParams(
-        text_temperature=_first(text_temperature, temperature, defaults.text_temperature),
-        audio_temperature=_first(audio_temperature, temperature, defaults.audio_temperature),
-        text_top_k=top_k, audio_top_k=top_k, cfg_scale=cfg_scale, cfg_filter_k=cfg_filter_k, seed=seed)
-
-
-def _first(*values):
-    return next(v for v in values if v is not None)
-
-
 def _generate(session, to_stdout: bool):
     """Raw PCM goes to stdout chunk by chunk; files are written at the end (``_write_outputs``)."""
     for chunk in session:
         if to_stdout:
-            _write_stdout(_pcm16(chunk.pcm))
+            _write_stdout(pcm16(chunk.pcm))
     return session.result
 
 
@@ -130,10 +120,6 @@ def _write_stdout(data: bytes) -> None:
         silence_stdout()  # the unwritten rest would fail again in the interpreter's exit flush
         reason = "the reader closed it" if isinstance(exc, BrokenPipeError) else exc.strerror or str(exc)
         fail(f"cannot write audio to stdout: {reason}")
-
-
-def _pcm16(pcm: np.ndarray) -> bytes:
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
 def _write_outputs(outputs: dict[str, Path], result, rate: int) -> None:

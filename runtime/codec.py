@@ -8,12 +8,9 @@ step graphs.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from .artifacts import GraphSpec, StatePair, TensorSpec
-from .backends import Binding, OrtGraph
+from .backends import Binding
 
 
 class CodecStream:
@@ -64,42 +61,3 @@ def encode(encoder: Binding, pcm: np.ndarray) -> np.ndarray:
     spec = encoder.spec
     return encoder.run({spec.inputs[0].name: pcm})[spec.outputs[0].name][0]
 
-
-class StreamingCodec(CodecStream):
-    """A CodecStream on ONNX Runtime, straight from exported files (tools and tests; the runtime
-    loads the codec through its backend).
-
-    ``session_or_path``: an InferenceSession or the decoder's .onnx path; ``io_spec``: the dict the
-    exporter returns (inputs, outputs, state pairs, num_quantizers, codebook_size).
-    """
-
-    def __init__(self, session_or_path, io_spec: dict, *, encoder=None, encoder_spec: dict | None = None):
-        missing = {"inputs", "outputs", "state", "num_quantizers", "codebook_size"} - set(io_spec)
-        if missing:
-            raise ValueError(f"codec io_spec lacks {sorted(missing)}")
-        if encoder is not None and encoder_spec is None:
-            raise ValueError("pass encoder_spec= with encoder=")
-        decoder = OrtGraph(_session(session_or_path), _graph_spec("codec_decoder", io_spec)).binding()
-        enc = OrtGraph(_session(encoder), _graph_spec("codec_encoder", encoder_spec)).binding() if encoder else None
-        super().__init__(decoder, int(io_spec["codebook_size"]), enc)
-        if self.num_quantizers != int(io_spec["num_quantizers"]):
-            raise ValueError(f"codec io_spec says {io_spec['num_quantizers']} quantizers, its codes input "
-                             f"holds {self.num_quantizers}")
-
-
-def _session(session_or_path):
-    if isinstance(session_or_path, (str, Path)):
-        import onnxruntime as ort
-
-        return ort.InferenceSession(str(session_or_path), providers=["CPUExecutionProvider"])
-    return session_or_path
-
-
-def _graph_spec(name: str, io_spec: dict) -> GraphSpec:
-    def tensors(entries):
-        return tuple(TensorSpec(e["name"], tuple(e["shape"]), np.dtype(e["dtype"])) for e in entries)
-
-    # Only the I/O matters here: the file is already open, so its name and checksum are not needed.
-    return GraphSpec(name=name, file=str(io_spec.get("file", f"{name}.onnx")), sha256="", precision="fp32",
-                     inputs=tensors(io_spec["inputs"]), outputs=tensors(io_spec["outputs"]),
-                     state=tuple(StatePair(p["input"], p["output"]) for p in io_spec.get("state", ())))

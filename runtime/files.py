@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .errors import first_line
 from .signals import deferred
 
 # --- bounded reads ----------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def parse_json(data: bytes | str, what: str = "JSON", max_depth: int = MAX_JSON_
     except RecursionError:  # deeper than Python's recursion limit
         raise InputFileError(f"{what} nests deeper than {max_depth} levels") from None
     except ValueError as exc:  # JSONDecodeError, int digit limit, NaN/Infinity
-        raise InputFileError(f"{what} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise InputFileError(f"{what} is not valid JSON ({first_line(exc)})") from None
     # Counting brackets is C-speed; only a text with more of them than the bound is walked. (A
     # regex pass over the raw text instead cost ~20 ms a MB holding the GIL, which stalled the
     # server's event loop from its parsing thread.)

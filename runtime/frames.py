@@ -63,8 +63,8 @@ class StopRule:
     """The last frame run (-1 before the first)."""
     first_frame: int = 0
     """The first frame run: 0, or A - 1 after an A-frame audio prefix (the reference's start_step)."""
-    keep_prefix: bool = False
-    """An audio prefix stays in the output (the reference's include_prefix): no crop."""
+    include_prefix: bool = False
+    """An audio prefix stays in the output (as the reference's include_prefix): no crop."""
 
     @classmethod
     def start(cls, capacity: int, delays: Sequence[int], max_padding: int, initial_padding: int,
@@ -72,11 +72,11 @@ class StopRule:
         return cls(capacity, max(delays, default=0) + max_padding, initial_padding, new_word)
 
     def after_prefix(self, frames: int, max_context: int, max_delay: int, cache_capacity: int,
-                     keep: bool) -> "StopRule":
+                     include_prefix: bool) -> "StopRule":
         """The rule for generation after an A-frame prefix warm-up: it starts at A - 1, its delayed buffer
         is the reference's max_context + A + max_delay + 1 columns, but frame t needs KV row t + 1."""
         capacity = min(max_context + frames + max_delay + 1, cache_capacity)
-        return replace(self, capacity=capacity, first_frame=frames - 1, keep_prefix=keep)
+        return replace(self, capacity=capacity, first_frame=frames - 1, include_prefix=include_prefix)
 
     def stops_before(self, t: int) -> bool:
         """Whether frame t is past the end mark's tail or past the buffer."""
@@ -102,7 +102,7 @@ class StopRule:
     def crop(self) -> int:
         """The lead-in the output drops, as ``finish`` is asked for it (it falls back to 0 if too long):
         none when a prefix is kept, else from the first word, else from the start frame."""
-        if self.keep_prefix:
+        if self.include_prefix:
             return 0
         return self.first_word_frame if self.first_word_frame is not None else self.first_frame
 

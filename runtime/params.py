@@ -46,9 +46,24 @@ class GenerationParams:
         if self.cfg_scale <= 0:
             raise ValueError(f"cfg scale must be positive, got {self.cfg_scale}")
 
+    @classmethod
+    def from_options(cls, *, seed: int = 0, temperature: float | None = None, text_temperature: float | None = None,
+                     audio_temperature: float | None = None, top_k: int = 50, cfg_scale: float = 2.0,
+                     cfg_filter_k: int = 50) -> "GenerationParams":
+        """The user-facing options (``dia2-rt speak``, ``dia2-export reference``, the server's fields):
+        ``temperature`` sets both streams unless a per-stream one is given, ``top_k`` both streams' cut."""
+        d = cls()
+        return cls(text_temperature=_first(text_temperature, temperature, d.text_temperature),
+                   audio_temperature=_first(audio_temperature, temperature, d.audio_temperature),
+                   text_top_k=top_k, audio_top_k=top_k, cfg_scale=cfg_scale, cfg_filter_k=cfg_filter_k, seed=seed)
+
     @property
     def cfg_active(self) -> bool:
         return self.cfg_scale != 1.0
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
 
 
 def _label(name: str) -> str:

@@ -37,7 +37,7 @@ from .voice import (MAX_CODES_BYTES, MAX_META_BYTES, NpyMember, PrefixPlan, Voic
                     checked_hashes, checked_ints, entries_from_json, is_int64, is_text, read_npz)
 
 if TYPE_CHECKING:
-    from .engine import Dia2Runtime
+    from .runtime import Dia2Runtime
 
 ROW_SHIFT = 1  # after a warm-up, frame t's K/V row is t + 1 (the reference re-runs frame A - 1)
 # Version 2 records every graph's hash (version 1: the encoder's and the tokenizer's only).
@@ -54,7 +54,7 @@ class Prefix:
     """An audio prefix for one utterance: the plan, and whether its audio stays in the output."""
 
     plan: PrefixPlan
-    include_audio: bool = False
+    include_prefix: bool = False
 
     @property
     def frames(self) -> int:

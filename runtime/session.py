@@ -32,7 +32,7 @@ from .script import ScriptError, check_complete_script, check_script, check_size
 from .state_machine import StateMachine
 
 if TYPE_CHECKING:
-    from .engine import Dia2Runtime
+    from .runtime import Dia2Runtime
 
 
 class TruncationWarning(UserWarning):
@@ -148,7 +148,7 @@ class Session:
         s, m, plan = self._state, self.runtime.manifest, self.prefix.plan
         s.text.entries.extend(plan.entries)
         s.rule = s.rule.after_prefix(plan.frames, m.max_context_steps, m.max_delay, m.cache_capacity,
-                                     self.prefix.include_audio)
+                                     self.prefix.include_prefix)
         s.emitter.words_sent = self._dropped_words()
 
     # --- input ---------------------------------------------------------------
@@ -360,7 +360,7 @@ class Session:
         A prefix kept in the output means no crop.
         """
         rule = self._state.rule
-        if rule.keep_prefix or rule.first_word_frame is not None:
+        if rule.include_prefix or rule.first_word_frame is not None:
             return max(rule.crop, 0)
         return rule.first_frame if self.machine.second_stream_ahead else None
 
@@ -416,7 +416,7 @@ class Session:
 
     def _dropped_words(self) -> int:
         """A trimmed prefix's words leave the timestamps (the reference drops that many transcript entries)."""
-        if self.prefix is None or self.prefix.include_audio:
+        if self.prefix is None or self.prefix.include_prefix:
             return 0
         return len(self.prefix.plan.entries)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import first_line
 from .voice import VoiceError, Word, parse_words
 
 DEFAULT_MODEL = "large-v3"  # the reference uses openai/whisper-large-v3
@@ -27,7 +28,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", compute_type: st
     try:
         return WhisperModel(name, device=device, compute_type=compute_type)
     except Exception as exc:  # download, file and device errors all come from different libraries
-        raise VoiceError(f"cannot load the Whisper model {name!r}: {str(exc).splitlines()[0] if str(exc) else exc}") \
+        raise VoiceError(f"cannot load the Whisper model {name!r}: {first_line(exc)}") \
             from None
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .errors import first_line
 from .files import InputFileError, open_regular, parse_json, read_json_file, write_atomic
 from .state_machine import Entry, TokenIds
 
@@ -445,7 +446,7 @@ def _as_input_error(label: str):
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError,
             SyntaxError, struct.error, MemoryError) as exc:
-        raise InputFileError(f"{label} is not a usable npz ({_first_line(exc)})") from None
+        raise InputFileError(f"{label} is not a usable npz ({first_line(exc)})") from None
 
 
 def _check_directory(f, count: int, label: str, kind: str) -> None:
@@ -525,8 +526,3 @@ def _npy_data(zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape, dtype: np.dtype
             got += n
         m.read(1)  # at the end: zipfile checks the CRC
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .audio import AudioError, audio_info
+from .errors import first_line
 from .files import InputFileError, check_regular, parse_json, read_json_file, read_regular
 from .voice import VoiceError, load_voice, parse_words, save_voice
 
@@ -117,7 +118,7 @@ def read_turn(path: str | Path) -> tuple[list, list[tuple[str, float]]]:
     except InputFileError as exc:
         raise VoiceError(str(exc)) from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise VoiceError(f"{path}: not a --tokens-out file ({str(exc).splitlines()[0] if str(exc) else exc})") \
+        raise VoiceError(f"{path}: not a --tokens-out file ({first_line(exc)})") \
             from None
     return tokens, stamps
 
@@ -149,7 +150,7 @@ def load_prefix(runtime, a: dict):
             voices.append(runtime.voice(a[f"prefix_{slot}"], a[f"words_{slot}"], slot, _transcriber(a)))
         else:
             voices.append(None)
-    return runtime.prefix(*voices, include_audio=a["include_prefix"])
+    return runtime.prefix(*voices, include_prefix=a["include_prefix"])
 
 
 def _turn_voice(runtime, path: Path):
@@ -159,7 +160,7 @@ def _turn_voice(runtime, path: Path):
     try:
         codes = np.asarray(tokens, dtype=np.int64)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise VoiceError(f"{path}: not a --tokens-out file ({str(exc).splitlines()[0] if str(exc) else exc})") \
+        raise VoiceError(f"{path}: not a --tokens-out file ({first_line(exc)})") \
             from None
     return runtime.turn_voice(codes, stamps, 1)
 
@@ -192,7 +193,7 @@ def voice() -> None:
 def create(audio, artifacts, speaker, out, words, whisper_model, whisper_device) -> None:
     """Encode AUDIO and its words into a .voice file for dia2-rt speak --voice-1/--voice-2."""
     from .cli_common import check_outputs, fail
-    from .engine import Dia2Runtime
+    from .runtime import Dia2Runtime
 
     if Path(out).suffix != ".voice":
         fail(f"{out}: a voice file's name must end in .voice")

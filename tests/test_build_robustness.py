@@ -23,7 +23,7 @@ import pytest
 
 from conftest import SCRIPTS
 
-from dia2_trt.runtime.engine import Dia2Runtime
+from dia2_trt.runtime import Dia2Runtime
 from dia2_trt.runtime.params import GenerationParams
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-artifacts"

@@ -127,7 +127,7 @@ def _scope(node) -> str:
 
 
 def test_calibrated_artifacts_speak_greedily_end_to_end(qdq_artifacts):
-    from dia2_trt.runtime.engine import Dia2Runtime
+    from dia2_trt.runtime import Dia2Runtime
     from dia2_trt.runtime.params import GenerationParams
 
     out, precision = qdq_artifacts

@@ -11,7 +11,8 @@ from transformers import MimiModel  # noqa: E402
 
 from dia2_trt.export.codec import export_codec_decoder, export_codec_encoder  # noqa: E402
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder, make_tiny_mimi  # noqa: E402
-from dia2_trt.runtime.codec import StreamingCodec  # noqa: E402
+from dia2_trt.runtime.backends import OrtGraph  # noqa: E402
+from dia2_trt.runtime.codec import CodecStream  # noqa: E402
 
 Q = 8
 # 300 frames = 600 transformer steps at 25 Hz: well past the 250-step attention window
@@ -55,7 +56,7 @@ def reference(mimi, codes):
 @pytest.fixture(scope="module")
 def decoder_onnx(mimi, tmp_path_factory):
     path = tmp_path_factory.mktemp("codec") / "decoder.onnx"
-    return path, export_codec_decoder(mimi, path, opset=18, precision="fp32")
+    return (path, *export_codec_decoder(mimi, path, opset=18, precision="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +77,21 @@ def stream_torch(decoder, codes):
 
 def stream_ort(path, spec, codes):
     sess = session(path)
-    feeds = {io["name"]: np.zeros(io["shape"], io["dtype"]) for io in spec["inputs"]}
-    outputs = [io["name"] for io in spec["outputs"]]
+    feeds = {io.name: np.zeros(io.shape, io.dtype) for io in spec.inputs}
+    outputs = [io.name for io in spec.outputs]
     chunks = []
     for t in range(codes.shape[2]):
         feeds["codes"] = codes[:, :, t : t + 1].numpy()
         results = dict(zip(outputs, sess.run(outputs, feeds)))
-        feeds.update({pair["input"]: results[pair["output"]] for pair in spec["state"]})
+        feeds.update({pair.input: results[pair.output] for pair in spec.state})
         chunks.append(results["pcm"][0, 0])
     return np.concatenate(chunks)
+
+
+def runtime_codec(path, spec, info, encoder=None) -> CodecStream:
+    """The runtime's CodecStream over ONNX Runtime bindings of the exported graphs and their manifest entries."""
+    enc = OrtGraph(session(encoder[0]), encoder[1]).binding() if encoder else None
+    return CodecStream(OrtGraph(session(path), spec).binding(), info.codebook_size, enc)
 
 
 def test_torch_stream_matches_batch_decode(mimi, codes, reference):
@@ -103,17 +110,17 @@ def test_torch_stream_with_fewer_codebooks(mimi, codes):
 
 
 def test_onnx_stream_matches_batch_decode(decoder_onnx, codes, reference):
-    path, spec = decoder_onnx
-    assert [pair["input"][len("state.") :] for pair in spec["state"]] == [
-        pair["output"][len("next.") :] for pair in spec["state"]
+    path, spec, _ = decoder_onnx
+    assert [pair.input[len("state.") :] for pair in spec.state] == [
+        pair.output[len("next.") :] for pair in spec.state
     ]
     audio = stream_ort(path, spec, codes)
     assert np.abs(audio - reference).max() <= TOL
 
 
 def test_onnx_fp16_stream_is_close(mimi, codes, reference, tmp_path):
-    spec = export_codec_decoder(mimi, tmp_path / "decoder16.onnx", precision="fp16")
-    assert all(io["dtype"] != "float16" for io in spec["inputs"] + spec["outputs"])
+    spec, _ = export_codec_decoder(mimi, tmp_path / "decoder16.onnx", precision="fp16")
+    assert all(io.dtype != np.float16 for io in spec.inputs + spec.outputs)
     audio = stream_ort(tmp_path / "decoder16.onnx", spec, codes[:, :, :60])
     assert np.abs(audio - reference[: audio.size]).max() <= 1e-2 * np.abs(reference).max()
 
@@ -133,7 +140,7 @@ def test_encoder_matches_mimi_encode(mimi, encoder_onnx, reference):
         (onnx_codes,) = sess.run(["codes"], {"pcm": pcm.numpy()})
         assert torch.equal(torch_codes, expected)
         np.testing.assert_array_equal(onnx_codes, expected.numpy())
-    assert spec["outputs"][0]["shape"] == [1, Q, "frames"]
+    assert spec.outputs[0].shape == (1, Q, "frames")
 
 
 def test_codes_matter_and_decoding_is_causal(mimi, codes):
@@ -147,8 +154,9 @@ def test_codes_matter_and_decoding_is_causal(mimi, codes):
 
 
 def test_runtime_codec_reset_and_encode(mimi, decoder_onnx, encoder_onnx, codes, reference):
-    (path, spec), (enc_path, enc_spec) = decoder_onnx, encoder_onnx
-    codec = StreamingCodec(session(path), spec, encoder=session(enc_path), encoder_spec=enc_spec)
+    (path, spec, info), (enc_path, enc_spec) = decoder_onnx, encoder_onnx
+    codec = runtime_codec(path, spec, info, encoder=(enc_path, enc_spec))
+    assert codec.num_quantizers == info.num_quantizers == Q
     frames = codes[0].numpy().T[:140]
     first = np.concatenate([codec.decode_frame(f) for f in frames])
     codec.reset()
@@ -162,8 +170,8 @@ def test_runtime_codec_reset_and_encode(mimi, decoder_onnx, encoder_onnx, codes,
 
 
 def test_bad_inputs_raise(mimi, decoder_onnx):
-    path, spec = decoder_onnx
-    codec = StreamingCodec(path, spec)
+    path, spec, info = decoder_onnx
+    codec = runtime_codec(path, spec, info)
     with pytest.raises(ValueError):
         codec.decode_frame(np.zeros(Q - 1, dtype=np.int64))
     with pytest.raises(ValueError):

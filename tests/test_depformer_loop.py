@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -206,7 +205,7 @@ def test_laid_out_quantized_graph_fuses_only_with_its_own_copies(looped, quantiz
 
 
 def test_quantized_loop_speaks_greedily(quantized):
-    from dia2_trt.runtime.engine import Dia2Runtime
+    from dia2_trt.runtime import Dia2Runtime
     from dia2_trt.runtime.params import GenerationParams
 
     for art in quantized.values():
@@ -226,7 +225,7 @@ def test_calibrated_qdq_lays_the_stages_out(looped, tmp_path):
     """Q/DQ calibration observes every stage's activations, so its graphs are the unrolled ones."""
     from dia2_trt.calibration.calibrate import calibrate_artifacts
     from dia2_trt.calibration.qdq import linear_matmuls
-    from dia2_trt.runtime.engine import Dia2Runtime
+    from dia2_trt.runtime import Dia2Runtime
     from dia2_trt.runtime.params import GenerationParams
 
     art = looped[3]

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from dia2_trt.export.graphs import BackboneStep, DepformerFrame
+from dia2_trt.export.graphs import BackboneStep
 from dia2_trt.models.reference import guidance, mask_special_audio
 from dia2_trt.models.sources import load_model, resolve_checkpoint
 from dia2_trt.models.tokens import resolve_token_ids

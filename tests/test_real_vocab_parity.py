@@ -99,7 +99,7 @@ def test_reference_port_equals_nari_labs_dia2_on_the_real_vocabulary(real_vocab,
 @pytest.mark.slow  # one real-vocabulary export (~1-2 min on 2 cores), then a teacher-forced replay on departure
 @pytest.mark.parametrize("case", GOLDEN, ids=_case_id)
 def test_runtime_equals_nari_labs_dia2_on_the_real_vocabulary(real_vocab, real_vocab_artifacts, case):
-    from dia2_trt.runtime.engine import Dia2Runtime
+    from dia2_trt.runtime import Dia2Runtime
 
     artifacts = real_vocab_artifacts(case["seed"])
     result = Dia2Runtime.load(artifacts, threads=1).speak(case["script"], _params(case))

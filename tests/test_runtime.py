@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from dia2_trt.runtime import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.artifacts import load_manifest
-from dia2_trt.runtime.engine import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.sampling import guide, sample
 from dia2_trt.runtime.script import ScriptError
@@ -291,7 +291,7 @@ def test_runtime_never_imports_torch(built):
     code = textwrap.dedent(f"""
         import sys
         import dia2_trt.runtime.cli
-        from dia2_trt.runtime.engine import Dia2Runtime
+        from dia2_trt.runtime import Dia2Runtime
         from dia2_trt.runtime.params import GenerationParams
         result = Dia2Runtime.load({str(art)!r}).speak("[S1] Hello there.", GenerationParams(seed=1))
         assert result.pcm.size > 0

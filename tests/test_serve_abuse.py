@@ -42,7 +42,7 @@ def plain_session(runtime, params, voices, progress):
 def server(runtime):
     """One worker, one-second deadlines, a small connection cap and message bound."""
     config = ServeConfig(max_queue=2, limits=Limits(seconds=30, max_chars=2000, idle_seconds=1.0),
-                         max_body_bytes=8192, max_message_bytes=8192, max_messages=200, body_timeout=1.0,
+                         max_body_bytes=8192, max_messages=200, body_timeout=1.0,
                          origins=OriginPolicy("127.0.0.1", hosts=["tts.internal"], origins=["https://app.example"]))
     edge = EdgeLimits(max_connections=12, header_timeout=1.0, body_timeout=1.0)
     with live_server(create_app([runtime], config, open_session=plain_session), ws_max_size=8192,

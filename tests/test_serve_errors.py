@@ -17,7 +17,7 @@ from serve_support import (  # noqa: E402
 
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
-from dia2_trt.runtime.serve.voices import VoiceError, VoiceRegistry  # noqa: E402
+from dia2_trt.runtime.serve.voices import VoiceRegistry, VoiceRegistryError  # noqa: E402
 from dia2_trt.runtime.serve.workers import Limits  # noqa: E402
 
 TEXT = "[S1] Hello there. [S2] Hi!"
@@ -59,8 +59,7 @@ def runtimes(runtime):
 
 @pytest.fixture(scope="module")
 def server(runtimes):
-    config = ServeConfig(max_queue=4, limits=Limits(seconds=60, max_chars=2000, idle_seconds=2.0), max_body_bytes=8192,
-                         max_message_bytes=8192)
+    config = ServeConfig(max_queue=4, limits=Limits(seconds=60, max_chars=2000, idle_seconds=2.0), max_body_bytes=8192)
     with live_server(create_app(runtimes, config, open_session=faulty_session), ws_max_size=8192) as live:
         yield live
 
@@ -266,12 +265,12 @@ def test_voice_registry(tmp_path):
     assert registry.resolve("anna").path == voice.resolve()
     for name in ("default", "alloy", "nova", None):
         assert not registry.resolve(name).conditioned
-    with pytest.raises(VoiceError, match="unknown voice 'bob'.*anna"):
+    with pytest.raises(VoiceRegistryError, match="unknown voice 'bob'.*anna"):
         registry.resolve("bob")
     bad = {"anna": "NAME=FILE", f"x={tmp_path}": "not a file", f"y={tmp_path / 'missing'}": "not a file",
            f"alloy={voice}": "reserved", f"../z={voice}": "voice name", f"anna={voice}": "twice"}
     for option, message in bad.items():
-        with pytest.raises(VoiceError, match=message):
+        with pytest.raises(VoiceRegistryError, match=message):
             VoiceRegistry.from_options([f"anna={voice}", option] if message == "twice" else [option])
     loaded = VoiceRegistry.from_options([f"anna={voice}"], loader=lambda path: path.read_bytes())
     assert loaded.resolve("anna").prefix == b"voice data"
@@ -279,7 +278,7 @@ def test_voice_registry(tmp_path):
     def refuse(path):
         raise ValueError("made for other artifacts")
 
-    with pytest.raises(VoiceError, match="voice 'anna': made for other artifacts"):
+    with pytest.raises(VoiceRegistryError, match="voice 'anna': made for other artifacts"):
         VoiceRegistry.from_options([f"anna={voice}"], loader=refuse)
 
 

@@ -21,7 +21,7 @@ pytest.importorskip("psutil", reason="needs the [dev] extra")
 from dia2_trt.benchmarks import serve_load as load  # noqa: E402
 
 from dia2_trt.runtime import GenerationParams  # noqa: E402
-from dia2_trt.runtime.serve.audio import pcm16  # noqa: E402
+from dia2_trt.runtime.audio import pcm16  # noqa: E402
 
 WORKERS, QUEUE, CLIENTS = 2, 6, 32
 

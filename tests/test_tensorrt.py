@@ -41,7 +41,7 @@ def test_engines_match_onnxruntime(artifacts_factory, precision):
 @gpu
 def test_tensorrt_backend_speaks_the_same_greedy_tokens(artifacts_factory):
     from dia2_trt.export.tensorrt import build_engines
-    from dia2_trt.runtime.engine import Dia2Runtime
+    from dia2_trt.runtime import Dia2Runtime
     from dia2_trt.runtime.params import GenerationParams
     from dia2_trt.runtime.tensorrt import TrtBackend
 

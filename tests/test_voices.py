@@ -25,7 +25,7 @@ import pytest
 import soundfile as sf
 
 from dia2_trt.runtime.audio import AudioError, load_mono, resample_linear
-from dia2_trt.runtime.engine import Dia2Runtime
+from dia2_trt.runtime import Dia2Runtime
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.prefix import WarmState
 from dia2_trt.runtime.transcribe import transcribe
@@ -62,7 +62,7 @@ def runtimes(artifacts_factory):
 def _prefix(runtime: Dia2Runtime, case: dict):
     voices = [runtime.voice(DATA / clip, _words_file(clip), slot) if clip else None
               for slot, clip in ((1, case["speaker_1"]), (2, case["speaker_2"]))]
-    return runtime.prefix(*voices, include_audio=case["include_prefix"])
+    return runtime.prefix(*voices, include_prefix=case["include_prefix"])
 
 
 def _same(result, case) -> None:

@@ -27,7 +27,7 @@ from .metrics import Metrics
 from .page import router as page_router
 from .routes import ClientGone, StreamAborted, install_error_handlers, router as http_router
 from .schema import GenerationFields, RequestError
-from .voices import Voice, VoiceError, VoiceRegistry
+from .voices import RegisteredVoice, VoiceRegistry, VoiceRegistryError
 from .websocket import router as ws_router
 from .workers import Job, Limits, Pool, VoicedSessions
 
@@ -36,8 +36,8 @@ from .workers import Job, Limits, Pool, VoicedSessions
 class ServeConfig:
     max_queue: int = 16  # requests waiting for a worker before 503s
     limits: Limits = field(default_factory=Limits)
-    max_body_bytes: int = 64 * 1024  # an HTTP request body
-    max_message_bytes: int = 64 * 1024  # one WebSocket message (uvicorn closes with 1009 past it)
+    # An HTTP request body; a WebSocket message's bound is uvicorn's ws_max_size (it closes with 1009 past it).
+    max_body_bytes: int = 64 * 1024
     max_messages: int = 10_000  # per WebSocket stream, empty ones included (a text needs >= 1 char)
     body_timeout: float = 30.0  # seconds an HTTP body may take to arrive once its headers are in
     shutdown_grace: float = 10.0  # seconds in-flight streams get to finish on shutdown
@@ -53,7 +53,7 @@ class Plan:
     """A request checked in full, ready to be admitted: what to generate, in which voices."""
 
     params: GenerationParams
-    voices: tuple[Voice, Voice]
+    voices: tuple[RegisteredVoice, RegisteredVoice]
     text: str | None = None  # the whole script (HTTP); None: it arrives in pieces (WebSocket)
     input_tokens: int = 0
 
@@ -111,7 +111,7 @@ class ServeState:
     def _voice(self, name: str | None, param: str):
         try:
             return self.voices.resolve(name)
-        except VoiceError as exc:
+        except VoiceRegistryError as exc:
             raise RequestError(str(exc), param) from None
 
     def check_script(self, text: str) -> None:

@@ -7,8 +7,8 @@ unknown when the header goes out: a client reads the header for the format and
 then takes every byte up to the end of the body as samples (Python's ``wave``,
 ffmpeg and browsers do this; soundfile/libsndfile reads it too). ``flac``,
 ``mp3`` and ``opus`` are encoded once the utterance is complete, so their body
-arrives whole at the end. The float-to-int16 rounding is ``dia2-rt speak``'s,
-so the samples equal a CLI run's.
+arrives whole at the end. The float-to-int16 rounding is ``dia2-rt speak``'s
+(``runtime.audio.pcm16``), so the samples equal a CLI run's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..audio import pcm16
 
 UNKNOWN_SIZE = 0xFFFFFFFF
 
@@ -47,11 +49,6 @@ def available_formats() -> dict[str, AudioFormat]:
     return {name: fmt for name, fmt in FORMATS.items()
             if fmt.soundfile is None or (fmt.soundfile[0] in known
                                          and fmt.soundfile[1] in sf.available_subtypes(fmt.soundfile[0]))}
-
-
-def pcm16(pcm: np.ndarray) -> bytes:
-    """Float samples -> s16le bytes, rounded as ``dia2-rt speak --out -`` rounds them."""
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
 def wav_header(sample_rate: int, data_bytes: int = UNKNOWN_SIZE) -> bytes:

@@ -11,7 +11,7 @@ import click
 from ..backends import BACKEND_NAMES
 from ..cli_common import FiniteFloat, threads_option
 from ..script import MAX_SCRIPT_CHARS
-from .voices import VoiceError, VoiceRegistry
+from .voices import VoiceRegistry, VoiceRegistryError
 
 
 # Upper bounds: past these a value is a typo, and some (threads, bytes) would be a resource sink.
@@ -79,8 +79,8 @@ def serve(artifacts, host, port, workers, max_queue, voice_options, request_time
         slots = _load(artifacts, workers, backend, threads)
         voices = _voices(voice_options, slots[0])
         config = ServeConfig(max_queue=max_queue, limits=Limits(request_timeout, max_input_chars, idle_timeout),
-                             max_body_bytes=max_body_bytes, max_message_bytes=max_body_bytes,
-                             max_messages=max_messages, body_timeout=body_timeout, shutdown_grace=shutdown_grace,
+                             max_body_bytes=max_body_bytes, max_messages=max_messages,
+                             body_timeout=body_timeout, shutdown_grace=shutdown_grace,
                              origins=OriginPolicy(host, allow_hosts, allow_origins))
         app = create_app(slots, config, voices)
         if not _loopback(host):
@@ -106,7 +106,7 @@ def _voices(options, runtime) -> VoiceRegistry:
 
     try:
         return VoiceRegistry.from_options(list(options), loader=load)
-    except VoiceError as exc:
+    except VoiceRegistryError as exc:
         raise click.ClickException(str(exc)) from None
 
 

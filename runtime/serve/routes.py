@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from .. import ScriptError
 from .audio import AudioFormat, encode_whole, wav_header
 from .schema import RequestError, SpeechRequest, error_body, parse_json, validate
-from .voices import VoiceError
+from .voices import VoiceRegistryError
 from .workers import Busy, Chunk, Failed, Finished, Job
 
 log = logging.getLogger("dia2_trt.serve")
@@ -234,8 +234,8 @@ def install_error_handlers(app) -> None:
         # Unread body bytes may follow a 408/413/415: closing is the only way not to read them.
         return JSONResponse(error_body(str(exc), exc.param), status_code=exc.status, headers=_CLOSE)
 
-    @app.exception_handler(VoiceError)
-    async def _voice_error(request: Request, exc: VoiceError):
+    @app.exception_handler(VoiceRegistryError)
+    async def _voice_error(request: Request, exc: VoiceRegistryError):
         request.app.state.serve.metrics.outcome(_endpoint(request), "client_error")
         return JSONResponse(error_body(str(exc), "voice"), status_code=400)
 

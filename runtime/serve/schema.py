@@ -1,8 +1,8 @@
 """Request bodies: OpenAI's speech request plus Dia2's generation extras, and the error shape.
 
-The extras mirror ``dia2-rt speak``'s options and map to GenerationParams the same
-way (``temperature`` sets both streams unless a per-stream one is given), so a
-request with the same text, seed and parameters reproduces a CLI run exactly.
+The extras mirror ``dia2-rt speak``'s options and map to GenerationParams through
+the same ``GenerationParams.from_options``, so a request with the same text, seed
+and parameters reproduces a CLI run exactly.
 Unknown fields are errors rather than silently dropped.
 """
 
@@ -48,12 +48,10 @@ class GenerationFields(BaseModel):
 
     def params(self) -> GenerationParams:
         """As ``dia2-rt speak`` builds them from the same options."""
-        d = GenerationParams()
-        return GenerationParams(
-            text_temperature=_first(self.text_temperature, self.temperature, d.text_temperature),
-            audio_temperature=_first(self.audio_temperature, self.temperature, d.audio_temperature),
-            text_top_k=self.top_k, audio_top_k=self.top_k, cfg_scale=self.cfg_scale,
-            cfg_filter_k=self.cfg_filter_k, seed=self.seed)
+        return GenerationParams.from_options(
+            seed=self.seed, temperature=self.temperature, text_temperature=self.text_temperature,
+            audio_temperature=self.audio_temperature, top_k=self.top_k, cfg_scale=self.cfg_scale,
+            cfg_filter_k=self.cfg_filter_k)
 
 
 class SpeechRequest(GenerationFields):
@@ -108,7 +106,3 @@ def validate(model: type[BaseModel], data: Any) -> BaseModel:
         if first["type"] == "extra_forbidden":
             message = "unknown field"
         raise RequestError(f"{param}: {message}" if param else message, param) from None
-
-
-def _first(*values):
-    return next(v for v in values if v is not None)

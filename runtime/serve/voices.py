@@ -7,7 +7,7 @@ unchanged. Any other name is a request error: a voice is never ignored.
 
 The registry checks each file when the server starts (a regular, readable file,
 then the ``loader``: the CLI's loads it with the runtime's ``load_voice`` and
-checks it against the artifacts) and hands requests a :class:`Voice` whose
+checks it against the artifacts) and hands requests a :class:`RegisteredVoice` whose
 ``prefix`` is what the loader made of the file.
 """
 
@@ -27,12 +27,12 @@ DEFAULT = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class VoiceError(ValueError):
+class VoiceRegistryError(ValueError):
     """A voice name or file the server cannot use (one line)."""
 
 
 @dataclass(frozen=True)
-class Voice:
+class RegisteredVoice:
     name: str
     path: Path | None  # None: no prefix
     prefix: Any = None  # what the loader made of the file (the runtime's voice)
@@ -42,14 +42,14 @@ class Voice:
         return self.path is not None
 
 
-NO_PREFIX = Voice(DEFAULT, None)
+NO_PREFIX = RegisteredVoice(DEFAULT, None)
 
 
 class VoiceRegistry:
     """Names -> voices. ``resolve`` is what the request handlers call."""
 
     def __init__(self, loader: Callable[[Path], Any] | None = None) -> None:
-        self._voices: dict[str, Voice] = {}
+        self._voices: dict[str, RegisteredVoice] = {}
         self._loader = loader
 
     @classmethod
@@ -60,26 +60,26 @@ class VoiceRegistry:
         for option in options:
             name, sep, file = option.partition("=")
             if not sep or not file:
-                raise VoiceError(f"--voice {option!r}: expected NAME=FILE")
+                raise VoiceRegistryError(f"--voice {option!r}: expected NAME=FILE")
             registry.register(name, Path(file))
         return registry
 
     def register(self, name: str, path: Path) -> None:
         if not _NAME.fullmatch(name):
-            raise VoiceError(f"voice name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+            raise VoiceRegistryError(f"voice name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
         if name == DEFAULT or name in OPENAI_VOICES:
-            raise VoiceError(f"voice name {name!r} is reserved (it means no prefix)")
+            raise VoiceRegistryError(f"voice name {name!r} is reserved (it means no prefix)")
         if name in self._voices:
-            raise VoiceError(f"voice {name!r} is registered twice")
+            raise VoiceRegistryError(f"voice {name!r} is registered twice")
         if not path.is_file():
-            raise VoiceError(f"voice {name!r}: {path} is not a file")
+            raise VoiceRegistryError(f"voice {name!r}: {path} is not a file")
         try:
             with path.open("rb") as handle:
                 handle.read(1)
         except OSError as exc:
-            raise VoiceError(f"voice {name!r}: cannot read {path}: {exc.strerror or exc}") from None
+            raise VoiceRegistryError(f"voice {name!r}: cannot read {path}: {exc.strerror or exc}") from None
         prefix = self._load(name, path)
-        self._voices[name] = Voice(name, path.resolve(), prefix)
+        self._voices[name] = RegisteredVoice(name, path.resolve(), prefix)
 
     def _load(self, name: str, path: Path) -> Any:
         if self._loader is None:
@@ -87,15 +87,15 @@ class VoiceRegistry:
         try:
             return self._loader(path)
         except (OSError, ValueError) as exc:
-            raise VoiceError(f"voice {name!r}: {exc}") from None
+            raise VoiceRegistryError(f"voice {name!r}: {exc}") from None
 
-    def resolve(self, name: str | None) -> Voice:
-        """The voice a request names; a name that is neither registered nor built in is a VoiceError."""
+    def resolve(self, name: str | None) -> RegisteredVoice:
+        """The voice a request names; a name that is neither registered nor built in is a VoiceRegistryError."""
         if name is None or name == DEFAULT or name in OPENAI_VOICES:
             return NO_PREFIX
         voice = self._voices.get(name)
         if voice is None:
-            raise VoiceError(f"unknown voice {name!r}: use {', '.join(self.names())} or an OpenAI voice name")
+            raise VoiceRegistryError(f"unknown voice {name!r}: use {', '.join(self.names())} or an OpenAI voice name")
         return voice
 
     def names(self) -> list[str]:

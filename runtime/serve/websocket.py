@@ -44,7 +44,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .schema import RequestError, StreamStart, parse_json, validate
-from .voices import VoiceError
+from .voices import VoiceRegistryError
 from .workers import Busy, Chunk, Failed, Finished, Job
 
 log = logging.getLogger("dia2_trt.serve")
@@ -109,7 +109,7 @@ async def _start(ws: WebSocket, state) -> StreamStart:
 async def _admit(state, start: StreamStart) -> Job:
     try:
         return state.admit(await state.offload(state.plan, start))
-    except (RequestError, VoiceError) as exc:
+    except (RequestError, VoiceRegistryError) as exc:
         raise _Close(1008, "bad_request", str(exc)) from None
     except Busy as exc:
         raise _Close(1013, "busy", f"{exc}; retry after {exc.retry_after} s") from None

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .. import Dia2Runtime, GenerationParams, ScriptError, SpeakResult
-from .audio import pcm16
-from .voices import Voice
+from ..audio import pcm16
+from .voices import RegisteredVoice
 
 log = logging.getLogger("dia2_trt.serve")
 
@@ -86,7 +86,7 @@ class Job:
     """One utterance in flight; the public methods are for the event loop's side."""
 
     params: GenerationParams
-    voices: tuple[Voice, Voice]
+    voices: tuple[RegisteredVoice, RegisteredVoice]
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -222,7 +222,8 @@ class VoicedSessions:
         self._warm: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()  # one warm-up per pair, even when two requests want it at once
 
-    def __call__(self, runtime: Dia2Runtime, params: GenerationParams, voices: tuple[Voice, Voice], progress):
+    def __call__(self, runtime: Dia2Runtime, params: GenerationParams,
+                 voices: tuple[RegisteredVoice, RegisteredVoice], progress):
         first, second = voices
         if not (first.conditioned or second.conditioned):
             return runtime.open_session(params, progress=progress)

@@ -39,7 +39,7 @@ def _voices(runtime, case):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'2spk' if c['speaker_2'] else '1spk'}-"
                                                       f"{'kept' if c['include_prefix'] else 'trimmed'}")
 def test_prefix_tokens_equal_the_reference_without_torch(runtime, case, tmp_path):
-    prefix = runtime.prefix(*_voices(runtime, case), include_audio=case["include_prefix"])
+    prefix = runtime.prefix(*_voices(runtime, case), include_prefix=case["include_prefix"])
     for prefill in (True, False):
         result = runtime.speak(case["script"], GREEDY, prefix=prefix, prefill=prefill)
         assert result.tokens.tolist() == case["tokens"]
@@ -49,7 +49,7 @@ def test_prefix_tokens_equal_the_reference_without_torch(runtime, case, tmp_path
             save_voice(voice, tmp_path / f"{slot}.voice")
     files = [load_voice(tmp_path / f"{slot}.voice") if (tmp_path / f"{slot}.voice").exists() else None
              for slot in (1, 2)]
-    again = runtime.speak(case["script"], GREEDY, prefix=runtime.prefix(*files, include_audio=case["include_prefix"]))
+    again = runtime.speak(case["script"], GREEDY, prefix=runtime.prefix(*files, include_prefix=case["include_prefix"]))
     assert again.tokens.tolist() == case["tokens"]
     # Torch-free by construction in .ci/run's base venv (import torch fails there); in the full
     # suite other tests have loaded torch, so tests/test_voices.py checks it in a subprocess.

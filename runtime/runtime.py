@@ -56,8 +56,6 @@ class Dia2Runtime:
         self._turns = {name: threading.Lock() for name, g in self.graphs.items() if not g.concurrent}
         self._check_codec()
         self.states = StatePool(manifest, self.bind)
-        # Artifacts exported before prefixes have no cache_length input: they speak, without prefixes.
-        self.row_input = any(t.name == "cache_length" for t in self.graphs["backbone"].spec.inputs)
         self._lazy_lock, self._prefill_unusable = threading.Lock(), False
 
     @classmethod
@@ -65,12 +63,12 @@ class Dia2Runtime:
              threads: int | None = None, *, verify: bool = True) -> "Dia2Runtime":
         """``verify=False`` skips the files' checksums (the manifest's other checks always run)."""
         manifest = load_manifest(artifacts_dir, verify=verify)
-        engine = create_backend(backend, threads) if isinstance(backend, str) else backend
+        backend = create_backend(backend, threads) if isinstance(backend, str) else backend
         try:
             tokenizer = TextTokenizer.from_dir(manifest.tokenizer_dir)
         except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
             raise ArtifactError(f"{manifest.tokenizer_dir}: cannot load tokenizer ({exc})") from None
-        return cls(manifest, engine, tokenizer)
+        return cls(manifest, backend, tokenizer)
 
     def _check_codec(self) -> None:
         spec = self.manifest.graph("codec_decoder")
@@ -112,7 +110,7 @@ class Dia2Runtime:
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be callable, got {type(progress).__name__}")
         if isinstance(prefix, SpeakResult):  # a conversation's previous turn
-            prefix = self.prefix(self.turn_voice(prefix.tokens, prefix.timestamps), include_audio=include_prefix)
+            prefix = self.prefix(self.turn_voice(prefix.tokens, prefix.timestamps), include_prefix=include_prefix)
         elif isinstance(prefix, WarmState):
             self.check_warm(prefix)
         elif prefix is not None and not isinstance(prefix, Prefix):
@@ -210,8 +208,13 @@ class Dia2Runtime:
         return Voice(speaker, codes, words, entries, steps, None, self.artifact_hashes())
 
     def prefix(self, speaker_1: Voice | None, speaker_2: Voice | None = None,
-               include_audio: bool = False) -> Prefix | None:
-        """The reference's prefix plan from voices (speaker 2 needs speaker 1); checked against the context."""
+               include_prefix: bool = False, *, include_audio: bool | None = None) -> Prefix | None:
+        """The reference's prefix plan from voices (speaker 2 needs speaker 1); checked against the context.
+
+        ``include_prefix`` keeps the prefix audio in the output, as ``open_session``'s and the reference's
+        argument of that name; ``include_audio`` is its earlier spelling, still accepted."""
+        if include_audio is not None:
+            include_prefix = include_audio
         for voice in (speaker_1, speaker_2):
             if voice is not None:
                 self.check_voice(voice)
@@ -221,7 +224,7 @@ class Dia2Runtime:
         if plan.codes.shape[0] != self.manifest.audio_channels:
             raise VoiceError(f"the prefix has {plan.codes.shape[0]} codebooks, the model {self.manifest.audio_channels}")
         self.check_prefix_frames(plan.frames)
-        return Prefix(plan, include_audio)
+        return Prefix(plan, include_prefix)
 
     def _as_speaker(self, voice: Voice, speaker: int) -> Voice:
         """A voice recorded for the other speaker slot gets its entries re-tokenised with this slot's tag."""
@@ -246,9 +249,6 @@ class Dia2Runtime:
 
     def check_prefix_frames(self, frames: int) -> None:
         """A prefix needs its frames in the KV cache plus room for at least one generated frame."""
-        if not self.row_input:
-            raise VoiceError(f"{self.manifest.root}: these artifacts predate audio prefixes (their backbone has no "
-                             f"cache_length input); rebuild them to use a prefix")
         room = self.manifest.cache_capacity - 1
         if frames > room:
             raise VoiceError(f"the prefix is {frames} frames ({frames / self.manifest.frame_rate:.1f} s) but these "
@@ -324,11 +324,8 @@ class Dia2Runtime:
             state.write_rows(t, out["k_new"], out["v_new"])
 
     def step_feeds(self, tokens: np.ndarray, position: int, row: int) -> dict:
-        """The backbone step's inputs: RoPE ``position`` and, where the graph has it, the cache ``row``."""
-        feeds = {"tokens": tokens, "position": position}
-        if self.row_input:
-            feeds["cache_length"] = row
-        return feeds
+        """The backbone step's inputs: RoPE ``position`` and the cache ``row`` (they differ after a prefix)."""
+        return {"tokens": tokens, "position": position, "cache_length": row}
 
     def _prefill_binding(self):
         """A binding of the prefill graph (loaded on first use), or None in artifacts without one."""
