@@ -28,9 +28,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -177,7 +177,7 @@ class TimedBackend:
     def __init__(self, inner: Backend, clock: FrameClock) -> None:
         self.name, self._inner, self._clock = inner.name, inner, clock
 
-    def load(self, spec: GraphSpec) -> "_TimedGraph":
+    def load(self, spec: GraphSpec) -> _TimedGraph:
         return _TimedGraph(self._inner.load(spec), self._clock)
 
 

@@ -28,7 +28,7 @@ from dia2_trt.models.sources import load_model, resolve_checkpoint
 from dia2_trt.models.tokens import resolve_token_ids
 from dia2_trt.runtime.prefix import script_free_frames, warmup_tokens
 from dia2_trt.runtime.state_machine import REFERENCE_MAX_PADDING, Entry, StateMachine
-from dia2_trt.runtime.voice import Word, build_plan, Voice, words_to_entries
+from dia2_trt.runtime.voice import Voice, Word, build_plan, words_to_entries
 
 FRAME_RATE = 12.5
 

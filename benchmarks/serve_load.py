@@ -70,7 +70,7 @@ class ServerProcess:
              "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def wait_ready(self, seconds: float = 120.0) -> "ServerProcess":
+    def wait_ready(self, seconds: float = 120.0) -> ServerProcess:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -185,7 +185,7 @@ class QueuePoller:
     def __init__(self, url: str) -> None:
         self.url, self.max_queued, self.max_busy, self._task = url, 0, 0, None
 
-    async def __aenter__(self) -> "QueuePoller":
+    async def __aenter__(self) -> QueuePoller:
         self._task = asyncio.ensure_future(self._poll())
         return self
 

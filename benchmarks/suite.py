@@ -24,7 +24,8 @@ PLANS = {
     # The real vocabularies and 32 codebooks at tiny widths: the per-frame overhead the 2B
     # pays beyond its weight reads (sampling, 32 stages, codec, host), measurable on a CPU.
     "real-vocab": {"precisions": ("fp32",), "bench": ["--frames", "64", "--repeats", "5", "--warmup-frames", "8"]},
-    "2b": {"precisions": ("fp32", "int8", "int4"), "bench": ["--frames", "32", "--repeats", "2", "--warmup-frames", "2"]},
+    "2b": {"precisions": ("fp32", "int8", "int4"),
+           "bench": ["--frames", "32", "--repeats", "2", "--warmup-frames", "2"]},
 }
 
 

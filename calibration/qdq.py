@@ -145,7 +145,8 @@ def quantize_in_place(model: onnx.ModelProto, amax: dict[str, float], scheme: Sc
 
 def _without_unread_transposes(nodes: list, transposed: dict[str, str], graph: onnx.GraphProto) -> list:
     read = {name for n in nodes for name in reads(n)} | {o.name for o in graph.output}
-    return [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in transposed and n.output[0] not in read)]
+    unread = {name for name in transposed if name not in read}
+    return [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in unread)]
 
 
 def _activation_qdq(x: str, amax: float, scheme: Scheme, nodes: list, inits: list) -> str:

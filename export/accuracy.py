@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from .replay import Replay, record
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.manifest import DEPFORMER
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.sampling import guide
+
+from .replay import Replay, record
 
 DEFAULT_SCRIPT = ("[S1] Hello there, how are you doing today? [S2] I am fine, thanks for asking. "
                   "[S1] Good to hear. Shall we go for a walk?")

@@ -11,8 +11,8 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from dia2_trt.runtime.artifacts import FORMAT, load_manifest
 from dia2_trt.runtime.cli_common import is_within, unwritable

@@ -6,9 +6,9 @@ import gc
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -18,8 +18,20 @@ from dia2_trt.models.tokens import check_tokenizer, resolve_token_ids
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.cli_common import is_within
 from dia2_trt.runtime.files import open_regular
-from dia2_trt.runtime.manifest import (BACKBONE, BACKBONE_PREFILL, CACHE_ROWS, CODEC_DECODER, CODEC_ENCODER,
-                                       DEPFORMER, FLOAT_PRECISIONS, MANIFEST, WEIGHT_ONLY_PRECISIONS, GraphSpec, Manifest, SourceInfo)
+from dia2_trt.runtime.manifest import (
+    BACKBONE,
+    BACKBONE_PREFILL,
+    CACHE_ROWS,
+    CODEC_DECODER,
+    CODEC_ENCODER,
+    DEPFORMER,
+    FLOAT_PRECISIONS,
+    MANIFEST,
+    WEIGHT_ONLY_PRECISIONS,
+    GraphSpec,
+    Manifest,
+    SourceInfo,
+)
 
 from .artifact_dir import BuildError, atomic_dir, check_output_dir, copy_tree, tree_bytes
 from .codec import export_codec_decoder, export_codec_encoder
@@ -304,8 +316,7 @@ def _quantized_codec(root: Path, spec: GraphSpec, progress) -> GraphSpec:
 
 def _quantize_file(root: Path, file: str, name: str, scheme, label: str, *, fit: bool, progress,
                    state: list[dict] | tuple = ()) -> GraphSpec:
-    from .weight_only import (QuantizeError, check_block_size, fit_block_size,
-                                                  quantize_model_file)
+    from .weight_only import QuantizeError, check_block_size, fit_block_size, quantize_model_file
 
     progress(f"quantizing {name} weights to {label}")
     path = root / file

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import click
 
-from dia2_trt.runtime.cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, files_under, int64_range,
-                                         read_script)
+from dia2_trt.runtime.cli_common import (
+    FiniteFloat,
+    OneLineGroup,
+    check_outputs,
+    fail,
+    files_under,
+    int64_range,
+    read_script,
+)
 from dia2_trt.runtime.files import AUDIO_FORMATS, audio_writer, write_atomic, write_together
 
 from .build import BUILD_PRECISIONS, DEFAULT_OPSET, BuildOptions
@@ -27,8 +34,10 @@ def _checkpoint_files(size: str | None, checkpoint: str | None):
 
 
 def _source_options(fn):
-    fn = click.option("--checkpoint", type=click.Path(), help="Local checkpoint directory (config.json, model.safetensors, tokenizer).")(fn)
-    return click.option("--size", type=click.Choice(SIZES, case_sensitive=False), help="Model size: tiny (offline, random), 1B or 2B (Hugging Face).")(fn)
+    fn = click.option("--checkpoint", type=click.Path(),
+                      help="Local checkpoint directory (config.json, model.safetensors, tokenizer).")(fn)
+    return click.option("--size", type=click.Choice(SIZES, case_sensitive=False),
+                        help="Model size: tiny (offline, random), 1B or 2B (Hugging Face).")(fn)
 
 
 @click.group(cls=OneLineGroup)
@@ -160,7 +169,8 @@ def _accuracy(artifacts: Path, against: Path, script_file, report, steps: int | 
 @click.option("--cfg-filter-k", default=50, show_default=True, type=int64_range())
 @click.option("--seed", default=0, show_default=True, type=int64_range())
 @click.option("--tokens-out", required=True, type=click.Path(), help="JSON with aligned tokens and word timestamps.")
-@click.option("--out", "wav_out", type=click.Path(), help="Also decode to audio (.wav, .flac, .ogg) with transformers' Mimi.")
+@click.option("--out", "wav_out", type=click.Path(),
+              help="Also decode to audio (.wav, .flac, .ogg) with transformers' Mimi.")
 def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_filter_k, seed, tokens_out, wav_out):
     """Generate with the eager PyTorch reference loop."""
     from dia2_trt.runtime.params import GenerationParams

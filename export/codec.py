@@ -24,8 +24,17 @@ import torch
 from transformers import MimiModel
 
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
-from dia2_trt.runtime.manifest import (CODEC_DECODER, CODEC_ENCODER, FLOAT_PRECISIONS, STATE_IN, STATE_OUT, CodecInfo,
-                                       GraphSpec, StatePair, TensorSpec)
+from dia2_trt.runtime.manifest import (
+    CODEC_DECODER,
+    CODEC_ENCODER,
+    FLOAT_PRECISIONS,
+    STATE_IN,
+    STATE_OUT,
+    CodecInfo,
+    GraphSpec,
+    StatePair,
+    TensorSpec,
+)
 
 from .manifest import graph_spec
 from .onnx_io import EXTERNAL_DATA_BYTES, module_bytes, save_model

@@ -12,8 +12,19 @@ from dia2_trt.runtime.artifacts import sha256
 from dia2_trt.runtime.files import write_atomic
 from dia2_trt.runtime.graph_io import read_io
 from dia2_trt.runtime.manifest import (
-    FORMAT, MANIFEST, VERSION, CodecInfo, DepformerTopology, FileRef, GraphSpec, Manifest, SourceInfo, StatePair,
-    TensorSpec, TokenizerEntry, Topology,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    CodecInfo,
+    DepformerTopology,
+    FileRef,
+    GraphSpec,
+    Manifest,
+    SourceInfo,
+    StatePair,
+    TensorSpec,
+    TokenizerEntry,
+    Topology,
 )
 from dia2_trt.runtime.state_machine import REFERENCE_MAX_PADDING, TokenIds
 

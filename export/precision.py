@@ -168,14 +168,16 @@ def _fp16_boundary(model: onnx.ModelProto, names: set[str]) -> None:
             # every boundary cast goes: the converter may cast an input more than once (a dynamic
             # cache has two, one for the Shape that reads its row count)
             dropped = False
-            while _drop_cast(graph, lambda n: n.input[0] == value.name, TensorProto.FLOAT16, keep=value.name):
+            name = value.name
+            while _drop_cast(graph, lambda n, name=name: n.input[0] == name, TensorProto.FLOAT16, keep=name):
                 dropped = True
             if not dropped:
                 _insert_cast(graph, value.name, TensorProto.FLOAT, for_input=True)
     for value in graph.output:
         if _named(value.name, names) and value.type.tensor_type.elem_type == TensorProto.FLOAT:
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
-            if not _drop_cast(graph, lambda n: n.output[0] == value.name, TensorProto.FLOAT, keep=value.name):
+            name = value.name
+            if not _drop_cast(graph, lambda n, name=name: n.output[0] == name, TensorProto.FLOAT, keep=name):
                 _insert_cast(graph, value.name, TensorProto.FLOAT16, for_input=False)
 
 

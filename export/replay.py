@@ -16,15 +16,15 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
+from dia2_trt.runtime import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
 from dia2_trt.runtime.backends import OrtBackend
-from dia2_trt.runtime import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.manifest import BACKBONE, DEPFORMER
 from dia2_trt.runtime.params import GenerationParams
 
@@ -52,7 +52,7 @@ class _Recorder:
         self.concurrent = inner.concurrent
         self.calls: list[dict[str, np.ndarray]] = []
 
-    def binding(self) -> "_RecordingBinding":
+    def binding(self) -> _RecordingBinding:
         return _RecordingBinding(self._inner.binding(), self)
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import onnx
 
@@ -38,7 +38,8 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise EngineError("TensorRT is not installed (pip install 'dia2-trt[tensorrt]' on a machine with an NVIDIA GPU)") from None
+        raise EngineError("TensorRT is not installed "
+                          "(pip install 'dia2-trt[tensorrt]' on a machine with an NVIDIA GPU)") from None
     return tensorrt
 
 

@@ -16,7 +16,7 @@ Tensors are moved, never read, so external data keeps pointing at the same file.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -94,7 +94,8 @@ def _unroll(loop: onnx.NodeProto, graph: onnx.GraphProto, constants: dict,
     defined = defined_names(body)
     for j in range(int(constants[trip])):
         iteration = f"{loop.name}/iteration@{j}"
-        nodes.append(helper.make_node("Constant", [], [iteration], value=numpy_helper.from_array(np.array(j, np.int64))))
+        index = numpy_helper.from_array(np.array(j, np.int64))
+        nodes.append(helper.make_node("Constant", [], [iteration], value=index))
         rename = {name: f"{name}@{j}" for name in defined}
         rename.update(hoisted)
         graph.initializer.extend(_renamed_tensor(t, rename[t.name]) for t in copied)

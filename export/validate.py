@@ -10,8 +10,8 @@ transformers' batch ``MimiModel.decode``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,7 +24,14 @@ from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model, reso
 from dia2_trt.models.tokens import resolve_token_ids
 from dia2_trt.runtime.artifacts import load_manifest, sha256
 from dia2_trt.runtime.manifest import (
-    BACKBONE, CODEC_DECODER, CODEC_ENCODER, DEPFORMER, STATE_IN, STATE_OUT, GraphSpec, Manifest,
+    BACKBONE,
+    CODEC_DECODER,
+    CODEC_ENCODER,
+    DEPFORMER,
+    STATE_IN,
+    STATE_OUT,
+    GraphSpec,
+    Manifest,
 )
 
 from .graphs import BackboneStep, DepformerFrame

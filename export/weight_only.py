@@ -69,7 +69,7 @@ class WeightOnlyScheme:
             raise QuantizeError(f"block size {self.block_size} must be a power of two >= 16 "
                                 "(ONNX Runtime's MatMulNBits kernel requires it)")
 
-    def record(self, report: "QuantizeReport", label: str) -> QuantizationRecord:
+    def record(self, report: QuantizeReport, label: str) -> QuantizationRecord:
         """The manifest's per-graph quantization record, under the precision name ``label``."""
         return QuantizationRecord(
             scheme=label, bits=self.bits, symmetric=True, block_size=self.block_size,
@@ -371,7 +371,8 @@ def plan_weights(graph: onnx.GraphProto, scheme: WeightOnlyScheme) -> dict[str, 
     shapes = {t.name: tuple(t.dims) for t in graph.initializer
               if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
     transposed = {out: w for out, w in transposed_weights(graph).items() if w in shapes}
-    constant = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constant = {t.name for t in graph.initializer}
+    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     roles: dict[str, set[str]] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):

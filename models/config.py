@@ -148,12 +148,12 @@ class _Reader:
         self._block = block
         self._where = where
 
-    def block(self, key: str) -> "_Reader":
+    def block(self, key: str) -> _Reader:
         if key not in self._block:
             raise ConfigError(f"{self._where}: missing '{key}' block")
         return _Reader(self._block[key] if self._block[key] is not None else {}, f"{self._where}:{key}")
 
-    def optional_block(self, key: str) -> "_Reader":
+    def optional_block(self, key: str) -> _Reader:
         return _Reader(self._block.get(key) or {}, f"{self._where}:{key}")
 
     def get(self, key: str, kind: type, default: Any = ...) -> Any:
@@ -251,7 +251,8 @@ def _validate(cfg: Dia2Config, source: str) -> None:
     if d.channels < 3:
         problems.append(f"data.channels must be >= 3 (text, second text, >= 1 audio codebook), got {d.channels}")
     if len(d.delay_pattern) != d.audio_channels:
-        problems.append(f"data.delay_pattern has {len(d.delay_pattern)} entries, expected {d.audio_channels} (channels - 2)")
+        problems.append(f"data.delay_pattern has {len(d.delay_pattern)} entries, "
+                        f"expected {d.audio_channels} (channels - 2)")
     if any(v < 1 for v in d.delay_pattern):
         # At frame 0 nothing is generated yet: a codebook with delay 0 would read an
         # empty slot (the reference crashes there), so every codebook starts on bos.

@@ -357,10 +357,12 @@ class Depformer(nn.Module):
         self.depformer_in = nn.ModuleDict({i: nn.Linear(m.decoder.n_embd, dep.n_embd, bias=False) for i in ids})
         self.layers = nn.ModuleList(DepformerLayer(cfg) for _ in range(dep.n_layer))
         self.norm = nn.RMSNorm(dep.n_embd, eps=m.normalization_layer_epsilon)
-        self.logits = nn.ModuleList(nn.Linear(dep.n_embd, d.audio_vocab_size, bias=False) for _ in range(self.num_depth))
+        self.logits = nn.ModuleList(nn.Linear(dep.n_embd, d.audio_vocab_size, bias=False)
+                                    for _ in range(self.num_depth))
         self.vocab_limit = min(d.audio_pad_token_id, d.audio_bos_token_id)
         # The reference builds this table with its default length, 1500.
-        self.rotary = Rotary(dep.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, 1500) if dep.apply_rope else None
+        self.rotary = (Rotary(dep.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, 1500)
+                       if dep.apply_rope else None)
 
     def stage_input(self, stage: int, prev_audio, hidden, main_text, second_text) -> torch.Tensor:
         """prev_audio/main/second: [B] int64; hidden: [B, E_backbone] -> [B, 1, E]."""
@@ -414,7 +416,7 @@ class Dia2Model(nn.Module):
         self.depformer = Depformer(cfg)
 
     @classmethod
-    def empty(cls, cfg: Dia2Config) -> "Dia2Model":
+    def empty(cls, cfg: Dia2Config) -> Dia2Model:
         """Uninitialised weights (to be loaded), skipping the seconds-long random init of a 2B model."""
         with torch.device("meta"):
             model = cls(cfg)

@@ -261,7 +261,7 @@ class MimiStreamingDecoder(nn.Module):
     def initial_state(self) -> tuple[torch.Tensor, ...]:
         return tuple(torch.zeros(shape, dtype=dtype) for _, shape, dtype in self.state_specs)
 
-    def half_compute(self) -> "MimiStreamingDecoder":
+    def half_compute(self) -> MimiStreamingDecoder:
         """Run weights and activations in fp16; state I/O and pcm stay fp32 (RoPE, LayerNorm, softmax too).
 
         Converts the wrapped MimiModel's decoder in place: wrap a copy if the original must stay fp32."""

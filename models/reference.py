@@ -7,8 +7,8 @@ for step (same tensor ops in the same order), not what would be fastest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

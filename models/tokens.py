@@ -10,7 +10,6 @@ from dia2_trt.runtime.tokenizer import TextTokenizer
 
 from .config import Dia2Config
 
-
 # Strings the runtime's tokenizer must encode exactly like the reference's (speaker tags
 # glued to words, apostrophes, digits, accents, typographic quotes, CJK).
 PROBES = ("[S1] Hello", "[S2] well,", "don't", "10 o'clock", "café", "naïve", "\u2019tis", "(laughs)", "東京",

@@ -36,8 +36,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .artifacts import ArtifactError
     from .backends import BACKEND_NAMES, Backend, Binding, Graph, create_backend
-    from .runtime import Dia2Runtime
     from .params import GenerationParams
+    from .runtime import Dia2Runtime
     from .script import ScriptError
     from .session import AudioChunk, Progress, Session, SpeakResult, TruncationWarning
 

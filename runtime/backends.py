@@ -21,8 +21,9 @@ run reads one set and writes the other, then they swap, with no copy.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -164,7 +165,7 @@ class OrtBackend:
             opts.add_session_config_entry(ORT_ACCURACY_LEVEL_KEY, str(int(accuracy_level)))
         return opts
 
-    def load(self, spec: GraphSpec) -> "OrtGraph":
+    def load(self, spec: GraphSpec) -> OrtGraph:
         return OrtGraph(self.open_session(spec), spec)
 
     def open_session(self, spec: GraphSpec, path: Path | None = None):
@@ -204,7 +205,7 @@ class OrtGraph:
             raise ArtifactError(f"{spec.path}: graph I/O {sorted(actual[0])} -> {sorted(actual[1])} "
                                 f"does not match the manifest")
 
-    def binding(self) -> "OrtBinding | OrtDynamicBinding":
+    def binding(self) -> OrtBinding | OrtDynamicBinding:
         if self.spec.fixed_shape:
             return OrtBinding(self.session, self.spec)
         return OrtDynamicBinding(self.session, self.spec)

@@ -11,8 +11,16 @@ import click
 
 from .audio import pcm16
 from .backends import BACKEND_NAMES, create_backend
-from .cli_common import (FiniteFloat, OneLineGroup, check_outputs, fail, int64_range, read_script,
-                         silence_stdout, threads_option)
+from .cli_common import (
+    FiniteFloat,
+    OneLineGroup,
+    check_outputs,
+    fail,
+    int64_range,
+    read_script,
+    silence_stdout,
+    threads_option,
+)
 from .files import AUDIO_FORMATS, audio_writer, write_together
 from .params import GenerationParams
 from .voice_cli import check_prefix_args, load_prefix, prefix_inputs, prefix_options

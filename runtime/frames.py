@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 
@@ -68,11 +68,11 @@ class StopRule:
 
     @classmethod
     def start(cls, capacity: int, delays: Sequence[int], max_padding: int, initial_padding: int,
-              new_word: int) -> "StopRule":
+              new_word: int) -> StopRule:
         return cls(capacity, max(delays, default=0) + max_padding, initial_padding, new_word)
 
     def after_prefix(self, frames: int, max_context: int, max_delay: int, cache_capacity: int,
-                     include_prefix: bool) -> "StopRule":
+                     include_prefix: bool) -> StopRule:
         """The rule for generation after an A-frame prefix warm-up: it starts at A - 1, its delayed buffer
         is the reference's max_context + A + max_delay + 1 columns, but frame t needs KV row t + 1."""
         capacity = min(max_context + frames + max_delay + 1, cache_capacity)
@@ -82,7 +82,7 @@ class StopRule:
         """Whether frame t is past the end mark's tail or past the buffer."""
         return (self.eos_cutoff is not None and t >= self.eos_cutoff) or t + 1 >= self.capacity
 
-    def after(self, t: int, main: int, end_step: int | None) -> "StopRule":
+    def after(self, t: int, main: int, end_step: int | None) -> StopRule:
         """The rule once frame t ran, emitting ``main`` with the machine's end mark at ``end_step``."""
         first = self.first_word_frame
         if first is None and main == self.new_word:

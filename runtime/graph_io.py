@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .files import InputFileError, open_regular
 

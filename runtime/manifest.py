@@ -55,7 +55,7 @@ def cache_name(kind: str, layer: int) -> str:
     return f"{kind}_cache.{layer}"
 
 
-def state_names(name: str) -> "StatePair":
+def state_names(name: str) -> StatePair:
     """The input/output pair that carries state ``name`` from one run of a graph to the next."""
     return StatePair(STATE_IN + name, STATE_OUT + name)
 
@@ -73,7 +73,7 @@ class TensorSpec:
     def static(self) -> bool:
         return all(isinstance(dim, int) for dim in self.shape)
 
-    def bounded(self, dims: dict[str, int]) -> "TensorSpec":
+    def bounded(self, dims: dict[str, int]) -> TensorSpec:
         """This tensor at its largest: each named axis with a bound in ``dims`` replaced by it."""
         return replace(self, shape=tuple(dims.get(d, d) if isinstance(d, str) else d for d in self.shape))
 
@@ -93,7 +93,7 @@ class TensorSpec:
         return np.zeros(self.static_shape, dtype=self.dtype)
 
     @classmethod
-    def from_json(cls, d: dict) -> "TensorSpec":
+    def from_json(cls, d: dict) -> TensorSpec:
         dtype = str(d["dtype"])
         if dtype not in DTYPES:
             raise ArtifactError(f"tensor {d['name']!r}: unsupported dtype {dtype!r}")
@@ -119,7 +119,7 @@ class FileRef:
     sha256: str
 
     @classmethod
-    def from_json(cls, d: dict) -> "FileRef":
+    def from_json(cls, d: dict) -> FileRef:
         return cls(str(d["file"]), _sha(d["sha256"], d["file"]))
 
     def to_json(self) -> dict:
@@ -144,7 +144,7 @@ class QuantizationRecord:
     kept_float: tuple[str, ...] = ()  # what stayed in float, in words
 
     @classmethod
-    def from_json(cls, d: dict) -> "QuantizationRecord":
+    def from_json(cls, d: dict) -> QuantizationRecord:
         level = d.get("ort_accuracy_level")
         return cls(scheme=_choice(d["scheme"], PRECISIONS, "quantization.scheme"), bits=_int(d["bits"], "bits"),
                    symmetric=bool(d["symmetric"]), block_size=None if d.get("block_size") is None
@@ -170,7 +170,7 @@ class EngineValidation:
     rtol: float
 
     @classmethod
-    def from_json(cls, d: dict) -> "EngineValidation":
+    def from_json(cls, d: dict) -> EngineValidation:
         return cls(bool(d["passed"]), int(d["iterations"]), float(d["atol"]), float(d["rtol"]))
 
     def to_json(self) -> dict:
@@ -190,7 +190,7 @@ class EngineEntry:
     validation: EngineValidation | None = None  # Polygraphy comparison with ONNX Runtime, if run
 
     @classmethod
-    def from_json(cls, d: dict) -> "EngineEntry":
+    def from_json(cls, d: dict) -> EngineEntry:
         validation = d.get("validation")
         return cls(file=str(d["file"]), sha256=_sha(d["sha256"], d["file"]), tensorrt=str(d["tensorrt"]),
                    gpu=d.get("gpu"), compute_capability=d.get("compute_capability"), built_at=str(d["built_at"]),
@@ -241,7 +241,7 @@ class GraphSpec:
         full = self.bounded()
         return all(t.static for t in (*full.inputs, *full.outputs))
 
-    def bounded(self) -> "GraphSpec":
+    def bounded(self) -> GraphSpec:
         """This graph with every bounded axis at its bound (what a fixed-shape binding allocates)."""
         return replace(self, inputs=tuple(t.bounded(self.dims) for t in self.inputs),
                        outputs=tuple(t.bounded(self.dims) for t in self.outputs))
@@ -250,7 +250,7 @@ class GraphSpec:
         return _find(self.outputs, name, self.name, "output")
 
     @classmethod
-    def from_json(cls, name: str, d: dict, root: Path = Path(".")) -> "GraphSpec":
+    def from_json(cls, name: str, d: dict, root: Path = Path(".")) -> GraphSpec:
         opt = lambda key, parse: parse(d[key]) if d.get(key) is not None else None  # noqa: E731
         return cls(
             name=name, file=str(d["file"]), sha256=_sha(d["sha256"], d["file"]),
@@ -317,7 +317,7 @@ class Topology:
     action_vocab_size: int
 
     @classmethod
-    def from_json(cls, d: dict) -> "Topology":
+    def from_json(cls, d: dict) -> Topology:
         dep = dict(d["depformer"])
         depformer = DepformerTopology(**{f.name: _int(dep[f.name], f"topology.depformer.{f.name}")
                                          for f in fields(DepformerTopology)
@@ -347,7 +347,7 @@ class CodecInfo:
     codebook_size: int  # codes lie in [0, codebook_size)
 
     @classmethod
-    def from_json(cls, d: dict) -> "CodecInfo":
+    def from_json(cls, d: dict) -> CodecInfo:
         return cls(frame_rate=float(d["frame_rate"]), sample_rate=_int(d["sample_rate"], "codec.sample_rate"),
                    samples_per_frame=_int(d["samples_per_frame"], "codec.samples_per_frame"),
                    num_quantizers=_int(d["num_quantizers"], "codec.num_quantizers"),
@@ -363,7 +363,7 @@ class TokenizerEntry:
     files: dict[str, str]  # file name -> sha256
 
     @classmethod
-    def from_json(cls, d: dict) -> "TokenizerEntry":
+    def from_json(cls, d: dict) -> TokenizerEntry:
         return cls(str(d["directory"]), {str(k): _sha(v, k) for k, v in dict(d["files"]).items()})
 
     def to_json(self) -> dict:
@@ -380,7 +380,7 @@ class SourceInfo:
     files: dict[str, str]  # checkpoint file name -> sha256
 
     @classmethod
-    def from_json(cls, d: dict) -> "SourceInfo":
+    def from_json(cls, d: dict) -> SourceInfo:
         return cls(d.get("repo_id"), d.get("checkpoint"), d.get("mimi"), dict(d.get("files", {})))
 
     def to_json(self) -> dict:
@@ -438,12 +438,12 @@ class Manifest:
             raise ArtifactError(f"{self.root / MANIFEST}: no graph {name!r}")
         return self.graphs[name]
 
-    def with_engine(self, name: str, engine: EngineEntry | None) -> "Manifest":
+    def with_engine(self, name: str, engine: EngineEntry | None) -> Manifest:
         """A copy with graph ``name``'s engine entry replaced."""
         return replace(self, graphs={**self.graphs, name: replace(self.graph(name), engine=engine)})
 
     @classmethod
-    def from_json(cls, d: dict, root: str | Path = Path(".")) -> "Manifest":
+    def from_json(cls, d: dict, root: str | Path = Path(".")) -> Manifest:
         """Parse (types and names only: ``artifacts.load_manifest`` checks values and files)."""
         root = Path(root)
         if d.get("format") != FORMAT:

@@ -49,7 +49,7 @@ class GenerationParams:
     @classmethod
     def from_options(cls, *, seed: int = 0, temperature: float | None = None, text_temperature: float | None = None,
                      audio_temperature: float | None = None, top_k: int = 50, cfg_scale: float = 2.0,
-                     cfg_filter_k: int = 50) -> "GenerationParams":
+                     cfg_filter_k: int = 50) -> GenerationParams:
         """The user-facing options (``dia2-rt speak``, ``dia2-export reference``, the server's fields):
         ``temperature`` sets both streams unless a per-stream one is given, ``top_k`` both streams' cut."""
         d = cls()

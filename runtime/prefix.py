@@ -25,16 +25,29 @@ range, and step tokens equal to what the plan gives now.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .files import InputFileError, parse_json, write_atomic
 from .state_machine import Entry, StateMachine, TextState, TokenIds
-from .voice import (MAX_CODES_BYTES, MAX_META_BYTES, NpyMember, PrefixPlan, VoiceError, check_codes,
-                    checked_hashes, checked_ints, entries_from_json, is_int64, is_text, read_npz)
+from .voice import (
+    MAX_CODES_BYTES,
+    MAX_META_BYTES,
+    NpyMember,
+    PrefixPlan,
+    VoiceError,
+    check_codes,
+    checked_hashes,
+    checked_ints,
+    entries_from_json,
+    is_int64,
+    is_text,
+    read_npz,
+)
 
 if TYPE_CHECKING:
     from .runtime import Dia2Runtime
@@ -137,7 +150,7 @@ class WarmState:
         write_atomic(Path(path), write)
 
     @classmethod
-    def load(cls, path: str | Path, runtime: "Dia2Runtime | None" = None) -> "WarmState":
+    def load(cls, path: str | Path, runtime: Dia2Runtime | None = None) -> WarmState:
         """A saved warm state. With ``runtime`` its arrays' shapes are checked against those
         artifacts before any is read, and the whole state after (``runtime.check_warm``)."""
         path = Path(path)
@@ -158,7 +171,7 @@ class WarmState:
         return warm
 
 
-def _check_layout(headers: dict, expect: "dict | None") -> None:
+def _check_layout(headers: dict, expect: dict | None) -> None:
     """The members' shapes agree with each other (and with the artifacts' cache, when known)."""
     (k_shape, k_dtype), (v_shape, v_dtype) = headers["k_rows"], headers["v_rows"]
     tokens, codes = headers["tokens"][0], headers["codes"][0]
@@ -174,7 +187,7 @@ def _check_layout(headers: dict, expect: "dict | None") -> None:
                              f"{expect['dtype']} {want}")
 
 
-def _warm_from(meta, data: dict) -> "WarmState":
+def _warm_from(meta, data: dict) -> WarmState:
     if not isinstance(meta, dict) or meta.get("format") != WARM_FORMAT:
         raise VoiceError("not a dia2-trt warm-state file")
     if meta.get("version") == 1:

@@ -14,8 +14,8 @@ Audio prefixes (``voice``, ``prefix``, ``warm``, ``turn_voice``) are the referen
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -30,8 +30,20 @@ from .session import AudioChunk, Progress, Session, SpeakResult, TruncationWarni
 from .state import StatePool
 from .state_machine import Entry, StateMachine
 from .tokenizer import TextTokenizer
-from .voice import (Voice, VoiceError, Word, build_plan, check_codes, check_hashes, check_voice_values, parse_words,
-                    read_words, recreate, speaker_tag_for, words_to_entries)
+from .voice import (
+    Voice,
+    VoiceError,
+    Word,
+    build_plan,
+    check_codes,
+    check_hashes,
+    check_voice_values,
+    parse_words,
+    read_words,
+    recreate,
+    speaker_tag_for,
+    words_to_entries,
+)
 
 __all__ = ["AudioChunk", "Dia2Runtime", "Progress", "Session", "SpeakResult", "TruncationWarning"]
 
@@ -60,7 +72,7 @@ class Dia2Runtime:
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
-             threads: int | None = None, *, verify: bool = True) -> "Dia2Runtime":
+             threads: int | None = None, *, verify: bool = True) -> Dia2Runtime:
         """``verify=False`` skips the files' checksums (the manifest's other checks always run)."""
         manifest = load_manifest(artifacts_dir, verify=verify)
         backend = create_backend(backend, threads) if isinstance(backend, str) else backend
@@ -94,7 +106,7 @@ class Dia2Runtime:
 
     def open_session(self, params: GenerationParams | None = None,
                      progress: Callable[[Progress], None] | None = None,
-                     prefix: "Prefix | WarmState | SpeakResult | None" = None, *, include_prefix: bool = False,
+                     prefix: Prefix | WarmState | SpeakResult | None = None, *, include_prefix: bool = False,
                      prefill: bool = True) -> Session:
         """Start an utterance fed incrementally (``feed``, ``close``, iterate); sessions are independent.
 
@@ -156,7 +168,7 @@ class Dia2Runtime:
 
     # --- voices ----------------------------------------------------------------
 
-    def voice(self, audio: str | Path, words: "list[Word] | str | Path | None" = None, speaker: int = 1,
+    def voice(self, audio: str | Path, words: list[Word] | str | Path | None = None, speaker: int = 1,
               transcriber: Callable[[Path, float], list[Word]] | None = None) -> Voice:
         """One speaker's prefix from an audio file and its word timings.
 
@@ -222,7 +234,8 @@ class Dia2Runtime:
         if plan is None:
             return None
         if plan.codes.shape[0] != self.manifest.audio_channels:
-            raise VoiceError(f"the prefix has {plan.codes.shape[0]} codebooks, the model {self.manifest.audio_channels}")
+            raise VoiceError(f"the prefix has {plan.codes.shape[0]} codebooks, "
+                             f"the model {self.manifest.audio_channels}")
         self.check_prefix_frames(plan.frames)
         return Prefix(plan, include_prefix)
 

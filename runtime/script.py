@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .state_machine import Entry, TokenIds
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -111,9 +112,9 @@ class Session:
     thread at a time; different sessions of one runtime may run in parallel.
     """
 
-    def __init__(self, runtime: "Dia2Runtime", params: GenerationParams,
+    def __init__(self, runtime: Dia2Runtime, params: GenerationParams,
                  progress: Callable[[Progress], None] | None = None,
-                 prefix: "Prefix | WarmState | None" = None, include_prefix: bool = False,
+                 prefix: Prefix | WarmState | None = None, include_prefix: bool = False,
                  prefill: bool = True) -> None:
         m = runtime.manifest
         self.runtime, self.params, self._progress = runtime, params, progress

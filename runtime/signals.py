@@ -10,8 +10,8 @@ point exits 143 (128 + SIGTERM, what a shell reports for a process SIGTERM ended
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
 

@@ -18,8 +18,8 @@ session would turn every later session's attention into NaN.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class GenerationState:
     tokens: np.ndarray  # [2, C] the step tokens fed to the backbone
     audio: np.ndarray  # [Q, cache_capacity + max_delay + 1] delayed codes (both CFG rows get the same ones)
     noise: np.ndarray  # [Q] one uniform number per codebook for the in-graph audio sampler
-    cache: "KVCache"  # layer i's K is bound as the backbone's k_cache.i
+    cache: KVCache  # layer i's K is bound as the backbone's k_cache.i
     backbone: Binding
     depformer: Binding
     codec: CodecStream
@@ -65,7 +65,7 @@ class GenerationState:
     rows_written: int = 0  # cache rows 0 .. rows_written-1 may hold a session's values (scrub zeroes them)
 
     @classmethod
-    def allocate(cls, m: Manifest, bind: Callable[[str], Binding]) -> "GenerationState":
+    def allocate(cls, m: Manifest, bind: Callable[[str], Binding]) -> GenerationState:
         """Buffers for manifest ``m``; ``bind(graph name)`` gives this state its own binding of a graph."""
         backbone = bind("backbone")
         cache = backbone.spec.input(cache_name("k", 0)).bounded(backbone.spec.dims)

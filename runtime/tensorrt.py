@@ -18,9 +18,10 @@ first use only.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Mapping
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class TrtBackend:
         self.cuda_graphs = cuda_graphs
         self.gpu = gpu_info(self.cudart, device)
 
-    def load(self, spec: GraphSpec) -> "TrtGraph":
+    def load(self, spec: GraphSpec) -> TrtGraph:
         plan = check_engine(spec, self._trt.__version__, self.gpu)
         try:  # a regular file only (with --no-verify nothing else has opened it): a FIFO is refused
             data = read_regular(plan, MAX_ENGINE_BYTES, "TensorRT engine")
@@ -114,7 +115,7 @@ class TrtGraph:
     def __init__(self, backend: TrtBackend, engine, spec: GraphSpec) -> None:
         self.spec, self.backend, self.engine = spec, backend, engine
 
-    def binding(self) -> "TrtBinding | TrtDynamicBinding":
+    def binding(self) -> TrtBinding | TrtDynamicBinding:
         if self.spec.fixed_shape:
             return TrtBinding(self)
         return TrtDynamicBinding(self)
@@ -314,7 +315,7 @@ class TrtDynamicBinding:
                 ctx.set_tensor_address(t.name, int(buf.device))
             if not ctx.execute_async_v3(int(stream)):
                 raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
-            for (name, array), buf in zip(out.items(), buffers[len(self.spec.inputs):]):
+            for array, buf in zip(out.values(), buffers[len(self.spec.inputs):]):
                 _check(cudart.cudaMemcpyAsync(array.ctypes.data, buf.device, buf.nbytes, d2h, stream))
             _check(cudart.cudaStreamSynchronize(stream))
             return out

@@ -23,7 +23,7 @@ class TextTokenizer:
         self._tok = tokenizer
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "TextTokenizer":
+    def from_dir(cls, path: str | Path) -> TextTokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():

@@ -34,7 +34,8 @@ def checkpoint_factory(tmp_path_factory):
     def make(variant: str = "default", seed: int = 0) -> Path:
         key = (variant, seed)
         if key not in built:
-            built[key] = build_tiny_checkpoint(tmp_path_factory.mktemp(f"ckpt-{variant}-{seed}"), seed=seed, variant=variant)
+            out = tmp_path_factory.mktemp(f"ckpt-{variant}-{seed}")
+            built[key] = build_tiny_checkpoint(out, seed=seed, variant=variant)
         return built[key]
 
     return make

@@ -52,7 +52,7 @@ class LiveServer:
     def state(self):
         return self.app.state.serve
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self._thread.start()
         deadline = time.monotonic() + STARTUP_SECONDS
         while not self.server.started:

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import SCRIPTS
-
 from dia2_trt.export.accuracy import MIN_COMPARED_STEPS, THRESHOLDS, _failures, accuracy_report
 from dia2_trt.runtime.artifacts import sha256
+
+from conftest import SCRIPTS
 
 
 def _quiet(msg: str) -> None:

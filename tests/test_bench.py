@@ -62,7 +62,8 @@ def test_bench_without_torch_skips_the_reference(tiny_artifacts, tmp_path):
     shadow = tmp_path / "shadow" / "torch"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('torch is hidden for this test')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     out = tmp_path / "bench"
     proc = bench(["--artifacts", str(tiny_artifacts), *FEW, "--no-plots", "--out", str(out)], env=env)
     assert proc.returncode == 0, proc.stderr

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SCRIPTS
-
 from dia2_trt.runtime import Dia2Runtime
 from dia2_trt.runtime.params import GenerationParams
+
+from conftest import SCRIPTS
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-artifacts"
 VOICES = Path(__file__).parent / "data" / "voices"
@@ -161,7 +161,8 @@ def test_sigterm_mid_calibration_leaves_nothing(tmp_path):
     proc = _export("calibrate", str(FIXTURE), "--scripts", str(scripts), "--precision", "int8-qdq",
                    "--out", str(parent / "out"), cwd=tmp_path)
     # the Replay's directory: the scripts have been spoken, the ranges are being observed
-    ready = lambda: (t := _temp_dir(parent)) is not None and any(n.startswith(".replay-") for n in os.listdir(t))
+    def ready() -> bool:
+        return (t := _temp_dir(parent)) is not None and any(n.startswith(".replay-") for n in os.listdir(t))
     code, lines = _terminate_when(proc, ready)
     assert code == 143 and _said(lines) == ["Terminated."], lines
     assert os.listdir(tmp_path) == ["scripts.txt"]
@@ -189,7 +190,8 @@ def test_sigterm_inside_a_deferred_step_ends_the_command_after_it():
 
 # --- a full disk -----------------------------------------------------------------------------
 
-ENOSPC_LINE = re.compile(r"^Error: cannot write (\S+): no space left on device \(needs about ([0-9.e-]+) GB in (\S+)\)$")
+ENOSPC_LINE = re.compile(
+    r"^Error: cannot write (\S+): no space left on device \(needs about ([0-9.e-]+) GB in (\S+)\)$")
 
 
 @pytest.fixture

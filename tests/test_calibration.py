@@ -14,10 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import SCRIPTS
-
 from dia2_trt.calibration.qdq import SCHEMES, linear_matmuls, quantize_in_place
 from dia2_trt.runtime.backends import OrtBackend
+
+from conftest import SCRIPTS
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, *, qdq: bool = True) -> np.ndarray:

@@ -19,7 +19,10 @@ from safetensors.torch import save_file
 from dia2_trt.models.config import ConfigError, load_config
 from dia2_trt.models.sources import CheckpointError, load_mimi, load_model, resolve_checkpoint
 from dia2_trt.models.tiny import (
-    build_tiny_checkpoint, default_topology_path, meta_model_from_topology, write_random_weights,
+    build_tiny_checkpoint,
+    default_topology_path,
+    meta_model_from_topology,
+    write_random_weights,
 )
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -264,8 +264,8 @@ def test_replay_copy_leaves_the_looped_artifact_loadable(looped, tmp_path):
     replay (validate, calibrate) copies a looped graph's side file where it links the others."""
     import os
 
-    from dia2_trt.export.replay import _with_outputs
     from dia2_trt.export.accuracy import _head_outputs
+    from dia2_trt.export.replay import _with_outputs
 
     src, work = tmp_path / "art", tmp_path / "work"
     src.mkdir()

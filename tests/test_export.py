@@ -22,7 +22,13 @@ from dia2_trt.models.sources import load_model, resolve_checkpoint
 from dia2_trt.models.tokens import resolve_token_ids
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.manifest import (
-    CACHE_ROWS, VERSION, EngineEntry, EngineValidation, Manifest, QuantizationRecord, cache_name,
+    CACHE_ROWS,
+    VERSION,
+    EngineEntry,
+    EngineValidation,
+    Manifest,
+    QuantizationRecord,
+    cache_name,
 )
 from dia2_trt.runtime.params import GenerationParams
 

@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hardening_support import _export, _one_error_line, _tree
 
 from dia2_trt.runtime.artifacts import FORMAT
+
+from hardening_support import _export, _one_error_line, _tree
 
 REPO = Path(__file__).resolve().parents[1]
 

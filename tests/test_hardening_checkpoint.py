@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hardening_support import _export
 
+from hardening_support import _export
 
 # --- no code from a checkpoint ------------------------------------------------
 

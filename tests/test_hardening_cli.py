@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from hardening_support import _export, _one_error_line, _rt, _tree
 
+from hardening_support import _export, _one_error_line, _rt, _tree
 
 # --- dia2-rt speak inputs and outputs ------------------------------------------------
 

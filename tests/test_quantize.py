@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dia2_trt.export.build import BuildOptions, quantize_artifacts
 from dia2_trt.export.weight_only import WeightOnlyScheme, pack_int4, quantize_blocks, quantize_model_file
-from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime import Dia2Runtime
+from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.backends import OrtBackend
 from dia2_trt.runtime.params import GenerationParams
 

@@ -161,13 +161,14 @@ def test_first_divergence_finds_a_broken_head_and_calls_it_a_defect(tiny_checkpo
     import shutil
 
     import onnx
-    from conftest import SCRIPTS
     from onnx import numpy_helper
 
     from dia2_trt.export.accuracy import _head_outputs
     from dia2_trt.export.reference_run import reference_loop
     from dia2_trt.models.sources import resolve_checkpoint
     from dia2_trt.runtime.artifacts import sha256
+
+    from conftest import SCRIPTS
 
     loop = reference_loop(resolve_checkpoint(checkpoint=tiny_checkpoint))[0]
     params = GenerationParams(**GREEDY)

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from conftest import SCRIPTS
 from dia2_trt.export.reference_run import reference_loop
 from dia2_trt.models.sources import resolve_checkpoint
 from dia2_trt.runtime.params import GenerationParams
+
+from conftest import SCRIPTS
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_reference.json").read_text())
 GREEDY = dict(text_temperature=0.0, audio_temperature=0.0)
@@ -77,7 +78,8 @@ def test_reference_cli_writes_tokens_and_audio(tiny_checkpoint, tmp_path):
         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr
     data = json.loads(tokens.read_text())
-    golden = next(c for c in GOLDEN if (c["variant"], c["seed"], c["script"], c["cfg_scale"]) == ("default", 0, "dialogue", 2.0))
+    case = ("default", 0, "dialogue", 2.0)
+    golden = next(c for c in GOLDEN if (c["variant"], c["seed"], c["script"], c["cfg_scale"]) == case)
     assert data == {"tokens": golden["tokens"], "timestamps": golden["timestamps"]}
     pcm, rate = sf.read(wav)
     assert rate == 24000 and len(pcm) == 1920 * len(golden["tokens"][0])

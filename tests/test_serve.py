@@ -20,10 +20,10 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import live_server, pcm16, speech_body, split_wav, ws_speak  # noqa: E402
-
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
+
+from serve_support import live_server, pcm16, speech_body, split_wav, ws_speak  # noqa: E402
 
 TEXT = "[S1] Hello there, how are you? [S2] I am fine, thanks."
 LONG = ("[S1] This is a longer script, so that generation takes a while and the first audio can be heard "

@@ -22,11 +22,11 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import LOOPBACK, LiveServer, free_port, live_server, speech_body, wait_until  # noqa: E402
-
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
 from dia2_trt.runtime.serve.guard import EdgeLimits, OriginPolicy  # noqa: E402
 from dia2_trt.runtime.serve.workers import Limits  # noqa: E402
+
+from serve_support import LOOPBACK, LiveServer, free_port, live_server, speech_body, wait_until  # noqa: E402
 
 TEXT = "[S1] Hello there."
 JSON = {"content-type": "application/json"}

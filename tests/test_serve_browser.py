@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs the [serve-test] extra (selenium)")
 
-from serve_support import live_server, wait_until  # noqa: E402
-
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import create_app  # noqa: E402
+
+from serve_support import live_server, wait_until  # noqa: E402
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCRIPT = "[S1] Hello there, how are you? [S2] I am fine, thanks."

@@ -12,13 +12,12 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 
-from serve_support import (  # noqa: E402
-    LiveServer, free_port, live_server, pcm16, speech_body, wait_until, ws_speak)
-
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import ServeConfig, create_app  # noqa: E402
 from dia2_trt.runtime.serve.voices import VoiceRegistry, VoiceRegistryError  # noqa: E402
 from dia2_trt.runtime.serve.workers import Limits  # noqa: E402
+
+from serve_support import LiveServer, free_port, live_server, pcm16, speech_body, wait_until, ws_speak  # noqa: E402
 
 TEXT = "[S1] Hello there. [S2] Hi!"
 LONG = "[S1] " + " ".join(["word"] * 17) + " [S2] " + " ".join(["again"] * 17)  # ~110 of tiny's 160 frames

@@ -19,7 +19,6 @@ httpx = pytest.importorskip("httpx", reason="needs the [serve-test] extra")
 pytest.importorskip("psutil", reason="needs the [dev] extra")
 
 from dia2_trt.benchmarks import serve_load as load  # noqa: E402
-
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.audio import pcm16  # noqa: E402
 

@@ -24,13 +24,21 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dia2_trt.runtime.audio import AudioError, load_mono, resample_linear
 from dia2_trt.runtime import Dia2Runtime
+from dia2_trt.runtime.audio import AudioError, load_mono, resample_linear
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.prefix import WarmState
 from dia2_trt.runtime.transcribe import transcribe
-from dia2_trt.runtime.voice import (VoiceError, Word, build_plan, load_voice, parse_words, read_words, save_voice,
-                                    words_to_entries)
+from dia2_trt.runtime.voice import (
+    VoiceError,
+    Word,
+    build_plan,
+    load_voice,
+    parse_words,
+    read_words,
+    save_voice,
+    words_to_entries,
+)
 
 DATA = Path(__file__).parent / "data" / "voices"
 GOLDEN = json.loads((DATA / "golden_prefix.json").read_text())
@@ -212,7 +220,8 @@ def test_bad_words_are_one_line_errors(raw, message):
 
 
 def test_words_are_stripped_like_whisper_output(tmp_path):
-    (tmp_path / "w.json").write_text('[{"word": " Hi", "start": 0, "end": 0.2}, {"word": " ", "start": 0.2, "end": 0.3}]')
+    words = '[{"word": " Hi", "start": 0, "end": 0.2}, {"word": " ", "start": 0.2, "end": 0.3}]'
+    (tmp_path / "w.json").write_text(words)
     assert read_words(tmp_path / "w.json") == [Word("Hi", 0.0, 0.2)]
 
 
@@ -307,7 +316,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, list]:
     (tmp_path / "bad.flac").write_bytes(b"not audio")
     sf.write(tmp_path / "empty.wav", np.zeros(0, np.int16), 24000)
     (tmp_path / "malformed.json").write_text('[{"word": "a",')
-    (tmp_path / "order.json").write_text('[{"word": "a", "start": 0.5, "end": 0.6}, {"word": "b", "start": 0.1, "end": 0.2}]')
+    unordered = '[{"word": "a", "start": 0.5, "end": 0.6}, {"word": "b", "start": 0.1, "end": 0.2}]'
+    (tmp_path / "order.json").write_text(unordered)
     (tmp_path / "past.json").write_text('[{"word": "a", "start": 0.5, "end": 9.0}]')
     long_clip = tmp_path / "long.wav"
     sf.write(long_clip, np.zeros(24000 * 20, np.int16), 24000)  # 250 frames > the cache's 209 rows

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from fastapi import FastAPI
 
@@ -25,7 +26,8 @@ from .audio import available_formats
 from .guard import EdgeChecks, OriginPolicy
 from .metrics import Metrics
 from .page import router as page_router
-from .routes import ClientGone, StreamAborted, install_error_handlers, router as http_router
+from .routes import ClientGone, StreamAborted, install_error_handlers
+from .routes import router as http_router
 from .schema import GenerationFields, RequestError
 from .voices import RegisteredVoice, VoiceRegistry, VoiceRegistryError
 from .websocket import router as ws_router

@@ -13,7 +13,6 @@ from ..cli_common import FiniteFloat, threads_option
 from ..script import MAX_SCRIPT_CHARS
 from .voices import VoiceRegistry, VoiceRegistryError
 
-
 # Upper bounds: past these a value is a typo, and some (threads, bytes) would be a resource sink.
 _DAY = 86_400.0
 _MAX_BODY_BYTES = 64 * 1024 * 1024

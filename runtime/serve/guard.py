@@ -16,9 +16,9 @@ import ipaddress
 import json
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Iterable
 from urllib.parse import urlsplit
 
 import h11

@@ -6,7 +6,7 @@ the page speaks the ``/v1/stream`` WebSocket protocol and plays PCM with Web Aud
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from fastapi import APIRouter
@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, Response
 router = APIRouter()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _static(name: str) -> str:
     return (resources.files(__package__) / "static" / name).read_text(encoding="utf-8")
 

@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .. import GenerationParams
-from ..files import InputFileError, parse_json as parse_bounded_json
+from ..files import InputFileError
+from ..files import parse_json as parse_bounded_json
 
 
 class RequestError(ValueError):

@@ -14,9 +14,10 @@ checks it against the artifacts) and hands requests a :class:`RegisteredVoice` w
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # OpenAI's /v1/audio/speech voices (2025): they all mean "no prefix" here.
 OPENAI_VOICES = frozenset({
@@ -54,7 +55,7 @@ class VoiceRegistry:
 
     @classmethod
     def from_options(cls, options: list[str] | tuple[str, ...], loader: Callable[[Path], Any] | None = None
-                     ) -> "VoiceRegistry":
+                     ) -> VoiceRegistry:
         """Build from ``NAME=FILE`` strings (the CLI's repeated ``--voice``)."""
         registry = cls(loader)
         for option in options:

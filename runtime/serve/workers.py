@@ -24,9 +24,9 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .. import Dia2Runtime, GenerationParams, ScriptError, SpeakResult
 from ..audio import pcm16
@@ -239,7 +239,7 @@ class Pool:
     """N worker slots (each with the runtime it runs on), at most ``max_queue`` jobs waiting for one."""
 
     def __init__(self, slots: Sequence[Dia2Runtime], max_queue: int, open_session: Callable,
-                 on_change: Callable[["Pool"], None] | None = None) -> None:
+                 on_change: Callable[[Pool], None] | None = None) -> None:
         self.workers = len(slots)
         self.max_queue = max_queue
         self._slots = list(slots)

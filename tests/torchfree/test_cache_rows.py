@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dia2_trt.runtime.backends import OrtBinding
 from dia2_trt.runtime import Dia2Runtime
+from dia2_trt.runtime.backends import OrtBinding
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.state import KVCache
 

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime import Dia2Runtime
+from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.manifest import Manifest
 from dia2_trt.runtime.params import GenerationParams
 

@@ -6,10 +6,10 @@ import re
 import time
 
 import pytest
-from hardening_support import _one_error_line, _rt
 
 from dia2_trt.runtime.script import MAX_SCRIPT_BYTES, ScriptError, check_complete_script, check_script
 
+from hardening_support import _one_error_line, _rt
 
 # --- scripts --------------------------------------------------------------------
 
@@ -55,7 +55,8 @@ def test_huge_inputs_are_refused_at_once(tmp_path):
                "[S1] " + " " * (MAX_SCRIPT_BYTES // 4 - 8) + "x"]
     started = time.perf_counter()
     for source in (["--input", huge], ["--input", "/dev/zero"]):
-        line = _one_error_line(_rt(["speak", *source, "--artifacts", tmp_path / "missing", "--out", tmp_path / "o.wav"]))
+        args = ["speak", *source, "--artifacts", tmp_path / "missing", "--out", tmp_path / "o.wav"]
+        line = _one_error_line(_rt(args))
         assert "too long" in line
     for text in hostile:  # just under the limit: linear scans, refused or accepted quickly
         try:

@@ -14,8 +14,16 @@ import threading
 import numpy as np
 import pytest
 
-from dia2_trt.runtime import (ArtifactError, AudioChunk, Dia2Runtime, GenerationParams, ScriptError, Session,
-                              SpeakResult, TruncationWarning)
+from dia2_trt.runtime import (
+    ArtifactError,
+    AudioChunk,
+    Dia2Runtime,
+    GenerationParams,
+    ScriptError,
+    Session,
+    SpeakResult,
+    TruncationWarning,
+)
 from dia2_trt.runtime.backends import OrtBackend
 from dia2_trt.runtime.frames import StopRule
 
