@@ -23,9 +23,30 @@ from .errors import first_line
 from .files import InputFileError, open_regular, parse_json, read_json_file, read_regular, write_atomic
 from .graph_io import GraphFormatError, read_io
 from .manifest import (  # noqa: F401  (the names the runtime has always imported from here)
-    BACKBONE, BACKEND_NAMES, CACHE_ROWS, CODEC_DECODER, DEPFORMER, FORMAT, GRAPH_NAMES, MANIFEST, PRECISIONS,
-    REQUIRED_GRAPHS, VERSION, ArtifactError, CodecInfo, EngineEntry, FileRef, GraphSpec, Manifest, QuantizationRecord,
-    StatePair, TensorSpec, TokenizerEntry, Topology, cache_name, state_names,
+    BACKBONE,
+    BACKEND_NAMES,
+    CACHE_ROWS,
+    CODEC_DECODER,
+    DEPFORMER,
+    FORMAT,
+    GRAPH_NAMES,
+    MANIFEST,
+    PRECISIONS,
+    REQUIRED_GRAPHS,
+    VERSION,
+    ArtifactError,
+    CodecInfo,
+    EngineEntry,
+    FileRef,
+    GraphSpec,
+    Manifest,
+    QuantizationRecord,
+    StatePair,
+    TensorSpec,
+    TokenizerEntry,
+    Topology,
+    cache_name,
+    state_names,
 )
 
 # Files up to this size are hashed on every load (~30 ms at ~2 GB/s); bigger ones once per
@@ -125,7 +146,7 @@ def _check_files(m: Manifest) -> None:
             raise ArtifactError(f"{m.root / MANIFEST}: graph {name!r} is missing")
     for spec in m.graphs.values():
         _need_file(spec.path, "graph file")
-        if spec.external_data:
+        if spec.external_data_path is not None:
             _need_file(spec.external_data_path, "weights file")
     for name in m.tokenizer.files:
         _need_file(m.tokenizer_dir / name, "tokenizer file")
@@ -341,10 +362,10 @@ def checked_files(m: Manifest) -> list[tuple[Path, str]]:
     files = [(m.tokenizer_dir / name, digest) for name, digest in m.tokenizer.files.items()]
     for g in m.graphs.values():
         files.append((g.path, g.sha256))
-        if g.external_data:
-            files.append((g.external_data_path, g.external_data.sha256))
-        if g.engine and g.engine_path.is_file():
-            files.append((g.engine_path, g.engine.sha256))
+        if g.external_data and (data := g.external_data_path):
+            files.append((data, g.external_data.sha256))
+        if g.engine and (engine := g.engine_path) and engine.is_file():
+            files.append((engine, g.engine.sha256))
     return files
 
 
@@ -356,16 +377,17 @@ def verify_checksums(m: Manifest) -> None:
     stamps.save()
 
 
-def verify_file(path: Path, digest: str, stamps: "_Stamps | None" = None) -> None:
+def verify_file(path: Path, digest: str, stamps: _Stamps | None = None) -> None:
     """One file against its recorded sha256 (an engine, when a backend is about to load it)."""
     stat = path.stat()
-    big = stat.st_size > CHEAP_BYTES and stamps is not None
-    if big and stamps.matches(path, stat, digest):
+    if stat.st_size <= CHEAP_BYTES:
+        stamps = None  # a small file is hashed on every load (CHEAP_BYTES)
+    if stamps is not None and stamps.matches(path, stat, digest):
         return
     if sha256(path) != digest:
         raise ArtifactError(f"{path}: checksum mismatch with {MANIFEST} (corrupt or replaced file); "
                             f"rebuild the artifacts, or pass --no-verify to load it anyway")
-    if big:
+    if stamps is not None:
         stamps.record(path, stat, digest)
 
 

@@ -51,6 +51,7 @@ class Binding(Protocol):
         own: valid until its next run. A state pair's output stays in the binding
         as the pair's input for the next run.
         """
+        ...
 
     def reset_state(self) -> None:
         """Zero the state pairs: the next run starts a new stream."""
@@ -64,6 +65,7 @@ class Graph(Protocol):
 
     def binding(self) -> Binding:
         """Fresh buffers for one session (cheap next to loading; reuse them across utterances)."""
+        ...
 
 
 class Backend(Protocol):
@@ -71,6 +73,7 @@ class Backend(Protocol):
 
     def load(self, spec: GraphSpec) -> Graph:
         """Load the graph ``spec`` describes (its file, or the backend's compiled form of it)."""
+        ...
 
 
 # --- ONNX Runtime ------------------------------------------------------------

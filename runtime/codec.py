@@ -30,8 +30,8 @@ class CodecStream:
                              f"its state, got {[t.name for t in codes]} -> {[t.name for t in pcm]}")
         self._decoder, self._encoder = decoder, encoder
         self._codes, self._pcm = codes[0], pcm[0]
-        self.num_quantizers = int(np.prod(self._codes.shape))
-        self.frame_samples = int(np.prod(self._pcm.shape))
+        self.num_quantizers = int(np.prod(self._codes.static_shape))
+        self.frame_samples = int(np.prod(self._pcm.static_shape))
         self.codebook_size = int(codebook_size)
 
     def reset(self) -> None:

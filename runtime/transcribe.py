@@ -22,7 +22,7 @@ MISSING = ("transcribing prefix audio needs faster-whisper: pip install 'dia2-tr
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", compute_type: str = "default") -> Any:
     """A ``faster_whisper.WhisperModel`` (downloads the CTranslate2 model unless it is cached or a path)."""
     try:
-        from faster_whisper import WhisperModel
+        from faster_whisper import WhisperModel  # pyright: ignore[reportMissingImports]  # optional extra
     except ImportError:
         raise VoiceError(MISSING) from None
     try:

@@ -122,7 +122,7 @@ class ServeState:
             raise RequestError(f"input: the script is longer than this server's limit of "
                                f"{self.config.limits.max_chars} characters", "input")
         check_script(text)
-        needed = self.runtime.frames_needed(self.runtime.parse(text), GenerationFields().params())
+        needed = self.runtime.frames_needed(self.runtime.parse(text), GenerationFields.model_validate({}).params())
         limit = self.runtime.manifest.max_context_steps
         if needed > limit:
             raise ScriptError(f"the script is too long: it needs at least {needed} frames but the model's "

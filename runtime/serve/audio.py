@@ -68,6 +68,7 @@ def encode_whole(fmt: AudioFormat, pcm: np.ndarray, sample_rate: int) -> bytes:
     """
     import soundfile as sf
 
+    assert fmt.soundfile is not None  # only the formats encoded whole come here
     buffer = io.BytesIO()
     kind, subtype = fmt.soundfile
     sf.write(buffer, np.frombuffer(pcm16(pcm), dtype="<i2"), sample_rate, format=kind, subtype=subtype)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import cast
 from urllib.parse import urlsplit
 
 import h11
@@ -264,8 +265,12 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
 
 def uvicorn_config(app, limits: EdgeLimits, **options):
     """uvicorn's Config with the guarded protocol: the one way the CLI and the tests build a server."""
+    import asyncio
     import functools
 
     import uvicorn
 
-    return uvicorn.Config(app, http=functools.partial(GuardedH11Protocol, limits=limits), **options)
+    # uvicorn annotates http as a protocol class but only calls it (once per connection): a factory
+    # that binds the limits is what it runs.
+    protocol = cast("type[asyncio.Protocol]", functools.partial(GuardedH11Protocol, limits=limits))
+    return uvicorn.Config(app, http=protocol, **options)

@@ -17,6 +17,7 @@ router = APIRouter()
 
 @cache
 def _static(name: str) -> str:
+    assert __package__  # always imported as a module of the serve package
     return (resources.files(__package__) / "static" / name).read_text(encoding="utf-8")
 
 

@@ -69,6 +69,7 @@ _NO_BUFFERING = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 def _plan_speech(state, raw: bytes):
     """Decode and check a speech request in full (on a parsing thread, not the event loop)."""
     body = validate(SpeechRequest, parse_json(raw))
+    assert isinstance(body, SpeechRequest)  # validate returns an instance of the model it is given
     fmt = state.formats.get(body.response_format)
     if fmt is None:
         raise RequestError(f"response_format: unknown or unavailable format {body.response_format!r} "

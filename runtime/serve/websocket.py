@@ -41,6 +41,7 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, WebSocket
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .schema import RequestError, StreamStart, parse_json, validate
@@ -115,7 +116,7 @@ async def _admit(state, start: StreamStart) -> Job:
         raise _Close(1013, "busy", f"{exc}; retry after {exc.retry_after} s") from None
 
 
-async def _json(message: dict, state) -> dict:
+async def _json(message: Message, state) -> dict:
     """A client message as a JSON object, or the close that refuses it."""
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from .. import Dia2Runtime, GenerationParams, ScriptError, SpeakResult
 from ..audio import pcm16
+from ..prefix import WarmState
 from .voices import RegisteredVoice
 
 log = logging.getLogger("dia2_trt.serve")
@@ -170,6 +171,7 @@ class Job:
             if not session.done:
                 session.cancel()  # hands its state back to the runtime now, not when collected
         first = None if self.first_audio is None else self.first_audio - (self.first_text or self.arrived)
+        assert self.started is not None  # run() sets it before generating
         return Finished(session.result, self.started - (self.input_at or self.arrived), first)
 
     def _audio(self, chunk) -> None:
@@ -219,7 +221,7 @@ class VoicedSessions:
     speaking in it starts from that warm state (the runtime's ``warm``), not from a fresh warm-up."""
 
     def __init__(self) -> None:
-        self._warm: dict[tuple[str, str], object] = {}
+        self._warm: dict[tuple[str, str], WarmState] = {}
         self._lock = threading.Lock()  # one warm-up per pair, even when two requests want it at once
 
     def __call__(self, runtime: Dia2Runtime, params: GenerationParams,
@@ -230,7 +232,9 @@ class VoicedSessions:
         with self._lock:
             warm = self._warm.get((first.name, second.name))
             if warm is None:
-                warm = runtime.warm(runtime.prefix(first.prefix, second.prefix))
+                prefix = runtime.prefix(first.prefix, second.prefix)
+                assert prefix is not None  # a conditioned voice makes a prefix (or a VoiceError)
+                warm = runtime.warm(prefix)
                 self._warm[(first.name, second.name)] = warm
         return runtime.open_session(params, progress=progress, prefix=warm)
 
@@ -271,6 +275,11 @@ class Pool:
         task.add_done_callback(self._tasks.pop)
 
     @property
+    def _free_slots(self) -> asyncio.Queue:
+        assert self._free is not None  # submit makes it before any job that could use it runs
+        return self._free
+
+    @property
     def closing(self) -> bool:
         return self._closing
 
@@ -306,7 +315,7 @@ class Pool:
             seconds = time.monotonic() - began
             self._job_seconds = seconds if self._job_seconds is None else 0.8 * self._job_seconds + 0.2 * seconds
             self.busy -= 1
-            self._free.put_nowait(slot)
+            self._free_slots.put_nowait(slot)
 
     async def _wait_for_input(self, job: Job) -> bool:
         """Whether the job has text to speak; an idle one fails without ever taking a worker."""
@@ -330,7 +339,7 @@ class Pool:
 
     async def _wait_for_slot(self, job: Job):
         """A free slot, or None when the job was cancelled or ran out of time while queued."""
-        getter = asyncio.ensure_future(self._free.get())
+        getter = asyncio.ensure_future(self._free_slots.get())
         stop = asyncio.ensure_future(job.cancel_requested.wait())
         try:
             await asyncio.wait({getter, stop}, timeout=max(job.deadline - time.monotonic(), 0.0),
@@ -343,7 +352,7 @@ class Pool:
         if slot is not None and not job.cancelled:
             return slot
         if slot is not None:
-            self._free.put_nowait(slot)
+            self._free_slots.put_nowait(slot)
         if job.cancelled:
             job.fail("cancelled", "the request was cancelled")
         else:
