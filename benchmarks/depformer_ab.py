@@ -19,12 +19,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("a", type=Path, nargs="?")
     parser.add_argument("b", type=Path, nargs="?")
     parser.add_argument("--frames", type=int, default=10)
@@ -98,7 +99,7 @@ def _alternate(paths: list[Path], frames: int, threads: int, temperature: float)
     same = 0
     for frame in range(frames):
         feeds = _feeds(sessions[0], rng, temperature)
-        tokens = [None, None]
+        tokens: list[Any] = [None, None]  # ORT types run()'s outputs as a union; this graph's is a tensor
         for i in ((0, 1) if frame % 2 == 0 else (1, 0)):
             start = time.perf_counter()
             tokens[i] = sessions[i].run(None, feeds)[0]

@@ -88,7 +88,7 @@ def export_2b(out: Path, precision: str, checkpoint: Path | None, seed: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8", "int4"))
     parser.add_argument("--from-artifacts", type=Path, help="int8/int4: quantize this fp32 export instead")
     parser.add_argument("--checkpoint", type=Path, help="2B-topology checkpoint (built if missing)")

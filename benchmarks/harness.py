@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -199,6 +200,7 @@ class _TimedBinding:
 class RuntimeSubject:
     def __init__(self, spec: Contender) -> None:
         self.clock = clock = FrameClock()
+        assert spec.backend is not None  # plan_contenders names one for every runtime contender
         inner = create_backend(spec.backend, spec.threads)
         self.profiled = node_profile.profiled(inner, spec.profile_dir) if spec.profile_dir else None
         backend = TimedBackend(inner, clock)
@@ -242,7 +244,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def worker_main(spec_json: str, load_subject: Callable[[Contender], object]) -> None:
+class Subject(Protocol):
+    """What a worker drives: RuntimeSubject, or the reference worker's (a ``profile()`` method is optional)."""
+
+    sample_rate: int
+    frame_rate: float
+
+    def run(self, text: str, seed: int, frames: int) -> dict: ...
+
+
+def worker_main(spec_json: str, load_subject: Callable[[Contender], Subject]) -> None:
     """Load one contender, then answer run requests on stdin until "quit"."""
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # library prints must not reach the protocol pipe
@@ -260,7 +271,8 @@ def worker_main(spec_json: str, load_subject: Callable[[Contender], object]) -> 
         if request["cmd"] == "quit":
             break
         if request["cmd"] == "profile":
-            send({"event": "profile", "graphs": subject.profile() if hasattr(subject, "profile") else {}})
+            profile = getattr(subject, "profile", None)
+            send({"event": "profile", "graphs": profile() if profile is not None else {}})
             continue
         result = subject.run(request["text"], request["seed"], request["frames"])
         send({"event": "result", **result, "peak_rss_bytes": peak_rss_bytes()})
@@ -271,28 +283,31 @@ class Worker:
 
     def __init__(self, spec: Contender) -> None:
         self.spec = spec
-        self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULES[spec.kind], json.dumps(asdict(spec))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULES[spec.kind],
+                                             json.dumps(asdict(spec))],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert proc.stdin is not None and proc.stdout is not None  # both are PIPEs
+        self._requests, self._replies = proc.stdin, proc.stdout
         self.info = self._receive()
 
     def _receive(self) -> dict:
-        for line in self.proc.stdout:
+        for line in self._replies:
             if line.startswith(_PROTOCOL):
                 return json.loads(line[len(_PROTOCOL):])
         raise RuntimeError(f"benchmark worker {self.spec.name} exited with status {self.proc.wait()}")
 
     def run(self, text: str, seed: int, frames: int) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": "run", "text": text, "seed": seed, "frames": frames}) + "\n")
+        self._requests.write(json.dumps({"cmd": "run", "text": text, "seed": seed, "frames": frames}) + "\n")
         return self._receive()
 
     def profile(self) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": "profile"}) + "\n")
+        self._requests.write(json.dumps({"cmd": "profile"}) + "\n")
         return self._receive()["graphs"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.close()
+            self._requests.write(json.dumps({"cmd": "quit"}) + "\n")
+            self._requests.close()
         self.proc.wait()
 
 

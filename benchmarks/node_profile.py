@@ -12,13 +12,17 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 class ProfiledSessions:
     """The sessions of the graphs loaded through a backend since ``profiled``, by graph name."""
 
     def __init__(self) -> None:
-        self.sessions: dict[str, object] = {}
+        self.sessions: dict[str, ort.InferenceSession] = {}
 
     def finish(self) -> dict[str, Path]:
         """End every trace; returns graph -> trace file."""

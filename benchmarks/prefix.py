@@ -58,6 +58,7 @@ def run_prefix_bench(artifacts: str | Path, prefix_seconds: float, repeats: int,
             voices.append(runtime.voice(clip, words, slot))
             encode_s.append(time.perf_counter() - started)
     prefix = runtime.prefix(*voices)
+    assert prefix is not None  # None only when no voice is given; both are
     echo(f"prefix: {prefix.frames} frames ({prefix.frames / runtime.manifest.frame_rate:.1f} s), "
          f"encoded in {sum(encode_s):.2f} s")
     has_prefill = runtime._prefill_binding() is not None

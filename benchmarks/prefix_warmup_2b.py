@@ -28,12 +28,12 @@ from dia2_trt.models.sources import load_model, resolve_checkpoint
 from dia2_trt.models.tokens import resolve_token_ids
 from dia2_trt.runtime.prefix import script_free_frames, warmup_tokens
 from dia2_trt.runtime.state_machine import REFERENCE_MAX_PADDING, Entry, StateMachine
-from dia2_trt.runtime.voice import Voice, Word, build_plan, words_to_entries
+from dia2_trt.runtime.voice import PrefixPlan, Voice, Word, build_plan, words_to_entries
 
 FRAME_RATE = 12.5
 
 
-def synthetic_plan(q: int, vocab: int, seconds_each: float = 5.04):
+def synthetic_plan(q: int, vocab: int, seconds_each: float = 5.04) -> PrefixPlan:
     rng = np.random.default_rng(0)
     voices = []
     for slot in (1, 2):
@@ -41,11 +41,13 @@ def synthetic_plan(q: int, vocab: int, seconds_each: float = 5.04):
         words = [Word(f"w{i}", 0.1 + 0.4 * i, 0.4 + 0.4 * i) for i in range(int(seconds_each / 0.4) - 1)]
         entries, steps = words_to_entries(words, lambda text: [10 + len(text)] * 2, f"[S{slot}]", FRAME_RATE)
         voices.append(Voice(slot, rng.integers(0, vocab, (q, frames)), words, entries, steps))
-    return build_plan(*voices)
+    plan = build_plan(*voices)
+    assert plan is not None  # None only without a speaker 1
+    return plan
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)

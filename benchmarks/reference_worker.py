@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -21,12 +22,16 @@ from dia2_trt.runtime.params import GenerationParams
 
 from .harness import FrameClock, worker_main
 
+if TYPE_CHECKING:
+    from transformers import MimiModel
+
 
 class ReferenceSubject:
     def __init__(self, spec, clock) -> None:
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        self.loop, self.mimi = reference_loop(resolve_checkpoint(checkpoint=spec.source))
+        self.loop, mimi = reference_loop(resolve_checkpoint(checkpoint=spec.source))
+        self.mimi = cast("MimiModel", mimi)  # reference_loop types its Mimi as a plain object
         self.clock = clock
         model = self.loop.model
         model.transformer.step_reference = clock.timed("backbone", model.transformer.step_reference,

@@ -35,6 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -74,6 +75,7 @@ class ServerProcess:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                assert self.proc.stdout is not None  # stdout=PIPE
                 raise RuntimeError(f"the server exited: {self.proc.stdout.read()}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
@@ -142,6 +144,12 @@ async def speak(client: httpx.AsyncClient, url: str, text: str, seed: int) -> Ou
                        time.perf_counter() - began, response.headers.get("retry-after"))
 
 
+def first_byte(outcome: Outcome) -> float:
+    """A served request's time to first audio."""
+    assert outcome.first_byte is not None  # a 200 streams audio, so a first byte arrived
+    return outcome.first_byte
+
+
 async def burst(url: str, clients: int) -> list[Outcome]:
     """``clients`` requests at once, cycling through SCRIPTS."""
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients)
@@ -183,13 +191,15 @@ class QueuePoller:
     """Samples /healthz in the background: the deepest queue and most busy workers seen."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.max_queued, self.max_busy, self._task = url, 0, 0, None
+        self.url, self.max_queued, self.max_busy = url, 0, 0
+        self._task: asyncio.Future | None = None
 
     async def __aenter__(self) -> QueuePoller:
         self._task = asyncio.ensure_future(self._poll())
         return self
 
     async def __aexit__(self, *exc) -> None:
+        assert self._task is not None  # __aenter__ started it
         self._task.cancel()
 
     async def _poll(self) -> None:
@@ -210,7 +220,7 @@ class LoadReport:
     wall_seconds: float = 0.0
     audio_seconds: float = 0.0
     ttfa: list[float] = field(default_factory=list)
-    retry_after: list[str] = field(default_factory=list)
+    retry_after: list[str | None] = field(default_factory=list)  # None: a 503 without Retry-After
 
 
 def check_burst(outcomes: list[Outcome], solo: dict, sample_rate: int, report: LoadReport) -> None:
@@ -219,7 +229,7 @@ def check_burst(outcomes: list[Outcome], solo: dict, sample_rate: int, report: L
             report.served += 1
             report.mismatched += outcome.body != solo[outcome.key]
             report.audio_seconds += len(outcome.body) / 2 / sample_rate
-            report.ttfa.append(outcome.first_byte)
+            report.ttfa.append(first_byte(outcome))
         elif outcome.status == 503:
             report.refused += 1
             report.retry_after.append(outcome.retry_after)
@@ -242,7 +252,7 @@ def summarise(report: LoadReport, poller: QueuePoller, metrics: dict[str, float]
     waits = metrics.get("dia2_queue_wait_seconds_count", 0.0)
     return {
         "served": report.served, "refused_503": report.refused, "mismatched": report.mismatched,
-        "other_statuses": report.other, "retry_after_values": sorted(set(report.retry_after)),
+        "other_statuses": report.other, "retry_after_values": sorted(set(report.retry_after), key=str),
         "requests_per_second": report.served / report.wall_seconds,
         "audio_seconds_per_second": report.audio_seconds / report.wall_seconds,
         "ttfa_p50_seconds": float(np.percentile(ttfa, 50)), "ttfa_p95_seconds": float(np.percentile(ttfa, 95)),
@@ -254,7 +264,7 @@ def summarise(report: LoadReport, poller: QueuePoller, metrics: dict[str, float]
 def run(args) -> dict:
     solo = solo_audio(args.artifacts)
     server = ServerProcess(args.artifacts, args.workers, args.max_queue).wait_ready()
-    out = {"config": {"workers": args.workers, "max_queue": args.max_queue, "clients": args.clients,
+    out: dict[str, Any] = {"config": {"workers": args.workers, "max_queue": args.max_queue, "clients": args.clients,
                       "rounds": args.rounds, "disconnects": args.disconnects, "rss_requests": args.rss_requests}}
     try:
         began = time.perf_counter()
@@ -282,7 +292,7 @@ def run(args) -> dict:
 async def unloaded_ttfa(url: str, requests: int = 5) -> float:
     """Median time to first audio of requests sent one at a time: no queue, an idle worker."""
     async with httpx.AsyncClient(timeout=120) as client:
-        firsts = [(await speak(client, url, *SCRIPTS[0])).first_byte for _ in range(requests)]
+        firsts = [first_byte(await speak(client, url, *SCRIPTS[0])) for _ in range(requests)]
     return float(np.median(firsts))
 
 
@@ -359,6 +369,7 @@ def healthz_under_flood(url: str, clients: int = 20, seconds: float = 8.0, size:
             statuses.add(client.get(f"{url}/healthz").status_code)
             latencies.append((time.perf_counter() - began) * 1000)
             time.sleep(0.02)
+    assert proc.stdout is not None  # stdout=PIPE
     floods = int(proc.stdout.read().strip() or 0)
     ms = np.array(latencies)
     return {"healthz_requests": len(ms), "healthz_statuses": sorted(statuses), "flood_requests": floods,
@@ -367,7 +378,7 @@ def healthz_under_flood(url: str, clients: int = 20, seconds: float = 8.0, size:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-queue", type=int, default=6)

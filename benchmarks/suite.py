@@ -52,7 +52,7 @@ def build(model: str, precision: str, work: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0], allow_abbrev=False)
     parser.add_argument("model", choices=sorted(PLANS))
     parser.add_argument("--work", type=Path, default=Path("bench-out"))
     args, extra = parser.parse_known_args()  # the rest goes to dia2-rt bench

@@ -53,7 +53,7 @@ def mlp_graph(path: Path, layers: int, seed: int = 0) -> None:
 
 def variants() -> list[tuple[str, int | None, int, int | None]]:
     """(name, bits, block, accuracy level); level None leaves ORT's default."""
-    out = [("fp32", None, 0, None)]
+    out: list[tuple[str, int | None, int, int | None]] = [("fp32", None, 0, None)]
     for bits in (8, 4):
         for block in (32, 64, 128):
             out.append((f"int{bits}-b{block}-acc4", bits, block, 4))
@@ -71,7 +71,7 @@ def session(path: Path, threads: int, level: int | None) -> tuple[ort.InferenceS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
