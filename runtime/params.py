@@ -81,6 +81,7 @@ def _real(name: str, value) -> float:
 def _integer(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{_label(name)} must be an integer, got {type(value).__name__}")
-    if value > INT64_MAX:
+    number = int(value)  # numbers.Integral declares no comparison operators; int() is exact for any integral
+    if number > INT64_MAX:
         raise ValueError(f"{_label(name)} must be at most 2**63 - 1, got {value}")
-    return int(value)
+    return number

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,6 +132,9 @@ class WarmState:
     v_rows: np.ndarray
     tokens: np.ndarray
     artifacts: dict[str, str]
+    # The row arrays _check_finite last passed, by identity: new arrays are scanned again.
+    _finite: tuple[np.ndarray | None, np.ndarray | None] = field(default=(None, None), init=False, repr=False,
+                                                                 compare=False)
 
     @property
     def frames(self) -> int:
@@ -237,7 +240,7 @@ def check_warm(warm: WarmState, expected_tokens: np.ndarray, layout: dict, text_
 def _check_finite(warm: WarmState) -> None:
     """NaN or infinite rows would be read by every step. Checked once per pair of row arrays (at 2B
     size 126 frames of rows are 58 MB, ~60 ms to scan); arrays changed in place later are the caller's."""
-    seen = getattr(warm, "_finite", (None, None))
+    seen = warm._finite
     if seen[0] is warm.k_rows and seen[1] is warm.v_rows:
         return
     for name, rows in (("k_rows", warm.k_rows), ("v_rows", warm.v_rows)):

@@ -148,6 +148,8 @@ class Dia2Runtime:
         session = self.stream(text, params, progress, **prefix_options)
         for _ in session:
             pass
+        # The input is closed and nothing else holds the session to cancel it, so the loop ran to its end.
+        assert session.result is not None
         return session.result
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:

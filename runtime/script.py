@@ -83,7 +83,7 @@ def complete_prefix(text: str) -> str:
     """
     match = re.search(r"\s\S*\Z", text)
     end = match.start() if match else 0
-    open_at = {"<": None, "[": None}
+    open_at: dict[str, int | None] = {"<": None, "[": None}
     opened_from_closed = end
     for bracket in _STRAY.finditer(text, 0, end):
         char, at = bracket.group(0), bracket.start()

@@ -16,10 +16,11 @@ prefix frames, then starts at frame A - 1, as the reference does.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from .state_machine import StateMachine
 
 if TYPE_CHECKING:
     from .runtime import Dia2Runtime
+    from .state import GenerationState
 
 
 class TruncationWarning(UserWarning):
@@ -120,8 +122,12 @@ class Session:
         self.runtime, self.params, self._progress = runtime, params, progress
         self.machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead,
                                     initial_padding=params.initial_padding, max_padding=m.max_padding)
-        self._warm = prefix if isinstance(prefix, WarmState) else None
-        self.prefix: Prefix | None = Prefix(prefix.plan, include_prefix) if self._warm else prefix
+        self._warm: WarmState | None = None
+        self.prefix: Prefix | None = None
+        if isinstance(prefix, WarmState):
+            self._warm, self.prefix = prefix, Prefix(prefix.plan, include_prefix)
+        else:
+            self.prefix = prefix
         self._prefill = prefill
         # Generation starts at frame A - 1 after a warm-up (warmup_with_prefix's return value),
         # and frame t's K/V row is then t + 1.
@@ -133,7 +139,7 @@ class Session:
         self._delays = np.asarray(m.delays)
         # One step, feed or cancel at a time; reentrant so a progress callback may feed or cancel.
         self._lock = threading.RLock()
-        self._state = runtime.states.take()
+        self._state: GenerationState | None = runtime.states.take()
         try:
             self._state.reset(m, self.machine, params)
             if self.prefix is not None:
@@ -146,10 +152,12 @@ class Session:
     def _start_prefix(self) -> None:
         """The reference queues the prefix's words before the script's; a trimmed prefix's words
         leave the timestamps (it drops that many transcript entries)."""
-        s, m, plan = self._state, self.runtime.manifest, self.prefix.plan
-        s.text.entries.extend(plan.entries)
-        s.rule = s.rule.after_prefix(plan.frames, m.max_context_steps, m.max_delay, m.cache_capacity,
-                                     self.prefix.include_prefix)
+        prefix = self.prefix
+        assert prefix is not None, "called only for a session with a prefix"
+        s, m, plan = self._held(), self.runtime.manifest, prefix.plan
+        s.live_text.entries.extend(plan.entries)
+        s.rule = s.live_rule.after_prefix(plan.frames, m.max_context_steps, m.max_delay, m.cache_capacity,
+                                          prefix.include_prefix)
         s.emitter.words_sent = self._dropped_words()
 
     # --- input ---------------------------------------------------------------
@@ -184,7 +192,9 @@ class Session:
                 self._lock.release()
 
     def _end(self) -> None:
-        if not self._loop.gi_running:  # a progress callback may cancel mid-frame: the loop ends itself
+        # a progress callback may cancel mid-frame: the loop ends itself (RUNNING is gi_running, which
+        # typing's Generator does not declare)
+        if inspect.getgeneratorstate(self._loop) != inspect.GEN_RUNNING:
             self._loop.close()
             self._release()
 
@@ -227,7 +237,7 @@ class Session:
         new = entries[len(self._given):]
         self._given.extend(new)
         self._words_total += sum(1 for entry in new if entry.tokens)
-        self._state.text.entries.extend(new)
+        self._held().live_text.entries.extend(new)
 
     # --- output --------------------------------------------------------------
 
@@ -240,6 +250,7 @@ class Session:
                 item = next(self._loop, _WAIT)
             if item is _WAIT:
                 return
+            assert isinstance(item, AudioChunk)  # the loop yields chunks and _WAIT only
             yield item
 
     def __del__(self) -> None:
@@ -255,49 +266,55 @@ class Session:
         if state is not None:
             self.runtime.states.give_back(state)
 
-    def _generate(self) -> Iterator[AudioChunk | object]:
+    def _held(self) -> GenerationState:
+        """The state, which this session holds until ``_release``: feed and close check ``_check_open``
+        first, and the loop (the other reader) releases it only as it ends."""
+        assert self._state is not None, "this session has ended"
+        return self._state
+
+    def _generate(self) -> Generator[AudioChunk | object, None, None]:
         try:
             yield from self._frames()
         finally:  # finished, failed, cancelled or abandoned: the state is free either way
             self._release()
 
     def _frames(self) -> Iterator[AudioChunk | object]:
-        s, m = self._state, self.runtime.manifest
+        s, m = self._held(), self.runtime.manifest
         s.emitter.started = time.perf_counter()
         if self.prefix is not None:
-            while not self._script_ready():
+            while not self._script_ready(self.prefix):
                 yield _WAIT
-            self._warm_up()
+            self._warm_up(self.prefix)
         for t in range(self._start, self._start + m.max_context_steps):
             if self._cancelled:
                 return
-            if s.rule.stops_before(t):
+            if s.live_rule.stops_before(t):
                 break
             action = self._backbone_step(t)
             while self._starved(action):
                 yield _WAIT
-            main, second = self.machine.process(t, s.text, action)
+            main, second = self.machine.process(t, s.live_text, action)
             self._depformer_step(t, main, second)
-            s.rule = s.rule.after(t, main, s.text.end_step)
+            s.rule = s.live_rule.after(t, main, s.live_text.end_step)
             chunk = self._emit_ready(t)
             if chunk is not None:
                 yield chunk
             self._report(t)
         yield from self._finish()
 
-    def _script_ready(self) -> bool:
+    def _script_ready(self, prefix: Prefix) -> bool:
         """The warm-up's look-ahead reads the script's first words: wait for them (or the end of input)."""
-        words = sum(1 for entry in self._state.text.entries if entry.tokens) - len(self.prefix.plan.entries)
+        words = sum(1 for entry in self._held().live_text.entries if entry.tokens) - len(prefix.plan.entries)
         return self._closed or words >= self.machine.second_stream_ahead
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, prefix: Prefix) -> None:
         """The reference's warm-up: prefix codes into the delayed buffer (one buffer serves both CFG rows),
         forced steps through the machine, and the prefix frames' K/V rows (restored from a WarmState,
         by the prefill graph, or step by step)."""
-        s, m, plan = self._state, self.runtime.manifest, self.prefix.plan
+        s, m, plan = self._held(), self.runtime.manifest, prefix.plan
         delayed = delay_codes(plan.codes, m.delays, m.token_ids.audio_pad)
         s.audio[:, : delayed.shape[1]] = delayed
-        seq = warmup_tokens(plan, self.machine, s.text, m.token_ids, m.delays, s.tokens)
+        seq = warmup_tokens(plan, self.machine, s.live_text, m.token_ids, m.delays, s.tokens)
         done = 0
         if self._warm is not None:
             done = self._warm.frames
@@ -307,7 +324,7 @@ class Session:
         self.runtime.fill_cache(s, seq[done:], self._prefill, start=done)
 
     def _backbone_step(self, t: int) -> int:
-        s, p, ids = self._state, self.params, self.runtime.manifest.token_ids
+        s, p, ids = self._held(), self.params, self.runtime.manifest.token_ids
         s.tokens[:, 2:] = np.where(self._delays > t, ids.audio_bos, s.audio[:, t])
         s.tokens[1, 0], s.tokens[1, 1] = ids.zero, ids.pad
         row = t + self._row_shift
@@ -319,14 +336,14 @@ class Session:
 
     def _starved(self, action: int) -> bool:
         """Open input and the machine about to take a word it (or its look-ahead) does not have yet."""
-        text = self._state.text
+        text = self._held().live_text
         if self._closed or not self.machine.takes_entry(text, action):
             return False
         words = sum(1 for entry in text.entries if entry.tokens)
         return words < 1 + self.machine.second_stream_ahead
 
     def _depformer_step(self, t: int, main: int, second: int) -> None:
-        s, p = self._state, self.params
+        s, p = self._held(), self.params
         s.tokens[:, 0], s.tokens[:, 1] = main, second
         if p.audio_temperature > 0:
             s.rng.random(out=s.noise, dtype=np.float32)
@@ -343,7 +360,7 @@ class Session:
         Aligned frame k reads delayed column k + delays[q], written at step k + delays[q] - 1,
         so it is complete after step k + max_delay - 1.
         """
-        e = self._state.emitter
+        e = self._held().emitter
         if e.crop is None:
             crop = self._known_crop()
             if crop is None or crop > t + 1 - self.runtime.manifest.max_delay:
@@ -360,14 +377,14 @@ class Session:
         (as in the reference) the crop is the start frame, known from the start.
         A prefix kept in the output means no crop.
         """
-        rule = self._state.rule
+        rule = self._held().live_rule
         if rule.include_prefix or rule.first_word_frame is not None:
             return max(rule.crop, 0)
         return rule.first_frame if self.machine.second_stream_ahead else None
 
     def _chunk(self, stop: int, final: bool) -> AudioChunk | None:
         """Decode aligned frames [next_frame, stop) and attach the words that start in them."""
-        s, m = self._state, self.runtime.manifest
+        s, m = self._held(), self.runtime.manifest
         e, pcm = s.emitter, []
         q = np.arange(m.audio_channels)
         for k in range(e.next_frame, stop):
@@ -387,22 +404,24 @@ class Session:
 
     def _words(self, before: int | None) -> list[tuple[str, float]]:
         """Transcript words not yet sent that start before aligned frame ``before`` (all if None)."""
-        e, rate = self._state.emitter, max(self.runtime.manifest.frame_rate, 1.0)
-        transcript, out = self._state.text.transcript, []
+        s, rate = self._held(), max(self.runtime.manifest.frame_rate, 1.0)
+        e, transcript, out = s.emitter, s.live_text.transcript, []
+        crop = e.crop
+        assert crop is not None, "a chunk is decoded only once the crop is set"
         while e.words_sent < len(transcript):
             word, step = transcript[e.words_sent]
             if before is not None and step >= before:
                 break
-            if step >= e.crop:
-                out.append((word, (step - e.crop) / rate))
+            if step >= crop:
+                out.append((word, (step - crop) / rate))
             e.words_sent += 1
         return out
 
     def _finish(self) -> Iterator[AudioChunk]:
-        s, m = self._state, self.runtime.manifest
-        rule, e = s.rule, s.emitter
+        s, m = self._held(), self.runtime.manifest
+        rule, e = s.live_rule, s.emitter
         tokens, stamps, crop = finish(s.audio[:, :rule.columns], m.delays, m.token_ids.audio_pad, rule.crop,
-                                      s.text.transcript[self._dropped_words():], m.frame_rate)
+                                      s.live_text.transcript[self._dropped_words():], m.frame_rate)
         if e.crop is None:  # nothing went out yet: the final crop decides (it falls back to 0 on a short run)
             e.crop = e.next_frame = crop
         chunk = self._chunk(crop + tokens.shape[1], final=True)
@@ -423,7 +442,7 @@ class Session:
 
     def _report(self, t: int) -> None:
         if self._progress is not None:
-            self._progress(Progress(t + 1, len(self._state.text.transcript), self._words_total))
+            self._progress(Progress(t + 1, len(self._held().live_text.transcript), self._words_total))
 
 
 def _check_text(text) -> None:

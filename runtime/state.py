@@ -64,6 +64,18 @@ class GenerationState:
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     rows_written: int = 0  # cache rows 0 .. rows_written-1 may hold a session's values (scrub zeroes them)
 
+    @property
+    def live_text(self) -> TextState:
+        """The utterance's text state: ``reset`` sets it before a session reads it (``scrub`` drops it)."""
+        assert self.text is not None, "the state was not reset for an utterance"
+        return self.text
+
+    @property
+    def live_rule(self) -> StopRule:
+        """The utterance's stop rule: ``reset`` sets it before a session reads it (``scrub`` drops it)."""
+        assert self.rule is not None, "the state was not reset for an utterance"
+        return self.rule
+
     @classmethod
     def allocate(cls, m: Manifest, bind: Callable[[str], Binding]) -> GenerationState:
         """Buffers for manifest ``m``; ``bind(graph name)`` gives this state its own binding of a graph."""
@@ -75,7 +87,7 @@ class GenerationState:
             # a prefix of A frames moves generation A frames on: room for every cached frame and the delay tail
             audio=np.zeros((q, m.cache_capacity + m.max_delay + 1), dtype=np.int64),
             noise=np.zeros(q, dtype=np.float32),
-            cache=KVCache(layers, cache.shape, cache.dtype, grows=backbone.resizable),
+            cache=KVCache(layers, cache.static_shape, cache.dtype, grows=backbone.resizable),
             backbone=backbone, depformer=bind("depformer"),
             codec=CodecStream(bind("codec_decoder"), m.codec.codebook_size),
             cache_names=[(cache_name("k", i), cache_name("v", i)) for i in range(layers)],
@@ -207,7 +219,11 @@ class KVCache:
     def copy_rows(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows 0 .. count-1 of every layer: ([L, 2, Hkv, count, D], same for V)."""
         layers = len(self._storage["k"])
-        return tuple(np.stack([self.layer(kind, i)[:, :, :count] for i in range(layers)]) for kind in ("k", "v"))
+
+        def rows(kind: str) -> np.ndarray:
+            return np.stack([self.layer(kind, i)[:, :, :count] for i in range(layers)])
+
+        return rows("k"), rows("v")
 
 
 class StatePool:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -517,7 +517,8 @@ def _npy_data(zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape, dtype: np.dtype
     """The member's data (its declared size, which zipfile never reads past; CRC checked at the end)."""
     nbytes = info.file_size - header
     buffer = bytearray(nbytes)
-    with zf.open(info) as m:
+    # typeshed types ZipFile.open as IO[bytes], which lacks readinto; in read mode it is a ZipExtFile
+    with cast(zipfile.ZipExtFile, zf.open(info)) as m:
         m.read(header)
         view, got = memoryview(buffer), 0
         while got < nbytes:
