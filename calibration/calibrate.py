@@ -85,7 +85,7 @@ def _calibrate_bytes(source: Manifest) -> int:
     return tree_bytes(source.root)
 
 
-def _calibrate_into(fp32_dir: Path, scripts, tmp: Path, precision: str, every: int, progress) -> dict:
+def _calibrate_into(fp32_dir: Path, scripts, tmp: Path, precision: str, every: int, progress) -> None:
     started = time.perf_counter()
     source = load_manifest(fp32_dir)
     progress(f"speaking {len(scripts)} calibration script(s) with the fp32 runtime")
@@ -108,7 +108,6 @@ def _calibrate_into(fp32_dir: Path, scripts, tmp: Path, precision: str, every: i
     manifest = replace(source, precision=precision, graphs=graphs, root=tmp)
     write_manifest(manifest, tmp)  # atomic_dir has the runtime's loader check it
     progress(f"done in {time.perf_counter() - started:.1f}s")
-    return manifest
 
 
 def _quantized_names(source) -> tuple[str, ...]:

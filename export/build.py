@@ -175,9 +175,13 @@ def _build_bytes(files: CheckpointFiles, options: BuildOptions) -> int:
 def _quantize_bytes(manifest: Manifest) -> int:
     """``--from-artifacts``: a copy of the fp32 artifacts, and a graph's quantized copy beside it
     (tiny int4: 3.63 MB seen, 4.16 estimated)."""
-    sizes = [tree_bytes(spec.path) + (tree_bytes(spec.external_data_path) if spec.external_data else 0)
-             for spec in manifest.graphs.values()]
+    sizes = [_graph_bytes(spec) for spec in manifest.graphs.values()]
     return tree_bytes(manifest.root) + max(sizes, default=0) // 2
+
+
+def _graph_bytes(spec: GraphSpec) -> int:
+    data = spec.external_data_path
+    return tree_bytes(spec.path) + (tree_bytes(data) if data is not None else 0)
 
 
 def _mimi_weights(ref: str) -> Path | None:
@@ -194,6 +198,8 @@ def _mimi_weights(ref: str) -> Path | None:
 
 def _safetensors_elements(path: Path | None) -> int:
     """Elements of every tensor in a safetensors file, from its JSON header (no tensor is read)."""
+    if path is None:
+        return 0
     try:
         with open_regular(path, 1 << 50, "checkpoint weights") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -295,8 +301,10 @@ def _quantized_graph(root: Path, file: str, name: str, options: BuildOptions, pr
     an int8 backbone, a warmed prefix's K/V rows differed from the step-wise ones by up to 0.05
     (int4: 0.5, on rows of magnitude 4) and the greedy tokens after it changed."""
     scheme = options.weight_only_scheme()
+    assert scheme is not None, "only weight-only precisions are quantized"
     if name == BACKBONE_PREFILL:
         record = done[BACKBONE].quantization
+        assert record is not None, "the backbone is quantized before its prefill"
         return _quantize_file(root, file, name, replace(scheme, block_size=record.block_size), options.precision,
                               fit=False, progress=progress)
     # the default block size adapts to small models; one asked for is used as given

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -192,8 +193,10 @@ def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_f
     result, pcm, rate = run_reference(files, text, params, decode=wav_out is not None)
     document = json.dumps({"tokens": result.tokens.tolist(),
                            "timestamps": [[w, s] for w, s in result.timestamps]}) + "\n"
-    items = [(outputs["--tokens-out"], lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))]
+    items: list[tuple[Path, Callable[[str], object]]] = [
+        (outputs["--tokens-out"], lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))]
     if wav_out:
+        assert pcm is not None  # decoded: decode=wav_out is not None
         items.append((outputs["--out"], audio_writer(outputs["--out"], pcm, rate)))
     write_together(items)
     click.echo(f"{result.frames} frames, {result.tokens.shape[1]} aligned", err=True)
@@ -216,7 +219,7 @@ def _artifact_files(directory: Path) -> list[tuple[str, Path]]:
     except ValueError:
         return files_under("artifact", directory)
     named = [directory / MANIFEST, directory / STAMP, *(path for path, _ in checked_files(manifest))]
-    named += [g.engine_path for g in manifest.graphs.values() if g.engine]
+    named += [path for g in manifest.graphs.values() if (path := g.engine_path) is not None]
     return [("artifact file", path) for path in named]
 
 

@@ -139,6 +139,7 @@ def _export_dynamo(module, args, path: Path, inputs, outputs, opset: int, dynami
         module, args, None, input_names=inputs, output_names=outputs, opset_version=opset,
         dynamo=True, dynamic_shapes=shapes,
     )
+    assert program is not None  # dynamo=True returns an ONNXProgram
     program.save(str(path), external_data=module_bytes(module) > EXTERNAL_DATA_BYTES)
 
 

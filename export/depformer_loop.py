@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from dia2_trt.models.dia2 import Dia2Model, Rotary
+from dia2_trt.models.dia2 import DepformerLayer, Dia2Model, Rotary, typed
 from dia2_trt.runtime.state_machine import TokenIds
 
 from .graphs import BRANCHES, DepformerFrame, guide, sample
@@ -119,9 +119,9 @@ class DepformerFrameBody(nn.Module):
         self.layers = dep.layers
         self.norm = dep.norm
         self.depformer_in = dep.depformer_in[self.group]
-        tables = [dep.audio_embeds[s].weight.detach() for s in range(first, dep.num_depth)]
+        tables = [e.weight.detach() for e in typed(dep.audio_embeds, nn.Embedding)[first : dep.num_depth]]
         self.embeddings = nn.Embedding.from_pretrained(torch.cat(tables), freeze=True)
-        self.stage_logits = StageLogits(list(dep.logits)[first:])
+        self.stage_logits = StageLogits(typed(dep.logits, nn.Linear)[first:])
         self.rotary = StageRotary(dep.rotary) if dep.rotary is not None else None
         self.input_names = ["iteration", "token", *_kv_names("past", self.n_layer), *OUTER]
         self.output_names = ["next_token", *_kv_names("next", self.n_layer)]
@@ -159,7 +159,7 @@ class DepformerFrameBody(nn.Module):
 
     def example_inputs(self, frame_inputs: tuple, rows: int = 2) -> tuple:
         """(iteration, token, past k/v with ``rows`` rows, then the frame's OUTER inputs)."""
-        att = self.layers[0].self_attention
+        att = typed(self.layers, DepformerLayer)[0].self_attention
         past = [torch.zeros(BRANCHES, att.heads, rows, att.head_dim) for _ in range(2 * self.n_layer)]
         named = dict(zip(DepformerFrame.input_names, frame_inputs))
         return (torch.tensor(0), torch.zeros(1, dtype=torch.long), *past, *(named[n] for n in OUTER))

@@ -205,6 +205,7 @@ class DepformerFrame(nn.Module):
 
     input_names = ["hidden", "cb0_logits", "text_tokens", "noise", "temperature", "top_k", "cfg_scale", "cfg_filter_k"]
     output_names = ["audio_tokens"]
+    special: torch.Tensor  # registered buffer
 
     def __init__(self, model: Dia2Model, ids: TokenIds) -> None:
         super().__init__()

@@ -48,6 +48,7 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
             output_names=output_names, dynamic_shapes=shapes,
             optimize=True, verify=False, report=False,
         )
+        assert program is not None  # dynamo=True returns an ONNXProgram
         program.save(str(path), external_data=module_bytes(module) > EXTERNAL_DATA_BYTES)
     del program
     onnx.checker.check_model(str(path))  # by path: works for models with external data

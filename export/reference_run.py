@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -11,16 +13,19 @@ from dia2_trt.models.tokens import resolve_token_ids
 from dia2_trt.runtime.params import GenerationParams
 from dia2_trt.runtime.tokenizer import TextTokenizer
 
+if TYPE_CHECKING:
+    from transformers import MimiModel
 
-def reference_loop(files: CheckpointFiles, mimi=None) -> tuple[ReferenceLoop, object]:
+
+def reference_loop(files: CheckpointFiles, mimi: MimiModel | None = None) -> tuple[ReferenceLoop, MimiModel]:
     model = load_model(files)
-    mimi = mimi if mimi is not None else load_mimi(files.mimi_ref)
+    codec = mimi if mimi is not None else load_mimi(files.mimi_ref)
     ids = resolve_token_ids(model.config, files.tokenizer_dir)
     tokenizer = TextTokenizer.from_dir(files.tokenizer_dir)
-    return ReferenceLoop(model, ids, tokenizer.encode, float(mimi.config.frame_rate)), mimi
+    return ReferenceLoop(model, ids, tokenizer.encode, float(codec.config.frame_rate)), codec
 
 
-def decode_batch(mimi, tokens: np.ndarray) -> np.ndarray:
+def decode_batch(mimi: MimiModel, tokens: np.ndarray) -> np.ndarray:
     """transformers' batch decode, clamped like the reference; [Q, T] -> pcm [T * 1920]."""
     if tokens.shape[1] == 0:
         return np.zeros(0, dtype=np.float32)

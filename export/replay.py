@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +130,7 @@ class Replay:
     hard-linked, not copied, except a looped graph's: see _with_outputs).
     """
 
-    def __init__(self, artifacts: Path, extra: dict[str, Sequence[str]] | None = None,
+    def __init__(self, artifacts: Path, extra: Mapping[str, Sequence[str]] | None = None,
                  workdir: Path | None = None, threads: int | None = None) -> None:
         self.manifest: Manifest = load_manifest(artifacts)
         extra = extra or {}

@@ -14,7 +14,9 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from importlib import import_module
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -34,9 +36,9 @@ class EngineError(RuntimeError):
     """TensorRT is missing or refused the network."""
 
 
-def import_tensorrt():
-    try:
-        import tensorrt
+def import_tensorrt() -> Any:
+    try:  # by name: a type checker would take `import tensorrt` for this very module
+        tensorrt: Any = import_module("tensorrt")
     except ImportError:
         raise EngineError("TensorRT is not installed "
                           "(pip install 'dia2-trt[tensorrt]' on a machine with an NVIDIA GPU)") from None
@@ -82,6 +84,7 @@ def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = Engi
         raise EngineError(f"{onnx_path.name}: TensorRT could not build an engine (see its log above)")
     _write_atomic(plan_path, bytes(plan))
     if cache is not None:
+        assert options.timing_cache is not None  # a cache is only loaded from this path
         _write_atomic(options.timing_cache, bytes(cache.serialize()))
     gpu, capability = _device_info()
     return EngineEntry(file=plan_path.name, sha256=sha256(plan_path), tensorrt=trt.__version__, gpu=gpu,
@@ -119,7 +122,7 @@ def _device_info() -> tuple[str | None, str | None]:
     """(name, compute capability) of the GPU an engine was built for: engines are specific to it
     and to the TensorRT version."""
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # pyright: ignore[reportMissingImports]  (the [tensorrt] extra)
     except ImportError:
         return None, None
     err, props = cudart.cudaGetDeviceProperties(0)
@@ -160,9 +163,10 @@ def compare_engine(onnx_path: Path, plan_path: Path, ranges: dict, *, atol: floa
     from polygraphy.comparator import Comparator, CompareFunc, DataLoader
 
     shapes = TensorMetadata()
-    for t in (spec.bounded().inputs if spec else ()):
-        if t.static and not spec.input(t.name).static:
-            shapes.add(t.name, None, t.shape)
+    if spec is not None:
+        for t in spec.bounded().inputs:
+            if t.static and not spec.input(t.name).static:
+                shapes.add(t.name, None, t.shape)
     loader = DataLoader(iterations=iterations, val_range=ranges, input_metadata=shapes or None)
     runners = [TrtRunner(EngineFromBytes(plan_path.read_bytes())), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
     results = Comparator.run(runners, data_loader=loader)
@@ -234,7 +238,7 @@ def have_gpu_tensorrt() -> tuple[bool, str]:
     except EngineError as exc:
         return False, str(exc)
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # pyright: ignore[reportMissingImports]  (the [tensorrt] extra)
     except ImportError:
         return False, "cuda-python is not installed (pip install 'dia2-trt[tensorrt]')"
     err, count = cudart.cudaGetDeviceCount()

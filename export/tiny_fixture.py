@@ -17,6 +17,7 @@ import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from dia2_trt.models.sources import resolve_checkpoint
 from dia2_trt.models.tiny import build_tiny_checkpoint
@@ -29,7 +30,7 @@ from .manifest import write_manifest
 from .reference_run import run_reference
 
 SCRIPT = "[S1] Hello there, how are you? [S2] I am fine, thanks."
-GREEDY = {"text_temperature": 0.0, "audio_temperature": 0.0}
+GREEDY: dict[str, Any] = {"text_temperature": 0.0, "audio_temperature": 0.0}  # GenerationParams' keywords
 ARTIFACTS, GOLDEN = "tiny-artifacts", "tiny-golden.json"
 # Room for the audio prefixes of tests/data/voices (33 frames at most), so the torch-free tier
 # covers the prefix path, prefill graph included.
@@ -56,7 +57,8 @@ def forget_checkpoint_paths(directory: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dia2_trt.export.tiny_fixture", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dia2_trt.export.tiny_fixture",
+                                     description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--out", type=Path, default=_REPO_DATA, help=f"default: {_REPO_DATA}")
     args = parser.parse_args(argv)
     if not args.out.is_dir():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -128,8 +129,7 @@ def _backbone_sequence(model, manifest: Manifest, steps: int, gen: torch.Generat
 
 def _compare(path: Path, feeds: list[dict], torch_out: list[dict], atol: float, rtol: float) -> dict:
     """Polygraphy's verdict plus max/mean absolute and relative error per output."""
-    runner = OnnxrtRunner(SessionFromOnnx(str(path)))
-    ort_results = Comparator.run([runner], data_loader=feeds)
+    ort_results = _run_onnxrt(path, feeds)
     results = RunResults()
     results.append(("pytorch", [IterationResult(outputs=o, runner_name="pytorch") for o in torch_out]))
     results.extend(ort_results)
@@ -138,6 +138,12 @@ def _compare(path: Path, feeds: list[dict], torch_out: list[dict], atol: float, 
     stats = {name: _error_stats([o[name] for o in torch_out], [np.asarray(r[name]) for r in ort_out])
              for name in torch_out[0]}
     return {"passed": bool(accuracy), "iterations": len(feeds), "outputs": stats}
+
+
+def _run_onnxrt(path: Path, feeds: list[dict]) -> RunResults:
+    # without streaming=True, Comparator.run returns one materialized RunResults (untyped: it may
+    # also return a generator)
+    return cast(RunResults, Comparator.run([OnnxrtRunner(SessionFromOnnx(str(path)))], data_loader=feeds))
 
 
 def _error_stats(expected: list[np.ndarray], actual: list[np.ndarray]) -> dict:
@@ -163,8 +169,7 @@ def _depformer_check(spec: GraphSpec, model, ids, backbone_out: list[dict], gen:
         with torch.no_grad():
             torch_out.append({"audio_tokens": frame(*args).numpy()})
         feeds.append({n: a.numpy() for n, a in zip(DepformerFrame.input_names, args)})
-    runner = OnnxrtRunner(SessionFromOnnx(str(spec.path)))
-    ort_out = Comparator.run([runner], data_loader=_cast_feeds(spec, feeds))[0][1]
+    ort_out = _run_onnxrt(spec.path, _cast_feeds(spec, feeds))[0][1]
     same = [np.array_equal(t["audio_tokens"], np.asarray(o["audio_tokens"])) for t, o in zip(torch_out, ort_out)]
     return {"iterations": len(feeds), "token_agreement": float(np.mean(same))}
 
@@ -206,8 +211,7 @@ def _codec_encoder_check(spec: GraphSpec, mimi, q: int, gen: torch.Generator) ->
     with torch.no_grad():
         expected = mimi.encode(pcm, num_quantizers=q).audio_codes.numpy()
         ours = MimiEncoderGraph(mimi, q)(pcm).numpy()
-    runner = OnnxrtRunner(SessionFromOnnx(str(spec.path)))
-    out = Comparator.run([runner], data_loader=_cast_feeds(spec, [{"pcm": pcm.numpy()}]))[0][1][0]
+    out = _run_onnxrt(spec.path, _cast_feeds(spec, [{"pcm": pcm.numpy()}]))[0][1][0]
     codes = np.asarray(out[next(iter(out.keys()))])
     agreement = float(np.mean(codes == expected)) if codes.shape == expected.shape else 0.0
     return {"passed": agreement == 1.0 and np.array_equal(ours, expected), "code_agreement": agreement,

@@ -22,7 +22,7 @@ one read through Transpose(W) is quantized as W^T (see transposed_weights).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -87,10 +87,7 @@ class WeightOnlyScheme:
 class QuantizeReport:
     """What the pass did to one graph, per kind ("matmul", "gather"): [count, fp32 bytes, quantized bytes]."""
 
-    kinds: dict = None
-
-    def __post_init__(self) -> None:
-        self.kinds = {"matmul": [0, 0, 0], "gather": [0, 0, 0]}
+    kinds: dict[str, list[int]] = field(default_factory=lambda: {"matmul": [0, 0, 0], "gather": [0, 0, 0]})
 
     def add(self, kind: str, fp32_bytes: int, quantized_bytes: int) -> None:
         entry = self.kinds[kind]
@@ -180,7 +177,7 @@ class _Storage:
     def keep(self, t: TensorProto) -> None:
         """Carry an unquantized tensor over: external ones are copied into the new data file."""
         if t.data_location == TensorProto.EXTERNAL:
-            self.put(t, memoryview(np.ascontiguousarray(self.array(t)).view(np.uint8)).cast("B"))
+            self.put(t, np.ascontiguousarray(self.array(t)).view(np.uint8).data.cast("B"))
 
     def close(self) -> None:
         if self._out:
@@ -454,7 +451,8 @@ def _rewire(graph: onnx.GraphProto, plan: dict[str, str], transposed: dict[str, 
     """Insert the dequantizing nodes: one DequantizeLinear (over its own copy) per MatMul reader."""
     nodes, copies = [], {}
     for node in graph.node:
-        if node.op_type == "Transpose" and plan.get(transposed.get(node.output[0])) == "matmul_t":
+        source = transposed.get(node.output[0])
+        if node.op_type == "Transpose" and source is not None and plan.get(source) == "matmul_t":
             continue  # its readers now take their own dequantized W^T
         weight = _planned_matmul_weight(node, plan, transposed)
         if weight is not None:

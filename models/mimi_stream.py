@@ -10,6 +10,7 @@ weights are the checkpoint's own.
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,14 @@ from transformers import MimiConfig, MimiModel
 from transformers.models.mimi.modeling_mimi import (
     MimiConv1d,
     MimiConvTranspose1d,
+    MimiResidualVectorQuantizer,
     MimiResnetBlock,
     MimiTransformerLayer,
+    MimiTransformerModel,
+    MimiVectorQuantization,
 )
+
+from .dia2 import typed
 
 STEP_STATE = "step"
 
@@ -83,8 +89,9 @@ def randomize_mimi(model: MimiModel, seed: int) -> MimiModel:
             normal(module.weight, per_output**-0.5)
         elif isinstance(module, nn.LayerNorm):
             normal(module.weight, 0.1, mean=1.0)
-        if getattr(module, "bias", None) is not None:
-            normal(module.bias, 0.1)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):  # a Module's bias is a Parameter or None
+            normal(bias, 0.1)
     for name, tensor in sorted(model.state_dict().items()):
         if name.endswith("layer_scale.scale"):
             tensor.copy_(torch.rand(tensor.shape, generator=gen) * 0.5 + 0.5)
@@ -95,11 +102,11 @@ def randomize_mimi(model: MimiModel, seed: int) -> MimiModel:
     return model
 
 
-def _codebook_table(rvq: nn.Module) -> torch.Tensor:
+def _codebook_table(rvq: MimiResidualVectorQuantizer) -> torch.Tensor:
     """[num_codebooks, codebook_size, dim] centroids, computed as `MimiEuclideanCodebook.embed` does."""
     tables = [
         layer.codebook.embed_sum / layer.codebook.cluster_usage.clamp(min=layer.codebook.epsilon)[:, None]
-        for layer in rvq.layers
+        for layer in typed(rvq.layers, MimiVectorQuantization)
     ]
     return torch.stack(tables).detach().clone()
 
@@ -112,7 +119,20 @@ def _require(condition: bool, message: str) -> None:
 def _check_config(config: MimiConfig) -> None:
     _require(config.use_causal_conv, "only causal Mimi (use_causal_conv=True) is supported")
     _require(config.pad_mode in ("constant", "replicate"), f"unsupported pad_mode {config.pad_mode!r}")
-    _require(config.rope_parameters["rope_type"] == "default", "only default RoPE is supported")
+    _require(_rope_parameters(config)["rope_type"] == "default", "only default RoPE is supported")
+
+
+def _rope_parameters(config: MimiConfig) -> dict[str, Any]:
+    # PretrainedConfig always fills rope_parameters in (rope_type, rope_theta), default RoPE when none is given
+    params = config.rope_parameters
+    assert params is not None, "MimiConfig without rope_parameters"
+    return cast("dict[str, Any]", params)
+
+
+def _head_dim(config: MimiConfig) -> int:
+    # MimiConfig.__post_init__ sets head_dim (hidden_size // num_attention_heads when not given)
+    assert config.head_dim is not None, "MimiConfig without head_dim"
+    return config.head_dim
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -124,14 +144,14 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class _Transformer(nn.Module):
     """Mimi's sliding-window transformer, as a function of explicit positions and past keys/values."""
 
-    def __init__(self, transformer: nn.Module, config: MimiConfig):
+    def __init__(self, transformer: MimiTransformerModel, config: MimiConfig):
         super().__init__()
         self.layers = transformer.layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = _head_dim(config)
         self.window = config.sliding_window
-        self.rope_theta = float(config.rope_parameters["rope_theta"])
+        self.rope_theta = float(_rope_parameters(config)["rope_theta"])
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # recomputed from constants (and folded at export) so fp16 weight conversion never rounds it
@@ -153,7 +173,7 @@ class _Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         mask = self.mask(positions, k_positions)
         present = []
-        for layer, layer_past in zip(self.layers, past):
+        for layer, layer_past in zip(typed(self.layers, MimiTransformerLayer), past):
             x, kv = self._layer(layer, x, cos, sin, mask, layer_past)
             present.append(kv)
         return x, present
@@ -205,10 +225,14 @@ class MimiStreamingDecoder(nn.Module):
       * `step`: int64 [1], transformer steps taken so far (the RoPE position of the next one).
     """
 
+    codebooks: torch.Tensor  # registered buffer
+
     def __init__(self, mimi: MimiModel, num_quantizers: int | None = None):
         super().__init__()
         config = mimi.config
-        _require(mimi.decoder is not None, "this MimiModel has no decoder")
+        decoder = mimi.decoder
+        if decoder is None:
+            raise ValueError("this MimiModel has no decoder")
         _check_config(config)
         _require(config.pad_mode == "constant", "the decoder's causal convs must zero-pad to stream")
         _require(config.trim_right_ratio == 1.0, "streaming needs trim_right_ratio=1.0 (no output delay)")
@@ -230,11 +254,13 @@ class MimiStreamingDecoder(nn.Module):
         self.register_buffer("codebooks", table.flatten(0, 1), persistent=False)
         self.semantic_proj = quantizer.semantic_residual_vector_quantizer.output_proj
         self.acoustic_proj = quantizer.acoustic_residual_vector_quantizer.output_proj
-        self.upsample = mimi.decoder.upsample
-        self.transformer = _Transformer(mimi.decoder.decoder_transformer, config)
-        self.seanet = mimi.decoder.decoder_seanet
+        self.upsample = decoder.upsample
+        self.transformer = _Transformer(decoder.decoder_transformer, config)
+        self.seanet = decoder.decoder_seanet
         self.steps_per_frame = config.latent_stride if self.upsample is not None else 1
-        self.frame_samples = self.steps_per_frame * math.prod(config.upsampling_ratios)
+        ratios = config.upsampling_ratios
+        assert ratios is not None, "MimiConfig.__post_init__ defaults upsampling_ratios"
+        self.frame_samples = self.steps_per_frame * math.prod(ratios)
         self.state_specs = self._build_state_specs(config)
 
     @property
@@ -355,10 +381,15 @@ class MimiEncoderGraph(nn.Module):
     Re-expresses the encoder so every padding amount is plain integer arithmetic on the input length,
     which exporters keep symbolic (transformers computes it through tensors, which traces as constants)."""
 
+    semantic_table: torch.Tensor  # registered buffers
+    acoustic_table: torch.Tensor
+
     def __init__(self, mimi: MimiModel, num_quantizers: int | None = None):
         super().__init__()
         config = mimi.config
-        _require(mimi.encoder is not None, "this MimiModel has no encoder")
+        encoder = mimi.encoder
+        if encoder is None:
+            raise ValueError("this MimiModel has no encoder")
         _check_config(config)
         self.num_quantizers = config.num_quantizers if num_quantizers is None else num_quantizers
         _require(
@@ -366,9 +397,9 @@ class MimiEncoderGraph(nn.Module):
             f"num_quantizers must be in [{config.num_semantic_quantizers}, {config.num_quantizers}]",
         )
         self.num_semantic = config.num_semantic_quantizers
-        self.seanet = mimi.encoder.encoder_seanet
-        self.transformer = _Transformer(mimi.encoder.encoder_transformer, config)
-        self.downsample = mimi.encoder.downsample
+        self.seanet = encoder.encoder_seanet
+        self.transformer = _Transformer(encoder.encoder_transformer, config)
+        self.downsample = encoder.downsample
         quantizer = mimi.quantizer
         self.semantic_proj = quantizer.semantic_residual_vector_quantizer.input_proj
         self.acoustic_proj = quantizer.acoustic_residual_vector_quantizer.input_proj

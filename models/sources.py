@@ -16,11 +16,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dia2_trt.runtime.errors import first_line
 
 from .config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from transformers import MimiModel
 
 HUB_REPOS = {"1B": "nari-labs/Dia2-1B", "2B": "nari-labs/Dia2-2B"}
 SIZES = ("tiny", *HUB_REPOS)
@@ -295,7 +298,7 @@ def _check_keys(path: Path, state: dict, file_shapes: dict[str, tuple[int, ...]]
         raise CheckpointError(f"{path} does not match its config: {'; '.join(problems)}")
 
 
-def load_mimi(ref: str):
+def load_mimi(ref: str) -> MimiModel:
     """transformers' MimiModel from a hub id or a local directory, float32, eval mode."""
     import torch
     from transformers import MimiModel
