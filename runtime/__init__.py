@@ -31,7 +31,9 @@ _EXPORTS = {
     "BACKEND_NAMES": "backends",
 }
 
-__all__ = sorted(_EXPORTS)
+# Spelled out (not sorted(_EXPORTS)) so that type checkers see the public names; a test keeps the two equal.
+__all__ = ["ArtifactError", "AudioChunk", "BACKEND_NAMES", "Backend", "Binding", "Dia2Runtime", "GenerationParams",
+           "Graph", "Progress", "ScriptError", "Session", "SpeakResult", "TruncationWarning", "create_backend"]
 
 if TYPE_CHECKING:
     from .artifacts import ArtifactError

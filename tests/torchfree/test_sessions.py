@@ -359,6 +359,7 @@ def test_public_names():
     for name in ("Dia2Runtime", "GenerationParams", "AudioChunk", "SpeakResult", "Session", "Progress",
                  "ArtifactError", "ScriptError", "TruncationWarning"):
         assert name in rt.__all__ and getattr(rt, name) is not None
+    assert sorted(rt.__all__) == sorted(rt._EXPORTS)  # the spelled-out list and the lazy map agree
     assert issubclass(TruncationWarning, UserWarning) and issubclass(ArtifactError, ValueError)
     assert Session.__module__ == "dia2_trt.runtime.session"
     with pytest.raises(AttributeError):
