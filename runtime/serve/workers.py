@@ -104,6 +104,7 @@ class Job:
         self.started: float | None = None  # when a worker took it
         self.first_text: float | None = None
         self.first_audio: float | None = None
+        self._session = None  # the worker's session once opened: cancel() stops it through Session.cancel()
 
     # --- event-loop side --------------------------------------------------------
 
@@ -132,7 +133,10 @@ class Job:
         """Stop at the next frame (or before starting); harmless once finished."""
         self._cancelled.set()
         self.cancel_requested.set()
-        self._inbox.put(_CANCEL)
+        self._inbox.put(_CANCEL)  # wakes a worker waiting for text
+        session = self._session
+        if session is not None:
+            session.cancel()  # thread-safe: the session ends itself at its next frame
 
     @property
     def cancelled(self) -> bool:
@@ -161,12 +165,17 @@ class Job:
 
     def _generate(self, runtime: Dia2Runtime, open_session: Callable) -> Finished:
         self._check(None)
-        session = open_session(runtime, self.params, self.voices, self._check)
+        session = open_session(runtime, self.params, self.voices, self._check_deadline)
+        self._session = session
+        if self._cancelled.is_set():  # cancelled while the session opened
+            session.cancel()
         try:
             while not session.done:
                 self._take_input(session)
-                for chunk in session:  # stops when the session needs words it does not have yet
+                for chunk in session:  # stops when the session needs words, or was cancelled
                     self._audio(chunk)
+                if session.cancelled:
+                    raise _Stop("cancelled", "the request was cancelled")
         finally:
             if not session.done:
                 session.cancel()  # hands its state back to the runtime now, not when collected
@@ -203,9 +212,13 @@ class Job:
                                    f"request limit") from None
 
     def _check(self, _progress) -> None:
-        """The per-frame hook: stop here if the client went away or time is up."""
+        """Between inputs: stop here if the client went away or time is up."""
         if self._cancelled.is_set():
             raise _Stop("cancelled", "the request was cancelled")
+        self._check_deadline(_progress)
+
+    def _check_deadline(self, _progress) -> None:
+        """The per-frame hook: stop here once time is up (a cancel reaches the session itself)."""
         if time.monotonic() > self.deadline:
             raise _Stop("timeout", f"the request ran past this server's {self.limits.seconds:g} s limit")
 
