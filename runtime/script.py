@@ -25,7 +25,7 @@ _SPEAKERS = ("[S1]", "[S2]")
 # Dia2's context is 1500 frames (120 s at 12.5 Hz) and every word or break takes at least
 # one, so a script that fits is at most ~30 kB even if it were all break tags. 256 Ki
 # characters leaves room for any formatting, and bounds the worst hostile input (a flood
-# of brackets) to about a second of scanning; 10 MB used to take minutes before "too long".
+# of brackets) to about a second of scanning (a 10 MB one would take minutes).
 MAX_SCRIPT_CHARS = 1 << 18
 MAX_SCRIPT_BYTES = 4 * MAX_SCRIPT_CHARS  # UTF-8 needs at most 4 bytes per character
 # Longer than any Dia2 context; past this a break could only overflow the frame count.
