@@ -9,19 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from snapshots import snapshot
+
 FIXTURE = Path(__file__).resolve().parent / "data" / "tiny-artifacts"
 SCRIPT = "[S1] Hello there. [S2] Hi."
-
-
-def _snapshot(directory: Path) -> dict[str, tuple]:
-    return {str(p.relative_to(directory)): _identity(p) for p in directory.rglob("*")}
-
-
-def _identity(path: Path) -> tuple:
-    info = os.lstat(path)
-    if path.is_dir() and not path.is_symlink():  # the write probe (cli_common.unwritable) touches a folder's mtime
-        return info.st_ino, info.st_mode
-    return info.st_ino, info.st_mode, info.st_size, info.st_mtime_ns
 
 
 def _refused(tmp_path: Path, args, *needles: str) -> str:
@@ -29,13 +20,13 @@ def _refused(tmp_path: Path, args, *needles: str) -> str:
 
     from dia2_trt.calibration.cli import main
 
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     done = CliRunner().invoke(main, [str(a) for a in args])
     lines = done.stderr.strip().splitlines()
     assert done.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), (done.exit_code, done.stderr)
     for needle in needles:
         assert needle in lines[0], lines[0]
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     return lines[0]
 
 

@@ -22,6 +22,7 @@ from dia2_trt.runtime.audio import AudioError, load_mono, read_audio
 from dia2_trt.runtime.files import InputFileError, parse_json
 
 from .conftest import DATA, edit_manifest
+from snapshots import snapshot
 
 VOICES = DATA / "voices"
 DIA2_RT = str(Path(sys.executable).with_name("dia2-rt"))  # the console script of this venv
@@ -41,18 +42,6 @@ def _error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-def _snapshot(directory: Path) -> dict[str, tuple]:
-    """Every entry (hidden ones too) with what changes when it is replaced, rewritten or added."""
-    return {str(p.relative_to(directory)): _identity(p) for p in directory.rglob("*")}
-
-
-def _identity(path: Path) -> tuple:
-    info = os.lstat(path)
-    if path.is_dir() and not path.is_symlink():  # the write probe (cli_common.unwritable) touches a folder's mtime
-        return info.st_ino, info.st_mode
-    return info.st_ino, info.st_mode, info.st_size, info.st_mtime_ns
-
-
 @pytest.fixture
 def work(tmp_path, artifact_copy):
     """A directory with a script, a prefix clip and its words; ``work.speak(...)`` runs speak there."""
@@ -68,9 +57,9 @@ def _speak(work: Path, *args, **kwargs):
 
 def _refused_untouched(work: Path, args, *needles: str, timeout: float = 120) -> str:
     """Refused in one line; no file in ``work`` replaced, rewritten or added (no output, no temporary)."""
-    before = _snapshot(work)
+    before = snapshot(work)
     line = _error(_speak(work, *args, timeout=timeout), *needles)
-    assert _snapshot(work) == before
+    assert snapshot(work) == before
     return line
 
 
@@ -132,11 +121,11 @@ def test_an_output_hard_linked_into_the_artifacts_is_refused(work):
 
 def test_voice_create_refuses_an_output_that_is_its_audio(work):
     os.link(work / "p.flac", work / "p.voice")
-    before = _snapshot(work)
+    before = snapshot(work)
     proc = _rt("voice", "create", work / "p.flac", "--artifacts", work / "art", "--speaker", 1,
                "--words", work / "w.json", "--out", work / "p.voice")
     _error(proc, "same file as the AUDIO")
-    assert _snapshot(work) == before
+    assert snapshot(work) == before
 
 
 def test_stdout_stays_an_output(work):
