@@ -69,7 +69,7 @@ def _existing_ancestor(path: Path) -> Path:
 def atomic_dir(out: Path, overwrite: bool, needed: int, fill: Callable[[Path], None],
                load: Callable[..., Manifest] = load_manifest) -> Manifest:
     """Run ``fill`` on a new temporary sibling of ``out``, check the result with the runtime's
-    loader, then swap it into place; on failure (SIGTERM and Ctrl-C included, see export/entry.py)
+    loader, then swap it into place; on failure (SIGTERM and Ctrl-C included: runtime/signals.py)
     leave nothing behind. ``needed``: about how many bytes the build writes at its peak, for
     the message when the disk fills up. ``load``: the loader that checks the result, the runtime's
     unless the caller passes its own (export/build.py passes the one it imported, so that a test

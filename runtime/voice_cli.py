@@ -9,11 +9,9 @@ import click
 
 from .audio import AudioError, audio_info
 from .errors import first_line
-from .files import InputFileError, check_regular, parse_json, read_json_file, read_regular
-from .voice import VoiceError, load_voice, parse_words, save_voice
+from .files import InputFileError, check_regular, read_json_file
+from .voice import VoiceError, load_voice, read_words, save_voice
 
-# Words files hold a clip's word timings: a two-minute prefix has a few hundred words, ~20 kB.
-MAX_WORDS_BYTES = 1 << 20
 # A --tokens-out file: [channels, frames] small integers; the 2B's longest utterance is ~0.3 MB.
 MAX_TURN_BYTES = 16 << 20
 
@@ -97,15 +95,7 @@ def _check_file(path: str, what: str) -> None:
 
 def check_words(path: str | Path) -> None:
     """A words file, bounded and well-formed, checked before the artifacts load (they read it again)."""
-    try:
-        data = read_regular(path, MAX_WORDS_BYTES, "words file")
-    except InputFileError as exc:
-        raise VoiceError(str(exc)) from None
-    try:
-        raw = parse_json(data, "words")
-    except InputFileError as exc:
-        raise VoiceError(f"{path}: malformed JSON ({exc})") from None
-    parse_words(raw, where=str(path))
+    read_words(path)
 
 
 def read_turn(path: str | Path) -> tuple[list, list[tuple[str, float]]]:

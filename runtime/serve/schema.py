@@ -34,7 +34,7 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
 class GenerationFields(BaseModel):
     """What every generation request may set (HTTP body or the socket's start message)."""
 
-    # inf reaches a float field as JSON's 1e999; NaN and Infinity never parse (parse_json)
+    # parse_json already refuses NaN, Infinity and 1e999; this keeps a model built from Python finite too
     model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
 
     voice: str = Field("default", max_length=64, description="Speaker 1's voice: a registered name or 'default'")
