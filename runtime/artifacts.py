@@ -251,8 +251,8 @@ def _check_bounds(m: Manifest, need) -> None:
                 total += _tensor_bytes(tensor.bounded(g.dims), f"graphs.{name}.{kind}.{tensor.name}", need)
     streams = max(1, min(m.max_streams, MAX_STREAMS_LIMIT))  # range-checked in _check_streams
     need(total <= MAX_BUFFER_BYTES * streams, "graphs",
-         f"need {total / 2**30:.3g} GiB of buffers for {streams} stream(s) at their bounds, past "
-         f"{MAX_BUFFER_BYTES / 2**30:.3g} GiB a stream")
+         f"need {total / streams / 2**30:.3g} GiB of buffers per session at their bounds ({streams} stream(s): "
+         f"{total / 2**30:.3g} GiB), past {MAX_BUFFER_BYTES / 2**30:.3g} GiB")
 
 
 def _tensor_bytes(t: TensorSpec, where: str, need) -> int:
@@ -310,8 +310,9 @@ def _check_backbone(m: Manifest) -> None:
     g = m.graph(BACKBONE)
     if not g.fixed_shape:
         first, *more = [t for t in g.inputs + g.outputs if not t.bounded(g.dims).static]
+        axes = sorted({d for t in (first, *more) for d in t.shape if isinstance(d, str) and d not in g.dims})
         _fail(m, f"graphs.backbone.{first.name} has an unbounded dynamic shape {list(first.shape)}"
-                 + (f" (and {len(more)} more)" if more else ""))
+                 + (f" (and {len(more)} more)" if more else "") + f": no bound for {', '.join(axes)} in its dims")
     channels = g.input("tokens").shape
     if channels != (STREAM_ROWS, 2 + m.audio_channels):
         _fail(m, f"graphs.backbone.inputs.tokens {list(channels)} is not [{STREAM_ROWS}, {2 + m.audio_channels}] "
