@@ -175,8 +175,9 @@ class FrameStepper:
             HIDDEN: np.zeros((BRANCHES * s, *first.hidden.shape[1:]), first.hidden.dtype),
             CB0_LOGITS: np.zeros((BRANCHES * s, *first.cb0_logits.shape[1:]), first.cb0_logits.dtype),
             TEXT_TOKENS: np.zeros((s, 2), np.int64), NOISE: np.zeros((s, q), np.float32),
-            # rows nobody asked for sample greedily and unguided: the cheapest path through the graph
-            TEMPERATURE: np.zeros(s, np.float32), TOP_K: np.zeros(s, np.int64),
+            # rows nobody asked for sample greedily and unguided, with k = 1: the TopK fast path (k = 0,
+            # "no cut", would send the whole batch through the full sort)
+            TEMPERATURE: np.zeros(s, np.float32), TOP_K: np.ones(s, np.int64),
             CFG_SCALE: np.ones(s, np.float32), CFG_FILTER_K: np.zeros(s, np.int64),
         }
         for slot, call in calls.items():
