@@ -31,7 +31,7 @@ class _Group(OneLineGroup):
     pulls in the benchmark harness, which ``speak`` must not load."""
 
     LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "voice": ("dia2_trt.runtime.voice_cli", "voice"),
-            "serve": ("dia2_trt.runtime.serve.command", "serve")}
+            "serve": ("dia2_trt.runtime.serve.command", "serve"), "demo": ("dia2_trt.runtime.demo", "demo")}
 
     def list_commands(self, ctx) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
