@@ -35,11 +35,13 @@ class TritonSpeech:
         self._events: queue.Queue = queue.Queue()
         self._client.start_stream(callback=lambda result, error: self._events.put((result, error)))
 
-    def stream(self, text: str, params: dict | None = None) -> Iterator[tuple[np.ndarray, list]]:
-        """Send one request and yield its chunks as they arrive, until the final response."""
+    def stream(self, text: str, params: dict | str | bytes | None = None) -> Iterator[tuple[np.ndarray, list]]:
+        """Send one request and yield its chunks as they arrive, until the final response.
+        ``params``: the extras as a dict, or their JSON text as it is."""
         inputs = [self._bytes("text", text.encode())]
         if params is not None:
-            inputs.append(self._bytes("params", json.dumps(params).encode()))
+            raw = json.dumps(params) if isinstance(params, dict) else params
+            inputs.append(self._bytes("params", raw.encode() if isinstance(raw, str) else raw))
         self._client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex,
                                         outputs=[self._grpc.InferRequestedOutput(n) for n in ("pcm", "words")],
                                         enable_empty_final_response=True)
