@@ -59,6 +59,7 @@ class TritonPythonModel:
         self.pool = ThreadPoolExecutor(max_workers=self.settings.max_streams, thread_name_prefix="dia2-stream")
         self.admitted, self.lock = 0, threading.Lock()
         self.ipc = threading.Lock()  # one call to the server at a time, see _Sender
+        self.closing = threading.Event()  # set by finalize: running streams stop at their next frame
         self.metrics = _Metrics(pb, args["model_name"], args["model_instance_name"], self.ipc)
 
     def execute(self, requests) -> None:
@@ -75,16 +76,19 @@ class TritonPythonModel:
                            f"waiting; retry later")
                 self._fail(sender, "busy", message, self.pb.TritonError.UNAVAILABLE)
                 continue
+            self.metrics.active(+1)  # from admission: a waiting stream holds its place too
             self.pool.submit(self._stream, sender, text, raw)
         return None  # decoupled: every response goes through the senders
 
     def finalize(self) -> None:
+        """Triton unloads the model once in-flight requests are done or its exit timeout passed: stop
+        what still runs at its next frame rather than generating for nobody."""
+        self.closing.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # --- one request, on its own thread ---------------------------------------
 
     def _stream(self, sender, text, raw) -> None:
-        self.metrics.active(+1)
         try:
             self._generate(sender, text, raw)
         except BadRequest as exc:
@@ -105,7 +109,7 @@ class TritonPythonModel:
             raise _Cancelled
 
         def each_frame(_progress) -> None:  # one IPC to the server per frame: microseconds against a frame's ms
-            if sender.is_cancelled():
+            if self.closing.is_set() or sender.is_cancelled():
                 raise _Cancelled
 
         session = self.open_session(self.runtime, checked.params, checked.voices, each_frame)
@@ -177,8 +181,8 @@ class _Metrics:
         streams = pb.MetricFamily(name="dia2_streams_total", description="Streams ended, by outcome",
                                   kind=pb.MetricFamily.COUNTER)
         self._outcomes = {o: streams.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
-        active = pb.MetricFamily(name="dia2_streams_active", description="Streams generating or waiting",
-                                 kind=pb.MetricFamily.GAUGE)
+        active = pb.MetricFamily(name="dia2_streams_active", kind=pb.MetricFamily.GAUGE,
+                                 description="Streams admitted: generating or waiting for a thread")
         audio = pb.MetricFamily(name="dia2_audio_seconds_total", description="Seconds of audio streamed",
                                 kind=pb.MetricFamily.COUNTER)
         self._active, self._audio = active.Metric(labels=labels), audio.Metric(labels=labels)
