@@ -31,7 +31,9 @@ class _Group(OneLineGroup):
     pulls in the benchmark harness, which ``speak`` must not load."""
 
     LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "voice": ("dia2_trt.runtime.voice_cli", "voice"),
-            "serve": ("dia2_trt.runtime.serve.command", "serve"), "demo": ("dia2_trt.runtime.demo", "demo")}
+            "serve": ("dia2_trt.runtime.serve.command", "serve"), "demo": ("dia2_trt.runtime.demo", "demo"),
+            "triton-repo": ("dia2_trt.runtime.triton.command", "triton_repo"),
+            "triton-serve": ("dia2_trt.runtime.triton.command", "triton_serve")}
 
     def list_commands(self, ctx) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
