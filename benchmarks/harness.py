@@ -383,23 +383,47 @@ def kv_cache_elements_per_frame(topology: Topology, capacity: int) -> int:
     return 2 * topology.n_layer * 2 * topology.kv_heads * capacity * topology.head_dim
 
 
-def roofline(manifest: Manifest, precision: str, bandwidth: float) -> dict:
-    """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth."""
-    size = 2 if precision == "fp16" else 4
+def roofline(manifest: Manifest, bandwidth: float, *, float_only: bool = False) -> dict:
+    """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth.
+
+    Bytes per weight come from each graph of ``manifest`` itself (its precision, its weight-only
+    record), so every contender is held to the bytes its own artifacts read: an int4 build against
+    the fp32 build's bytes showed 228 % "of roofline". ``float_only``: fp32 weights whatever the
+    manifest holds (the PyTorch reference, which reads the checkpoint's fp32 tensors).
+    """
     elements = weight_elements_per_frame(manifest.topology)
-    weights = {k: int(v * _weight_size(manifest.graphs.get(k), size)) for k, v in elements.items()}
+    weights = {k: int(v * (4 if float_only else weight_bytes_per_element(manifest.graphs.get(k))))
+               for k, v in elements.items()}
     total = sum(weights.values())
-    cache = kv_cache_elements_per_frame(manifest.topology, manifest.cache_capacity) * size
+    cache = kv_cache_elements_per_frame(manifest.topology, manifest.cache_capacity) * _cache_itemsize(manifest)
     return {"weight_bytes_per_frame": {**weights, "total": total}, "kv_cache_bytes_per_frame": cache,
             "bandwidth_bytes_per_second": bandwidth, "min_frame_seconds": total / bandwidth,
             "max_frames_per_second": bandwidth / total,
             "min_frame_seconds_with_cache": (total + cache) / bandwidth}
 
 
-def _weight_size(graph, float_size: int) -> float:
-    """Bytes per weight: a weight-only graph reads its integers plus one fp32 scale per block."""
-    q = graph.quantization if graph is not None else None
-    return q.bits / 8 + 4 / q.block_size if q and q.block_size else float_size
+def weight_bytes_per_element(graph: GraphSpec | None) -> float:
+    """Bytes a frame reads per weight of ``graph``.
+
+    A weight-only graph: its recorded MatMul bytes over their fp32 bytes (the integers plus one fp32
+    scale per block, as written), else bits / 8 plus a scale per block; fp16: 2; otherwise 4.
+    """
+    if graph is None:
+        return 4.0
+    q = graph.quantization
+    matmul = q.weights.get("matmul_weights", {}) if q else {}
+    if matmul.get("fp32_bytes"):
+        return 4.0 * matmul["bytes"] / matmul["fp32_bytes"]
+    if q and q.block_size:
+        return q.bits / 8 + 4 / q.block_size
+    return 2.0 if graph.precision == "fp16" else 4.0
+
+
+def _cache_itemsize(manifest: Manifest) -> int:
+    """Bytes per K/V element, from the backbone's declared cache input (fp32, or fp16 with the fp16 cache)."""
+    backbone = manifest.graphs.get("backbone")
+    k0 = next((t for t in backbone.inputs if t.name.startswith("k_cache")), None) if backbone else None
+    return k0.dtype.itemsize if k0 is not None else 4
 
 
 # --- statistics and the orchestration ----------------------------------------------------------
@@ -414,12 +438,15 @@ def spread(values: Iterable[float]) -> dict | None:
 
 
 def summarize(spec: Contender, info: dict, runs: list[dict], manifest: Manifest, bandwidth: float) -> dict:
+    """``manifest``: the topology's (the reference's roofline); a runtime contender reads its own."""
     frames = sum(r["frames"] for r in runs)
     frame_rate = info["frame_rate"]
     frame_seconds = [s for r in runs for s in r["frame_seconds"]]
     median_frame = float(np.median(frame_seconds)) if frame_seconds else sum(r["wall_seconds"] for r in runs) / frames
-    line = roofline(manifest, spec.precision, bandwidth)
+    own = manifest if spec.kind == "reference" else load_manifest(spec.source, verify=False)
+    line = roofline(own, bandwidth, float_only=spec.kind == "reference")
     line["achieved_over_roofline"] = line["min_frame_seconds"] / median_frame
+    first_audio = spread(r["first_audio_seconds"] for r in runs if r["first_audio_seconds"] is not None)
     return {
         **asdict(spec),
         "load_seconds": info["load_seconds"],
@@ -429,7 +456,9 @@ def summarize(spec: Contender, info: dict, runs: list[dict], manifest: Manifest,
         "frames_per_second": spread(r["frames"] / r["wall_seconds"] for r in runs),
         "steady_frames_per_second": 1.0 / median_frame,
         "real_time_factor": spread(r["wall_seconds"] * frame_rate / r["frames"] for r in runs),
-        "first_audio_seconds": spread(r["first_audio_seconds"] for r in runs if r["first_audio_seconds"] is not None),
+        "first_audio_seconds": first_audio,
+        # time to first audio in steady frame-times: how many frames a listener waits
+        "first_audio_frame_times": first_audio["median"] / median_frame if first_audio else None,
         "frame_seconds": spread(frame_seconds),
         "breakdown_seconds_per_frame": _breakdown(runs),
         "roofline": line,
