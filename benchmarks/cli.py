@@ -55,8 +55,8 @@ from .report import markdown, plot
               help="Length of the synthetic prefix for --prefix (split between the two speakers).")
 @click.option("--positions", "positions_arg", metavar="P,P,...",
               help="Instead: ms per frame at these KV-cache positions (e.g. 0,375,750,1125,1500), per component "
-                   "(backbone step, depformer frame, codec decode), for every --artifacts: --frames timed runs per "
-                   "position after --warmup-frames (writes positions_bench.*).")
+                   "(backbone step, depformer frame, codec decode), for every --artifacts: --frames timed frames per "
+                   "position after --warmup-frames, in --repeats rounds (writes positions_bench.*).")
 @click.option("--streams", "streams_arg", metavar="N,N,...",
               help="Instead: N sessions from N threads on one runtime, different scripts started together, for "
                    "each N (e.g. 1,2,4,8): aggregate frames/s, per-stream ms/frame, real-time streams, time to "
@@ -140,8 +140,8 @@ def _positions_bench(arg: str, s: ModeSettings) -> None:
         wanted = positions.parse_positions(arg)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    result = positions.run_positions_bench(s.artifacts, wanted, s.frames, s.warmup_frames, s.backend, s.threads,
-                                           s.seed, _echo)
+    result = positions.run_positions_bench(s.artifacts, wanted, s.frames, s.repeats, s.warmup_frames, s.backend,
+                                           s.threads, s.seed, _echo)
     if not any(a["positions"] for a in result["artifacts"]):
         raise click.ClickException("no position fits these artifacts' caches: "
                                    + "; ".join(f"{a['name']}: {a['cache_capacity']} rows" for a in result["artifacts"]))

@@ -4,16 +4,16 @@ The backbone's step attends over every cache row written so far, so a frame late
 utterance costs more than an early one; the depformer and the codec have no position-dependent
 input. This measures how much, without generating hundreds of frames: for each artifact
 directory the runtime is loaded once and one generation state taken from its pool (its own
-bindings and KV cache, exactly what a session steps with). At each position P (ascending) the
-cache rows 0..P are filled with random K/V through the state's own ``write_rows`` (the values do
-not change the work a step does: a masked row costs what a live one does), and then, each
-``repeats`` times after ``warmup`` untimed runs:
+bindings and KV cache, exactly what a session steps with). In each of ``rounds`` walks from a
+fresh state, at each position P (ascending) the cache rows 0..P are filled with random K/V
+through the state's own ``write_rows`` (the values do not change the work a step does: a masked
+row costs what a live one does), and then ``frames`` frames are timed after ``warmup`` untimed:
 
 - backbone: the step at RoPE position P writing cache row P, fed through the runtime's own feed
   helper (so the graph contract stays the runtime's);
 - depformer: the whole-frame graph on that step's outputs, sampling on (the default params);
 - codec: one decoder stream advanced frame by frame through random codes to frame P, so its
-  carried state is that of a stream P frames long, then one frame decoded per repeat.
+  carried state is that of a stream P frames long, then one frame decoded per timed frame.
 
 The runtime's growing cache (ONNX Runtime) means a step at P reads P + 1 rows rounded up to
 ``KVCache.ROW_STEP``; TensorRT's cache is read at its capacity at every position.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,43 +48,63 @@ def parse_positions(text: str) -> list[int]:
     return positions
 
 
-def run_positions_bench(artifacts: list[str], positions: list[int], repeats: int, warmup: int, backend: str,
-                        threads: int | None, seed: int = 0, echo: Callable[[str], None] = lambda msg: None) -> dict:
+def run_positions_bench(artifacts: list[str], positions: list[int], frames: int, rounds: int, warmup: int,
+                        backend: str, threads: int | None, seed: int = 0,
+                        echo: Callable[[str], None] = lambda msg: None) -> dict:
     runs = []
     for directory in artifacts:
         echo(f"loading {directory}")
         rt = Dia2Runtime.load(directory, backend, threads, verify=False)  # bench's caller verified them
-        runs.append(_measure(rt, directory, positions, repeats, warmup, seed, echo))
+        runs.append(_measure(rt, directory, positions, _Plan(frames, rounds, warmup), seed, echo))
         del rt  # one artifact's graphs in memory at a time
-    return {"machine": machine_info(), "settings": {"positions": positions, "repeats": repeats, "warmup": warmup,
-                                                    "backend": backend, "threads": threads, "seed": seed},
+    return {"machine": machine_info(), "settings": {"positions": positions, "frames": frames, "rounds": rounds,
+                                                    "warmup": warmup, "backend": backend, "threads": threads,
+                                                    "seed": seed},
             "artifacts": runs}
 
 
-def _measure(rt: Dia2Runtime, directory: str, positions: list[int], repeats: int, warmup: int, seed: int,
+@dataclass(frozen=True)
+class _Plan:
+    frames: int  # timed runs per position per round
+    rounds: int  # walks over every position from a fresh state
+    warmup: int  # untimed runs before each position's timed ones
+
+
+def _measure(rt: Dia2Runtime, directory: str, positions: list[int], plan: _Plan, seed: int,
              echo: Callable[[str], None]) -> dict:
+    """Every position, in ``plan.rounds`` walks from a fresh state: the machine's drift over a run (10-20 %
+    on this 2-core host) falls on every position alike instead of on whichever was measured last."""
     m = rt.manifest
     usable = [p for p in positions if p < m.cache_capacity]
     skipped = [{"position": p, "reason": f"past the cache capacity ({m.cache_capacity} rows, positions "
                                          f"0..{m.cache_capacity - 1})"} for p in positions if p >= m.cache_capacity]
     rng = np.random.default_rng(seed)
+    times = {p: {c: [] for c in COMPONENTS} for p in usable}
+    rows_read: dict[int, int] = {}
     state = rt.states.take()
     try:
-        _reset(rt, state)
-        probe = _CodecProbe(state.codec, m.audio_channels, m.codec.codebook_size, rng)
-        rows, measured = 0, []
-        for p in usable:
-            rows = _fill(state, rows, p + 1, rng)
-            echo(f"{Path(directory).name}: position {p}")
-            measured.append(_at_position(rt, state, probe, p, repeats, warmup, rng))
+        for r in range(plan.rounds):
+            _reset(rt, state)
+            probe, rows = _CodecProbe(state.codec, m.audio_channels, m.codec.codebook_size, rng), 0
+            for p in usable:
+                rows = _fill(state, rows, p + 1, rng)
+                echo(f"{Path(directory).name}: round {r + 1}/{plan.rounds}, position {p}")
+                for c, seconds in _at_position(rt, state, probe, p, plan, rng).items():
+                    times[p][c] += seconds
+                rows_read[p] = _rows_read(state)
     finally:
         rt.states.give_back(state)  # the next take() scrubs it
-    first = measured[0]["frame_seconds"] if measured else None
+    measured = [_row(p, rows_read[p], times[p]) for p in usable]
     for row in measured:
-        row["over_first"] = row["frame_seconds"] / first if first else None
+        row["over_first"] = row["frame_seconds"] / measured[0]["frame_seconds"]
     return {"name": Path(directory).name, "source": str(directory), "precision": m.precision,
             "cache_capacity": m.cache_capacity, "frame_rate": m.frame_rate, "positions": measured,
             "skipped": skipped}
+
+
+def _row(p: int, rows_read: int, times: dict[str, list[float]]) -> dict:
+    return {"position": p, "cache_rows_read": rows_read, "seconds": {c: spread(v) for c, v in times.items()},
+            "frame_seconds": sum(float(np.median(v)) for v in times.values())}
 
 
 def _reset(rt: Dia2Runtime, state) -> None:
@@ -115,13 +136,14 @@ def _row_block_shape(state) -> tuple[int, ...]:
     return (len(state.cache_names), layer.shape[0], layer.shape[1], layer.shape[3])
 
 
-def _at_position(rt: Dia2Runtime, state, probe: _CodecProbe, p: int, repeats: int, warmup: int,
-                 rng: np.random.Generator) -> dict:
+def _at_position(rt: Dia2Runtime, state, probe: _CodecProbe, p: int, plan: _Plan,
+                 rng: np.random.Generator) -> dict[str, list[float]]:
+    """``plan.frames`` timed frames at position ``p`` after ``plan.warmup`` untimed: seconds per component."""
     feeds = _backbone_feeds(rt, state.tokens, p)
     params = GenerationParams()
     times: dict[str, list[float]] = {c: [] for c in COMPONENTS}
     probe.advance_to(p)
-    for i in range(warmup + repeats):
+    for i in range(plan.warmup + plan.frames):
         began = time.perf_counter()
         out = state.backbone.run(feeds)
         backbone = time.perf_counter() - began
@@ -131,17 +153,14 @@ def _at_position(rt: Dia2Runtime, state, probe: _CodecProbe, p: int, repeats: in
         state.depformer.run(dep_feeds)
         depformer = time.perf_counter() - began
         codec = probe.decode_one()
-        if i >= warmup:
+        if i >= plan.warmup:
             for name, seconds in zip(COMPONENTS, (backbone, depformer, codec)):
                 times[name].append(seconds)
-    medians = {c: float(np.median(v)) for c, v in times.items()}
-    return {"position": p, "cache_rows_read": _rows_read(state, p),
-            "seconds": {c: spread(v) for c, v in times.items()},
-            "frame_seconds": sum(medians.values())}
+    return times
 
 
-def _rows_read(state, p: int) -> int:
-    """Cache rows the step at ``p`` reads: the growing cache's current rows, or the capacity."""
+def _rows_read(state) -> int:
+    """Cache rows a step reads now: the growing cache's current rows, or the capacity."""
     return int(state.cache.rows) if state.cache.grows else int(state.cache.capacity)
 
 
@@ -186,8 +205,9 @@ class _CodecProbe:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"ms per frame at each cache position ({s['backend']}, median of {s['repeats']} runs after "
-             f"{s['warmup']} untimed; frame = backbone + depformer + codec medians, host work excluded).", "",
+    lines = [f"ms per frame at each cache position ({s['backend']}; median of {s['frames']} frames x "
+             f"{s['rounds']} rounds over the positions, {s['warmup']} untimed before each; "
+             f"frame = backbone + depformer + codec medians, host work excluded).", "",
              "| artifacts | position | cache rows read | backbone ms | depformer ms | codec ms | frame ms "
              "| vs first position |", "|---|---|---|---|---|---|---|---|"]
     for a in result["artifacts"]:

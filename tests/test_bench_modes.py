@@ -37,7 +37,7 @@ def _one_line_error(done) -> str:
 
 def test_positions_measure_each_component_at_each_position(artifacts, tmp_path):
     out = tmp_path / "pos"
-    done = _bench("--artifacts", str(artifacts), "--positions", "100,0,208,500", "--frames", "3",
+    done = _bench("--artifacts", str(artifacts), "--positions", "100,0,208,500", "--frames", "3", "--repeats", "2",
                   "--warmup-frames", "1", "--out", str(out))
     assert done.exit_code == 0, done.stderr
     result = json.loads((out / "positions_bench.json").read_text())
@@ -51,7 +51,7 @@ def test_positions_measure_each_component_at_each_position(artifacts, tmp_path):
     assert all(p + 1 <= r <= capacity for p, r in zip((0, 100, 208), rows_read)) and rows_read == sorted(rows_read)
     for row in run["positions"]:
         assert set(row["seconds"]) == {"backbone", "depformer", "codec"}
-        assert all(s["n"] == 3 and 0 < s["p10"] <= s["median"] <= s["p90"] for s in row["seconds"].values())
+        assert all(s["n"] == 3 * 2 and 0 < s["p10"] <= s["median"] <= s["p90"] for s in row["seconds"].values())
         assert row["frame_seconds"] == pytest.approx(sum(s["median"] for s in row["seconds"].values()))
     assert run["positions"][0]["over_first"] == 1.0
     table = (out / "positions_bench.md").read_text()
