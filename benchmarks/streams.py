@@ -200,7 +200,9 @@ def markdown(result: dict) -> str:
 
 
 def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def plot(result: dict, path: Path, save: Callable[[Path, object], None]) -> None:
