@@ -29,7 +29,6 @@ from dia2_trt.runtime import Dia2Runtime, GenerationParams
 
 from .harness import machine_info
 
-DEFAULT_STREAMS = (1, 2, 4, 8)
 # Different scripts per stream (rotated and numbered): streams that share a batch should not all take
 # the same path through the text state machine.
 _SENTENCES = (
