@@ -53,7 +53,10 @@ def test_positions_measure_each_component_at_each_position(artifacts, tmp_path):
         assert set(row["seconds"]) == {"backbone", "depformer", "codec"}
         assert all(s["n"] == 3 * 2 and 0 < s["p10"] <= s["median"] <= s["p90"] for s in row["seconds"].values())
         assert row["frame_seconds"] == pytest.approx(sum(s["median"] for s in row["seconds"].values()))
-    assert run["positions"][0]["over_first"] == 1.0
+    assert run["positions"][0]["over_first"] == run["positions"][0]["backbone_over_first"] == 1.0
+    last = run["positions"][-1]
+    assert last["backbone_over_first"] == pytest.approx(
+        last["seconds"]["backbone"]["median"] / run["positions"][0]["seconds"]["backbone"]["median"])
     table = (out / "positions_bench.md").read_text()
     assert "| tiny-artifacts (fp32) | 208 | 209 |" in table and "position 500 skipped" in table
     assert (out / "positions.png").read_bytes().startswith(PNG)
