@@ -8,11 +8,12 @@ writes, so sessions on one graph never share memory.
 
 A static-shape binding allocates its buffers once and each step only copies the
 small per-step inputs in. Large persistent inputs (the KV cache) are attached
-once with ``Binding.bind`` and changed only through ``Binding.write``, so a
+once with ``Binding.bind`` and changed only through ``Binding.write_rows``, so a
 device backend (TensorRT) keeps them in device memory and writes rows in place.
-An axis with a bound (``GraphSpec.dims``: the cache's rows) counts as static at
-its bound; a ``resizable`` binding also takes a smaller input there through
-``bind`` between runs (ONNX Runtime reads whatever shape it is given).
+An axis with a bound (``GraphSpec.dims``: the cache's rows, the streams of a
+batch) counts as static at its bound; ``set_dims`` lays the buffers out for fewer
+(the streams of this batch), and a ``resizable`` binding also takes a smaller
+cache through ``bind`` between runs (ONNX Runtime reads whatever shape it is given).
 State pairs (``GraphSpec.state``: an output fed back as an input on the next
 run, e.g. the codec's streaming state) are double-buffered by the binding: each
 run reads one set and writes the other, then they swap, with no copy.
@@ -41,8 +42,13 @@ class Binding(Protocol):
     def bind(self, name: str, array: np.ndarray) -> None:
         """Use ``array`` as the persistent buffer of input ``name`` (read in place by every run)."""
 
-    def write(self, name: str, index: Any, values: np.ndarray) -> None:
-        """``buffer[index] = values`` on a bound input, wherever the backend keeps it."""
+    def write_rows(self, name: str, batch: slice, rows: slice, values: np.ndarray) -> None:
+        """``buffer[batch, :, rows] = values`` on a bound [batch, heads, rows, width] input (the KV cache),
+        wherever the backend keeps it."""
+
+    def set_dims(self, dims: Mapping[str, int]) -> None:
+        """Lay every buffer out for these sizes of named axes (each within its bound); what a state
+        pair holds for the leading rows is kept. Inputs attached with ``bind`` must be bound again."""
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         """Copy ``feeds`` into their input buffers, run, and return the outputs.
@@ -53,8 +59,9 @@ class Binding(Protocol):
         """
         ...
 
-    def reset_state(self) -> None:
-        """Zero the state pairs: the next run starts a new stream."""
+    def reset_state(self, streams: slice | None = None) -> None:
+        """Zero the state pairs (only rows ``streams`` of their leading stream axis, if given): the next
+        run starts a new stream there."""
 
 
 class Graph(Protocol):
@@ -217,8 +224,11 @@ class OrtGraph:
 class OrtBinding:
     """Every input and output bound once, by pointer, to host buffers this binding owns.
 
-    With state pairs there are two IOBindings over two sets of state buffers,
-    used alternately: run n reads set n % 2 and writes set (n + 1) % 2.
+    Each buffer is one flat allocation at its bound, viewed at the current sizes of its named
+    axes (``set_dims``): a view of a prefix, so a smaller batch needs no allocation, and a state
+    whose leading axis is the streams keeps every leading stream's values across a resize.
+    With state pairs there are two IOBindings over two sets of state buffers, used
+    alternately: run n reads set n % 2 and writes set (n + 1) % 2.
     """
 
     resizable = True
@@ -227,15 +237,28 @@ class OrtBinding:
         self.spec = spec
         self._session = session
         full = spec.bounded()  # np.zeros commits no memory until written: a bound costs nothing unused
-        self._inputs = {t.name: t.zeros() for t in full.inputs}
-        outputs = {t.name: t.zeros() for t in full.outputs}
-        spare = {i: self._inputs[i].copy() for i, _ in spec.state}
+        self._flat = {t.name: np.zeros(int(np.prod(t.static_shape)), t.dtype) for t in (*full.inputs, *full.outputs)}
+        self._spare_flat = {i: np.zeros_like(self._flat[i]) for i, _ in spec.state}
+        self._attached: dict[str, np.ndarray] = {}  # inputs given with bind()
+        self._dims = dict(spec.dims)
+        self._turn = 0
+        self._layout()
+
+    def _view(self, flat: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return flat[: int(np.prod(shape))].reshape(shape)
+
+    def _layout(self) -> None:
+        spec, dims = self.spec, self._dims
+        shapes = {t.name: t.bounded(dims).static_shape for t in (*spec.inputs, *spec.outputs)}
+        self._inputs = {t.name: self._attached.get(t.name, self._view(self._flat[t.name], t.name, shapes[t.name]))
+                        for t in spec.inputs}
+        outputs = {t.name: self._view(self._flat[t.name], t.name, shapes[t.name]) for t in spec.outputs}
+        spare = {i: self._view(self._spare_flat[i], i, shapes[i]) for i, _ in spec.state}
         # Turn 0 reads the live state and writes the spare; turn 1 the other way round.
         self._sides = [(dict(self._inputs), {**outputs, **{o: spare[i] for i, o in spec.state}})]
         if spec.state:
             self._sides.append(({**self._inputs, **spare}, {**outputs, **{o: self._inputs[i] for i, o in spec.state}}))
         self._bindings = [self._io_binding(*side) for side in self._sides]
-        self._turn = 0
         self._returned = {name: buf for name, buf in outputs.items() if name not in dict(spec.state).values()}
 
     def _io_binding(self, inputs: dict, outputs: dict):
@@ -246,6 +269,16 @@ class OrtBinding:
             binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         return binding
 
+    def set_dims(self, dims: Mapping[str, int]) -> None:
+        sizes = {d: int(n) for d, n in dims.items() if d in self.spec.dims}  # axes this graph lacks: no-op
+        if any(not 1 <= n <= self.spec.dims[d] for d, n in sizes.items()):
+            raise ValueError(f"{self.spec.name}: axis sizes {sizes} outside the bounds {self.spec.dims}")
+        if all(self._dims.get(d) == n for d, n in sizes.items()):
+            return
+        self._dims.update(sizes)
+        self._attached.clear()
+        self._layout()
+
     def bind(self, name: str, array: np.ndarray) -> None:
         spec = self.spec.input(name)
         if any(name == i for i, _ in self.spec.state):
@@ -253,13 +286,13 @@ class OrtBinding:
         if not spec.fits(array.shape, self.spec.dims) or array.dtype != spec.dtype or not array.flags.c_contiguous:
             raise ValueError(f"{name}: need a C-contiguous {spec.dtype} array of shape {spec.shape} "
                              f"(bounds {self.spec.dims}), got {array.dtype} {array.shape}")
-        self._inputs[name] = array
+        self._attached[name] = self._inputs[name] = array
         for (inputs, _), binding in zip(self._sides, self._bindings):
             inputs[name] = array
             binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
-    def write(self, name: str, index: Any, values: np.ndarray) -> None:
-        self._inputs[name][index] = values
+    def write_rows(self, name: str, batch: slice, rows: slice, values: np.ndarray) -> None:
+        self._inputs[name][batch, :, rows] = values
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         inputs = self._sides[self._turn][0]
@@ -273,9 +306,9 @@ class OrtBinding:
         """The buffer the next run reads for state input ``name``."""
         return self._sides[self._turn][0][name]
 
-    def reset_state(self) -> None:
+    def reset_state(self, streams: slice | None = None) -> None:
         for name, _ in self.spec.state:
-            self.state(name).fill(0)
+            self.state(name)[streams if streams is not None else slice(None)] = 0
 
 
 class OrtDynamicBinding:
@@ -291,14 +324,17 @@ class OrtDynamicBinding:
     def bind(self, name: str, array: np.ndarray) -> None:
         raise ValueError(f"{self.spec.name}: a dynamic-shape graph takes no persistent inputs")
 
-    def write(self, name: str, index: Any, values: np.ndarray) -> None:
+    def write_rows(self, name: str, batch: slice, rows: slice, values: np.ndarray) -> None:
         self.bind(name, values)
+
+    def set_dims(self, dims: Mapping[str, int]) -> None:
+        """Every run takes whatever shapes it is fed."""
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         arrays = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.spec.inputs}
         return dict(zip(self._outputs, self._session.run(self._outputs, arrays)))
 
-    def reset_state(self) -> None:
+    def reset_state(self, streams: slice | None = None) -> None:
         """Nothing carries over between runs of a dynamic graph."""
 
 
@@ -308,7 +344,8 @@ class TakingTurns:
     def __init__(self, binding: Binding, lock) -> None:
         self.spec, self._binding, self._lock = binding.spec, binding, lock
         self.resizable = binding.resizable
-        self.bind, self.write, self.reset_state = binding.bind, binding.write, binding.reset_state
+        self.bind, self.write_rows, self.reset_state = binding.bind, binding.write_rows, binding.reset_state
+        self.set_dims = binding.set_dims
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         with self._lock:

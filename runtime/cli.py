@@ -96,7 +96,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
         backend = create_backend(backend, threads)
     except (ImportError, ValueError) as exc:
         fail(f"backend {backend} cannot run here: {exc}")
-    runtime = Dia2Runtime.load(artifacts, backend=backend, verify=not no_verify)
+    runtime = Dia2Runtime.load(artifacts, backend=backend, verify=not no_verify, max_streams=1)
     prefix = load_prefix(runtime, prefix_args)
     bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
     session = runtime.stream(script, params, progress=bar, prefix=prefix, prefill=not prefix_args["step_warmup"])

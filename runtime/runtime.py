@@ -2,9 +2,13 @@
 
 The runtime holds what does not change while speaking: the manifest, the
 tokenizer and the loaded graphs (weights). Each ``Session`` takes its own
-``GenerationState`` (buffers, KV cache, codec state) from the runtime's pool and
-gives it back when it ends, so sessions in different threads run side by side
-on one copy of the weights and each produces exactly what it would alone.
+``GenerationState`` (host buffers) from the runtime's pool and gives it back when
+it ends. Its graph state (KV cache rows, codec state) is a slot of a
+``step.FrameStepper``: with ``max_streams`` > 1 the runtime's one batch, stepped by
+a ``batch.BatchEngine`` that runs every live session's frame in one graph call per
+graph; with ``max_streams=1`` a stepper of the session's own, stepped in the
+caller's thread. Either way sessions in different threads run side by side on one
+copy of the weights and each produces exactly what it would alone.
 
 Audio prefixes (``voice``, ``prefix``, ``warm``, ``turn_voice``) are the reference's
 ``generate(prefix_speaker_1=..., prefix_speaker_2=..., include_prefix=...)``: see
@@ -22,13 +26,15 @@ import numpy as np
 from .artifacts import ArtifactError, Manifest, cache_name, load_manifest
 from .audio import file_sha256, load_mono, read_audio
 from .backends import Backend, Binding, Graph, TakingTurns, create_backend
-from .codec import CodecStream, encode
+from .batch import BatchEngine
+from .codec import encode
 from .params import GenerationParams
 from .prefix import WARM_REMEDY, Prefix, WarmState, check_warm, script_free_frames
 from .script import parse_script
 from .session import AudioChunk, Progress, Session, SpeakResult, TruncationWarning, _check_text
-from .state import StatePool
+from .state import GenerationState, StatePool
 from .state_machine import Entry, StateMachine
+from .step import BRANCHES, K_ROWS, V_ROWS, BackboneCall, FrameStepper
 from .tokenizer import TextTokenizer
 from .voice import (
     Voice,
@@ -59,41 +65,70 @@ MISSING_TRANSCRIBER = "no word timings for the prefix audio: give a words JSON f
 class Dia2Runtime:
     """Loaded graphs and tokenizer; ``open_session`` / ``stream`` / ``speak`` from any thread."""
 
-    def __init__(self, manifest: Manifest, backend: Backend, tokenizer: TextTokenizer) -> None:
+    def __init__(self, manifest: Manifest, backend: Backend, tokenizer: TextTokenizer,
+                 max_streams: int | None = None) -> None:
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
+        self.max_streams = _max_streams(manifest, max_streams)
         self.graphs: dict[str, Graph] = {name: backend.load(manifest.graph(name)) for name in STEP_GRAPHS}
         # One lock per graph whose bindings cannot run at the same time: sessions take turns on it.
         self._turns = {name: threading.Lock() for name, g in self.graphs.items() if not g.concurrent}
         self._check_codec()
-        self.states = StatePool(manifest, self.bind)
+        self.states: StatePool[GenerationState] = StatePool(lambda: GenerationState.allocate(manifest))
+        # Steppers of one stream: a session's own on an unbatched runtime, and warm()'s.
+        self.solo: StatePool[FrameStepper] = StatePool(lambda: FrameStepper(manifest, self.bind, 1))
+        self.engine = BatchEngine(FrameStepper(manifest, self.bind, self.max_streams)) \
+            if self.max_streams > 1 else None
         self._lazy_lock, self._prefill_unusable = threading.Lock(), False
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, backend: str | Backend = "onnxruntime",
-             threads: int | None = None, *, verify: bool = True) -> Dia2Runtime:
-        """``verify=False`` skips the files' checksums (the manifest's other checks always run)."""
+             threads: int | None = None, *, verify: bool = True, max_streams: int | None = None) -> Dia2Runtime:
+        """``verify=False`` skips the files' checksums (the manifest's other checks always run).
+
+        ``max_streams``: sessions stepped together in one graph call per frame (default: the
+        artifacts' ``max_streams``); more sessions than that wait for a free slot. 1 gives each
+        session graph bindings of its own, stepped in the thread that iterates it."""
         manifest = load_manifest(artifacts_dir, verify=verify)
         backend = create_backend(backend, threads) if isinstance(backend, str) else backend
         try:
             tokenizer = TextTokenizer.from_dir(manifest.tokenizer_dir)
         except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
             raise ArtifactError(f"{manifest.tokenizer_dir}: cannot load tokenizer ({exc})") from None
-        return cls(manifest, backend, tokenizer)
+        return cls(manifest, backend, tokenizer, max_streams)
 
     def _check_codec(self) -> None:
         spec = self.manifest.graph("codec_decoder")
         try:
-            codec = CodecStream(self.bind("codec_decoder"), self.manifest.codec.codebook_size)
+            decoder = FrameStepper.codec_frame(self.bind("codec_decoder"))
         except ValueError as exc:
             if isinstance(exc, ArtifactError):
                 raise
             raise ArtifactError(f"{spec.path}: unusable codec graph ({exc})") from None
         m = self.manifest
-        if codec.frame_samples != m.samples_per_frame or codec.num_quantizers != m.audio_channels:
-            raise ArtifactError(f"{spec.path}: codec frame ({codec.num_quantizers} codes -> {codec.frame_samples} "
+        if decoder != (m.audio_channels, m.samples_per_frame):
+            raise ArtifactError(f"{spec.path}: codec frame ({decoder[0]} codes -> {decoder[1]} "
                                 f"samples) does not match the manifest")
+
+    def admit(self, session: Session) -> None:
+        """A new session's driver: a slot in the batch (the engine steps it), or a stepper of its own."""
+        if self.engine is not None:
+            self.engine.admit(session)
+            return
+        session.stepper, session.slot = self.solo.take(), 0
+        session.stepper.restart()
+
+    def release(self, session: Session) -> None:
+        """A session ended: its own stepper back to the pool (a batch slot the engine frees itself)."""
+        if self.engine is None and session.stepper is not None:
+            stepper, session.stepper = session.stepper, None
+            self.solo.give_back(stepper)
+
+    def close(self) -> None:
+        """Stop the batch engine's thread (sessions still open fail); the runtime is not used after."""
+        if self.engine is not None:
+            self.engine.close()
 
     def bind(self, name: str) -> Binding:
         """A new binding of graph ``name`` (its own buffers), taking turns where the backend needs it."""
@@ -285,9 +320,9 @@ class Dia2Runtime:
     def warm_layout(self) -> dict:
         """The cache's shape ([2, Hkv, rows, D] per layer, at its bound), dtype and layers, and the codebooks."""
         spec = self.graphs["backbone"].spec
-        cache = spec.input(cache_name("k", 0)).bounded(spec.dims)
-        return {"rows": (self.manifest.topology.n_layer, *cache.shape[:2], cache.shape[3]), "dtype": cache.dtype,
-                "channels": self.manifest.audio_channels}
+        cache = spec.input(cache_name("k", 0)).bounded(spec.dims)  # [2 * streams, Hkv, rows, D]
+        return {"rows": (self.manifest.topology.n_layer, BRANCHES, cache.shape[1], cache.shape[3]),
+                "dtype": cache.dtype, "channels": self.manifest.audio_channels}
 
     def check_warm(self, warm: WarmState) -> None:
         """Refuse (VoiceError, one line) a warm state of other artifacts or whose values these cannot
@@ -314,33 +349,30 @@ class Dia2Runtime:
         m = self.manifest
         machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead, initial_padding=0,
                                max_padding=m.max_padding)
-        state = self.states.take()
+        state, stepper = self.states.take(), self.solo.take()
         try:
             state.reset(m, machine, GenerationParams())
+            stepper.restart()
             seq = script_free_frames(prefix.plan, machine, m.token_ids, m.delays, state.tokens)
-            self.fill_cache(state, seq, prefill)
-            k_rows, v_rows = state.cache.copy_rows(len(seq))
+            rows = self.prefill_rows(seq) if prefill else None
+            if rows is not None:
+                stepper.write_rows(0, 0, *rows)
+            for t, tokens in enumerate(seq if rows is None else ()):
+                stepper.backbone_step({0: BackboneCall(tokens, t, t)})
+            k_rows, v_rows = stepper.read_rows(0, len(seq))
             return WarmState(prefix.plan, k_rows, v_rows, seq.copy(), self.warm_hashes())
         finally:
             self.states.give_back(state)
+            self.solo.give_back(stepper)
 
-    def fill_cache(self, state, seq: np.ndarray, prefill: bool, start: int = 0) -> None:
-        """``state``'s K/V rows start .. start+T-1 from warm-up step tokens seq [T, 2, C] (frame t at position t)."""
-        if not len(seq):
-            return
-        prefill_graph = self._prefill_binding() if prefill and start == 0 else None
-        if prefill_graph is not None:
-            out = prefill_graph.run({"tokens": np.ascontiguousarray(seq.transpose(1, 2, 0))})
-            state.write_rows(slice(0, len(seq)), out["k_rows"], out["v_rows"])
-            return
-        for i, tokens in enumerate(seq):
-            t = start + i
-            out = state.backbone.run(self.step_feeds(tokens, t, t))
-            state.write_rows(t, out["k_new"], out["v_new"])
-
-    def step_feeds(self, tokens: np.ndarray, position: int, row: int) -> dict:
-        """The backbone step's inputs: RoPE ``position`` and the cache ``row`` (they differ after a prefix)."""
-        return {"tokens": tokens, "position": position, "cache_length": row}
+    def prefill_rows(self, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """K/V rows 0 .. T-1 ([L, 2, Hkv, T, D] each) of warm-up step tokens seq [T, 2, C] in one call of
+        the prefill graph, or None where the artifacts have none (the caller steps frame by frame)."""
+        prefill_graph = self._prefill_binding() if len(seq) else None
+        if prefill_graph is None:
+            return None
+        out = prefill_graph.run({"tokens": np.ascontiguousarray(seq.transpose(1, 2, 0))})
+        return out[K_ROWS], out[V_ROWS]
 
     def _prefill_binding(self):
         """A binding of the prefill graph (loaded on first use), or None in artifacts without one."""
@@ -361,3 +393,16 @@ class Dia2Runtime:
                 if not graph.concurrent:
                     self._turns[name] = threading.Lock()
                 self.graphs[name] = graph
+
+
+def _max_streams(m: Manifest, asked: int | None) -> int:
+    """The batch size a runtime steps: what was asked for, within what the artifacts' graphs take."""
+    most = getattr(m, "max_streams", 1)  # artifacts made before the stream axis step one stream
+    if asked is None:
+        return most
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+        raise ValueError(f"max_streams must be a positive integer, got {asked!r}")
+    if asked > most:
+        raise ArtifactError(f"{m.root}: these artifacts' graphs step at most {most} streams, not {asked}; "
+                            f"rebuild them with dia2-export build ... --max-streams {asked}")
+    return asked

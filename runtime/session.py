@@ -12,6 +12,13 @@ came from only lends it graphs, so sessions in different threads never meet.
 
 With an audio prefix (``prefix.py``) the loop first warms the cache up on the
 prefix frames, then starts at frame A - 1, as the reference does.
+
+The loop (``_frames``) is written once, as a generator that yields its graph calls
+(``step.BackboneCall`` ...) and is sent their results. Who runs the calls is the
+driver's business: a runtime of one stream per session runs them at once on the
+session's own ``FrameStepper`` in the caller's thread (``__iter__``); a batched
+runtime's ``batch.BatchEngine`` gathers the calls of every live session into one
+graph call per frame, and the session's iteration reads what the engine made.
 """
 
 from __future__ import annotations
@@ -32,10 +39,14 @@ from .prefix import ROW_SHIFT, Prefix, WarmState, delay_codes, warmup_tokens
 from .sampling import guide, sample
 from .script import ScriptError, check_complete_script, check_script, check_size, complete_prefix
 from .state_machine import StateMachine
+from .step import BackboneCall, BackboneResult, DecodeCall, DepformerCall, FrameStepper
 
 if TYPE_CHECKING:
+    from .batch import Lane
     from .runtime import Dia2Runtime
     from .state import GenerationState
+
+CALLS = (BackboneCall, DepformerCall, DecodeCall)
 
 
 class TruncationWarning(UserWarning):
@@ -137,8 +148,14 @@ class Session:
         self._text, self._closed, self._cancelled = "", False, False
         self._given, self._words_total = [], 0
         self._delays = np.asarray(m.delays)
+        # Columns below the smallest delay are dead: the backbone reads bos there and undelay never reads them.
+        self._first_live = int(self._delays.min())
+        self._hidden = self._cb0 = np.zeros(0, np.float32)
         # One step, feed or cancel at a time; reentrant so a progress callback may feed or cancel.
         self._lock = threading.RLock()
+        self.stepper: FrameStepper | None = None  # set by the driver before the loop's first step
+        self.slot = 0
+        self._lane: Lane | None = None  # the batch engine's handle, on a batched runtime
         self._state: GenerationState | None = runtime.states.take()
         try:
             self._state.reset(m, self.machine, params)
@@ -148,6 +165,8 @@ class Session:
             self._release()  # back to the pool; the next session's reset scrubs whatever this start wrote
             raise
         self._loop = self._generate()
+        self._reply = None  # what the loop is sent next (a call's result)
+        runtime.admit(self)
 
     def _start_prefix(self) -> None:
         """The reference queues the prefix's words before the script's; a trimmed prefix's words
@@ -171,6 +190,7 @@ class Session:
             check_size(candidate)  # O(1), before anything scans the text
             self._take_entries(complete_prefix(candidate))
             self._text = candidate
+        self._wake()
 
     def close(self) -> None:
         """No more text: the rest of the buffer is complete, and the script may now end."""
@@ -181,10 +201,19 @@ class Session:
             check_complete_script(self._text)  # a script of tags alone would speak 0.7 s of lead-in
             self._take_entries(self._text)
             self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """New input: a batched runtime's engine steps this session again."""
+        if self._lane is not None:
+            self._lane.wake()
 
     def cancel(self) -> None:
         """Stop at the next frame (safe from another thread) and free this session's state."""
         self._cancelled = True
+        if self._lane is not None:  # the engine ends it before its next frame
+            self._lane.wake()
+            return
         if self._lock.acquire(blocking=False):  # not mid-frame: end the loop now
             try:
                 self._end()
@@ -242,16 +271,40 @@ class Session:
     # --- output --------------------------------------------------------------
 
     def __iter__(self) -> Iterator[AudioChunk]:
+        if self._lane is not None:
+            yield from self._lane.chunks()
+            return
         while not self.done:
             with self._lock:
                 if self._cancelled:
                     self._end()
                     return
-                item = next(self._loop, _WAIT)
-            if item is _WAIT:
+                item = self.advance()
+            if item is _WAIT or item is None:
                 return
             assert isinstance(item, AudioChunk)  # the loop yields chunks and _WAIT only
             yield item
+
+    def advance(self, reply=None) -> AudioChunk | object | None:
+        """Run the loop on this session's own stepper to its next chunk or wait (None: it ended)."""
+        stepper = self.stepper
+        assert stepper is not None, "a session without a batch engine runs on its own stepper"
+        while True:
+            item = self.send(reply)
+            if not isinstance(item, CALLS):
+                return item
+            try:
+                reply = run_calls(stepper, {self.slot: item})[self.slot]
+            except BaseException as exc:  # as if the loop's own call failed: its `finally` frees the state
+                self._loop.throw(exc)
+                raise
+
+    def send(self, reply=None) -> object | None:
+        """The loop's next item (a graph call, a chunk or a wait) after sending it ``reply``; None at its end."""
+        try:
+            return self._loop.send(reply)
+        except StopIteration:
+            return None
 
     def __del__(self) -> None:
         # A session dropped before its first frame never starts its loop, whose `finally` gives
@@ -261,10 +314,11 @@ class Session:
             self._release()
 
     def _release(self) -> None:
-        """Hand the state back to the runtime for another session (once)."""
+        """Hand the state (and a stepper of its own) back to the runtime for another session (once)."""
         state, self._state = self._state, None
         if state is not None:
             self.runtime.states.give_back(state)
+            self.runtime.release(self)
 
     def _held(self) -> GenerationState:
         """The state, which this session holds until ``_release``: feed and close check ``_check_open``
@@ -272,31 +326,31 @@ class Session:
         assert self._state is not None, "this session has ended"
         return self._state
 
-    def _generate(self) -> Generator[AudioChunk | object, None, None]:
+    def _generate(self) -> Generator[object, object, None]:
         try:
             yield from self._frames()
         finally:  # finished, failed, cancelled or abandoned: the state is free either way
             self._release()
 
-    def _frames(self) -> Iterator[AudioChunk | object]:
+    def _frames(self) -> Generator[object, object, None]:
         s, m = self._held(), self.runtime.manifest
         s.emitter.started = time.perf_counter()
         if self.prefix is not None:
             while not self._script_ready(self.prefix):
                 yield _WAIT
-            self._warm_up(self.prefix)
+            yield from self._warm_up(self.prefix)
         for t in range(self._start, self._start + m.max_context_steps):
             if self._cancelled:
                 return
             if s.live_rule.stops_before(t):
                 break
-            action = self._backbone_step(t)
+            action = self._action((yield self._backbone_call(t)))
             while self._starved(action):
                 yield _WAIT
             main, second = self.machine.process(t, s.live_text, action)
-            self._depformer_step(t, main, second)
+            yield from self._depformer_step(t, main, second)
             s.rule = s.live_rule.after(t, main, s.live_text.end_step)
-            chunk = self._emit_ready(t)
+            chunk = yield from self._emit_ready(t)
             if chunk is not None:
                 yield chunk
             self._report(t)
@@ -307,7 +361,7 @@ class Session:
         words = sum(1 for entry in self._held().live_text.entries if entry.tokens) - len(prefix.plan.entries)
         return self._closed or words >= self.machine.second_stream_ahead
 
-    def _warm_up(self, prefix: Prefix) -> None:
+    def _warm_up(self, prefix: Prefix) -> Generator[object, object, None]:
         """The reference's warm-up: prefix codes into the delayed buffer (one buffer serves both CFG rows),
         forced steps through the machine, and the prefix frames' K/V rows (restored from a WarmState,
         by the prefill graph, or step by step)."""
@@ -316,22 +370,33 @@ class Session:
         s.audio[:, : delayed.shape[1]] = delayed
         seq = warmup_tokens(plan, self.machine, s.live_text, m.token_ids, m.delays, s.tokens)
         done = 0
+        stepper = self.stepper
+        assert stepper is not None, "the driver gives the session a stepper before its first step"
         if self._warm is not None:
             done = self._warm.frames
             if not np.array_equal(seq[:done], self._warm.tokens):
                 raise RuntimeError("internal error: the warm state's frames differ from this warm-up's")
-            s.write_rows(slice(0, done), self._warm.k_rows, self._warm.v_rows)
-        self.runtime.fill_cache(s, seq[done:], self._prefill, start=done)
+            stepper.write_rows(self.slot, 0, self._warm.k_rows, self._warm.v_rows)
+        rows = self.runtime.prefill_rows(seq) if self._prefill and done == 0 else None
+        if rows is not None:
+            stepper.write_rows(self.slot, 0, *rows)
+            return
+        for i, tokens in enumerate(seq[done:], start=done):  # frame by frame, as the reference
+            yield BackboneCall(tokens, i, i)
 
-    def _backbone_step(self, t: int) -> int:
-        s, p, ids = self._held(), self.params, self.runtime.manifest.token_ids
+    def _backbone_call(self, t: int) -> BackboneCall:
+        s, ids = self._held(), self.runtime.manifest.token_ids
         s.tokens[:, 2:] = np.where(self._delays > t, ids.audio_bos, s.audio[:, t])
         s.tokens[1, 0], s.tokens[1, 1] = ids.zero, ids.pad
-        row = t + self._row_shift
-        out = s.backbone.run(self.runtime.step_feeds(s.tokens, t, row))
-        s.write_rows(row, out["k_new"], out["v_new"])
-        self._hidden, self._cb0 = out["hidden"], out["cb0_logits"]
-        return sample(guide(out["action_logits"], p.cfg_scale, p.cfg_filter_k), p.text_temperature, p.text_top_k,
+        return BackboneCall(s.tokens.copy(), t, t + self._row_shift)
+
+    def _action(self, out) -> int:
+        """The text action from the backbone's logits (guided and sampled on the host: the state
+        machine needs it before the depformer's input is known)."""
+        assert isinstance(out, BackboneResult), "the driver answers a backbone call with its result"
+        s, p = self._held(), self.params
+        self._hidden, self._cb0 = out.hidden, out.cb0_logits
+        return sample(guide(out.action_logits, p.cfg_scale, p.cfg_filter_k), p.text_temperature, p.text_top_k,
                       s.rng)
 
     def _starved(self, action: int) -> bool:
@@ -342,19 +407,22 @@ class Session:
         words = sum(1 for entry in text.entries if entry.tokens)
         return words < 1 + self.machine.second_stream_ahead
 
-    def _depformer_step(self, t: int, main: int, second: int) -> None:
+    def _depformer_step(self, t: int, main: int, second: int) -> Generator[object, object, None]:
+        """Frame t + 1's codebooks into delayed column t + 1. On a fresh utterance the first columns
+        lie inside every codebook's delay: the backbone reads bos there and undelay never reads
+        them (the reference's ``_fill_audio_channels``), so the depformer is skipped for them; the
+        noise is still drawn, so a seed gives the same audio as a run that computed them."""
         s, p = self._held(), self.params
         s.tokens[:, 0], s.tokens[:, 1] = main, second
         if p.audio_temperature > 0:
             s.rng.random(out=s.noise, dtype=np.float32)
-        out = s.depformer.run({
-            "hidden": self._hidden, "cb0_logits": self._cb0, "text_tokens": (main, second), "noise": s.noise,
-            "temperature": p.audio_temperature, "top_k": p.audio_top_k,
-            "cfg_scale": p.cfg_scale, "cfg_filter_k": p.cfg_filter_k,
-        })
-        s.audio[:, t + 1] = out["audio_tokens"]
+        if t + 1 < self._first_live:
+            return
+        tokens = yield DepformerCall(self._hidden, self._cb0, (main, second), s.noise.copy(), p)
+        assert isinstance(tokens, np.ndarray), "the driver answers a depformer call with its tokens"
+        s.audio[:, t + 1] = tokens
 
-    def _emit_ready(self, t: int) -> AudioChunk | None:
+    def _emit_ready(self, t: int) -> Generator[object, object, AudioChunk | None]:
         """Decode the aligned frames that step t completed, once the crop (first word) is known.
 
         Aligned frame k reads delayed column k + delays[q], written at step k + delays[q] - 1,
@@ -366,7 +434,7 @@ class Session:
             if crop is None or crop > t + 1 - self.runtime.manifest.max_delay:
                 return None
             e.crop = e.next_frame = crop
-        return self._chunk(t + 2 - self.runtime.manifest.max_delay, final=False)
+        return (yield from self._chunk(t + 2 - self.runtime.manifest.max_delay, final=False))
 
     def _known_crop(self) -> int | None:
         """The lead-in to cut, as soon as it is certain.
@@ -382,14 +450,16 @@ class Session:
             return max(rule.crop, 0)
         return rule.first_frame if self.machine.second_stream_ahead else None
 
-    def _chunk(self, stop: int, final: bool) -> AudioChunk | None:
+    def _chunk(self, stop: int, final: bool) -> Generator[object, object, AudioChunk | None]:
         """Decode aligned frames [next_frame, stop) and attach the words that start in them."""
         s, m = self._held(), self.runtime.manifest
         e, pcm = s.emitter, []
         q = np.arange(m.audio_channels)
         for k in range(e.next_frame, stop):
             codes = s.audio[q, k + self._delays]
-            frame = s.codec.decode_frame(np.where(codes == UNGENERATED, m.token_ids.audio_pad, codes))
+            frame = yield DecodeCall(check_codes(np.where(codes == UNGENERATED, m.token_ids.audio_pad, codes),
+                                                 m.codec.codebook_size))
+            assert isinstance(frame, np.ndarray), "the driver answers a decode call with the frame's pcm"
             pcm.append(np.clip(frame, -1.0, 1.0))  # the reference clamps Mimi's output
         e.next_frame = max(e.next_frame, stop)
         words = self._words(None if final else e.next_frame)
@@ -417,14 +487,14 @@ class Session:
             e.words_sent += 1
         return out
 
-    def _finish(self) -> Iterator[AudioChunk]:
+    def _finish(self) -> Generator[object, object, None]:
         s, m = self._held(), self.runtime.manifest
         rule, e = s.live_rule, s.emitter
         tokens, stamps, crop = finish(s.audio[:, :rule.columns], m.delays, m.token_ids.audio_pad, rule.crop,
                                       s.live_text.transcript[self._dropped_words():], m.frame_rate)
         if e.crop is None:  # nothing went out yet: the final crop decides (it falls back to 0 on a short run)
             e.crop = e.next_frame = crop
-        chunk = self._chunk(crop + tokens.shape[1], final=True)
+        chunk = yield from self._chunk(crop + tokens.shape[1], final=True)
         if chunk is not None:
             yield chunk
         if rule.truncated:
@@ -448,3 +518,21 @@ class Session:
 def _check_text(text) -> None:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+
+
+def check_codes(codes: np.ndarray, codebook_size: int) -> np.ndarray:
+    """A frame's codes before the codec reads them: a NaN-poisoned depformer gives codes out of range."""
+    if codes.min() < 0 or codes.max() >= codebook_size:
+        raise RuntimeError(f"the depformer produced codes outside [0, {codebook_size}) "
+                           f"([{codes.min()}, {codes.max()}]): the model's outputs are not finite")
+    return codes
+
+
+def run_calls(stepper: FrameStepper, calls: dict[int, object]) -> dict[int, object]:
+    """Run graph calls of one kind for the slots in ``calls`` on ``stepper``: slot -> result."""
+    first = next(iter(calls.values()))
+    if isinstance(first, BackboneCall):
+        return stepper.backbone_step(calls)  # type: ignore[arg-type]
+    if isinstance(first, DepformerCall):
+        return stepper.depformer_frame(calls)  # type: ignore[arg-type]
+    return stepper.decode(calls)  # type: ignore[arg-type]

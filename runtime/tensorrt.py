@@ -170,7 +170,10 @@ class TrtBinding:
                        for i in state_inputs}
         self._outputs = [t.name for t in spec.outputs if t.name not in state_outputs]
         self._turn = 0
-        self._graph_exec = [None, None]
+        self._dims = dict(graph.spec.dims)
+        self._shapes = {t.name: t.static_shape for t in (*spec.inputs, *spec.outputs)}
+        self._graphs: dict[tuple, list] = {}  # captured CUDA graphs per axis sizes, one per turn
+        self._graph_exec = self._graphs.setdefault(tuple(sorted(self._dims.items())), [None, None])
         self._point(0)
 
     def _point(self, turn: int) -> None:
@@ -183,35 +186,56 @@ class TrtBinding:
             self._context.set_tensor_address(o, int(spare if turn == 0 else live))
 
     def bind(self, name: str, array: np.ndarray) -> None:
-        """Upload ``array`` once; afterwards the device copy is the buffer (see ``write``)."""
+        """Upload ``array`` once; afterwards the device copy is the buffer (see ``write_rows``)."""
         buf = self._buffers[name]
-        if array.shape != buf.shape or array.dtype != buf.dtype:
+        # the leading (stream) rows of the bound: a batch of fewer streams than the engine's bound
+        if array.shape[1:] != buf.shape[1:] or array.shape[0] > buf.shape[0] or array.dtype != buf.dtype:
             raise ValueError(f"{name}: need {buf.dtype} {buf.shape}, got {array.dtype} {array.shape}")
         kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         host = np.ascontiguousarray(array)  # named: it must outlive the copy
-        _check(self._cudart.cudaMemcpy(buf.device, host.ctypes.data, buf.nbytes, kind))
+        _check(self._cudart.cudaMemcpy(buf.device, host.ctypes.data, host.nbytes, kind))
 
-    def write(self, name: str, index: Any, values: np.ndarray) -> None:
-        """``buffer[:, ..., :, i] = values`` on the device: a pitched 2-D copy.
+    def set_dims(self, dims: Mapping[str, int]) -> None:
+        """Run the next calls at these sizes of the named axes (the streams of a batch): the buffers
+        stay at their bound and hold the smaller tensors packed at their start; each size gets its
+        own pair of captured CUDA graphs."""
+        sizes = {d: int(n) for d, n in dims.items() if d in self.spec.dims}
+        if any(not 1 <= n <= self.spec.dims[d] for d, n in sizes.items()):
+            raise ValueError(f"{self.spec.name}: axis sizes {sizes} outside the bounds {self.spec.dims}")
+        if all(self._dims.get(d) == n for d, n in sizes.items()):
+            return
+        self._dims.update(sizes)
+        for t in self.spec.inputs:
+            if not t.static:
+                self._context.set_input_shape(t.name, t.bounded(self._dims).static_shape)
+        self._shapes = {t.name: t.bounded(self._dims).static_shape for t in (*self.spec.inputs, *self.spec.outputs)}
+        self._graph_exec = self._graphs.setdefault(tuple(sorted(self._dims.items())), [None, None])
 
-        When ``values`` lies in one of this binding's output mirrors (the loop passes
-        ``k_new[i]``), the copy reads that output's device buffer directly.
+    def write_rows(self, name: str, batch: slice, rows: slice, values: np.ndarray) -> None:
+        """``buffer[batch, :, rows] = values`` on the device, for a [batch, heads, rows, width] input
+        at its bound: one pitched 2-D copy (a row block of each (batch row, head) pair).
+
+        When ``values`` lies in one of this binding's output mirrors (the loop passes slices of
+        ``k_new``), the copy reads that output's device buffer directly.
         """
         buf = self._buffers[name]
-        axis, i = _row_index(index, len(buf.shape))
-        width = int(np.prod(buf.shape[axis + 1:])) * buf.dtype.itemsize
-        height = int(np.prod(buf.shape[:axis]))
-        pitch = buf.shape[axis] * width
+        _, heads, capacity, width = buf.shape
+        b0, b1, _ = batch.indices(buf.shape[0])
+        r0, r1, _ = rows.indices(capacity)
+        item = buf.dtype.itemsize
+        values = np.ascontiguousarray(values, dtype=buf.dtype)  # host memory the async copy reads
+        if values.shape != (b1 - b0, heads, r1 - r0, width):
+            raise ValueError(f"{name}: rows {values.shape} do not fit [{b0}:{b1}, :, {r0}:{r1}]")
+        row_bytes = (r1 - r0) * width * item
+        dst = int(buf.device) + ((b0 * heads) * capacity + r0) * width * item
         device = self._device_address(values)
         kinds = self._cudart.cudaMemcpyKind
-        if device is not None:
-            _check(self._cudart.cudaMemcpy2DAsync(int(buf.device) + i * width, pitch, device, width, width, height,
-                                                  kinds.cudaMemcpyDeviceToDevice, self._stream))
-            return
-        host = np.ascontiguousarray(values)  # host memory the async copy reads: wait for it below
-        _check(self._cudart.cudaMemcpy2DAsync(int(buf.device) + i * width, pitch, host.ctypes.data, width, width,
-                                              height, kinds.cudaMemcpyHostToDevice, self._stream))
-        _check(self._cudart.cudaStreamSynchronize(self._stream))
+        kind = kinds.cudaMemcpyDeviceToDevice if device is not None else kinds.cudaMemcpyHostToDevice
+        src = device if device is not None else values.ctypes.data
+        _check(self._cudart.cudaMemcpy2DAsync(dst, capacity * width * item, src, row_bytes, row_bytes,
+                                              (b1 - b0) * heads, kind, self._stream))
+        if device is None:
+            _check(self._cudart.cudaStreamSynchronize(self._stream))
 
     def _device_address(self, values: np.ndarray) -> int | None:
         """The device address of ``values`` if it is a contiguous piece of an output mirror."""
@@ -228,17 +252,22 @@ class TrtBinding:
         _check(cudart.cudaSetDevice(self._b.device))  # the current device is per host thread
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, value in feeds.items():
-            buf = self._buffers[name]
-            np.copyto(buf.host, value, casting="same_kind")
-            _check(cudart.cudaMemcpyAsync(buf.device, buf.host.ctypes.data, buf.nbytes, h2d, stream))
+            host = self._host(name)
+            np.copyto(host, value, casting="same_kind")
+            _check(cudart.cudaMemcpyAsync(self._buffers[name].device, host.ctypes.data, host.nbytes, h2d, stream))
         self._enqueue()
-        for name in self._outputs:
-            buf = self._buffers[name]
-            _check(cudart.cudaMemcpyAsync(buf.host.ctypes.data, buf.device, buf.nbytes, d2h, stream))
+        out = {name: self._host(name) for name in self._outputs}
+        for name, host in out.items():
+            _check(cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[name].device, host.nbytes, d2h, stream))
         _check(cudart.cudaStreamSynchronize(stream))
         if self.spec.state:
             self._turn ^= 1
-        return {name: self._buffers[name].host for name in self._outputs}
+        return out
+
+    def _host(self, name: str) -> np.ndarray:
+        """The host mirror of ``name`` at the current sizes: a packed prefix of the bound's buffer."""
+        shape = self._shapes[name]
+        return self._buffers[name].host.reshape(-1)[: int(np.prod(shape))].reshape(shape)
 
     def _enqueue(self) -> None:
         """A turn's first run is eager (TensorRT finishes lazy setup there), then captured and replayed."""
@@ -257,10 +286,14 @@ class TrtBinding:
             graph = _check(self._cudart.cudaStreamEndCapture(stream))
             self._graph_exec[turn] = _check(self._cudart.cudaGraphInstantiate(graph, 0))
 
-    def reset_state(self) -> None:
+    def reset_state(self, streams: slice | None = None) -> None:
+        """Zero the state the next run reads (rows ``streams`` of its leading axis only, if given)."""
         for i, _ in self.spec.state:
             buf = self._buffers[i] if self._turn == 0 else self._spare[i]
-            _check(self._cudart.cudaMemsetAsync(buf.device, 0, buf.nbytes, self._stream))
+            shape = self._shapes[i]
+            lo, hi, _ = (streams or slice(None)).indices(shape[0])
+            row = int(np.prod(shape[1:])) * buf.dtype.itemsize
+            _check(self._cudart.cudaMemsetAsync(int(buf.device) + lo * row, 0, (hi - lo) * row, self._stream))
         _check(self._cudart.cudaStreamSynchronize(self._stream))
 
     def __del__(self) -> None:
@@ -290,10 +323,13 @@ class TrtDynamicBinding:
     def bind(self, name: str, array: np.ndarray) -> None:
         raise ValueError(f"{self.spec.name}: a dynamic-shape graph takes no persistent inputs")
 
-    def write(self, name: str, index: Any, values: np.ndarray) -> None:
+    def write_rows(self, name: str, batch: slice, rows: slice, values: np.ndarray) -> None:
         self.bind(name, values)
 
-    def reset_state(self) -> None:
+    def set_dims(self, dims: Mapping[str, int]) -> None:
+        """Every run takes whatever shapes it is fed."""
+
+    def reset_state(self, streams: slice | None = None) -> None:
         """Nothing carries over between runs of a dynamic graph."""
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
@@ -327,12 +363,3 @@ class TrtDynamicBinding:
     def __del__(self) -> None:
         if getattr(self, "_stream", None) is not None:
             self._cudart.cudaStreamDestroy(self._stream)
-
-
-def _row_index(index: Any, ndim: int) -> tuple[int, int]:
-    """(axis, i) for an index of full slices followed by one integer: the only write the loop makes."""
-    index = index if isinstance(index, tuple) else (index,)
-    *head, last = index
-    if len(index) > ndim or not all(s == slice(None) for s in head) or not isinstance(last, (int, np.integer)):
-        raise ValueError(f"the TensorRT backend writes whole rows only (buffer[:, ..., i]); got {index!r}")
-    return len(head), int(last)

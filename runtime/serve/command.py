@@ -23,7 +23,10 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
-              help="Utterances generated at once.")
+              help="Utterances generated at once, each stepped on its own (without --max-streams).")
+@click.option("--max-streams", default=None, type=click.IntRange(1, 64),
+              help="Utterances generated at once in one batch: every frame of all of them in one graph call "
+                   "per graph (at most the artifacts' max_streams). Replaces --workers.")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0, 10_000),
               help="Requests that may wait for a worker; past that, 503 with Retry-After.")
 @click.option("--voice", "voice_options", multiple=True, metavar="NAME=FILE",
@@ -57,7 +60,7 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_NAMES))
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(artifacts, host, port, workers, max_queue, voice_options, request_timeout, max_input_chars,
+def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options, request_timeout, max_input_chars,
           max_body_bytes, max_connections, header_timeout, body_timeout, idle_timeout, max_messages,
           allow_origins, allow_hosts, shutdown_grace, threads, backend, log_level) -> None:
     """Serve speech: POST /v1/audio/speech (OpenAI-compatible), WebSocket /v1/stream, a page at /."""
@@ -75,7 +78,7 @@ def serve(artifacts, host, port, workers, max_queue, voice_options, request_time
     except ListenError as exc:
         raise click.ClickException(str(exc)) from None
     with sock:  # closed on every way out, a failed start included
-        slots = _load(artifacts, workers, backend, threads)
+        slots = _load(artifacts, workers, max_streams, backend, threads)
         voices = _voices(voice_options, slots[0])
         config = ServeConfig(max_queue=max_queue, limits=Limits(request_timeout, max_input_chars, idle_timeout),
                              max_body_bytes=max_body_bytes, max_messages=max_messages,
@@ -109,18 +112,20 @@ def _voices(options, runtime) -> VoiceRegistry:
         raise click.ClickException(str(exc)) from None
 
 
-def _load(artifacts: str, workers: int, backend: str, threads: int | None) -> list:
-    """One loaded runtime, once per worker slot: sessions own their state, so the weights load once."""
+def _load(artifacts: str, workers: int, max_streams: int | None, backend: str, threads: int | None) -> list:
+    """One loaded runtime, once per worker slot: the weights load once. With ``max_streams`` the runtime
+    steps that many sessions as one batch and each worker thread only feeds its session and reads its
+    chunks; without it, each of ``workers`` sessions is stepped alone in its worker's thread."""
     from .. import ArtifactError, Dia2Runtime, TruncationWarning
 
     warnings.simplefilter("ignore", TruncationWarning)  # each result says truncated=..., per request
     try:
-        runtime = Dia2Runtime.load(artifacts, backend=backend, threads=threads)
+        runtime = Dia2Runtime.load(artifacts, backend=backend, threads=threads, max_streams=max_streams or 1)
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from None
     except (ImportError, ValueError) as exc:
         raise click.ClickException(f"backend {backend} cannot run here: {exc}") from None
-    return [runtime] * workers
+    return [runtime] * (max_streams or workers)
 
 
 def _loopback(host: str) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from dia2_trt.runtime import Dia2Runtime
 from dia2_trt.runtime.backends import OrtBinding
 from dia2_trt.runtime.params import GenerationParams
-from dia2_trt.runtime.state import KVCache
+from dia2_trt.runtime.step import KVCache
 
 from .conftest import FIXTURE, edit_manifest
 
@@ -41,9 +41,6 @@ def test_growing_keeps_every_row_and_zeroes_the_new_ones():
         np.testing.assert_array_equal(view[:, :, :50], values)
         np.testing.assert_array_equal(view[:, :, 50:65], second[kind, i])
         assert not view[:, :, 65:].any()
-    k, v = cache.copy_rows(65)
-    assert k.shape == v.shape == (2, 2, 3, 65, 4)
-    np.testing.assert_array_equal(v[1, :, :, :50], first["v", 1])
     with pytest.raises(IndexError, match="past the capacity 200"):
         cache.make_room(201)
     # a new utterance: back to the first rows (what they hold is masked until written)
@@ -64,17 +61,17 @@ def test_tokens_are_the_same_whether_the_cache_grows_or_not(monkeypatch):
     grown = Dia2Runtime.load(FIXTURE, threads=1)
     capacity = grown.manifest.cache_capacity
     results = [grown.speak(script, GenerationParams(seed=4, **kw)) for kw in (GREEDY, {})]
-    (state,) = grown.states._free
-    assert 8 < state.cache.rows < capacity and state.cache.rows % 8 == 0
-    grown.speak("[S1] Hi.", GenerationParams(seed=4, **GREEDY))  # the same state, restarted and grown less
-    assert state.cache.rows < capacity
-    assert state.backbone.spec.dims == {"cache_rows": capacity}
+    (stepper,) = grown.solo._free
+    assert 8 < stepper.cache.rows < capacity and stepper.cache.rows % 8 == 0
+    grown.speak("[S1] Hi.", GenerationParams(seed=4, **GREEDY))  # the same stepper, restarted and grown less
+    assert stepper.cache.rows < capacity
+    assert stepper.backbone.spec.dims["cache_rows"] == capacity
     monkeypatch.setattr(OrtBinding, "resizable", False)
     fixed = Dia2Runtime.load(FIXTURE, threads=1)
     for kw, result in zip((GREEDY, {}), results):
         again = fixed.speak(script, GenerationParams(seed=4, **kw))
         assert np.array_equal(again.tokens, result.tokens)
-    assert fixed.states._free[0].cache.rows == capacity
+    assert fixed.solo._free[0].cache.rows == capacity
 
 
 def test_a_backbone_without_a_row_bound_is_refused(artifact_copy):

@@ -1,10 +1,11 @@
-"""A pooled generation state carries nothing from one session to the next, however the first ended.
+"""A pooled generation state and stepper carry nothing from one session to the next, however the
+first ended.
 
 Each test runs a session A that ends badly on a runtime (NaN in its graph outputs, an exception
 mid-frame, a cancel, a poisoned state), then a session B on the same runtime, and requires B's
 tokens, timestamps and PCM bytes to be exactly those of B on a fresh runtime. The faults are
-injected by wrapping one binding of the pooled state, as a graph or device failure would show
-up. Before scrubbing on reset, B after a NaN-row session came out different: a step masks the
+injected by wrapping one binding of the pooled stepper (its graphs, cache and codec state), as a
+graph or device failure would show up. Before scrubbing on reset, B after a NaN-row session came out different: a step masks the
 rows past its length with weight exactly 0, and 0 * NaN is NaN.
 """
 
@@ -40,7 +41,8 @@ class Faulty:
     def __init__(self, inner, at: int, mode: str) -> None:
         self.inner, self.at, self.mode, self.runs = inner, at, mode, 0
         self.spec, self.resizable = inner.spec, inner.resizable
-        self.bind, self.write, self.reset_state = inner.bind, inner.write, inner.reset_state
+        self.bind, self.write_rows, self.reset_state = inner.bind, inner.write_rows, inner.reset_state
+        self.set_dims = inner.set_dims
 
     def run(self, feeds):
         self.runs += 1
@@ -74,29 +76,34 @@ def runtime() -> Dia2Runtime:
     return Dia2Runtime.load(FIXTURE, threads=1)
 
 
-def _faulty_state(runtime: Dia2Runtime, graph: str, mode: str, at: int = FAULT_FRAME):
-    """Put a state whose ``graph`` binding fails into the pool (the next session takes it); returns
-    (state, undo) where undo() puts the real binding back."""
-    state = runtime.states.take()
+def _binding(stepper, graph: str):
+    return stepper.decoders[0] if graph == "codec_decoder" else getattr(stepper, graph)
+
+
+def _set_binding(stepper, graph: str, binding) -> None:
     if graph == "codec_decoder":
-        inner = state.codec._decoder
-        state.codec._decoder = Faulty(inner, at, mode)
-
-        def undo():
-            state.codec._decoder = inner
+        stepper.decoders[0] = binding
     else:
-        inner = getattr(state, graph)
-        setattr(state, graph, Faulty(inner, at, mode))
-
-        def undo():
-            setattr(state, graph, inner)
-    runtime.states.give_back(state)
-    return state, undo
+        setattr(stepper, graph, binding)
 
 
-def _has_nan(state) -> bool:
-    return any(np.isnan(state.cache.layer(kind, i)).any() for kind in ("k", "v")
-               for i in range(len(state.cache_names)))
+def _faulty_state(runtime: Dia2Runtime, graph: str, mode: str, at: int = FAULT_FRAME):
+    """Put a stepper whose ``graph`` binding fails into the pool (the next session takes it); returns
+    (stepper, undo) where undo() puts the real binding back."""
+    stepper = runtime.solo.take()
+    inner = _binding(stepper, graph)
+    _set_binding(stepper, graph, Faulty(inner, at, mode))
+
+    def undo():
+        _set_binding(stepper, graph, inner)
+
+    runtime.solo.give_back(stepper)
+    return stepper, undo
+
+
+def _has_nan(stepper) -> bool:
+    return any(np.isnan(stepper.cache.layer(kind, i)).any() for kind in ("k", "v")
+               for i in range(len(stepper.cache_names)))
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=["sampled", "greedy"])
@@ -104,12 +111,12 @@ def test_nan_rows_of_a_finished_session_do_not_reach_the_next(runtime, params):
     state, undo = _faulty_state(runtime, "backbone", "nan")
     try:  # NaN logits: the text sampler falls back to id 0 (as the reference does) and the loop goes on
         runtime.speak(A_SCRIPT, params)
-    except ValueError as exc:  # until the depformer, reading NaN, makes a code the codec refuses
-        assert "codes must lie in" in str(exc)
+    except RuntimeError as exc:  # until the depformer, reading NaN, makes a code the codec refuses
+        assert "the model's outputs are not finite" in str(exc)
     undo()
     assert _has_nan(state), "the fault must leave NaN rows for this test to mean anything"
     b = runtime.speak(B_SCRIPT, params)
-    assert runtime.states._free == [state]  # B ran on A's state
+    assert runtime.solo._free == [state]  # B ran on A's stepper
     assert_same(b, _fresh(B_SCRIPT, params))
 
 
@@ -118,8 +125,8 @@ def test_an_exception_mid_frame_leaves_nothing_behind(runtime, graph):
     """NaN rows first, then a graph raises mid-frame: the exception reaches the caller, the state
     goes back to the pool, and the next session does not see any of it."""
     params = PARAMS[0]
-    state = runtime.states.take()
-    real = {"backbone": state.backbone, "depformer": state.depformer, "codec_decoder": state.codec._decoder}
+    state = runtime.solo.take()
+    real = {name: _binding(state, name) for name in ("backbone", "depformer", "codec_decoder")}
     # The codec decodes frame k at step k + 2 (the largest delay is 3): NaN from step 2 on, its 2nd run raises.
     state.backbone = Faulty(real["backbone"], 3 if graph == "codec_decoder" else FAULT_FRAME - 3, "nan")
     if graph == "backbone":
@@ -127,12 +134,13 @@ def test_an_exception_mid_frame_leaves_nothing_behind(runtime, graph):
     elif graph == "depformer":
         state.depformer = Faulty(real["depformer"], FAULT_FRAME, "raise")
     else:
-        state.codec._decoder = Faulty(real["codec_decoder"], 2, "raise")
-    runtime.states.give_back(state)
+        state.decoders[0] = Faulty(real["codec_decoder"], 2, "raise")
+    runtime.solo.give_back(state)
     with pytest.raises(Injected):
         runtime.speak(A_SCRIPT, params)
-    state.backbone, state.depformer, state.codec._decoder = real.values()
-    assert len(runtime.states) == 1 and _has_nan(state)
+    for name, binding in real.items():
+        _set_binding(state, name, binding)
+    assert len(runtime.states) == 1 and len(runtime.solo) == 1 and _has_nan(state)
     assert_same(runtime.speak(B_SCRIPT, params), _fresh(B_SCRIPT, params))
 
 
@@ -141,7 +149,7 @@ def test_poisoned_codec_state_does_not_reach_the_next_session(runtime):
     state, undo = _faulty_state(runtime, "codec_decoder", "state", at=3)
     runtime.speak(A_SCRIPT, params)
     undo()
-    assert np.isnan(state.codec._decoder.state(state.codec._decoder.spec.state[0][0])).all()
+    assert np.isnan(state.decoders[0].state(state.decoders[0].spec.state[0][0])).all()
     assert_same(runtime.speak(B_SCRIPT, params), _fresh(B_SCRIPT, params))
 
 
@@ -159,7 +167,7 @@ def test_a_session_cancelled_mid_way_leaves_nothing_behind(runtime):
     chunks = list(session)
     undo()
     assert session.cancelled and not session.done and seen[-1] == FAULT_FRAME + 4 and chunks is not None
-    assert _has_nan(state) and len(runtime.states) == 1
+    assert _has_nan(state) and len(runtime.states) == 1 and len(runtime.solo) == 1
     assert_same(runtime.speak(B_SCRIPT, params), _fresh(B_SCRIPT, params))
 
 
@@ -174,7 +182,7 @@ def test_a_session_cancelled_from_another_thread_leaves_nothing_behind(runtime):
     worker.start()
     worker.join()
     undo()
-    assert session.cancelled and _has_nan(state) and len(runtime.states) == 1
+    assert session.cancelled and _has_nan(state) and len(runtime.states) == 1 and len(runtime.solo) == 1
     assert_same(runtime.speak(B_SCRIPT, params), _fresh(B_SCRIPT, params))
 
 
@@ -183,11 +191,12 @@ def test_every_buffer_of_a_pooled_state_is_scrubbed(runtime):
     codec's streaming state, the step buffers, the random generator -- the next session starts clean."""
     params = PARAMS[0]
     runtime.speak(A_SCRIPT, params)
-    (state,) = runtime.states._free
-    for storage in state.cache._storage.values():
+    (state,), (stepper,) = runtime.states._free, runtime.solo._free
+    for storage in stepper.cache._storage.values():
         storage.fill(np.nan)
-    for name, _ in state.codec._decoder.spec.state:
-        buffer = state.codec._decoder.state(name)
+    stepper.rows_written[0] = stepper.cache.capacity  # what a session that wrote every row leaves
+    for name, _ in stepper.decoders[0].spec.state:
+        buffer = stepper.decoders[0].state(name)
         buffer.fill(np.nan if buffer.dtype.kind == "f" else 99)
     state.tokens.fill(10**6)
     state.audio.fill(-7)
