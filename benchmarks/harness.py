@@ -193,7 +193,8 @@ class _TimedGraph:
 class _TimedBinding:
     def __init__(self, binding: Binding, clock: FrameClock, component: str | None) -> None:
         self.spec, self.resizable = binding.spec, binding.resizable
-        self.bind, self.write, self.reset_state = binding.bind, binding.write, binding.reset_state
+        self.bind, self.write_rows, self.reset_state = binding.bind, binding.write_rows, binding.reset_state
+        self.set_dims = binding.set_dims
         self.run = clock.timed(component, binding.run, component == "backbone") if component else binding.run
 
 
@@ -204,8 +205,10 @@ class RuntimeSubject:
         inner = create_backend(spec.backend, spec.threads)
         self.profiled = node_profile.profiled(inner, spec.profile_dir) if spec.profile_dir else None
         backend = TimedBackend(inner, clock)
-        # The parent has verified the checksums already (or was told not to).
-        self.runtime = rt = Dia2Runtime.load(spec.source, backend=backend, verify=False)
+        # The parent has verified the checksums already (or was told not to). One stream per session: the
+        # session steps its graphs in this thread, where the clock's FrameCap can end it (a batch engine's
+        # thread would take the exception for a failure of every stream).
+        self.runtime = rt = Dia2Runtime.load(spec.source, backend=backend, verify=False, max_streams=1)
         self.sample_rate, self.frame_rate = rt.sample_rate, rt.manifest.frame_rate
 
     def run(self, text: str, seed: int, frames: int) -> dict:

@@ -3,17 +3,19 @@
 The backbone's step attends over every cache row written so far, so a frame late in a long
 utterance costs more than an early one; the depformer and the codec have no position-dependent
 input. This measures how much, without generating hundreds of frames: for each artifact
-directory the runtime is loaded once and one generation state taken from its pool (its own
-bindings and KV cache, exactly what a session steps with). In each of ``rounds`` walks from a
-fresh state, at each position P (ascending) the cache rows 0..P are filled with random K/V
-through the state's own ``write_rows`` (the values do not change the work a step does: a masked
-row costs what a live one does), and then ``frames`` frames are timed after ``warmup`` untimed:
+directory the runtime is loaded once (one stream per session) and one ``step.FrameStepper``
+taken from its pool: the bindings, KV cache and codec state a session steps with, driven
+through the stepper's own calls, so the graph contract stays the runtime's. In each of
+``rounds`` walks from a restarted stepper, at each position P (ascending) the cache rows 0..P
+are filled with random K/V through ``FrameStepper.write_rows`` (the values do not change the
+work a step does: a masked row costs what a live one does), and then ``frames`` frames are timed
+after ``warmup`` untimed:
 
-- backbone: the step at RoPE position P writing cache row P, fed through the runtime's own feed
-  helper (so the graph contract stays the runtime's);
-- depformer: the whole-frame graph on that step's outputs, sampling on (the default params);
-- codec: one decoder stream advanced frame by frame through random codes to frame P, so its
-  carried state is that of a stream P frames long, then one frame decoded per timed frame.
+- backbone: ``backbone_step`` at RoPE position P writing cache row P (the stepper's feed
+  assembly and row write included, as in a session's frame);
+- depformer: ``depformer_frame`` on that step's outputs, sampling on (the default params);
+- codec: ``decode`` of one stream advanced frame by frame through random codes to frame P, so its
+  carried state is that of a stream P frames long.
 
 The runtime's growing cache (ONNX Runtime) means a step at P reads P + 1 rows rounded up to
 ``KVCache.ROW_STEP``; TensorRT's cache is read at its capacity at every position.
@@ -29,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from dia2_trt.runtime import Dia2Runtime, GenerationParams
-from dia2_trt.runtime.state_machine import StateMachine
+from dia2_trt.runtime.step import BackboneCall, DecodeCall, DepformerCall, FrameStepper
 
 from .harness import COMPONENTS, machine_info, spread
 
 _FILL_ROWS = 64  # random K/V written this many rows at a time: one small block reused, not a cache-sized array
+_SLOT = 0  # the one stream's slot
 
 
 def parse_positions(text: str) -> list[int]:
@@ -53,7 +56,8 @@ def run_positions_bench(artifacts: list[str], positions: list[int], frames: int,
     runs = []
     for directory in artifacts:
         echo(f"loading {directory}")
-        rt = Dia2Runtime.load(directory, backend, threads, verify=False)  # bench's caller verified them
+        # bench's caller verified the files; one stream per session: no batch engine is built
+        rt = Dia2Runtime.load(directory, backend, threads, verify=False, max_streams=1)
         runs.append(_measure(rt, directory, positions, _Plan(frames, rounds, warmup), seed, echo))
         del rt  # one artifact's graphs in memory at a time
     return {"machine": machine_info(), "settings": {"positions": positions, "frames": frames, "rounds": rounds,
@@ -80,19 +84,19 @@ def _measure(rt: Dia2Runtime, directory: str, positions: list[int], plan: _Plan,
     rng = np.random.default_rng(seed)
     times = {p: {c: [] for c in COMPONENTS} for p in usable}
     rows_read: dict[int, int] = {}
-    state = rt.states.take()
+    stepper = rt.solo.take()
     try:
         for r in range(plan.rounds):
-            _reset(rt, state)
-            probe, rows = _CodecProbe(state.codec, m.audio_channels, m.codec.codebook_size, rng), 0
+            stepper.restart()
+            probe, rows = _CodecProbe(stepper, m.audio_channels, m.codec.codebook_size, rng), 0
             for p in usable:
-                rows = _fill(state, rows, p + 1, rng)
+                rows = _fill(stepper, rows, p + 1, rng)
                 echo(f"{Path(directory).name}: round {r + 1}/{plan.rounds}, position {p}")
-                for c, seconds in _at_position(rt, state, probe, p, plan, rng).items():
+                for c, seconds in _at_position(rt, stepper, probe, p, plan, rng).items():
                     times[p][c] += seconds
-                rows_read[p] = _rows_read(state)
+                rows_read[p] = _rows_read(stepper)
     finally:
-        rt.states.give_back(state)  # the next take() scrubs it
+        rt.solo.give_back(stepper)  # the next session restarts it
     measured = [_row(p, rows_read[p], times[p]) for p in usable]
     for row in measured:  # the backbone's own ratio too: the only part that depends on the position
         row["over_first"] = row["frame_seconds"] / measured[0]["frame_seconds"]
@@ -108,55 +112,36 @@ def _row(p: int, rows_read: int, times: dict[str, list[float]]) -> dict:
             "frame_seconds": sum(float(np.median(v)) for v in times.values())}
 
 
-def _reset(rt: Dia2Runtime, state) -> None:
-    """The state at an utterance's start (step tokens as a session's first frame has them)."""
-    m = rt.manifest
-    machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead, initial_padding=0,
-                           max_padding=m.max_padding)
-    state.reset(m, machine, GenerationParams())
-
-
-def _fill(state, done: int, rows: int, rng: np.random.Generator) -> int:
+def _fill(stepper: FrameStepper, done: int, rows: int, rng: np.random.Generator) -> int:
     """Cache rows done..rows-1 get random K/V; returns ``rows``. One block of _FILL_ROWS rows is drawn once
     per call and written repeatedly: the values matter to no timing, only that they are finite."""
     if rows <= done:
         return done
-    shape = _row_block_shape(state)
-    k = rng.standard_normal((*shape[:3], min(_FILL_ROWS, rows - done), shape[3]), dtype=np.float32)
-    k = k.astype(state.cache.layer("k", 0).dtype, copy=False)
+    c = stepper.cache
+    block = rng.standard_normal((len(stepper.cache_names), 2, c.heads, min(_FILL_ROWS, rows - done), c.width),
+                                dtype=np.float32).astype(c.dtype, copy=False)
     for start in range(done, rows, _FILL_ROWS):
-        count = min(_FILL_ROWS, rows - start)
-        block = k[..., :count, :]
-        try:
-            state.write_rows(slice(start, start + count), block, block)
-        except ValueError:  # a binding that writes one row per call (TensorRT's)
-            for j in range(count):
-                row = np.ascontiguousarray(block[..., j, :])
-                state.write_rows(start + j, row, row)
+        part = block[..., : min(_FILL_ROWS, rows - start), :]
+        stepper.write_rows(_SLOT, start, part, part)
     return rows
 
 
-def _row_block_shape(state) -> tuple[int, ...]:
-    """[L, branches, Hkv, D]: what write_rows takes per row (L layers of the cache's [branches, Hkv, rows, D])."""
-    layer = state.cache.layer("k", 0)
-    return (len(state.cache_names), layer.shape[0], layer.shape[1], layer.shape[3])
-
-
-def _at_position(rt: Dia2Runtime, state, probe: _CodecProbe, p: int, plan: _Plan,
+def _at_position(rt: Dia2Runtime, stepper: FrameStepper, probe: _CodecProbe, p: int, plan: _Plan,
                  rng: np.random.Generator) -> dict[str, list[float]]:
     """``plan.frames`` timed frames at position ``p`` after ``plan.warmup`` untimed: seconds per component."""
-    feeds = _backbone_feeds(rt, state.tokens, p)
-    params = GenerationParams()
+    m, params = rt.manifest, GenerationParams()
+    step = {_SLOT: BackboneCall(_start_tokens(rt), p, p)}
+    text = (m.token_ids.pad, m.token_ids.pad)
     times: dict[str, list[float]] = {c: [] for c in COMPONENTS}
     probe.advance_to(p)
     for i in range(plan.warmup + plan.frames):
         began = time.perf_counter()
-        out = state.backbone.run(feeds)
+        out = stepper.backbone_step(step)[_SLOT]
         backbone = time.perf_counter() - began
-        state.write_rows(p, out["k_new"], out["v_new"])  # as a frame does (not timed: host work)
-        dep_feeds = _depformer_feeds(rt, state, out, params, rng)
+        frame = {_SLOT: DepformerCall(out.hidden, out.cb0_logits, text, rng.random(m.audio_channels, np.float32),
+                                      params)}
         began = time.perf_counter()
-        state.depformer.run(dep_feeds)
+        stepper.depformer_frame(frame)
         depformer = time.perf_counter() - began
         codec = probe.decode_one()
         if i >= plan.warmup:
@@ -165,43 +150,38 @@ def _at_position(rt: Dia2Runtime, state, probe: _CodecProbe, p: int, plan: _Plan
     return times
 
 
-def _rows_read(state) -> int:
+def _start_tokens(rt: Dia2Runtime) -> np.ndarray:
+    """A CFG pair's step tokens as at an utterance's start: bos / zero, pad text, audio bos (inside the delays)."""
+    ids, q = rt.manifest.token_ids, rt.manifest.audio_channels
+    tokens = np.full((2, 2 + q), ids.pad, dtype=np.int64)
+    tokens[:, 2:] = ids.audio_bos
+    tokens[0, 0], tokens[1, 0] = ids.bos, ids.zero
+    return tokens
+
+
+def _rows_read(stepper: FrameStepper) -> int:
     """Cache rows a step reads now: the growing cache's current rows, or the capacity."""
-    return int(state.cache.rows) if state.cache.grows else int(state.cache.capacity)
-
-
-def _backbone_feeds(rt: Dia2Runtime, tokens: np.ndarray, p: int) -> dict:
-    """The step's inputs at RoPE position ``p`` and cache row ``p``, through the runtime's own helper."""
-    return rt.step_feeds(tokens, p, p)
-
-
-def _depformer_feeds(rt: Dia2Runtime, state, out, params: GenerationParams, rng: np.random.Generator) -> dict:
-    """The depformer's inputs as Session._depformer_step builds them (pad text tokens, fresh noise)."""
-    pad = rt.manifest.token_ids.pad
-    rng.random(out=state.noise, dtype=np.float32)
-    return {"hidden": out["hidden"], "cb0_logits": out["cb0_logits"], "text_tokens": (pad, pad),
-            "noise": state.noise, "temperature": params.audio_temperature, "top_k": params.audio_top_k,
-            "cfg_scale": params.cfg_scale, "cfg_filter_k": params.cfg_filter_k}
+    return int(stepper.cache.rows) if stepper.cache.grows else int(stepper.cache.capacity)
 
 
 class _CodecProbe:
     """One decoder stream, advanced through random codes, whose frames are timed at the positions asked."""
 
-    def __init__(self, codec, channels: int, codebook: int, rng: np.random.Generator) -> None:
-        self.codec, self.frames, self._channels, self._codebook, self._rng = codec, 0, channels, codebook, rng
+    def __init__(self, stepper: FrameStepper, channels: int, codebook: int, rng: np.random.Generator) -> None:
+        self.stepper, self.frames, self._channels, self._codebook, self._rng = stepper, 0, channels, codebook, rng
 
-    def _codes(self) -> np.ndarray:
-        return self._rng.integers(0, self._codebook, self._channels, dtype=np.int64)
+    def _call(self) -> dict[int, DecodeCall]:
+        return {_SLOT: DecodeCall(self._rng.integers(0, self._codebook, self._channels, dtype=np.int64))}
 
     def advance_to(self, frame: int) -> None:
         while self.frames < frame:
-            self.codec.decode_frame(self._codes())
+            self.stepper.decode(self._call())
             self.frames += 1
 
     def decode_one(self) -> float:
-        codes = self._codes()
+        call = self._call()
         began = time.perf_counter()
-        self.codec.decode_frame(codes)
+        self.stepper.decode(call)
         self.frames += 1
         return time.perf_counter() - began
 

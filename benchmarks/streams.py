@@ -1,8 +1,9 @@
 """``dia2-rt bench --streams``: N sessions on one runtime from N threads, started together.
 
 For each stream count N, N threads open a session each on ONE runtime (loaded with
-``max_streams`` = the largest N where the runtime takes that keyword, so sessions are batched
-when the runtime batches; without it they run side by side on shared weights), each with its own
+``max_streams`` = the largest N, or the artifacts' own maximum if smaller, so the sessions are
+batched in one graph call per frame; artifacts without a stream axis run them side by side on
+shared weights, and sessions beyond the batch wait for a slot), each with its own
 script and seed, released together by a barrier. A stream stops after ``frames`` frames (its
 progress callback cancels it) or at its script's end. Measured per stream, from the common start:
 the end of every frame (progress callbacks), the first audio chunk, and its end.
@@ -17,7 +18,6 @@ the end of every frame (progress callbacks), the first audio chunk, and its end.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dia2_trt.runtime import Dia2Runtime, GenerationParams
+from dia2_trt.runtime.artifacts import load_manifest
 
 from .harness import machine_info
 
@@ -69,21 +70,35 @@ def scripts(rt: Dia2Runtime, n: int, frames: int) -> list[str]:
     return out
 
 
-def load_runtime(artifacts: str, max_streams: int, backend: str, threads: int | None) -> tuple[Dia2Runtime, bool]:
-    """The runtime, with ``max_streams`` where ``Dia2Runtime.load`` takes it (batched sessions); the flag says."""
-    batched = "max_streams" in inspect.signature(Dia2Runtime.load).parameters
-    extra = {"max_streams": max_streams} if batched else {}
-    return Dia2Runtime.load(artifacts, backend, threads, verify=False, **extra), batched
+def load_runtime(artifacts: str, streams: int, backend: str, threads: int | None) -> tuple[Dia2Runtime, int]:
+    """The runtime batching up to ``streams`` sessions, within what the artifacts' graphs take (artifacts
+    without a stream axis: 1, sessions side by side on shared weights); returns it and that batch size.
+    More sessions than the batch wait for a free slot, which is what a caller of the runtime gets."""
+    most = getattr(load_manifest(artifacts, verify=False), "max_streams", 1)
+    batch = min(streams, most)
+    return Dia2Runtime.load(artifacts, backend, threads, verify=False, max_streams=batch), batch
 
 
 def run_streams_bench(artifacts: str, counts: list[int], frames: int, repeats: int, warmup_frames: int,
                       backend: str, threads: int | None, seed: int = 0,
                       echo: Callable[[str], None] = lambda msg: None) -> dict:
     echo(f"loading {artifacts}")
-    rt, batched = load_runtime(artifacts, max(counts), backend, threads)
-    frame_rate = rt.manifest.frame_rate
-    # Warm-up: as many sessions as the largest count (the state pool then holds a state for each: none is
-    # allocated while measured) and past the codebook delays (the codec's first run is not timed either).
+    rt, batch = load_runtime(artifacts, max(counts), backend, threads)
+    try:
+        rows = _measure(rt, counts, frames, repeats, warmup_frames, seed, echo)
+    finally:
+        rt.close()  # the batch engine's thread
+    return {"machine": machine_info(), "artifacts": str(artifacts), "precision": rt.manifest.precision,
+            "frame_rate": rt.manifest.frame_rate, "max_streams": batch,
+            "settings": {"streams": counts, "frames": frames, "repeats": repeats, "warmup_frames": warmup_frames,
+                         "backend": backend, "threads": threads, "seed": seed},
+            "counts": rows}
+
+
+def _measure(rt: Dia2Runtime, counts: list[int], frames: int, repeats: int, warmup_frames: int, seed: int,
+             echo: Callable[[str], None]) -> list[dict]:
+    # Warm-up: as many sessions as the largest count (every slot or pooled stepper then exists: none is
+    # made while measured) and past the codebook delays (the codec's first run is not timed either).
     echo("warm-up")
     _round(rt, max(counts), max(warmup_frames, rt.manifest.max_delay + 2), seed)
     rows = []
@@ -93,12 +108,8 @@ def run_streams_bench(artifacts: str, counts: list[int], frames: int, repeats: i
             runs.append(_round(rt, n, frames, seed + 1000 * rep))
             echo(f"{n} streams, repeat {rep + 1}/{repeats}: {runs[-1]['frames']} frames "
                  f"in {runs[-1]['wall_seconds']:.2f}s")
-        rows.append(summarize(n, runs, frame_rate))
-    return {"machine": machine_info(), "artifacts": str(artifacts), "precision": rt.manifest.precision,
-            "frame_rate": frame_rate, "batched": batched,
-            "settings": {"streams": counts, "frames": frames, "repeats": repeats, "warmup_frames": warmup_frames,
-                         "backend": backend, "threads": threads, "seed": seed},
-            "counts": rows}
+        rows.append(summarize(n, runs, rt.manifest.frame_rate))
+    return rows
 
 
 def _round(rt: Dia2Runtime, n: int, frames: int, seed: int) -> dict:
@@ -182,7 +193,9 @@ def _percentiles(values: list[float], scale: float) -> dict | None:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    mode = "batched (max_streams)" if result["batched"] else "side by side on shared weights (no batching yet)"
+    batch = result["max_streams"]
+    mode = (f"batched, up to {batch} in one graph call per frame" if batch > 1
+            else "side by side on shared weights (artifacts without a stream axis)")
     lines = [f"{Path(result['artifacts']).name} ({result['precision']}), {s['backend']}, sessions {mode}; "
              f"up to {s['frames']} frames per stream, {s['repeats']} repeats per count; real time = "
              f"{result['frame_rate']:g} frames/s per stream.", "",

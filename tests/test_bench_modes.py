@@ -85,6 +85,7 @@ def test_streams_run_together_on_one_runtime(artifacts, tmp_path):
     assert done.exit_code == 0, done.stderr
     result = json.loads((out / "streams_bench.json").read_text())
     assert result["frame_rate"] == 12.5 and result["settings"]["streams"] == [1, 2]
+    assert result["max_streams"] == 1  # the fixture's graphs have no stream axis: sessions side by side
     for n, row in zip((1, 2), result["counts"]):
         assert row["streams"] == n
         (run,) = row["raw"]
