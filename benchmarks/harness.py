@@ -120,15 +120,17 @@ class FrameCap(Exception):
 
 @dataclass
 class FrameClock:
-    """Frame starts and time per component; a capped run stops at the start of frame ``cap``."""
+    """Frame starts and time per component, in all and per frame; a capped run stops at the start of
+    frame ``cap``. Work after the last frame (the reference's batch decode) counts in ``totals`` only."""
 
     cap: int = 0
     starts: list[float] = field(default_factory=list)
     stop: float | None = None
     totals: dict[str, float] = field(default_factory=dict)
+    parts: list[dict[str, float]] = field(default_factory=list)  # per frame: seconds per component
 
     def reset(self, cap: int) -> None:
-        self.cap, self.starts, self.stop = cap, [], None
+        self.cap, self.starts, self.stop, self.parts = cap, [], None, []
         self.totals = dict.fromkeys(COMPONENTS, 0.0)
 
     def frame(self) -> None:
@@ -137,6 +139,7 @@ class FrameClock:
             self.stop = now
             raise FrameCap
         self.starts.append(now)
+        self.parts.append(dict.fromkeys(COMPONENTS, 0.0))
 
     def end(self) -> None:
         """The last frame is over (called where the generation loop is known to have ended)."""
@@ -151,7 +154,10 @@ class FrameClock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.totals[component] += time.perf_counter() - began
+                spent = time.perf_counter() - began
+                self.totals[component] += spent
+                if self.parts and self.stop is None:
+                    self.parts[-1][component] += spent
         return wrapper
 
     def frame_seconds(self) -> list[float]:
@@ -162,7 +168,7 @@ class FrameClock:
     def report(self, wall: float, samples: int, first_audio: float | None) -> dict:
         return {"frames": len(self.starts), "wall_seconds": wall, "samples": samples,
                 "first_audio_seconds": first_audio, "frame_seconds": self.frame_seconds(),
-                "component_seconds": dict(self.totals)}
+                "component_seconds": dict(self.totals), "frame_parts": self.parts}
 
 
 # --- the runtime contender (runs inside a worker) ----------------------------------------------
@@ -444,7 +450,8 @@ def summarize(spec: Contender, info: dict, runs: list[dict], manifest: Manifest,
     """``manifest``: the topology's (the reference's roofline); a runtime contender reads its own."""
     frames = sum(r["frames"] for r in runs)
     frame_rate = info["frame_rate"]
-    frame_seconds = [s for r in runs for s in r["frame_seconds"]]
+    lead = steady_from(runs, manifest.max_delay)
+    frame_seconds = [s for r in runs for s in r["frame_seconds"][lead:]]
     median_frame = float(np.median(frame_seconds)) if frame_seconds else sum(r["wall_seconds"] for r in runs) / frames
     own = manifest if spec.kind == "reference" else load_manifest(spec.source, verify=False)
     line = roofline(own, bandwidth, float_only=spec.kind == "reference")
@@ -462,13 +469,47 @@ def summarize(spec: Contender, info: dict, runs: list[dict], manifest: Manifest,
         "first_audio_seconds": first_audio,
         # time to first audio in steady frame-times: how many frames a listener waits
         "first_audio_frame_times": first_audio["median"] / median_frame if first_audio else None,
+        "steady_from_frame": lead,
         "frame_seconds": spread(frame_seconds),
-        "breakdown_seconds_per_frame": _breakdown(runs),
+        "breakdown_seconds_per_frame": _steady_breakdown(runs, lead),
+        "breakdown_whole_run_seconds_per_frame": _breakdown(runs),
         "roofline": line,
         "node_profile": info.get("node_profile"),
-        "raw": {"frame_seconds": frame_seconds, "runs": [{k: v for k, v in r.items() if k != "frame_seconds"}
+        "raw": {"frame_seconds": frame_seconds, "runs": [{k: v for k, v in r.items()
+                                                           if k not in ("frame_seconds", "frame_parts")}
                                                           for r in runs]},
     }
+
+
+def steady_from(runs: list[dict], max_delay: int) -> int:
+    """The first frame of the steady state: ``max_delay``, where every component runs every frame.
+
+    Before it a fresh utterance is cheaper: the depformer skips the columns inside every codebook's
+    delay and the codec has nothing complete to decode (the 2B's first 18 frames), so a median over a
+    32-frame run would be a lead-in frame. 0 when no run reaches it (a few frames on a tiny model).
+    """
+    return max_delay if any(len(r["frame_seconds"]) > max_delay for r in runs) else 0
+
+
+def _steady_breakdown(runs: list[dict], lead: int) -> dict[str, float]:
+    """Per component, its mean time in the steady frames (from ``lead``) of each run, median over runs;
+    work outside any frame (the reference's batch decode) spread over all the run's frames; host: the
+    rest of the steady frames' time."""
+    per_run = []
+    for r in runs:
+        n = min(len(r["frame_seconds"]), len(r["frame_parts"]))
+        if n <= lead:
+            continue
+        steady = r["frame_parts"][lead:n]
+        parts = {c: float(np.mean([p[c] for p in steady])) for c in COMPONENTS}
+        inside = sum(parts.values())
+        for c in COMPONENTS:
+            parts[c] += (r["component_seconds"][c] - sum(p[c] for p in r["frame_parts"])) / r["frames"]
+        parts["host"] = float(np.mean(r["frame_seconds"][lead:n])) - inside
+        per_run.append(parts)
+    if not per_run:
+        return _breakdown(runs)
+    return {k: float(np.median([p[k] for p in per_run])) for k in (*COMPONENTS, "host")}
 
 
 def _breakdown(runs: list[dict]) -> dict[str, float]:

@@ -138,17 +138,30 @@ def _int4_copy(artifacts: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def _run(frame_seconds: list[float], parts: list[tuple[float, float, float]], outside_codec: float = 0.0,
+         first_audio: float | None = None) -> dict:
+    """A worker's run result: per frame its duration and (backbone, depformer, codec) seconds."""
+    frame_parts = [dict(zip(("backbone", "depformer", "codec"), p)) for p in parts]
+    totals = {c: sum(p[c] for p in frame_parts) for c in ("backbone", "depformer", "codec")}
+    totals["codec"] += outside_codec
+    return {"frames": len(parts), "wall_seconds": sum(frame_seconds) + outside_codec, "samples": 1,
+            "first_audio_seconds": first_audio, "frame_seconds": frame_seconds, "frame_parts": frame_parts,
+            "component_seconds": totals, "peak_rss_bytes": 1}
+
+
+INFO = {"frame_rate": 12.5, "load_seconds": 0.1, "peak_rss_load_bytes": 1}
+
+
 def test_roofline_reads_each_contenders_own_graphs(artifacts, tmp_path):
     fp32 = load_manifest(artifacts, verify=False)
     int4_dir = _int4_copy(artifacts, tmp_path)
     elements = weight_elements_per_frame(fp32.topology)
-    runs = [{"frames": 4, "wall_seconds": 0.04, "first_audio_seconds": 0.03, "frame_seconds": [0.01] * 4,
-             "component_seconds": {"backbone": 0.01, "depformer": 0.01, "codec": 0.01}, "peak_rss_bytes": 1}]
-    info = {"frame_rate": 12.5, "load_seconds": 0.1, "peak_rss_load_bytes": 1}
+    runs = [_run([0.01] * 4, [(0.003, 0.003, 0.003)] * 4, first_audio=0.03)]
+
 
     def bytes_of(kind: str, source: Path) -> dict:
         spec = Contender("c", kind, str(source), "x", "onnxruntime")
-        return summarize(spec, info, runs, fp32, 1e10)["roofline"]["weight_bytes_per_frame"]
+        return summarize(spec, INFO, runs, fp32, 1e10)["roofline"]["weight_bytes_per_frame"]
 
     # the manifest passed is the first --artifacts' (fp32): the int4 contender still gets its own bytes
     assert bytes_of("runtime", artifacts) == {**{k: 4 * v for k, v in elements.items()},
@@ -163,13 +176,27 @@ def test_roofline_reads_each_contenders_own_graphs(artifacts, tmp_path):
     assert roofline(half, 1e10)["weight_bytes_per_frame"]["backbone"] == 2 * elements["backbone"]
 
 
-def test_first_audio_in_frame_times(artifacts):
-    runs = [{"frames": 4, "wall_seconds": 0.04, "first_audio_seconds": 0.03, "frame_seconds": [0.01] * 4,
-             "component_seconds": {"backbone": 0.01, "depformer": 0.01, "codec": 0.01}, "peak_rss_bytes": 1}]
-    info = {"frame_rate": 12.5, "load_seconds": 0.1, "peak_rss_load_bytes": 1}
+def test_steady_frames_leave_out_the_lead_in(artifacts):
+    """The fixture's delays reach 3: frames 0-2 skip work (here: no depformer, no codec), frames 3-5 are
+    steady. Frame time, breakdown and TTFA in frame-times come from the steady frames; work after the
+    last frame (a batch decode) is spread over every frame."""
+    manifest = load_manifest(artifacts, verify=False)
+    assert manifest.max_delay == 3
+    lead_in, steady = [(0.001, 0.0, 0.0)] * 3, [(0.001, 0.006, 0.002)] * 3
+    runs = [_run([0.0015] * 3 + [0.01] * 3, lead_in + steady, outside_codec=0.006, first_audio=0.03)]
     spec = Contender("c", "runtime", str(artifacts), "fp32", "onnxruntime")
-    summary = summarize(spec, info, runs, load_manifest(artifacts, verify=False), 1e10)
+    summary = summarize(spec, INFO, runs, manifest, 1e10)
+    assert summary["steady_from_frame"] == 3
+    assert summary["frame_seconds"]["median"] == pytest.approx(0.01) and summary["frame_seconds"]["n"] == 3
+    parts = summary["breakdown_seconds_per_frame"]
+    assert parts["backbone"] == pytest.approx(0.001) and parts["depformer"] == pytest.approx(0.006)
+    assert parts["codec"] == pytest.approx(0.002 + 0.006 / 6)
+    assert parts["host"] == pytest.approx(0.01 - 0.009)
+    assert summary["breakdown_whole_run_seconds_per_frame"]["depformer"] == pytest.approx(0.003)
     assert summary["first_audio_frame_times"] == pytest.approx(3.0)
+    # a run too short to reach the steady state: every frame counts
+    short = summarize(spec, INFO, [_run([0.01] * 3, lead_in)], manifest, 1e10)
+    assert short["steady_from_frame"] == 0 and short["frame_seconds"]["n"] == 3
 
 
 def test_speak_summary_gives_first_audio_in_ms_and_frame_times(artifacts, tmp_path):
