@@ -62,10 +62,12 @@ def _session(path: Path, threads: int):
 
 
 def _feeds(session, rng: np.random.Generator, temperature: float) -> dict:
-    shapes = {i.name: i.shape for i in session.get_inputs()}
+    """One stream's frame (a graph with a streams axis takes it as S = 1)."""
+    one = {"streams": 1, "stream_rows": 2}
+    shapes = {i.name: [one.get(d, d) if isinstance(d, str) else d for d in i.shape] for i in session.get_inputs()}
     return {"hidden": rng.standard_normal(shapes["hidden"]).astype(np.float32),
             "cb0_logits": rng.standard_normal(shapes["cb0_logits"]).astype(np.float32),
-            "text_tokens": np.array([5, 3]), "noise": rng.random(shapes["noise"]).astype(np.float32),
+            "text_tokens": np.array([[5, 3]]), "noise": rng.random(shapes["noise"]).astype(np.float32),
             "temperature": np.array([temperature], np.float32), "top_k": np.array([50]),
             "cfg_scale": np.array([2.0], np.float32), "cfg_filter_k": np.array([50])}
 

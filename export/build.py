@@ -27,6 +27,9 @@ from dia2_trt.runtime.manifest import (
     DEPFORMER,
     FLOAT_PRECISIONS,
     MANIFEST,
+    MAX_STREAMS_LIMIT,
+    STREAM_ROWS,
+    STREAMS,
     WEIGHT_ONLY_PRECISIONS,
     GraphSpec,
     Manifest,
@@ -51,6 +54,9 @@ CODEC_BITS = 8
 # Opset 23 has RMSNormalization (one node instead of six; 20% off the depformer on ORT
 # CPU). For a TensorRT whose ONNX parser predates opset 23, build with --opset 20.
 DEFAULT_OPSET = 23
+# Streams one call of the per-frame graphs serves at most: the TensorRT profiles' optimum and the
+# runtime's default number of slots (ONNX Runtime takes any count up to it).
+DEFAULT_MAX_STREAMS = 8
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
@@ -61,6 +67,7 @@ class BuildOptions:
     prefix_frames: int = 0  # cache rows reserved for an audio prefix (voice continuation)
     overwrite: bool = False
     block_size: int | None = None  # weight-only precisions; None: the measured default
+    max_streams: int = DEFAULT_MAX_STREAMS  # the bound of the graphs' streams axis
 
     @staticmethod
     def opset_floor() -> int:
@@ -81,6 +88,8 @@ def check_request(out: Path, options: BuildOptions) -> None:
     """Fail before any work (or download) if the options are bad or the result could not be put in place."""
     if options.precision not in BUILD_PRECISIONS:
         raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(BUILD_PRECISIONS)}")
+    if not 1 <= options.max_streams <= MAX_STREAMS_LIMIT:
+        raise BuildError(f"--max-streams must be in 1..{MAX_STREAMS_LIMIT}, got {options.max_streams}")
     _check_weight_only(options)
     check_output_dir(Path(out), options.overwrite)
 
@@ -247,7 +256,9 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
         graphs[name] = graph_spec(tmp, name, f"{name}.onnx", options.precision)
-    graphs[BACKBONE] = replace(graphs[BACKBONE], dims={CACHE_ROWS: capacity})
+    streams = stream_dims(options.max_streams)
+    graphs[BACKBONE] = replace(graphs[BACKBONE], dims={**streams, CACHE_ROWS: capacity})
+    graphs[DEPFORMER] = replace(graphs[DEPFORMER], dims=streams)
     q = cfg.data.audio_channels
     # Weight-only builds export the codec in fp32, then quantize the decoder's weights (CODEC_BITS).
     codec_precision = "fp32" if options.precision in WEIGHT_ONLY_BITS else options.precision
@@ -262,9 +273,15 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     _copy_tokenizer(files.tokenizer_dir, tmp / "tokenizer")
     manifest = build_manifest(cfg, ids, root=tmp, precision=options.precision, opset=options.opset,
                               capacity=capacity, prefix_frames=options.prefix_frames, codec=codec, graphs=graphs,
-                              tokenizer=tokenizer_entry(tmp, "tokenizer"), source=_source(files))
+                              tokenizer=tokenizer_entry(tmp, "tokenizer"), source=_source(files),
+                              max_streams=options.max_streams)
     write_manifest(manifest, tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
+
+
+def stream_dims(max_streams: int) -> dict[str, int]:
+    """The bounds of the per-frame graphs' stream axes."""
+    return {STREAMS: max_streams, STREAM_ROWS: 2 * max_streams}
 
 
 def _export_depformer(model, ids, path: Path, options: BuildOptions) -> None:
@@ -274,7 +291,7 @@ def _export_depformer(model, ids, path: Path, options: BuildOptions) -> None:
         export_depformer_loop(model, ids, path, options.opset)
         return
     export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
-                  DepformerFrame.output_names, path, options.opset)
+                  DepformerFrame.output_names, path, options.opset, dynamic=DepformerFrame.dynamic_shapes)
 
 
 def _export_prefill(model, path: Path, opset: int) -> None:

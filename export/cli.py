@@ -20,8 +20,9 @@ from dia2_trt.runtime.cli_common import (
     read_script,
 )
 from dia2_trt.runtime.files import AUDIO_FORMATS, audio_writer, write_atomic, write_together
+from dia2_trt.runtime.manifest import MAX_STREAMS_LIMIT
 
-from .build import BUILD_PRECISIONS, DEFAULT_OPSET, BuildOptions
+from .build import BUILD_PRECISIONS, DEFAULT_MAX_STREAMS, DEFAULT_OPSET, BuildOptions
 
 SIZES = ("tiny", "1B", "2B")
 
@@ -57,16 +58,21 @@ def main() -> None:
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int)
 @click.option("--prefix-frames", default=0, show_default=True, type=click.IntRange(0),
               help="Extra KV-cache frames reserved for an audio prefix.")
+@click.option("--max-streams", default=DEFAULT_MAX_STREAMS, show_default=True,
+              type=click.IntRange(1, MAX_STREAMS_LIMIT),
+              help="Most streams one graph call serves (the runtime batches up to this many; "
+                   "--from-artifacts keeps the source's).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing artifact directory (never a directory without a dia2-trt manifest).")
 @click.option("--verbose", is_flag=True, help="Show the exporters' own logs and warnings too.")
-def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, prefix_frames, overwrite, verbose):
+def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, prefix_frames, max_streams, overwrite,
+          verbose):
     """Export the backbone, depformer and codec graphs with a manifest."""
     from .build import build_artifacts, check_request, quantize_artifacts
     from .console import BuildProgress, quiet_descriptors
 
     options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite,
-                           block_size=block_size)
+                           block_size=block_size, max_streams=max_streams)
     if from_artifacts:
         if size or checkpoint:
             fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")

@@ -32,16 +32,18 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from dia2_trt.models.dia2 import DepformerLayer, Dia2Model, Rotary, typed
+from dia2_trt.models.dia2 import DepformerLayer, Dia2Model, Rotary, pair_rows, typed
+from dia2_trt.runtime.manifest import STREAM_ROWS, STREAMS
 from dia2_trt.runtime.state_machine import TokenIds
 
-from .graphs import BRANCHES, DepformerFrame, guide, sample
+from .graphs import BRANCHES, EXAMPLE_STREAMS, DepformerFrame, guide, sample
 from .onnx_io import export_module, save_model
 from .unroll import defined_names, rename_graph
 
 LOOP_PREFIX = "stage_loop/"  # the body's own names, kept apart from the outer graph's
 HEAD_TREE = "stage_head"  # node-name prefix of the head-picking If tree
 OUTER = ["hidden", "noise", "temperature", "top_k", "cfg_scale", "cfg_filter_k"]  # read by the body from outside
+OUTER_AXES = {"hidden": {0: STREAM_ROWS}}  # the others' leading axis is the streams
 
 
 def tail_stages(schedule: list[int]) -> int:
@@ -68,7 +70,7 @@ class DepformerFramePrefix(DepformerFrame):
                                          cfg_scale, cfg_filter_k)
         keys = [torch.cat([kv[0] for kv in layer], dim=2) for layer in past]
         values = [torch.cat([kv[1] for kv in layer], dim=2) for layer in past]
-        return torch.cat(tokens), tokens[-1], *keys, *values
+        return torch.stack(tokens, dim=1), tokens[-1], *keys, *values
 
 
 class StageLogits(nn.Module):
@@ -130,7 +132,7 @@ class DepformerFrameBody(nn.Module):
         past_k, past_v = rest[: self.n_layer], rest[self.n_layer: 2 * self.n_layer]
         hidden, noise, temperature, top_k, cfg_scale, cfg_filter_k = rest[2 * self.n_layer:]
         stage = iteration + self.first
-        emb = self.embeddings(iteration * self.vocab + token.expand(BRANCHES))
+        emb = self.embeddings(iteration * self.vocab + pair_rows(token))
         x = self.depformer_in(hidden[:, None]) + emb[:, None]
         keys, values = [], []
         for i, layer in enumerate(self.layers):
@@ -138,7 +140,7 @@ class DepformerFrameBody(nn.Module):
             keys.append(k)
             values.append(v)
         logits = self.stage_logits(self.norm(x), iteration)[:, 0, : self.vocab_limit]
-        uniform = noise.index_select(0, (stage + 1).reshape(1))
+        uniform = noise.index_select(1, (stage + 1).reshape(1))[:, 0]
         token = sample(guide(logits, cfg_scale, cfg_filter_k), uniform, temperature, top_k)
         return token, *keys, *values
 
@@ -160,9 +162,15 @@ class DepformerFrameBody(nn.Module):
     def example_inputs(self, frame_inputs: tuple, rows: int = 2) -> tuple:
         """(iteration, token, past k/v with ``rows`` rows, then the frame's OUTER inputs)."""
         att = typed(self.layers, DepformerLayer)[0].self_attention
-        past = [torch.zeros(BRANCHES, att.heads, rows, att.head_dim) for _ in range(2 * self.n_layer)]
         named = dict(zip(DepformerFrame.input_names, frame_inputs))
-        return (torch.tensor(0), torch.zeros(1, dtype=torch.long), *past, *(named[n] for n in OUTER))
+        streams = named["noise"].shape[0]
+        past = [torch.zeros(BRANCHES * streams, att.heads, rows, att.head_dim) for _ in range(2 * self.n_layer)]
+        return (torch.tensor(0), torch.zeros(streams, dtype=torch.long), *past, *(named[n] for n in OUTER))
+
+    def dynamic_shapes(self) -> tuple:
+        """The streams (and their rows); the past K/V's row axis grows by one a stage."""
+        past = tuple({0: STREAM_ROWS, 2: "rows"} for _ in range(2 * self.n_layer))
+        return ({}, {0: STREAMS}, (*past, *(OUTER_AXES.get(n, {0: STREAMS}) for n in OUTER)))
 
 
 def _kv_names(kind: str, n_layer: int) -> list[str]:
@@ -176,23 +184,24 @@ def export_depformer_loop(model: Dia2Model, ids: TokenIds, path: Path, opset: in
     if tail < 2:
         raise ValueError("the weights schedule has no repeated tail to loop over")
     first = dep.num_depth - tail
-    frame_inputs = DepformerFrame.example_inputs(model)
+    frame_inputs = DepformerFrame.example_inputs(model, EXAMPLE_STREAMS)
     prefix = DepformerFramePrefix(model, ids, first)
     body = DepformerFrameBody(model, first)
     with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".depformer-") as tmp:
         export_module(prefix, frame_inputs, DepformerFrame.input_names, prefix.output_names,
-                      Path(tmp) / "prefix.onnx", opset)
-        # the past K/V's row axis grows by one a stage
-        dynamic = ({}, {}, (*({2: "rows"} for _ in range(2 * body.n_layer)), *({} for _ in OUTER)))
+                      Path(tmp) / "prefix.onnx", opset, dynamic=DepformerFrame.dynamic_shapes)
         export_module(body, body.example_inputs(frame_inputs), body.input_names, body.output_names,
-                      Path(tmp) / "body.onnx", opset, dynamic=dynamic)
+                      Path(tmp) / "body.onnx", opset, dynamic=body.dynamic_shapes())
         outer = onnx.load(str(Path(tmp) / "prefix.onnx"))
         inner = onnx.load(str(Path(tmp) / "body.onnx"))
     save_model(assemble(outer, inner, first, tail, body.n_layer), path)
 
 
 def assemble(prefix: onnx.ModelProto, body: onnx.ModelProto, first: int, trip: int, n_layer: int) -> onnx.ModelProto:
-    """prefix -> Loop(body) over stages ``first`` .. ``first + trip - 1`` -> audio_tokens [1 + stages]."""
+    """prefix -> Loop(body) over stages ``first`` .. ``first + trip - 1`` -> audio_tokens [streams, 1 + stages].
+
+    The Loop scans each stage's tokens [streams] into [trip, streams]: transposed, they follow the
+    prefix's [streams, first + 1] along the codebook axis."""
     loop_body = _as_loop_body(body.graph, n_layer)
     _pick_heads(loop_body, LOOP_PREFIX + "iteration", first)
     graph = prefix.graph
@@ -201,12 +210,13 @@ def assemble(prefix: onnx.ModelProto, body: onnx.ModelProto, first: int, trip: i
     graph.initializer.append(numpy_helper.from_array(_int64(trip), "stage_loop_trips"))
     graph.node.append(helper.make_node("Loop", ["stage_loop_trips", "", *carried],
                                        [*finals, "loop_tokens"], name="stage_loop", body=loop_body))
-    graph.initializer.append(numpy_helper.from_array(_int64([-1]), "flat_shape"))
-    graph.node.append(helper.make_node("Reshape", ["loop_tokens", "flat_shape"], ["loop_tokens_flat"]))
-    graph.node.append(helper.make_node("Concat", ["prefix_tokens", "loop_tokens_flat"], ["audio_tokens"], axis=0))
-    shape = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    graph.node.append(helper.make_node("Transpose", ["loop_tokens"], ["loop_tokens_by_stream"], perm=[1, 0]))
+    graph.node.append(helper.make_node("Concat", ["prefix_tokens", "loop_tokens_by_stream"], ["audio_tokens"],
+                                       axis=1))
+    streams, codebooks = (d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim)
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("audio_tokens", TensorProto.INT64, [shape[0] + trip]))
+    graph.output.append(helper.make_tensor_value_info("audio_tokens", TensorProto.INT64,
+                                                      [streams, int(codebooks) + trip]))
     model = helper.make_model(graph, opset_imports=prefix.opset_import, ir_version=prefix.ir_version)
     model.producer_name = prefix.producer_name
     return model
@@ -234,7 +244,7 @@ def _as_loop_body(graph: onnx.GraphProto, n_layer: int) -> onnx.GraphProto:
                         inputs[token], *past])
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), *outputs,
-                         helper.make_tensor_value_info(scan, TensorProto.INT64, [1])])
+                         helper.make_tensor_value_info(scan, TensorProto.INT64, [STREAMS])])
     graph.name = "stage_loop_body"
     return graph
 

@@ -2,8 +2,11 @@
 
 Both are pure functions of their inputs (no Python state, no data-dependent
 control flow), so one trace gives a static-shape graph that ONNX Runtime and
-TensorRT run as is. The CFG pair (conditional row 0, unconditional row 1) is
-the batch.
+TensorRT run as is. The batch is S streams (1..max_streams, the "streams" axis):
+stream s owns rows 2s (conditional) and 2s + 1 (unconditional) of the CFG pair (the
+"stream_rows" axis, 2S); every per-stream value (position, sampler settings, noise,
+tokens) has one entry a stream. No op mixes rows of different streams, so a stream's
+outputs are those of a one-stream call whatever shares the batch.
 """
 
 from __future__ import annotations
@@ -11,21 +14,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dia2_trt.models.dia2 import Dia2Model
-from dia2_trt.runtime.manifest import CACHE_ROWS, cache_name
+from dia2_trt.models.dia2 import Dia2Model, pair_rows
+from dia2_trt.runtime.manifest import CACHE_ROWS, STREAM_ROWS, STREAMS, cache_name
 from dia2_trt.runtime.state_machine import TokenIds
 
 BRANCHES = 2
+# The streams of the example inputs a graph is traced with: not 1, which torch.export would fix as a
+# constant, and not 2, the CFG pair's size, so no axis is taken for another.
+EXAMPLE_STREAMS = 3
 
 # The sampler's uniform numbers are clamped below 1 (1 - 2**-24 is the largest float32 below 1).
 _U_MAX = 1.0 - 2.0**-24
 
 
 class BackboneStep(nn.Module):
-    """One frame of the backbone for the CFG pair.
+    """One frame of the backbone for S streams' CFG pairs.
 
     The cache is read, never written: new K/V rows come out as outputs and the
-    runtime stores them at ``position``. Writing in-graph would need either a
+    runtime stores each stream's at its ``cache_length``. Writing in-graph would need either a
     whole-cache copy per step (Concat / ScatterND produce new tensors) or opset-24
     TensorScatter with input/output aliasing, which ONNX Runtime does not
     guarantee and TensorRT < 10.15 cannot import. A [L, 2, Hkv, D] row write on
@@ -46,17 +52,20 @@ class BackboneStep(nn.Module):
 
     @property
     def dynamic_shapes(self) -> tuple:
-        """The caches' row axis is left open: a step reads as many rows as it is given (CACHE_ROWS)."""
-        return ({}, {}, {}, tuple({2: CACHE_ROWS} for _ in range(2 * self.n_layer)))
+        """The streams and their rows; the caches' row axis is left open too: a step reads as many
+        rows as it is given (CACHE_ROWS)."""
+        caches = tuple({0: STREAM_ROWS, 2: CACHE_ROWS} for _ in range(2 * self.n_layer))
+        return ({0: STREAM_ROWS}, {0: STREAMS}, {0: STREAMS}, caches)
 
     @staticmethod
-    def example_inputs(model: Dia2Model, capacity: int, position: int = 0):
+    def example_inputs(model: Dia2Model, capacity: int, position: int = 0, streams: int = EXAMPLE_STREAMS):
         """(tokens, position, cache_length, k_cache.0 .. k_cache.{L-1}, v_cache.0 .. v_cache.{L-1})."""
         cfg = model.config
         dec = cfg.model.decoder
-        caches = [torch.zeros(BRANCHES, dec.kv_heads, capacity, dec.gqa_head_dim) for _ in range(2 * dec.n_layer)]
-        tokens = torch.zeros(BRANCHES, cfg.data.channels, dtype=torch.long)
-        pos = torch.tensor([position], dtype=torch.long)
+        rows = BRANCHES * streams
+        caches = [torch.zeros(rows, dec.kv_heads, capacity, dec.gqa_head_dim) for _ in range(2 * dec.n_layer)]
+        tokens = torch.zeros(rows, cfg.data.channels, dtype=torch.long)
+        pos = torch.full((streams,), position, dtype=torch.long)
         return (tokens, pos, pos.clone(), *caches)
 
 
@@ -102,39 +111,42 @@ TOPK_MAX = 64
 
 
 def guide(logits: torch.Tensor, cfg_scale: torch.Tensor, filter_k: torch.Tensor) -> torch.Tensor:
-    """The reference's CFG: the conditional row, limited to the guided top-k.
+    """The reference's CFG: each stream's conditional row, limited to the guided top-k.
 
-    logits [2, V] -> [V]. ``cfg_scale == 1`` disables guidance (and the filter),
-    ``filter_k == 0`` disables only the filter. torch.lerp's two-branch formula
-    is spelled out so the guided values round like the reference's.
+    logits [2S, V] (rows 2s, 2s + 1 the pair), cfg_scale / filter_k [S] -> [S, V]. ``cfg_scale == 1``
+    disables guidance (and the filter), ``filter_k == 0`` disables only the filter. torch.lerp's
+    two-branch formula is spelled out so the guided values round like the reference's.
     """
-    cond, uncond = logits[0], logits[1]
+    pair = logits.unflatten(0, (-1, BRANCHES))
+    cond, uncond = pair[:, 0], pair[:, 1]
+    scale = cfg_scale.unsqueeze(1)
     diff = cond - uncond
-    guided = torch.where(cfg_scale.abs() < 0.5, uncond + cfg_scale * diff, cond - diff * (1.0 - cfg_scale))
+    guided = torch.where(scale.abs() < 0.5, uncond + scale * diff, cond - diff * (1.0 - scale))
     use_filter = (cfg_scale != 1.0) & (filter_k > 0)
     # an unused threshold is asked for k = 1, so switching the filter off never takes the slow path
     threshold = kth_largest(guided, torch.where(use_filter, filter_k, torch.ones_like(filter_k)))
     filtered = torch.where(guided >= threshold, cond, torch.full_like(cond, float("-inf")))
-    return torch.where(use_filter, filtered, cond)
+    return torch.where(use_filter.unsqueeze(1), filtered, cond)
 
 
 def kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The k-th largest entry of a 1-D tensor for a runtime ``k`` [1] (clamped to [1, len]).
+    """Each row's k-th largest entry: values [S, V], a runtime ``k`` [S] (clamped to [1, V]) -> [S, 1].
 
     Both branches have static shapes (TensorRT handles a data-dependent TopK k
-    poorly): TopK(TOPK_MAX) when k fits, else the full descending sort. Either
-    way the result is the k-th value of the sorted order, so ties resolve alike:
-    every entry equal to the threshold passes the ``>=`` that uses it.
+    poorly): TopK(TOPK_MAX) when every row's k fits, else the full descending sort.
+    Either way the result is the k-th value of the row's sorted order, so ties resolve
+    alike and a row's threshold never depends on the other rows' k: every entry equal
+    to the threshold passes the ``>=`` that uses it.
     """
-    n = values.shape[0]
+    n = values.shape[1]
     k = k.clamp(1, n)
     if n <= TOPK_MAX:
         return _kth_of_top(values, k, n)
-    return torch.cond(k[0] <= TOPK_MAX, _kth_of_top_max, _kth_of_sorted, (values, k))
+    return torch.cond(k.max() <= TOPK_MAX, _kth_of_top_max, _kth_of_sorted, (values, k))
 
 
 def _kth_of_top(values: torch.Tensor, k: torch.Tensor, top: int) -> torch.Tensor:
-    return torch.gather(torch.topk(values, top).values, 0, k - 1)
+    return torch.gather(torch.topk(values, top, dim=1).values, 1, (k - 1).unsqueeze(1))
 
 
 def _kth_of_top_max(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -142,32 +154,33 @@ def _kth_of_top_max(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def _kth_of_sorted(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return torch.gather(torch.sort(values, descending=True).values, 0, k - 1)
+    return torch.gather(torch.sort(values, dim=1, descending=True).values, 1, (k - 1).unsqueeze(1))
 
 
 def sample(logits: torch.Tensor, uniform: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """The reference sampler in closed form: argmax at temperature 0, else softmax(l / T) over the
-    top-k, drawn by inverse CDF from one uniform number ``uniform`` [1] (the host sampler's ``_draw``).
+    """The reference sampler in closed form, per stream: logits [S, V], uniform / temperature /
+    top_k [S] -> tokens [S]. Argmax at temperature 0, else softmax(l / T) over the top-k, drawn by
+    inverse CDF from one uniform number (the host sampler's ``_draw``).
 
     One uniform per codebook instead of a Gumbel value per logit: the host fills 32 numbers a frame
     instead of 32 x 2050 (189 us of numpy per frame, measured), and the graph takes no logarithms.
-    The top-k are the TopK's sorted values, so the draw runs over at most TOPK_MAX entries; a k
-    above that (or no cut) takes the full descending sort, with the same draw.
+    The top-k are the TopK's sorted values, so the draw runs over at most TOPK_MAX entries; when any
+    row's k is above that (or has no cut) every row takes the full descending sort, with the same draw.
     """
-    greedy = torch.argmax(logits, dim=0, keepdim=True)
-    scaled = logits / temperature.clamp_min(1e-6)
-    n = logits.shape[0]
+    greedy = torch.argmax(logits, dim=1)
+    scaled = logits / temperature.clamp_min(1e-6).unsqueeze(1)
+    n = logits.shape[1]
     k = torch.where((top_k > 0) & (top_k < n), top_k, torch.full_like(top_k, n))
     if n <= TOPK_MAX:
         drawn = _draw_top(scaled, uniform, k, n)
     else:
-        drawn = torch.cond(k[0] <= TOPK_MAX, _draw_top_max, _draw_sorted, (scaled, uniform, k))
+        drawn = torch.cond(k.max() <= TOPK_MAX, _draw_top_max, _draw_sorted, (scaled, uniform, k))
     return torch.where(temperature > 0, drawn, greedy)
 
 
 def _draw_top(scaled: torch.Tensor, uniform: torch.Tensor, k: torch.Tensor, top: int) -> torch.Tensor:
-    values, indices = torch.topk(scaled, top)
-    return torch.gather(indices, 0, _inverse_cdf(values, uniform, k))
+    values, indices = torch.topk(scaled, top, dim=1)
+    return torch.gather(indices, 1, _inverse_cdf(values, uniform, k).unsqueeze(1)).squeeze(1)
 
 
 def _draw_top_max(scaled: torch.Tensor, uniform: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -175,24 +188,24 @@ def _draw_top_max(scaled: torch.Tensor, uniform: torch.Tensor, k: torch.Tensor) 
 
 
 def _draw_sorted(scaled: torch.Tensor, uniform: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    values, indices = torch.sort(scaled, descending=True)
-    return torch.gather(indices, 0, _inverse_cdf(values, uniform, k))
+    values, indices = torch.sort(scaled, dim=1, descending=True)
+    return torch.gather(indices, 1, _inverse_cdf(values, uniform, k).unsqueeze(1)).squeeze(1)
 
 
 def _inverse_cdf(values: torch.Tensor, uniform: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Position [1] drawn from softmax(values[:k]) (values sorted descending) by one uniform.
+    """Each row's position [S] drawn from softmax(values[s, :k[s]]) (rows sorted descending) by its uniform.
 
     As numpy's searchsorted(side="right"): the count of CDF entries <= u * total. Entries
     without mass (past k, or -inf from the CFG filter) sit at the sorted tail, where the CDF
     is flat, so only u * total rounding up to total could reach them: the position is
     capped at the last entry with mass.
     """
-    keep = torch.arange(values.shape[0]) < k
-    probs = torch.softmax(torch.where(keep, values, torch.full_like(values, float("-inf"))), dim=0)
-    cdf = torch.cumsum(probs, dim=0)
-    target = uniform.clamp(0.0, _U_MAX) * cdf[-1:]
-    position = (cdf <= target).sum(dim=0, keepdim=True)
-    last = (probs > 0).sum(dim=0, keepdim=True) - 1
+    keep = torch.arange(values.shape[1]).unsqueeze(0) < k.unsqueeze(1)
+    probs = torch.softmax(torch.where(keep, values, torch.full_like(values, float("-inf"))), dim=1)
+    cdf = torch.cumsum(probs, dim=1)
+    target = uniform.clamp(0.0, _U_MAX).unsqueeze(1) * cdf[:, -1:]
+    position = (cdf <= target).sum(dim=1)
+    last = (probs > 0).sum(dim=1) - 1
     return torch.minimum(position, last)
 
 
@@ -200,7 +213,9 @@ class DepformerFrame(nn.Module):
     """All audio codebooks of one frame: cb0 from the backbone's logits, then every depformer stage.
 
     Guidance, masking and sampling happen in-graph so a frame is one call
-    (the reference's per-stage host round trips leave a GPU mostly idle).
+    (the reference's per-stage host round trips leave a GPU mostly idle), for S streams at once:
+    hidden / cb0_logits [2S, ...], text_tokens [S, 2], noise [S, Q], the sampler settings [S]
+    -> audio_tokens [S, Q].
     """
 
     input_names = ["hidden", "cb0_logits", "text_tokens", "noise", "temperature", "top_k", "cfg_scale", "cfg_filter_k"]
@@ -219,35 +234,36 @@ class DepformerFrame(nn.Module):
     def forward(self, hidden, cb0_logits, text_tokens, noise, temperature, top_k, cfg_scale, cfg_filter_k):
         tokens, _ = self.first_stages(self.depformer.num_depth, hidden, cb0_logits, text_tokens, noise, temperature,
                                       top_k, cfg_scale, cfg_filter_k)
-        return torch.cat(tokens)
+        return torch.stack(tokens, dim=1)
+
+    dynamic_shapes = ({0: STREAM_ROWS}, {0: STREAM_ROWS}, *({0: STREAMS} for _ in range(6)))
 
     def first_stages(self, stages: int, hidden, cb0_logits, text_tokens, noise, temperature, top_k, cfg_scale,
                      cfg_filter_k) -> tuple[list[torch.Tensor], list[list[tuple]]]:
         """cb0 and depformer stages 0 .. stages - 1: their tokens, and per layer the stages' (k, v)."""
-        main = text_tokens[0:1].expand(BRANCHES)
-        second = text_tokens[1:2].expand(BRANCHES)
+        main, second = pair_rows(text_tokens[:, 0]), pair_rows(text_tokens[:, 1])
         cb0 = guide(cb0_logits, cfg_scale, cfg_filter_k)
         cb0 = cb0.masked_fill(self.special, torch.finfo(cb0.dtype).min)
-        token = sample(cb0, noise[0:1], temperature, top_k)
+        token = sample(cb0, noise[:, 0], temperature, top_k)
         tokens = [token]
         past: list[list] = [[] for _ in range(self.n_layer)]
         for stage in range(stages):
-            logits = self.depformer.stage_split(stage, token.expand(BRANCHES), hidden, main, second, past)
-            token = sample(guide(logits, cfg_scale, cfg_filter_k), noise[stage + 1:stage + 2], temperature, top_k)
+            logits = self.depformer.stage_split(stage, pair_rows(token), hidden, main, second, past)
+            token = sample(guide(logits, cfg_scale, cfg_filter_k), noise[:, stage + 1], temperature, top_k)
             tokens.append(token)
         return tokens, past
 
     @staticmethod
-    def example_inputs(model: Dia2Model):
+    def example_inputs(model: Dia2Model, streams: int = EXAMPLE_STREAMS):
         cfg = model.config
         q, vocab = cfg.data.audio_channels, cfg.data.audio_vocab_size
         return (
-            torch.zeros(BRANCHES, cfg.model.decoder.n_embd),
-            torch.zeros(BRANCHES, vocab),
-            torch.zeros(2, dtype=torch.long),
-            torch.full((q,), 0.5),
-            torch.zeros(1),
-            torch.tensor([50], dtype=torch.long),
-            torch.ones(1),
-            torch.tensor([50], dtype=torch.long),
+            torch.zeros(BRANCHES * streams, cfg.model.decoder.n_embd),
+            torch.zeros(BRANCHES * streams, vocab),
+            torch.zeros(streams, 2, dtype=torch.long),
+            torch.full((streams, q), 0.5),
+            torch.zeros(streams),
+            torch.full((streams,), 50, dtype=torch.long),
+            torch.ones(streams),
+            torch.full((streams,), 50, dtype=torch.long),
         )

@@ -79,14 +79,14 @@ def tokenizer_entry(root: Path, directory: str) -> TokenizerEntry:
 
 def build_manifest(cfg: Dia2Config, ids: TokenIds, *, root: Path, precision: str, opset: int, capacity: int,
                    prefix_frames: int, codec: CodecInfo, graphs: dict[str, GraphSpec], tokenizer: TokenizerEntry,
-                   source: SourceInfo) -> Manifest:
+                   source: SourceInfo, max_streams: int) -> Manifest:
     return Manifest(
         precision=precision, opset=opset, topology=topology(cfg), token_ids=ids,
         delays=tuple(cfg.data.delay_pattern), second_stream_ahead=cfg.data.second_stream_ahead,
         # The reference's state machine ignores config max_pad and uses 6 frames.
         max_padding=REFERENCE_MAX_PADDING, max_context_steps=cfg.runtime.max_context_steps,
         prefix_frames=prefix_frames, cache_capacity=capacity, codec=codec, tokenizer=tokenizer, graphs=graphs,
-        source=source, tools=tool_versions(), root=Path(root),
+        source=source, tools=tool_versions(), max_streams=max_streams, root=Path(root),
     )
 
 

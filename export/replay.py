@@ -25,7 +25,7 @@ import numpy as np
 from dia2_trt.runtime import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
 from dia2_trt.runtime.backends import OrtBackend
-from dia2_trt.runtime.manifest import BACKBONE, DEPFORMER
+from dia2_trt.runtime.manifest import BACKBONE, DEPFORMER, STREAM_ROWS, STREAMS
 from dia2_trt.runtime.params import GenerationParams
 
 
@@ -60,6 +60,9 @@ class _RecordingBinding:
     def __init__(self, inner, recorder: _Recorder) -> None:
         self._inner, self._recorder = inner, recorder
         self.spec, self.resizable = inner.spec, inner.resizable
+
+    def __getattr__(self, name):  # the rest of the binding's interface (row writes...) as is
+        return getattr(self._inner, name)
 
     def bind(self, name, array) -> None:
         self._inner.bind(name, array)
@@ -107,10 +110,18 @@ def record(artifacts: Path, scripts: Sequence[str], params: GenerationParams,
             warnings.simplefilter("ignore", TruncationWarning)  # a cut-off script still calibrates
             runtime.speak(script, params)
         bb, dep = backend.recorders[BACKBONE].calls, backend.recorders[DEPFORMER].calls
-        traces.append(Trace(script, np.stack([c["tokens"] for c in bb]),
-                            np.stack([np.asarray(c["text_tokens"]).reshape(2) for c in dep]),
-                            np.stack([c["audio_tokens"] for c in dep])))
+        traces.append(Trace(script, np.stack([_one_stream(c["tokens"], 2) for c in bb]),
+                            np.stack([_one_stream(c["text_tokens"], 1)[0] for c in dep]),
+                            np.stack([_one_stream(c["audio_tokens"], 1)[0] for c in dep])))
     return traces
+
+
+def _one_stream(value: np.ndarray, rows: int) -> np.ndarray:
+    """A recorded feed or output of a one-stream call (``rows`` rows a stream): one script is spoken at a time."""
+    value = np.asarray(value)
+    if value.shape[0] != rows:
+        raise ValueError(f"recorded a call of {value.shape[0] // rows} streams; the recorder speaks one at a time")
+    return value
 
 
 # --- replay ------------------------------------------------------------------
@@ -144,9 +155,10 @@ class Replay:
             self.sessions[name] = backend.open_session(spec, path)
             self.outputs[name] = [t.name for t in spec.outputs] + list(extra.get(name, ()))
         bb = self.manifest.graph(BACKBONE)
-        # Full capacity: a replay is teacher-forced over few steps, where a growing cache saves little.
-        self._cache = {t.name: t.bounded(bb.dims).zeros() for t in bb.inputs
-                       if t.name.startswith(("k_cache.", "v_cache."))}
+        # One stream, at full capacity: a replay is teacher-forced over few steps, where a growing
+        # cache saves little.
+        one = {**bb.dims, STREAMS: 1, STREAM_ROWS: 2}
+        self._cache = {t.name: t.bounded(one).zeros() for t in bb.inputs if t.name.startswith(("k_cache.", "v_cache."))}
         self._dtypes = {g: {t.name: t.dtype for t in self.manifest.graph(g).inputs} for g in (BACKBONE, DEPFORMER)}
 
     def close(self) -> None:
@@ -170,11 +182,12 @@ class Replay:
                 self._cache[cache_name("k", i)][:, :, t] = bb["k_new"][i]
                 self._cache[cache_name("v", i)][:, :, t] = bb["v_new"][i]
             dep = self._run(DEPFORMER, {
-                "hidden": bb["hidden"], "cb0_logits": bb["cb0_logits"], "text_tokens": trace.text_tokens[t],
-                "noise": np.full(self.manifest.audio_channels, 0.5),
+                "hidden": bb["hidden"], "cb0_logits": bb["cb0_logits"], "text_tokens": trace.text_tokens[t][None],
+                "noise": np.full((1, self.manifest.audio_channels), 0.5),
                 "temperature": np.array([0.0]), "top_k": np.array([params.audio_top_k]),
                 "cfg_scale": np.array([params.cfg_scale]), "cfg_filter_k": np.array([params.cfg_filter_k]),
             }, want)
+            dep["audio_tokens"] = dep["audio_tokens"][0]  # the one stream's [Q]
             yield StepOutputs(bb, dep)
 
     def _run(self, graph: str, feeds: dict, want_extra: bool) -> dict[str, np.ndarray]:

@@ -23,13 +23,25 @@ import onnx
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.files import write_atomic
 from dia2_trt.runtime.graph_io import read_io
-from dia2_trt.runtime.manifest import GRAPH_NAMES, EngineEntry, EngineValidation, GraphSpec, Manifest
+from dia2_trt.runtime.manifest import (
+    CACHE_ROWS,
+    GRAPH_NAMES,
+    STREAM_ROWS,
+    STREAMS,
+    EngineEntry,
+    EngineValidation,
+    GraphSpec,
+    Manifest,
+    TensorSpec,
+)
 
 from .manifest import sha256, write_manifest
 from .unroll import unroll_loops
 
 ENGINE_GRAPHS = GRAPH_NAMES
 ENCODER_SAMPLES = (1920, 1920 * 125, 1920 * 750)  # min / opt / max: 0.08 s, 10 s, 60 s
+# The smallest size a bounded axis is built for: one stream (its CFG pair of rows), one cache row.
+BOUNDED_MIN = {STREAMS: 1, STREAM_ROWS: 2, CACHE_ROWS: 1}
 
 
 class EngineError(RuntimeError):
@@ -54,13 +66,30 @@ class EngineOptions:
 def axis_ranges(manifest: Manifest, spec: GraphSpec) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each named input axis of ``spec``'s graph, for its optimisation profile.
 
-    A bounded axis (the backbone cache's rows) is built for its bound alone: the TensorRT
-    binding keeps the cache at capacity, because a captured CUDA graph replays one shape.
+    A bounded axis spans BOUNDED_MIN .. its bound, tuned for the bound: 1..max_streams streams
+    (2..2N rows), 1..capacity cache rows. The optimum is the bound because the TensorRT binding
+    runs at it (a captured CUDA graph replays one shape: every slot, the cache at capacity); the
+    range lets a caller run fewer streams without another engine.
     """
     frames = max(1, manifest.prefix_frames)
     ranges = {"samples": ENCODER_SAMPLES, "frames": (1, frames, frames)}
-    ranges.update({name: (bound, bound, bound) for name, bound in spec.dims.items()})
+    ranges.update({name: (min(BOUNDED_MIN.get(name, bound), bound), bound, bound) for name, bound in spec.dims.items()})
     return ranges
+
+
+def profile_shapes(inputs: tuple[TensorSpec, ...] | list[TensorSpec], ranges: dict[str, tuple[int, int, int]],
+                   graph: str = "graph") -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shapes of each input with a named axis: what the optimisation profile sets."""
+    shapes = {}
+    for tensor in inputs:
+        if tensor.static:
+            continue
+        unknown = sorted({d for d in tensor.shape if isinstance(d, str) and d not in ranges})
+        if unknown:
+            raise EngineError(f"{graph}: input {tensor.name} has axes {unknown} with no range to build for")
+        shapes[tensor.name] = tuple(tuple(ranges[d][k] if isinstance(d, str) else d for d in tensor.shape)
+                                    for k in range(3))
+    return shapes
 
 
 def build_engine(onnx_path: Path, plan_path: Path, options: EngineOptions = EngineOptions(),
@@ -97,15 +126,10 @@ def _add_profile(builder, network, config, onnx_path: Path, ranges: dict[str, tu
     dynamic = [network.get_input(i) for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
     if not dynamic:
         return
-    named = {t["name"]: t["shape"] for t in read_io(onnx_path)[0]}
+    shapes = profile_shapes([TensorSpec.from_json(t) for t in read_io(onnx_path)[0]], ranges, onnx_path.name)
     profile = builder.create_optimization_profile()
     for tensor in dynamic:
-        axes = named[tensor.name]
-        unknown = sorted({d for d in axes if isinstance(d, str) and d not in ranges})
-        if unknown:
-            raise EngineError(f"{onnx_path.name}: input {tensor.name} has axes {unknown} with no range to build for")
-        lo, opt, hi = (tuple(ranges[d][k] if isinstance(d, str) else d for d in axes) for k in range(3))
-        profile.set_shape(tensor.name, lo, opt, hi)
+        profile.set_shape(tensor.name, *shapes[tensor.name])
     config.add_optimization_profile(profile)
 
 

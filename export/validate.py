@@ -107,7 +107,7 @@ def _backbone_sequence(model, manifest: Manifest, steps: int, gen: torch.Generat
     """Random in-vocabulary tokens, positions 0..steps-1, PyTorch's own cache fed forward."""
     cfg = model.config
     step = BackboneStep(model).eval()
-    tokens, _, _, *caches = BackboneStep.example_inputs(model, manifest.cache_capacity)
+    tokens, _, _, *caches = BackboneStep.example_inputs(model, manifest.cache_capacity, streams=1)
     n_layer = len(caches) // 2
     dtype = manifest.graph(BACKBONE).input(step.input_names[3]).dtype
     feeds, outputs = [], []
@@ -156,15 +156,15 @@ def _error_stats(expected: list[np.ndarray], actual: list[np.ndarray]) -> dict:
 
 
 def _depformer_check(spec: GraphSpec, model, ids, backbone_out: list[dict], gen: torch.Generator) -> dict:
-    """Same inputs and noise to both: tokens must agree (exactly in fp32)."""
+    """Same inputs and noise to both: tokens must agree (exactly in fp32). One stream a call."""
     frame = DepformerFrame(model, ids).eval()
-    example = DepformerFrame.example_inputs(model)
+    example = DepformerFrame.example_inputs(model, streams=1)
     feeds, torch_out = [], []
     for i, out in enumerate(backbone_out):
         temperature = 0.0 if i % 2 == 0 else 0.8
         cfg_scale = 2.0 if i % 4 < 2 else 1.0
         args = (torch.from_numpy(out["hidden"]).float(), torch.from_numpy(out["cb0_logits"]).float(),
-                torch.randint(0, 64, (2,), generator=gen), torch.rand(example[3].shape, generator=gen),
+                torch.randint(0, 64, (1, 2), generator=gen), torch.rand(example[3].shape, generator=gen),
                 torch.tensor([temperature]), torch.tensor([50]), torch.tensor([cfg_scale]), torch.tensor([50]))
         with torch.no_grad():
             torch_out.append({"audio_tokens": frame(*args).numpy()})

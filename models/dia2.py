@@ -101,7 +101,8 @@ def _split_attention(
 ) -> torch.Tensor:
     """Attention over ``concat(cache[:, :, valid], new)`` without building the concat.
 
-    q: [B, H, D]; k_new/v_new: [B, Hkv, D]; caches: [B, Hkv, S, D]; valid: [S] bool.
+    q: [B, H, D]; k_new/v_new: [B, Hkv, D]; caches: [B, Hkv, S, D]; valid: bool, broadcast to
+    [B, Hkv, G, S] (one length for all rows: [S]; one per row: [B, 1, 1, S]).
     Concatenating would copy the whole cache every step inside the graph; scoring
     the cache and the new key separately only reads it, so the runtime (ORT or
     TensorRT) can keep the cache in place and write just the new row.
@@ -115,6 +116,14 @@ def _split_attention(
     probs = torch.softmax(torch.cat((scores_cache, score_new), dim=-1), dim=-1)
     out = torch.matmul(probs[..., :-1], v_cache) + probs[..., -1:] * v_new.unsqueeze(2)
     return out.reshape(b, h * d)
+
+
+def pair_rows(per_stream: torch.Tensor) -> torch.Tensor:
+    """[S, ...] -> [2S, ...]: each stream's value for both rows of its CFG pair (rows 2s, 2s + 1).
+
+    Expand + reshape rather than repeat_interleave: it exports as plain shape ops."""
+    s = per_stream.shape[0]
+    return per_stream.unsqueeze(1).expand(s, 2, *per_stream.shape[1:]).reshape(2 * s, *per_stream.shape[1:])
 
 
 class MultiStreamEmbedding(nn.Module):
@@ -249,22 +258,25 @@ class Backbone(nn.Module):
         return self.heads(x)
 
     def step(self, tokens, position, k_caches, v_caches, cache_length=None):
-        """Export form. tokens [B, C] int64, position [1] int64, one [B, Hkv, S, D] cache per layer.
+        """Export form. tokens [2S, C] int64 (stream s owns rows 2s and 2s + 1, its CFG pair),
+        position [S] int64, one [2S, Hkv, R, D] cache per layer.
 
         Per-layer caches rather than one stacked tensor: slicing a layer out of a
         stacked graph input is a copy (a Split) in ONNX, 0.7 GB per step for 2B.
-        Returns (hidden [B, E], action [B, A], cb0 [B, V], k_new, v_new [L, B, Hkv, D]);
-        the caller stores k_new/v_new at row ``cache_length`` before the next step.
+        Returns (hidden [2S, E], action [2S, A], cb0 [2S, V], k_new, v_new [L, 2S, Hkv, D]);
+        the caller stores each stream's k_new/v_new rows at its ``cache_length`` before the next step.
 
-        ``position`` is the RoPE position, ``cache_length`` the number of valid
+        ``position`` is each stream's RoPE position, ``cache_length`` its number of valid
         cache rows (default: ``position``). They differ after an audio-prefix
         warm-up: the reference's generation restarts at frame A - 1 while its
         cache already holds A rows, so every later frame t attends to t + 1 rows.
+        Every row reads only its own stream's position, length and cache rows: no op mixes rows.
         """
         x = self.embed(tokens.unsqueeze(-1))
-        positions = position.view(1, 1)
         length = position if cache_length is None else cache_length
-        valid = torch.arange(k_caches[0].shape[2], device=position.device) < length
+        positions = pair_rows(position).view(-1, 1)
+        valid = torch.arange(k_caches[0].shape[2], device=position.device) < pair_rows(length).view(-1, 1)
+        valid = valid[:, None, None, :]  # [2S, 1, 1, R]: broadcast over heads and groups
         k_out, v_out = [], []
         for i, layer in enumerate(typed(self.layers, DecoderLayer)):
             q, k, v = layer.attn.project(layer.pre_norm(x), positions, self.rotary)

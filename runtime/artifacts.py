@@ -31,8 +31,11 @@ from .manifest import (  # noqa: F401  (the names the runtime has always importe
     FORMAT,
     GRAPH_NAMES,
     MANIFEST,
+    MAX_STREAMS_LIMIT,
     PRECISIONS,
     REQUIRED_GRAPHS,
+    STREAM_ROWS,
+    STREAMS,
     VERSION,
     ArtifactError,
     CodecInfo,
@@ -64,8 +67,9 @@ MAX_COUNT = 1 << 20  # any count or size: layers, heads, widths, vocabularies, d
 MAX_FRAMES = 1 << 16  # context, prefix and cache rows: 87 minutes at 12.5 Hz (the 2B's context is 2)
 MAX_SAMPLE_RATE = 384_000
 MAX_RANK = 8
-# One session's graph buffers at their bounds (the bindings allocate them all; the 2B's are ~1 GB,
-# 0.69 GB of it the KV cache): room for 10x the 2B's context, not for a manifest that asks for 10^12.
+# One stream's share of the graph buffers at their bounds (the bindings allocate them all for
+# max_streams streams; the 2B's are ~1 GB a stream, 0.69 GB of it the KV cache): room for 10x the 2B's
+# context, not for a manifest that asks for 10^12.
 MAX_BUFFER_BYTES = 8 << 30
 _TEXT_IDS = ("new_word", "pad", "bos", "zero", "spk1", "spk2")
 _AUDIO_IDS = ("audio_pad", "audio_bos")
@@ -205,6 +209,18 @@ def check_values(m: Manifest) -> None:
     need(m.prefix_frames >= 0, "prefix_frames", f"must be >= 0, got {m.prefix_frames}")
     need(m.cache_capacity == m.max_context_steps + 1 + m.prefix_frames, "cache_capacity",
          f"{m.cache_capacity} != max_context_steps + 1 + prefix_frames")
+    _check_streams(m, need)
+
+
+def _check_streams(m: Manifest, need) -> None:
+    """max_streams in 1..MAX_STREAMS_LIMIT, and every graph's streams axes bounded by it."""
+    need(1 <= m.max_streams <= MAX_STREAMS_LIMIT, "max_streams",
+         f"must be in [1, {MAX_STREAMS_LIMIT}], got {m.max_streams}")
+    for name, g in m.graphs.items():
+        for axis, bound in ((STREAMS, m.max_streams), (STREAM_ROWS, 2 * m.max_streams)):
+            if axis in g.dims:
+                need(g.dims[axis] == bound, f"graphs.{name}.dims.{axis}",
+                     f"{g.dims[axis]} != {bound} (max_streams {m.max_streams})")
 
 
 def _check_bounds(m: Manifest, need) -> None:
@@ -233,8 +249,10 @@ def _check_bounds(m: Manifest, need) -> None:
         for kind, tensors in (("inputs", g.inputs), ("outputs", g.outputs)):
             for tensor in tensors:
                 total += _tensor_bytes(tensor.bounded(g.dims), f"graphs.{name}.{kind}.{tensor.name}", need)
-    need(total <= MAX_BUFFER_BYTES, "graphs", f"need {total / 2**30:.3g} GiB of buffers per session at their "
-                                              f"bounds, past {MAX_BUFFER_BYTES / 2**30:.3g} GiB")
+    streams = max(1, min(m.max_streams, MAX_STREAMS_LIMIT))  # range-checked in _check_streams
+    need(total <= MAX_BUFFER_BYTES * streams, "graphs",
+         f"need {total / streams / 2**30:.3g} GiB of buffers per session at their bounds ({streams} stream(s): "
+         f"{total / 2**30:.3g} GiB), past {MAX_BUFFER_BYTES / 2**30:.3g} GiB")
 
 
 def _tensor_bytes(t: TensorSpec, where: str, need) -> int:
@@ -292,15 +310,19 @@ def _check_backbone(m: Manifest) -> None:
     g = m.graph(BACKBONE)
     if not g.fixed_shape:
         first, *more = [t for t in g.inputs + g.outputs if not t.bounded(g.dims).static]
+        axes = sorted({d for t in (first, *more) for d in t.shape if isinstance(d, str) and d not in g.dims})
         _fail(m, f"graphs.backbone.{first.name} has an unbounded dynamic shape {list(first.shape)}"
-                 + (f" (and {len(more)} more)" if more else ""))
+                 + (f" (and {len(more)} more)" if more else "") + f": no bound for {', '.join(axes)} in its dims")
     channels = g.input("tokens").shape
-    if channels != (2, 2 + m.audio_channels):
-        _fail(m, f"graphs.backbone.inputs.tokens {list(channels)} does not match {m.audio_channels} delays")
-    if not any(t.name == "cache_length" for t in g.inputs):  # the cache row, apart from RoPE's after a prefix
-        _fail(m, "graphs.backbone has no cache_length input (the cache row a step writes); rebuild the artifacts")
+    if channels != (STREAM_ROWS, 2 + m.audio_channels):
+        _fail(m, f"graphs.backbone.inputs.tokens {list(channels)} is not [{STREAM_ROWS}, {2 + m.audio_channels}] "
+                 f"({m.audio_channels} delays)")
+    for name in ("position", "cache_length"):  # per stream: its RoPE position, its cache's valid rows
+        if g.input(name).shape != (STREAMS,):
+            _fail(m, f"graphs.backbone.inputs.{name} {list(g.input(name).shape)} is not [{STREAMS}]")
     cache = g.input(cache_name("k", 0)).shape
-    if len(cache) != 4 or cache[2] != CACHE_ROWS or g.dims.get(CACHE_ROWS) != m.cache_capacity:
+    if (len(cache) != 4 or cache[0] != STREAM_ROWS or cache[2] != CACHE_ROWS
+            or g.dims.get(CACHE_ROWS) != m.cache_capacity):
         _fail(m, f"graphs.backbone.inputs.{cache_name('k', 0)} {list(cache)} (dims {g.dims}) does not take "
                  f"up to cache_capacity {m.cache_capacity} rows")
     for i in range(m.topology.n_layer):
@@ -322,15 +344,15 @@ def _check_backbone(m: Manifest) -> None:
 def _check_depformer(m: Manifest) -> None:
     g = m.graph(DEPFORMER)
     for spec in g.inputs + g.outputs:
-        if not spec.static:
-            _fail(m, f"graphs.depformer.{spec.name} has a dynamic shape {list(spec.shape)}")
-    noise = g.input("noise")  # one uniform number per codebook for the in-graph sampler
-    if noise.shape != (m.audio_channels,) or noise.dtype.name != "float32":
-        _fail(m, f"graphs.depformer.inputs.noise must be float32 [{m.audio_channels}], "
+        if not spec.bounded(g.dims).static:
+            _fail(m, f"graphs.depformer.{spec.name} has an unbounded dynamic shape {list(spec.shape)}")
+    noise = g.input("noise")  # one uniform number per codebook and stream for the in-graph sampler
+    if noise.shape != (STREAMS, m.audio_channels) or noise.dtype.name != "float32":
+        _fail(m, f"graphs.depformer.inputs.noise must be float32 [{STREAMS}, {m.audio_channels}], "
                  f"got {noise.dtype} {list(noise.shape)}")
-    if g.output("audio_tokens").shape != (m.audio_channels,):
+    if g.output("audio_tokens").shape != (STREAMS, m.audio_channels):
         _fail(m, f"graphs.depformer.outputs.audio_tokens {list(g.output('audio_tokens').shape)} "
-                 f"!= [{m.audio_channels}]")
+                 f"!= [{STREAMS}, {m.audio_channels}]")
 
 
 def _check_codec(m: Manifest) -> None:
@@ -340,16 +362,19 @@ def _check_codec(m: Manifest) -> None:
     for pair in g.state:  # both ends must exist
         g.input(pair.input)
         g.output(pair.output)
-    codes = [t for t in g.inputs if t.name not in state_in]
+    # one stream (batch 1), or a streams axis with an ``active`` mask: the runtime drives either
+    batch = STREAMS if STREAMS in g.dims else 1
+    codes = [t for t in g.inputs if t.name not in state_in and t.name != "active"]
     pcm = [t for t in g.outputs if t.name not in state_out]
-    if len(codes) != 1 or codes[0].shape != (1, m.codec.num_quantizers, 1):
-        _fail(m, f"graphs.codec_decoder: expected one codes input [1, {m.codec.num_quantizers}, 1] besides its state")
-    if len(pcm) != 1 or pcm[0].shape != (1, 1, m.codec.samples_per_frame):
+    if len(codes) != 1 or codes[0].shape != (batch, m.codec.num_quantizers, 1):
+        _fail(m, f"graphs.codec_decoder: expected one codes input [{batch}, {m.codec.num_quantizers}, 1] "
+                 f"besides its state")
+    if len(pcm) != 1 or pcm[0].shape != (batch, 1, m.codec.samples_per_frame):
         _fail(m, f"codec.samples_per_frame {m.codec.samples_per_frame} differs from the decoder's pcm output "
                  f"{[list(t.shape) for t in pcm]}")
     for t in g.inputs + g.outputs:
-        if not t.static:
-            _fail(m, f"graphs.codec_decoder.{t.name} has a dynamic shape {list(t.shape)}")
+        if not t.bounded(g.dims).static:
+            _fail(m, f"graphs.codec_decoder.{t.name} has an unbounded dynamic shape {list(t.shape)}")
 
 
 # --- checksums ----------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from .state_machine import TokenIds
 FORMAT = "dia2-trt-artifacts"
 # 2: typed manifest (codec block, tokenizer checksums, per-graph engine entries).
 # 3: the depformer's noise is one uniform per codebook ([Q], was [Q, V]).
-VERSION = 4  # 4: the backbone reads a prefix of its cache ("cache_rows", bounded by graphs.*.dims)
+# 4: the backbone reads a prefix of its cache ("cache_rows", bounded by graphs.*.dims).
+VERSION = 5  # 5: the per-frame graphs serve 1..max_streams streams a call ("streams", "stream_rows")
+REBUILD = "dia2-export build ... --overwrite"  # what a directory of an older version needs
 MANIFEST = "manifest.json"
 
 BACKBONE, DEPFORMER, CODEC_DECODER, CODEC_ENCODER = "backbone", "depformer", "codec_decoder", "codec_encoder"
@@ -48,6 +50,11 @@ class ArtifactError(ValueError):
 # capacity, of which the first cache_length are valid. ONNX Runtime then reads only as many rows
 # as the runtime has grown the cache to, where a fixed capacity had every step read all of them.
 CACHE_ROWS = "cache_rows"
+# Many streams in one call (manifest version 5): the per-frame graphs' leading axis is the streams
+# (one value each: positions, sampler settings, noise, tokens) or their rows (stream s owns rows 2s
+# and 2s + 1, its CFG pair), always 2 * streams. Bounded by the manifest's max_streams (2x for rows).
+STREAMS, STREAM_ROWS = "streams", "stream_rows"
+MAX_STREAMS_LIMIT = 64  # the largest max_streams a manifest may record
 
 
 def cache_name(kind: str, layer: int) -> str:
@@ -407,6 +414,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     source: SourceInfo
     tools: dict[str, str]  # versions of the tools that built it (provenance for bug reports)
+    max_streams: int = 1  # streams one call of the per-frame graphs serves at most (1..MAX_STREAMS_LIMIT)
     root: Path = field(default=Path("."), compare=False, repr=False)
 
     @property
@@ -449,8 +457,9 @@ class Manifest:
         if d.get("format") != FORMAT:
             raise ArtifactError(f"not a dia2-trt artifact manifest (format {d.get('format')!r})")
         if d.get("version") != VERSION:
-            raise ArtifactError(f"manifest version {d.get('version')!r} is not supported "
-                                f"(this runtime reads version {VERSION}); rebuild the artifacts")
+            raise ArtifactError(f"manifest version {d.get('version')!r} is not supported (this runtime reads "
+                                f"version {VERSION}, graphs with a streams axis); rebuild the artifacts: "
+                                f"{REBUILD}")
         unknown = sorted(set(d["graphs"]) - set(GRAPH_NAMES))
         if unknown:
             raise ArtifactError(f"unknown graph {unknown[0]!r} (known: {', '.join(GRAPH_NAMES)})")
@@ -467,12 +476,14 @@ class Manifest:
             codec=CodecInfo.from_json(d["codec"]), tokenizer=TokenizerEntry.from_json(d["tokenizer"]),
             graphs={name: GraphSpec.from_json(name, g, root) for name, g in dict(d["graphs"]).items()},
             source=SourceInfo.from_json(d.get("source") or {}),
-            tools={str(k): str(v) for k, v in dict(d.get("tools") or {}).items()}, root=root,
+            tools={str(k): str(v) for k, v in dict(d.get("tools") or {}).items()},
+            max_streams=_int(d["max_streams"], "max_streams"), root=root,
         )
 
     def to_json(self) -> dict:
         return {
             "format": FORMAT, "version": VERSION, "precision": self.precision, "opset": self.opset,
+            "max_streams": self.max_streams,
             "topology": self.topology.to_json(), "token_ids": {f.name: int(getattr(self.token_ids, f.name))
                                                                for f in fields(TokenIds)},
             "delays": list(self.delays), "second_stream_ahead": self.second_stream_ahead,

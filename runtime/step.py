@@ -98,7 +98,8 @@ class FrameStepper:
         self.decoders = [decoder] if self.batched_codec else [decoder, *(bind(CODEC_DECODER)
                                                                         for _ in range(streams - 1))]
         self.rows_written = [0] * streams  # per slot: cache rows 0 .. n-1 may hold a stream's values
-        self._laid_out = 0  # the S the bindings are laid out for (0: none yet)
+        self._laid_out = 0  # the S the backbone's cache is bound for (0: none yet)
+        self._sizes: dict[int, int] = {}  # id(binding) -> the S it is laid out for
         self._cache_rows = 0  # the cache rows bound
         self._codec_inputs = _codec_inputs(decoder.spec)
 
@@ -118,13 +119,18 @@ class FrameStepper:
 
     # --- layout -------------------------------------------------------------------------------
 
+    def _size(self, binding: Binding, s: int) -> None:
+        """Lay ``binding`` out for S = ``s`` streams (each graph keeps its own size: a frame's
+        depformer call may hold fewer streams than its backbone call)."""
+        if self._sizes.get(id(binding)) != s:
+            binding.set_dims({STREAMS: s, STREAM_ROWS: BRANCHES * s})
+            self._sizes[id(binding)] = s
+
     def _layout(self, s: int) -> None:
-        """Lay the bindings out for S = ``s`` streams and bind slots 0 .. s-1 of the cache."""
-        if s != self._laid_out:
-            dims = {STREAMS: s, STREAM_ROWS: BRANCHES * s}
-            for binding in (self.backbone, self.depformer, *(self.decoders if self.batched_codec else ())):
-                binding.set_dims(dims)
-            self._laid_out = 0  # the cache must be bound again at the new size
+        """Lay the backbone out for S = ``s`` streams and bind slots 0 .. s-1 of the cache."""
+        if self._sizes.get(id(self.backbone)) != s:
+            self._size(self.backbone, s)
+            self._laid_out = 0  # set_dims dropped the bound cache: bind it again at the new size
         if not self.backbone.resizable:  # a device cache at its bound, bound once: only rows are written
             if not self._cache_rows:
                 self._bind_cache(self.streams)
@@ -162,7 +168,7 @@ class FrameStepper:
     def depformer_frame(self, calls: dict[int, DepformerCall]) -> dict[int, np.ndarray]:
         """Every codebook of one frame for the slots in ``calls``: slot -> tokens [Q]."""
         s = max(calls) + 1
-        self._layout(s)
+        self._size(self.depformer, s)
         first = next(iter(calls.values()))
         q = first.noise.shape[0]
         feeds = {
@@ -191,7 +197,7 @@ class FrameStepper:
                 out[slot] = self._run(self.decoders[slot], 1, {codes_name: call.codes})[pcm_name].reshape(-1).copy()
             return out
         s = max(calls) + 1
-        self._layout(s)
+        self._size(self.decoders[0], s)
         q = next(iter(calls.values())).codes.shape[0]
         codes, active = np.zeros((s, q, 1), np.int64), np.zeros(s, np.bool_)
         for slot, call in calls.items():
@@ -229,7 +235,9 @@ class FrameStepper:
             self.write_rows(slot, 0, zeros, zeros)
         self.rows_written[slot] = 0
         if self.batched_codec:
-            self.decoders[0].reset_state(slice(slot, slot + 1))
+            decoder = self.decoders[0]
+            self._size(decoder, max(self._sizes.get(id(decoder), 1), slot + 1))  # the slot's state in view
+            decoder.reset_state(slice(slot, slot + 1))
         else:
             self.decoders[slot].reset_state()
 

@@ -45,7 +45,7 @@ def looped(tmp_path_factory):
     unrolled = root / "unrolled" / "depformer.onnx"
     unrolled.parent.mkdir()
     export_module(DepformerFrame(model, ids), DepformerFrame.example_inputs(model), DepformerFrame.input_names,
-                  DepformerFrame.output_names, unrolled, 23)
+                  DepformerFrame.output_names, unrolled, 23, dynamic=DepformerFrame.dynamic_shapes)
     return files, model, ids, root / "fp32", unrolled
 
 
@@ -59,17 +59,27 @@ def quantized(looped, tmp_path_factory):
     return out
 
 
-def _frames(model, count: int = 12, seed: int = 0) -> list[tuple]:
-    """Depformer inputs: greedy and sampled, CFG on and off."""
+STREAMS = 3
+
+
+def _frames(model, count: int = 12, seed: int = 0, streams: int = STREAMS) -> list[tuple]:
+    """Depformer inputs for ``streams`` streams: greedy and sampled, CFG on and off, mixed in one call."""
     gen = torch.Generator().manual_seed(seed)
-    example = DepformerFrame.example_inputs(model)
+    example = DepformerFrame.example_inputs(model, streams)
     frames = []
     for i in range(count):
+        per = [i + s for s in range(streams)]
         frames.append((torch.randn(example[0].shape, generator=gen), torch.randn(example[1].shape, generator=gen) * 3,
-                       torch.randint(0, 64, (2,), generator=gen), torch.rand(example[3].shape, generator=gen),
-                       torch.tensor([0.0 if i % 2 == 0 else 0.8]), torch.tensor([50]),
-                       torch.tensor([2.0 if i % 4 < 2 else 1.0]), torch.tensor([50])))
+                       torch.randint(0, 64, (streams, 2), generator=gen), torch.rand(example[3].shape, generator=gen),
+                       torch.tensor([0.0 if j % 2 == 0 else 0.8 for j in per]), torch.full((streams,), 50),
+                       torch.tensor([2.0 if j % 4 < 2 else 1.0 for j in per]), torch.full((streams,), 50)))
     return frames
+
+
+def _solo(args: tuple, s: int) -> tuple:
+    """Stream ``s``'s inputs alone: its CFG pair's rows of hidden and cb0_logits, its entry of the rest."""
+    rows = slice(2 * s, 2 * s + 2)
+    return tuple(a[rows] if i < 2 else a[s:s + 1] for i, a in enumerate(args))
 
 
 def _session(path, accuracy_level: int | None = None) -> ort.InferenceSession:
@@ -111,7 +121,20 @@ def test_loop_gives_torchs_and_the_unrolled_graphs_tokens(looped):
     for got in (_tokens(_session(art / "depformer.onnx"), frames), _tokens(_session(unrolled), frames)):
         for e, g in zip(expected, got):
             np.testing.assert_array_equal(g, e)
-    assert len({tuple(e) for e in expected}) > 1
+    assert len({tuple(e.ravel()) for e in expected}) > 1
+
+
+@pytest.mark.parametrize("form", ["fp32", "int4"])
+def test_each_stream_gets_its_solo_tokens(looped, quantized, form):
+    """S = 3 streams with their own sampler settings and noise in one call: row for row the tokens of
+    three one-stream calls, in the Loop form, fp32 and weight-only int4."""
+    _, model, _, art, _ = looped
+    session = _session((art if form == "fp32" else quantized[form]) / "depformer.onnx")
+    frames = _frames(model, seed=3)
+    for args, batched in zip(frames, _tokens(session, frames)):
+        assert batched.shape == (STREAMS, model.config.data.audio_channels)
+        for s in range(STREAMS):
+            np.testing.assert_array_equal(batched[s], _tokens(session, [_solo(args, s)])[0][0])
 
 
 def test_unrolled_copy_is_flat_and_gives_the_same_tokens(looped, tmp_path):

@@ -23,6 +23,8 @@ from dia2_trt.models.tokens import resolve_token_ids
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.manifest import (
     CACHE_ROWS,
+    STREAM_ROWS,
+    STREAMS,
     VERSION,
     EngineEntry,
     EngineValidation,
@@ -48,7 +50,7 @@ def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifa
     model, _, manifest = tiny
     session = _session(tiny_artifacts, manifest, "backbone")
     gen = torch.Generator().manual_seed(1)
-    tokens = BackboneStep.example_inputs(model, manifest.cache_capacity)[0]
+    tokens = BackboneStep.example_inputs(model, manifest.cache_capacity, streams=1)[0]
     cfg = model.config
     dec = cfg.model.decoder
     # Stacked [L, B, Hkv, S, D] for the reference path; the graph takes one layer per input.
@@ -73,6 +75,61 @@ def test_backbone_matches_pytorch_over_50_teacher_forced_steps(tiny, tiny_artifa
         np.testing.assert_allclose(k_new, k_cache[:, :, :, t].numpy(), atol=1e-5)
         np.testing.assert_allclose(v_new, v_cache[:, :, :, t].numpy(), atol=1e-5)
     assert worst <= 1e-4
+
+
+STREAMS_IN_ONE_CALL = 3
+
+
+def _stream_feeds(manifest: Manifest, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Backbone and depformer feeds for 3 streams, each at its own position, cache length, sampler
+    settings and noise (greedy and sampled, CFG on and off, a filter past TOPK_MAX)."""
+    s, topo = STREAMS_IN_ONE_CALL, manifest.topology
+    bb = manifest.graph("backbone")
+    rows = 40  # the caches' valid rows: stream 2 reads all of them, the others fewer
+    tokens = rng.integers(0, min(topo.text_vocab_size, topo.audio_vocab_size), (2 * s, topo.channels))
+    caches = {t.name: rng.standard_normal((2 * s, t.shape[1], rows, t.shape[3])).astype(t.dtype)
+              for t in bb.inputs if t.name.startswith(("k_cache.", "v_cache."))}
+    backbone = {"tokens": tokens, "position": np.array([3, 17, 38]), "cache_length": np.array([4, 17, 40]),
+                **caches}
+    depformer = {"text_tokens": rng.integers(0, topo.text_vocab_size, (s, 2)),
+                 "noise": rng.random((s, manifest.audio_channels), dtype=np.float32),
+                 "temperature": np.array([0.0, 0.9, 1.2], np.float32), "top_k": np.array([50, 0, 3]),
+                 "cfg_scale": np.array([1.0, 3.0, 0.3], np.float32), "cfg_filter_k": np.array([50, 65, 2])}
+    return backbone, depformer
+
+
+def _solo_feeds(feeds: dict, s: int, pair_rows: set[str]) -> dict:
+    """Stream ``s``'s part of ``feeds``: its two rows of the ``pair_rows`` inputs, its entry of the others."""
+    return {k: v[2 * s:2 * s + 2] if k in pair_rows else v[s:s + 1] for k, v in feeds.items()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_streams_in_one_call_are_their_solo_calls(artifacts_factory, precision):
+    """S = 3 streams in one backbone and one depformer call give, row for row, what three one-stream calls
+    give: logits and K/V rows equal to float tolerance with the same greedy picks, identical tokens."""
+    manifest = load_manifest(artifacts_factory("default", 0, precision))
+    backbone, depformer = (_session(manifest.root, manifest, g) for g in ("backbone", "depformer"))
+    bb_feeds, dep_feeds = _stream_feeds(manifest, np.random.default_rng(7))
+    names = [o.name for o in backbone.get_outputs()]
+    batched = dict(zip(names, backbone.run(None, bb_feeds)))
+    cache_inputs = {k for k in bb_feeds if k.startswith(("k_cache.", "v_cache.")) or k == "tokens"}
+    worst = 0.0
+    for s in range(STREAMS_IN_ONE_CALL):
+        solo = dict(zip(names, backbone.run(None, _solo_feeds(bb_feeds, s, cache_inputs))))
+        for name, value in solo.items():
+            mine = batched[name][:, 2 * s:2 * s + 2] if name in ("k_new", "v_new") else batched[name][2 * s:2 * s + 2]
+            worst = max(worst, float(np.abs(mine - value).max()))
+            if name.endswith("_logits"):
+                np.testing.assert_array_equal(mine.argmax(-1), value.argmax(-1))
+    # ONNX Runtime may pick other GEMM kernels for other batch sizes: equal up to float rounding
+    assert worst <= 1e-4, worst
+    # the depformer: from the batched backbone's rows, the same tokens alone as together
+    feeds = {"hidden": batched["hidden"], "cb0_logits": batched["cb0_logits"] * 4, **dep_feeds}
+    (tokens,) = depformer.run(None, feeds)
+    assert tokens.shape == (STREAMS_IN_ONE_CALL, manifest.audio_channels)
+    for s in range(STREAMS_IN_ONE_CALL):
+        (alone,) = depformer.run(None, _solo_feeds(feeds, s, {"hidden", "cb0_logits"}))
+        np.testing.assert_array_equal(tokens[s], alone[0])
 
 
 def _reference_frame(model, ids, hidden, cb0_logits, main, second, params):
@@ -106,12 +163,12 @@ def test_depformer_graph_is_exactly_the_pytorch_loop_at_temperature_0(tiny, tiny
         main, second = (int(x) for x in torch.randint(0, cfg.data.text_vocab_size, (2,), generator=gen))
         with torch.no_grad():
             expected = _reference_frame(model, ids, hidden, cb0[:, None], main, second, params)
-        feeds = {"hidden": hidden.numpy(), "cb0_logits": cb0.numpy(), "text_tokens": np.array([main, second]),
-                 "noise": np.random.default_rng(0).random(q, dtype=np.float32),
+        feeds = {"hidden": hidden.numpy(), "cb0_logits": cb0.numpy(), "text_tokens": np.array([[main, second]]),
+                 "noise": np.random.default_rng(0).random((1, q), dtype=np.float32),
                  "temperature": np.zeros(1, np.float32), "top_k": np.array([50]),
                  "cfg_scale": np.array([cfg_scale], np.float32), "cfg_filter_k": np.array([filter_k])}
         (tokens,) = session.run(None, feeds)
-        assert tokens.tolist() == expected
+        assert tokens.shape == (1, q) and tokens[0].tolist() == expected
 
 
 def _reference_cb0_distribution(cb0: torch.Tensor, ids, temperature: float, top_k: int, params) -> np.ndarray:
@@ -137,12 +194,12 @@ def test_depformer_sampling_follows_the_reference_distribution(tiny, tiny_artifa
     expected = _reference_cb0_distribution(cb0, ids, temperature, top_k, params)
     rng = np.random.default_rng(4)
     feeds = {"hidden": np.zeros((2, cfg.model.decoder.n_embd), np.float32), "cb0_logits": cb0.numpy(),
-             "text_tokens": np.array([5, 6]), "temperature": np.array([temperature], np.float32),
+             "text_tokens": np.array([[5, 6]]), "temperature": np.array([temperature], np.float32),
              "top_k": np.array([top_k]), "cfg_scale": np.array([2.0], np.float32), "cfg_filter_k": np.array([12])}
     counts = np.zeros(vocab)
     for _ in range(draws):
-        feeds["noise"] = rng.random(q, dtype=np.float32)
-        counts[session.run(None, feeds)[0][0]] += 1
+        feeds["noise"] = rng.random((1, q), dtype=np.float32)
+        counts[session.run(None, feeds)[0][0, 0]] += 1
     support = expected > 0
     assert counts[~support].sum() == 0, "sampled a token outside the reference's support"
     stat = float(((counts[support] - draws * expected[support]) ** 2 / (draws * expected[support])).sum())
@@ -156,9 +213,21 @@ def test_kth_largest_is_the_sorted_order_with_ties(k):
     from dia2_trt.export.graphs import kth_largest
 
     gen = torch.Generator().manual_seed(k)
-    values = torch.randint(-20, 20, (2050,), generator=gen).float()  # every value repeats ~50 times
-    expected = torch.sort(values, descending=True).values[k - 1]
+    values = torch.randint(-20, 20, (1, 2050), generator=gen).float()  # every value repeats ~50 times
+    expected = torch.sort(values, descending=True).values[0, k - 1]
     assert kth_largest(values, torch.tensor([k])).item() == expected.item()
+
+
+def test_kth_largest_takes_each_rows_own_k():
+    """Rows with k on both sides of TOPK_MAX in one call: each row's own k-th value, whichever branch runs."""
+    from dia2_trt.export.graphs import TOPK_MAX, kth_largest
+
+    values = torch.randint(-20, 20, (4, 2050), generator=torch.Generator().manual_seed(5)).float()
+    ordered = torch.sort(values, dim=1, descending=True).values
+    for ks in ([1, 3, TOPK_MAX, 2], [1, TOPK_MAX + 1, 200, 2050]):
+        got = kth_largest(values, torch.tensor(ks))
+        assert got.shape == (4, 1)
+        assert got[:, 0].tolist() == [ordered[row, k - 1].item() for row, k in enumerate(ks)]
 
 
 def test_graphs_are_portable_onnx(tiny_artifacts):
@@ -187,7 +256,12 @@ def test_manifest_describes_the_artifacts(tiny_artifacts, tiny_checkpoint):
     assert set(manifest.source.files) == {"config.json", "model.safetensors"}
     backbone = manifest.graph("backbone")
     assert backbone.input(cache_name("k", 0)).shape[2] == CACHE_ROWS
-    assert backbone.dims == {CACHE_ROWS: manifest.cache_capacity}
+    n = manifest.max_streams
+    assert raw["max_streams"] == n == 8  # the build's default
+    assert backbone.dims == {STREAMS: n, STREAM_ROWS: 2 * n, CACHE_ROWS: manifest.cache_capacity}
+    assert backbone.input("tokens").shape[0] == STREAM_ROWS and backbone.input("position").shape == (STREAMS,)
+    assert manifest.graph("depformer").dims == {STREAMS: n, STREAM_ROWS: 2 * n}
+    assert manifest.graph("depformer").output("audio_tokens").shape == (STREAMS, manifest.audio_channels)
     assert {cache_name("v", i) for i in range(manifest.topology.n_layer)} <= {t.name for t in backbone.inputs}
     assert manifest.codec.samples_per_frame * manifest.codec.frame_rate == manifest.codec.sample_rate
     assert [p.input for p in manifest.graph("codec_decoder").state] and not manifest.graph("codec_encoder").state

@@ -53,3 +53,27 @@ def test_tensorrt_backend_speaks_the_same_greedy_tokens(artifacts_factory):
     trt = Dia2Runtime.load(art, backend=TrtBackend()).speak(text, params)
     assert np.array_equal(ort.tokens, trt.tokens)
     assert ort.timestamps == trt.timestamps
+
+
+def test_profiles_span_one_to_max_streams_for_every_graph(artifacts_factory):
+    """Every optimisation profile covers 1..N streams (opt N), 2..2N rows and 1..capacity cache rows,
+    for every graph of the artifacts (prefill and codec included): pure shapes, no TensorRT needed."""
+    from dia2_trt.export.tensorrt import axis_ranges, profile_shapes
+    from dia2_trt.runtime.artifacts import load_manifest
+    from dia2_trt.runtime.manifest import BACKBONE, CACHE_ROWS, DEPFORMER, STREAM_ROWS, STREAMS
+
+    manifest = load_manifest(artifacts_factory("default", 0, "fp32", prefix_frames=8))
+    n, capacity = manifest.max_streams, manifest.cache_capacity
+    assert n == 8  # the build's default
+    expected = {STREAMS: (1, n, n), STREAM_ROWS: (2, 2 * n, 2 * n), CACHE_ROWS: (1, capacity, capacity)}
+    seen = set()
+    for name, spec in manifest.graphs.items():
+        shapes = profile_shapes(spec.inputs, axis_ranges(manifest, spec), name)
+        assert set(shapes) == {t.name for t in spec.inputs if not t.static}, name
+        for tensor in spec.inputs:
+            for axis, dim in enumerate(tensor.shape):
+                if dim in expected:
+                    seen.add((name, dim))
+                    assert tuple(s[axis] for s in shapes[tensor.name]) == expected[dim], (name, tensor.name)
+    assert {(BACKBONE, STREAMS), (BACKBONE, STREAM_ROWS), (BACKBONE, CACHE_ROWS), (DEPFORMER, STREAMS),
+            (DEPFORMER, STREAM_ROWS)} <= seen

@@ -5,8 +5,8 @@ Each test runs a session A that ends badly on a runtime (NaN in its graph output
 mid-frame, a cancel, a poisoned state), then a session B on the same runtime, and requires B's
 tokens, timestamps and PCM bytes to be exactly those of B on a fresh runtime. The faults are
 injected by wrapping one binding of the pooled stepper (its graphs, cache and codec state), as a
-graph or device failure would show up. Before scrubbing on reset, B after a NaN-row session came out different: a step masks the
-rows past its length with weight exactly 0, and 0 * NaN is NaN.
+graph or device failure would show up. Before scrubbing on reset, B after a NaN-row session came
+out different: a step masks the rows past its length with weight exactly 0, and 0 * NaN is NaN.
 """
 
 from __future__ import annotations
