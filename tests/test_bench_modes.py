@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from dia2_trt.benchmarks.harness import Contender, roofline, summarize, weight_elements_per_frame
-from dia2_trt.benchmarks.streams import scripts
+from dia2_trt.benchmarks.streams import load_runtime, scripts
 from dia2_trt.runtime import GenerationParams
 from dia2_trt.runtime.artifacts import load_manifest
 from dia2_trt.runtime.cli import main
@@ -85,7 +85,7 @@ def test_streams_run_together_on_one_runtime(artifacts, tmp_path):
     assert done.exit_code == 0, done.stderr
     result = json.loads((out / "streams_bench.json").read_text())
     assert result["frame_rate"] == 12.5 and result["settings"]["streams"] == [1, 2]
-    assert result["max_streams"] == 1  # the fixture's graphs have no stream axis: sessions side by side
+    assert result["max_streams"] == 2  # batched: the largest count, within the fixture's 8
     for n, row in zip((1, 2), result["counts"]):
         assert row["streams"] == n
         (run,) = row["raw"]
@@ -103,6 +103,14 @@ def test_streams_run_together_on_one_runtime(artifacts, tmp_path):
     table = (out / "streams_bench.md").read_text()
     assert "| 1 | " in table and "| 2 | " in table and "TTFA p99 ms" in table
     assert (out / "streams.png").read_bytes().startswith(PNG)
+
+
+def test_streams_batch_within_the_artifacts_maximum(artifacts):
+    rt, batch = load_runtime(str(artifacts), 12, "onnxruntime", 1)
+    try:
+        assert batch == rt.max_streams == load_manifest(artifacts, verify=False).max_streams == 8
+    finally:
+        rt.close()
 
 
 def test_streams_get_different_scripts_that_fit(runtime):
