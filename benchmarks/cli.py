@@ -56,7 +56,8 @@ from .report import markdown, plot
 @click.option("--positions", "positions_arg", metavar="P,P,...",
               help="Instead: ms per frame at these KV-cache positions (e.g. 0,375,750,1125,1500), per component "
                    "(backbone step, depformer frame, codec decode), for every --artifacts: --frames timed frames per "
-                   "position after --warmup-frames, in --repeats rounds (writes positions_bench.*).")
+                   "position after --warmup-frames, in --repeats rounds; with --streams, every count's streams "
+                   "stepped together at each position (writes positions_bench.*).")
 @click.option("--streams", "streams_arg", metavar="N,N,...",
               help="Instead: N sessions from N threads on one runtime, different scripts started together, for "
                    "each N (e.g. 1,2,4,8): aggregate frames/s, per-stream ms/frame, real-time streams, time to "
@@ -67,7 +68,7 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
     the memory-bandwidth roofline, for each contender in its own worker process."""
     modes = [name for name, on in (("--prefix", prefix), ("--positions", positions_arg), ("--streams", streams_arg))
              if on]
-    if len(modes) > 1:
+    if prefix and len(modes) > 1:
         raise click.ClickException(f"{' and '.join(modes)} are separate benchmarks: run one at a time")
     check_bench_outputs(Path(out), PREFIX_FILES if prefix else POSITIONS_FILES if positions_arg
                         else STREAMS_FILES if streams_arg else BENCH_FILES)
@@ -84,7 +85,7 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
         settings = ModeSettings(list(artifacts), (backends or BACKENDS)[0], threads, frames, repeats, warmup_frames,
                                 seed, Path(out), not no_plots)
         if positions_arg:
-            _positions_bench(positions_arg, settings)
+            _positions_bench(positions_arg, streams_arg, settings)
         else:
             _streams_bench(streams_arg, settings)
         return
@@ -133,18 +134,21 @@ class ModeSettings:
     plots: bool
 
 
-def _positions_bench(arg: str, s: ModeSettings) -> None:
-    from . import positions
+def _positions_bench(arg: str, streams_arg: str | None, s: ModeSettings) -> None:
+    from . import positions, streams
 
     try:
         wanted = positions.parse_positions(arg)
+        counts = streams.parse_streams(streams_arg) if streams_arg else [1]
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     result = positions.run_positions_bench(s.artifacts, wanted, s.frames, s.repeats, s.warmup_frames, s.backend,
-                                           s.threads, s.seed, _echo)
+                                           s.threads, s.seed, tuple(counts), _echo)
     if not any(a["positions"] for a in result["artifacts"]):
-        raise click.ClickException("no position fits these artifacts' caches: "
-                                   + "; ".join(f"{a['name']}: {a['cache_capacity']} rows" for a in result["artifacts"]))
+        reasons = [f"{a['name']}: {a['cache_capacity']} rows" for a in result["artifacts"]]
+        reasons += [f"{k['artifacts']}: {k['reason']}" for k in result["skipped_streams"]]
+        raise click.ClickException("nothing to measure: no position fits these artifacts' caches or no stream "
+                                   "count their graphs: " + "; ".join(reasons))
     _write_mode(s, "positions_bench", result, positions.markdown(result),
                 lambda: positions.plot(result, s.out / "positions.png", save_png))
 

@@ -36,7 +36,6 @@ from dia2_trt.runtime.step import BackboneCall, DecodeCall, DepformerCall, Frame
 from .harness import COMPONENTS, machine_info, spread
 
 _FILL_ROWS = 64  # random K/V written this many rows at a time: one small block reused, not a cache-sized array
-_SLOT = 0  # the one stream's slot
 
 
 def parse_positions(text: str) -> list[int]:
@@ -51,19 +50,27 @@ def parse_positions(text: str) -> list[int]:
 
 
 def run_positions_bench(artifacts: list[str], positions: list[int], frames: int, rounds: int, warmup: int,
-                        backend: str, threads: int | None, seed: int = 0,
+                        backend: str, threads: int | None, seed: int = 0, streams: tuple[int, ...] = (1,),
                         echo: Callable[[str], None] = lambda msg: None) -> dict:
-    runs = []
+    """One entry per (artifacts, stream count) in ``artifacts``; counts past an artifact's max_streams are
+    listed under ``skipped_streams``."""
+    runs, skipped = [], []
     for directory in artifacts:
         echo(f"loading {directory}")
-        # bench's caller verified the files; one stream per session: no batch engine is built
+        # bench's caller verified the files; no batch engine: the steppers are driven here
         rt = Dia2Runtime.load(directory, backend, threads, verify=False, max_streams=1)
-        runs.append(_measure(rt, directory, positions, _Plan(frames, rounds, warmup), seed, echo))
+        most = getattr(rt.manifest, "max_streams", 1)
+        for n in streams:
+            if n > most:
+                skipped.append({"artifacts": Path(directory).name, "streams": n,
+                                "reason": f"these graphs step at most {most} streams"})
+                continue
+            runs.append(_measure(rt, directory, positions, _Plan(frames, rounds, warmup, n), seed, echo))
         del rt  # one artifact's graphs in memory at a time
     return {"machine": machine_info(), "settings": {"positions": positions, "frames": frames, "rounds": rounds,
-                                                    "warmup": warmup, "backend": backend, "threads": threads,
-                                                    "seed": seed},
-            "artifacts": runs}
+                                                    "warmup": warmup, "streams": list(streams), "backend": backend,
+                                                    "threads": threads, "seed": seed},
+            "artifacts": runs, "skipped_streams": skipped}
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class _Plan:
     frames: int  # timed runs per position per round
     rounds: int  # walks over every position from a fresh state
     warmup: int  # untimed runs before each position's timed ones
+    streams: int = 1  # streams stepped in each call, every one at the same position
 
 
 def _measure(rt: Dia2Runtime, directory: str, positions: list[int], plan: _Plan, seed: int,
@@ -84,27 +92,31 @@ def _measure(rt: Dia2Runtime, directory: str, positions: list[int], plan: _Plan,
     rng = np.random.default_rng(seed)
     times = {p: {c: [] for c in COMPONENTS} for p in usable}
     rows_read: dict[int, int] = {}
-    stepper = rt.solo.take()
+    # One stream: the pooled stepper a session gets. More: a batch of that many slots, as the engine's.
+    stepper = rt.solo.take() if plan.streams == 1 else FrameStepper(m, rt.bind, plan.streams)
+    slots = range(plan.streams)
     try:
         for r in range(plan.rounds):
             stepper.restart()
-            probe, rows = _CodecProbe(stepper, m.audio_channels, m.codec.codebook_size, rng), 0
+            probe, rows = _CodecProbe(stepper, slots, m.audio_channels, m.codec.codebook_size, rng), 0
             for p in usable:
-                rows = _fill(stepper, rows, p + 1, rng)
-                echo(f"{Path(directory).name}: round {r + 1}/{plan.rounds}, position {p}")
-                for c, seconds in _at_position(rt, stepper, probe, p, plan, rng).items():
+                rows = _fill(stepper, slots, rows, p + 1, rng)
+                echo(f"{Path(directory).name} x{plan.streams}: round {r + 1}/{plan.rounds}, position {p}")
+                for c, seconds in _at_position(rt, stepper, slots, probe, p, plan, rng).items():
                     times[p][c] += seconds
                 rows_read[p] = _rows_read(stepper)
     finally:
-        rt.solo.give_back(stepper)  # the next session restarts it
+        if plan.streams == 1:
+            rt.solo.give_back(stepper)  # the next session restarts it
     measured = [_row(p, rows_read[p], times[p]) for p in usable]
     for row in measured:  # the backbone's own ratio too: the only part that depends on the position
         row["over_first"] = row["frame_seconds"] / measured[0]["frame_seconds"]
         row["backbone_over_first"] = (row["seconds"]["backbone"]["median"]
                                       / measured[0]["seconds"]["backbone"]["median"])
+        row["frame_seconds_per_stream"] = row["frame_seconds"] / plan.streams
     return {"name": Path(directory).name, "source": str(directory), "precision": m.precision,
-            "cache_capacity": m.cache_capacity, "frame_rate": m.frame_rate, "positions": measured,
-            "skipped": skipped}
+            "streams": plan.streams, "cache_capacity": m.cache_capacity, "frame_rate": m.frame_rate,
+            "positions": measured, "skipped": skipped}
 
 
 def _row(p: int, rows_read: int, times: dict[str, list[float]]) -> dict:
@@ -112,9 +124,9 @@ def _row(p: int, rows_read: int, times: dict[str, list[float]]) -> dict:
             "frame_seconds": sum(float(np.median(v)) for v in times.values())}
 
 
-def _fill(stepper: FrameStepper, done: int, rows: int, rng: np.random.Generator) -> int:
-    """Cache rows done..rows-1 get random K/V; returns ``rows``. One block of _FILL_ROWS rows is drawn once
-    per call and written repeatedly: the values matter to no timing, only that they are finite."""
+def _fill(stepper: FrameStepper, slots: range, done: int, rows: int, rng: np.random.Generator) -> int:
+    """Every slot's cache rows done..rows-1 get random K/V; returns ``rows``. One block of _FILL_ROWS rows
+    is drawn once per call and written repeatedly: the values matter to no timing, only that they are finite."""
     if rows <= done:
         return done
     c = stepper.cache
@@ -122,24 +134,26 @@ def _fill(stepper: FrameStepper, done: int, rows: int, rng: np.random.Generator)
                                 dtype=np.float32).astype(c.dtype, copy=False)
     for start in range(done, rows, _FILL_ROWS):
         part = block[..., : min(_FILL_ROWS, rows - start), :]
-        stepper.write_rows(_SLOT, start, part, part)
+        for slot in slots:
+            stepper.write_rows(slot, start, part, part)
     return rows
 
 
-def _at_position(rt: Dia2Runtime, stepper: FrameStepper, probe: _CodecProbe, p: int, plan: _Plan,
+def _at_position(rt: Dia2Runtime, stepper: FrameStepper, slots: range, probe: _CodecProbe, p: int, plan: _Plan,
                  rng: np.random.Generator) -> dict[str, list[float]]:
-    """``plan.frames`` timed frames at position ``p`` after ``plan.warmup`` untimed: seconds per component."""
+    """``plan.frames`` timed frames at position ``p`` after ``plan.warmup`` untimed: seconds per component
+    (each one call for every slot)."""
     m, params = rt.manifest, GenerationParams()
-    step = {_SLOT: BackboneCall(_start_tokens(rt), p, p)}
+    step = {slot: BackboneCall(_start_tokens(rt), p, p) for slot in slots}
     text = (m.token_ids.pad, m.token_ids.pad)
     times: dict[str, list[float]] = {c: [] for c in COMPONENTS}
     probe.advance_to(p)
     for i in range(plan.warmup + plan.frames):
         began = time.perf_counter()
-        out = stepper.backbone_step(step)[_SLOT]
+        out = stepper.backbone_step(step)
         backbone = time.perf_counter() - began
-        frame = {_SLOT: DepformerCall(out.hidden, out.cb0_logits, text, rng.random(m.audio_channels, np.float32),
-                                      params)}
+        frame = {slot: DepformerCall(out[slot].hidden, out[slot].cb0_logits, text,
+                                     rng.random(m.audio_channels, np.float32), params) for slot in slots}
         began = time.perf_counter()
         stepper.depformer_frame(frame)
         depformer = time.perf_counter() - began
@@ -165,23 +179,27 @@ def _rows_read(stepper: FrameStepper) -> int:
 
 
 class _CodecProbe:
-    """One decoder stream, advanced through random codes, whose frames are timed at the positions asked."""
+    """The slots' decoder streams, advanced through random codes, whose frames are timed at the positions
+    asked (one ``decode`` call for every slot: batched where the codec graph has a stream axis)."""
 
-    def __init__(self, stepper: FrameStepper, channels: int, codebook: int, rng: np.random.Generator) -> None:
-        self.stepper, self.frames, self._channels, self._codebook, self._rng = stepper, 0, channels, codebook, rng
+    def __init__(self, stepper: FrameStepper, slots: range, channels: int, codebook: int,
+                 rng: np.random.Generator) -> None:
+        self.stepper, self.slots, self.frames = stepper, slots, 0
+        self._channels, self._codebook, self._rng = channels, codebook, rng
 
-    def _call(self) -> dict[int, DecodeCall]:
-        return {_SLOT: DecodeCall(self._rng.integers(0, self._codebook, self._channels, dtype=np.int64))}
+    def _calls(self) -> dict[int, DecodeCall]:
+        return {slot: DecodeCall(self._rng.integers(0, self._codebook, self._channels, dtype=np.int64))
+                for slot in self.slots}
 
     def advance_to(self, frame: int) -> None:
         while self.frames < frame:
-            self.stepper.decode(self._call())
+            self.stepper.decode(self._calls())
             self.frames += 1
 
     def decode_one(self) -> float:
-        call = self._call()
+        calls = self._calls()
         began = time.perf_counter()
-        self.stepper.decode(call)
+        self.stepper.decode(calls)
         self.frames += 1
         return time.perf_counter() - began
 
@@ -193,17 +211,21 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"ms per frame at each cache position ({s['backend']}; median of {s['frames']} frames x "
              f"{s['rounds']} rounds over the positions, {s['warmup']} untimed before each; "
-             f"frame = backbone + depformer + codec medians, host work excluded).", "",
-             "| artifacts | position | cache rows read | backbone ms | depformer ms | codec ms | frame ms "
-             "| frame vs first | backbone vs first |", "|---|---|---|---|---|---|---|---|---|"]
+             f"frame = backbone + depformer + codec medians, host work excluded; with several streams, every "
+             f"stream at the position, one call per graph for all).", "",
+             "| artifacts | streams | position | cache rows read | backbone ms | depformer ms | codec ms | frame ms "
+             "| ms per stream | frame vs first | backbone vs first |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in result["artifacts"]:
         for row in a["positions"]:
             parts = " | ".join(f"{row['seconds'][c]['median'] * 1e3:.3g}" for c in COMPONENTS)
-            lines.append(f"| {a['name']} ({a['precision']}) | {row['position']} | {row['cache_rows_read']} "
-                         f"| {parts} | {row['frame_seconds'] * 1e3:.3g} | {row['over_first']:.2f}x "
+            lines.append(f"| {a['name']} ({a['precision']}) | {a['streams']} | {row['position']} "
+                         f"| {row['cache_rows_read']} | {parts} | {row['frame_seconds'] * 1e3:.3g} "
+                         f"| {row['frame_seconds_per_stream'] * 1e3:.3g} | {row['over_first']:.2f}x "
                          f"| {row['backbone_over_first']:.2f}x |")
-    skipped = [f"- {a['name']}: position {s['position']} skipped, {s['reason']}"
+    skipped = [f"- {a['name']} x{a['streams']}: position {s['position']} skipped, {s['reason']}"
                for a in result["artifacts"] for s in a["skipped"]]
+    skipped += [f"- {s['artifacts']}: {s['streams']} streams skipped, {s['reason']}"
+                for s in result.get("skipped_streams", [])]
     return "\n".join(lines + ([""] + skipped if skipped else [])) + "\n"
 
 
@@ -225,7 +247,7 @@ def plot(result: dict, path: Path, save: Callable[[Path, object], None]) -> None
         ax.set_xlabel("cache position (frames)")
         ax.set_ylabel("ms (median)")
         ax.set_ylim(0, 1.3 * max(row["frame_seconds"] * 1e3 for row in a["positions"]))  # room for the legend
-        ax.set_title(f"{a['name']} ({a['precision']})")
+        ax.set_title(f"{a['name']} ({a['precision']}), {a['streams']} stream{'s' if a['streams'] > 1 else ''}")
         ax.legend(fontsize=8, ncol=4, loc="upper center")
     fig.tight_layout()
     save(path, fig)

@@ -58,7 +58,7 @@ def test_positions_measure_each_component_at_each_position(artifacts, tmp_path):
     assert last["backbone_over_first"] == pytest.approx(
         last["seconds"]["backbone"]["median"] / run["positions"][0]["seconds"]["backbone"]["median"])
     table = (out / "positions_bench.md").read_text()
-    assert "| tiny-artifacts (fp32) | 208 | 209 |" in table and "position 500 skipped" in table
+    assert "| tiny-artifacts (fp32) | 1 | 208 | 209 |" in table and "position 500 skipped" in table
     assert (out / "positions.png").read_bytes().startswith(PNG)
     assert "| backbone ms |" in done.stdout
 
@@ -70,9 +70,26 @@ def test_positions_refused_in_one_line(artifacts, tmp_path):
     error = _one_line_error(_bench("--artifacts", str(artifacts), "--positions", "900", "--no-plots",
                                    "--out", str(out)))
     assert "no position fits" in error and "209 rows" in error
+    error = _one_line_error(_bench("--artifacts", str(artifacts), "--positions", "0", "--streams", "9",
+                                   "--no-plots", "--out", str(out)))
+    assert "at most 8 streams" in error
     assert "run one at a time" in _one_line_error(
-        _bench("--artifacts", str(artifacts), "--positions", "0", "--streams", "1", "--out", str(out)))
+        _bench("--artifacts", str(artifacts), "--positions", "0", "--prefix", "--out", str(out)))
     assert not out.exists()  # nothing written by a refused run
+
+
+def test_positions_with_several_streams_step_them_together(artifacts, tmp_path):
+    out = tmp_path / "pos"
+    done = _bench("--artifacts", str(artifacts), "--positions", "0,150", "--streams", "1,3", "--frames", "2",
+                  "--repeats", "1", "--warmup-frames", "1", "--no-plots", "--out", str(out))
+    assert done.exit_code == 0, done.stderr
+    result = json.loads((out / "positions_bench.json").read_text())
+    assert [(a["name"], a["streams"]) for a in result["artifacts"]] == [("tiny-artifacts", 1), ("tiny-artifacts", 3)]
+    for a in result["artifacts"]:
+        assert [row["position"] for row in a["positions"]] == [0, 150]
+        for row in a["positions"]:
+            assert row["frame_seconds_per_stream"] == pytest.approx(row["frame_seconds"] / a["streams"])
+    assert "| tiny-artifacts (fp32) | 3 | 150 |" in (out / "positions_bench.md").read_text()
 
 
 # --- --streams ------------------------------------------------------------------------------------
