@@ -211,8 +211,8 @@ class Session:
     def cancel(self) -> None:
         """Stop at the next frame (safe from another thread) and free this session's state."""
         self._cancelled = True
-        if self._lane is not None:  # the engine ends it before its next frame
-            self._lane.wake()
+        if self._lane is not None:  # the engine ends it before its next frame, and frees its slot
+            self._lane.cancel()
             return
         if self._lock.acquire(blocking=False):  # not mid-frame: end the loop now
             try:

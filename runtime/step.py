@@ -131,7 +131,7 @@ class FrameStepper:
         if self._sizes.get(id(self.backbone)) != s:
             self._size(self.backbone, s)
             self._laid_out = 0  # set_dims dropped the bound cache: bind it again at the new size
-        if not self.backbone.resizable:  # a device cache at its bound, bound once: only rows are written
+        if getattr(self.backbone, "device_inputs", False):  # bound once on the device: only rows are written
             if not self._cache_rows:
                 self._bind_cache(self.streams)
             self._laid_out, self._cache_rows = s, self.cache.rows
