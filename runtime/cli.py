@@ -171,7 +171,12 @@ class _ProgressBar:
 
 
 def _summary(result) -> None:
-    first = f"{result.first_audio_seconds:.2f}s" if result.first_audio_seconds is not None else "n/a"
+    first = "n/a"
+    if result.first_audio_seconds is not None:
+        # in frame-times too: the part of first audio that is the codebook delays, not a slow frame
+        frame = result.wall_seconds / result.frames if result.frames else 0.0
+        first = f"{result.first_audio_seconds * 1e3:.0f} ms" + (
+            f" ({result.first_audio_seconds / frame:.1f} frame-times)" if frame > 0 else "")
     click.echo(f"{result.audio_seconds:.2f}s audio in {result.wall_seconds:.2f}s wall "
                f"(RTF {result.real_time_factor:.3f}), first audio after {first}"
                + (" [truncated]" if result.truncated else ""), err=True)
