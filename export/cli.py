@@ -62,17 +62,20 @@ def main() -> None:
               type=click.IntRange(1, MAX_STREAMS_LIMIT),
               help="Most streams one graph call serves (the runtime batches up to this many; "
                    "--from-artifacts keeps the source's).")
+@click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="The KV cache's dtype (default: the precision's own). float16 halves what B streams' "
+                   "caches hold; the attention still runs in fp32.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing artifact directory (never a directory without a dia2-trt manifest).")
 @click.option("--verbose", is_flag=True, help="Show the exporters' own logs and warnings too.")
-def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, prefix_frames, max_streams, overwrite,
-          verbose):
+def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, prefix_frames, max_streams, cache_dtype,
+          overwrite, verbose):
     """Export the backbone, depformer and codec graphs with a manifest."""
     from .build import build_artifacts, check_request, quantize_artifacts
     from .console import BuildProgress, quiet_descriptors
 
     options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite,
-                           block_size=block_size, max_streams=max_streams)
+                           block_size=block_size, max_streams=max_streams, cache_dtype=cache_dtype)
     if from_artifacts:
         if size or checkpoint:
             fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")
