@@ -8,12 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import FIXTURE
 from dia2_trt.export.artifact_dir import BuildError
 from dia2_trt.export.build import BuildOptions, _cache_dtype, check_request
 from dia2_trt.export.manifest import write_manifest
 from dia2_trt.runtime import Dia2Runtime, GenerationParams
 from dia2_trt.runtime.artifacts import load_manifest
+
+from conftest import FIXTURE
 
 GREEDY = GenerationParams(text_temperature=0.0, audio_temperature=0.0)
 SCRIPT = "[S1] Hello there, how are you? [S2] I am fine, thanks."

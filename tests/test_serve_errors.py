@@ -77,7 +77,7 @@ def _still_serving(server, expected: bytes) -> None:
 BAD_BODIES = {
     "empty input": (speech_body(""), 400, "input"),
     "blank input": (speech_body("   "), 400, "input"),
-    "unknown tag": (speech_body("[S3] Hello there."), 400, "input"),
+    "unknown speaker tag": (speech_body("[S3] Hello there."), 400, "input"),
     "unknown tag": (speech_body("[S1] Hi <laugh> there."), 400, "input"),
     "unknown voice": (speech_body(TEXT, voice="bob"), 400, "voice"),
     "unknown voice 2": (speech_body(TEXT, voice_2="nobody"), 400, "voice_2"),
