@@ -20,9 +20,13 @@ from dia2_trt.runtime.cli_common import (
     read_script,
 )
 from dia2_trt.runtime.files import AUDIO_FORMATS, audio_writer, write_atomic, write_together
+from dia2_trt.runtime.manifest import FLOAT_PRECISIONS, WEIGHT_ONLY_PRECISIONS
 
-from .build import BUILD_PRECISIONS, DEFAULT_OPSET, BuildOptions
-
+# torch, transformers and onnx load only inside the commands (export.build and below): `-h` and a
+# mistyped option took 6-26 s before, importing them just to print text. The two build constants the
+# options show are repeated here for that reason; tests/test_first_minutes.py keeps them equal.
+BUILD_PRECISIONS = FLOAT_PRECISIONS + WEIGHT_ONLY_PRECISIONS
+DEFAULT_OPSET = 23
 SIZES = ("tiny", "1B", "2B")
 
 
@@ -32,6 +36,17 @@ def _checkpoint_files(size: str | None, checkpoint: str | None):
     if (size is None) == (checkpoint is None):
         fail("give exactly one of --size or --checkpoint")
     return resolve_checkpoint(size=size, checkpoint=checkpoint)
+
+
+def _hub_offline(size: str | None) -> bool:
+    """A hub size (1B/2B) while the hub cannot be reached (or HF_HUB_OFFLINE): resolving reads the cache only."""
+    if size is None or size.lower() == "tiny":
+        return False
+    from huggingface_hub import constants
+
+    from dia2_trt.models.sources import hub_unreachable
+
+    return bool(constants.HF_HUB_OFFLINE) or hub_unreachable() is not None
 
 
 def _source_options(fn):
@@ -62,14 +77,17 @@ def main() -> None:
 @click.option("--verbose", is_flag=True, help="Show the exporters' own logs and warnings too.")
 def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, prefix_frames, overwrite, verbose):
     """Export the backbone, depformer and codec graphs with a manifest."""
-    from .build import build_artifacts, check_request, quantize_artifacts
+    if from_artifacts and (size or checkpoint):
+        fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")
+    # Offline, a hub checkpoint can only come from the cache: look there before the seconds of
+    # importing torch, so "not in the cache" is the first thing said, not the last.
+    early = _checkpoint_files(size, checkpoint) if not from_artifacts and _hub_offline(size) else None
+    from .build import BuildOptions, build_artifacts, check_request, quantize_artifacts
     from .console import BuildProgress, quiet_descriptors
 
     options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite,
                            block_size=block_size)
     if from_artifacts:
-        if size or checkpoint:
-            fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")
         with quiet_descriptors(verbose) as console:
             progress = BuildProgress(console)
             manifest = quantize_artifacts(Path(from_artifacts), Path(out), options, progress=progress)
@@ -77,7 +95,7 @@ def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, p
         click.echo(str(out))
         return
     check_request(Path(out), options)  # before resolving the checkpoint, which may download it
-    files = _checkpoint_files(size, checkpoint)
+    files = early or _checkpoint_files(size, checkpoint)
     with quiet_descriptors(verbose) as console:
         progress = BuildProgress(console)
         manifest = build_artifacts(files, Path(out), options, progress=progress)
