@@ -140,6 +140,7 @@ def validate(artifacts, size, checkpoint, mimi, tokenizer, steps, codec_frames, 
                                 echo=lambda msg: click.echo(msg, err=True))
     _write_atomic(path, json.dumps(result, indent=1) + "\n")
     click.echo(f"report: {path}", err=True)
+    _verdict(result["passed"], f"{artifacts} vs PyTorch", ", ".join(result["failures"]))
     if not result["passed"]:
         fail("validation failed: " + ", ".join(result["failures"]))
 
@@ -180,6 +181,7 @@ def _accuracy(artifacts: Path, against: Path, script_file, report, steps: int | 
         click.echo(line, err=True)
     _write_atomic(path, json.dumps(result, indent=1) + "\n")
     click.echo(f"report: {path}", err=True)
+    _verdict(result["passed"], f"{result['precision']} {artifacts} vs fp32 {against}", "; ".join(result["failures"]))
     if not result["passed"]:
         fail("accuracy below the thresholds: " + "; ".join(result["failures"]))
 
@@ -224,6 +226,11 @@ def reference(size, checkpoint, mimi, tokenizer, input_file, temperature, top_k,
         items.append((outputs["--out"], audio_writer(outputs["--out"], pcm, rate)))
     write_together(items)
     click.echo(f"{result.frames} frames, {result.tokens.shape[1]} aligned", err=True)
+
+
+def _verdict(passed: bool, what: str, failures: str) -> None:
+    """The one line a script or a person looks for, on stdout (the progress and details are on stderr)."""
+    click.echo(f"PASS: {what}" if passed else f"FAIL: {what}: {failures}")
 
 
 def _check_report(path: Path, artifact_dirs, default: str, protected=(), inputs=()) -> None:
