@@ -112,7 +112,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     _write_outputs(outputs, result, runtime.sample_rate)
     if not quiet:
         _summary(result)
-        _noise_note(runtime.manifest.source, result.pcm)
+        _noise_note(runtime.manifest.source, result)
 
 
 def _generate(session, to_stdout: bool):
@@ -172,9 +172,10 @@ def _audio_writer(path: Path, pcm, rate: int):
     return lambda tmp: Path(tmp).write_bytes(data)
 
 
-def _noise_note(source, pcm) -> None:
+def _noise_note(source, result) -> None:
     """Say so when the audio is noise because the weights are random: a new user's first WAV (the tiny
     checkpoint, README step 1) has a quarter of its samples at full scale and sounds broken otherwise."""
+    pcm = result.pcm
     clipped = float(np.mean(np.abs(pcm) >= 0.999)) if len(pcm) else 0.0
     tiny = _random_checkpoint(source)
     if tiny or clipped >= 0.05:
