@@ -352,7 +352,7 @@ def test_cli_raw_pcm_from_stdin(built, runtimes):
     (["speak", "[S1] hi", "--top-k", "-1"], "--top-k"),
     (["speak", "[S1] hi", "--temperature", "-1"], "--temperature"),
     (["speak", "[S1] hi", "--threads", "0"], "--threads"),
-    (["speak", "[S1] hi", "--out", "x.mp3"], "unknown audio format"),
+    (["speak", "[S1] hi", "--out", "x.aac"], "unknown audio format"),
     (["speak", "--input", "missing.txt"], "cannot read"),
     (["speak", "[S1] hi", "--input", "missing.txt"], "not both"),
     (["speak", "[S1] hi", "--artifacts", "missing-dir"], "artifact directory not found"),
