@@ -111,7 +111,7 @@ class FrameStepper:
 
     def _run(self, binding: Binding, s: int, feeds: dict) -> dict:
         """Run ``binding`` on S = ``s`` streams' feeds, each shaped as the graph takes it at that size
-        (artifacts made before the stream axis take one stream, in their own shapes)."""
+        (a codec decoder without a stream axis takes one stream's codes as [1, Q, 1])."""
         spec, dims = binding.spec, {**binding.spec.dims, STREAMS: s, STREAM_ROWS: BRANCHES * s}
         shaped = {name: np.reshape(value, spec.input(name).bounded(dims).static_shape)
                   for name, value in feeds.items()}
