@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FIXTURE
 from dia2_trt.runtime import Dia2Runtime, GenerationParams
 from dia2_trt.runtime import session as session_module
+
+from conftest import FIXTURE
 
 DATA = FIXTURE.parent
 
