@@ -63,11 +63,11 @@ class Lane:
     def wake(self) -> None:
         self.engine.wake(self)
 
-    def cancel(self) -> None:
-        """End at the next frame; from any thread but the engine's, wait for that (a frame at most),
-        so the session's state and slot are free when ``Session.cancel`` returns."""
+    def cancel(self, wait: bool = True) -> None:
+        """End at the next frame; with ``wait``, from any thread but the engine's, wait for that (a
+        frame at most), so the session's state and slot are free when ``Session.cancel`` returns."""
         self.engine.cancel(self)
-        if threading.current_thread() is not self.engine.thread:
+        if wait and threading.current_thread() is not self.engine.thread:
             self.over.wait(CANCEL_WAIT_SECONDS)
 
     def put(self, item: object) -> None:
