@@ -61,14 +61,17 @@ def free_port() -> int:
 class ServerProcess:
     """``dia2-rt serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, artifacts: Path, workers: int, max_queue: int, *extra: str) -> None:
+    def __init__(self, artifacts: Path, workers: int, max_queue: int, *extra: str,
+                 max_streams: int | None = None) -> None:
+        """``max_streams``: serve that many streams as one batch (``--max-streams``) instead of
+        ``workers`` streams each stepped alone."""
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         code = "from dia2_trt.runtime.cli import main; main()"
+        slots = ["--max-streams", str(max_streams)] if max_streams else ["--workers", str(workers)]
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--artifacts", str(artifacts), "--port", str(self.port),
-             "--workers", str(workers), "--max-queue", str(max_queue), "--threads", "1",
-             "--log-level", "warning", *extra],
+             *slots, "--max-queue", str(max_queue), "--threads", "1", "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, seconds: float = 120.0) -> ServerProcess:
