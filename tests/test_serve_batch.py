@@ -202,3 +202,53 @@ def test_an_unbatched_runtime_reports_one_stream_and_no_engine_figures(solo):
         text = httpx.get(f"{live.url}/metrics").text
     assert (health["workers"], health["max_streams"]) == (2, 1)
     assert "dia2_engine_" not in text and "dia2_requests_total" in text
+
+
+def test_the_demo_at_slash_demo_shares_the_apis_batch(runtime, solo):
+    """``serve --demo``: the Gradio page's /speak and an API request step on one engine, the runtime's."""
+    pytest.importorskip("gradio", reason="needs the [demo] extra")
+    gradio_client = pytest.importorskip("gradio_client", reason="needs the [demo] extra")
+    import soundfile as sf
+
+    from dia2_trt.runtime import GenerationParams
+    from dia2_trt.runtime.serve.app import create_app
+    from dia2_trt.runtime.serve.command import _mount_demo
+
+    from serve_support import live_server
+
+    app = create_app([runtime] * runtime.max_streams)
+    out_dir = _mount_demo(app, [runtime] * runtime.max_streams, [])
+    engine = runtime.engine
+    expected = solo.speak(SCRIPTS[0], GenerationParams.from_options(seed=5))
+    with live_server(app) as live:
+        before = engine.stats()
+        client = gradio_client.Client(f"{live.url}/demo/", verbose=False)
+        wav = client.predict(SCRIPTS[0], 5, None, 2.0, api_name="/speak")
+        after_demo = engine.stats()
+        response = httpx.post(f"{live.url}/v1/audio/speech", json=speech_body(SCRIPTS[0], seed=5), timeout=60)
+        after_api = engine.stats()
+        scraped = load_metrics(httpx.get(f"{live.url}/metrics").text)
+    assert not out_dir.exists()  # the app's shutdown removed the demo's WAVs
+    samples, rate = sf.read(wav, dtype="int16")  # gradio_client's own copy
+    assert rate == runtime.sample_rate and samples.tobytes() == pcm16(expected.pcm)
+    assert response.status_code == 200 and response.content == pcm16(expected.pcm)
+    # Each request's frames were stepped by the API's engine: both its counters moved by at least
+    # that request's frames, and /metrics reads that same engine.
+    assert after_demo.streams_stepped - before.streams_stepped >= expected.frames
+    assert after_api.streams_stepped - after_demo.streams_stepped >= expected.frames
+    assert scraped["dia2_engine_frames_total"] >= after_api.frames
+
+
+def load_metrics(text: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_demo_with_an_api_key_is_a_usage_error(artifacts):
+    from click.testing import CliRunner
+
+    from dia2_trt.runtime.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--artifacts", str(artifacts), "--demo", "--api-key", "k" * 20,
+                                       "--port", "1"])
+    assert result.exit_code == 2 and "--demo" in result.output and "Traceback" not in result.output
