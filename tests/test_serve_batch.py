@@ -252,3 +252,11 @@ def test_demo_with_an_api_key_is_a_usage_error(artifacts):
     result = CliRunner().invoke(main, ["serve", "--artifacts", str(artifacts), "--demo", "--api-key", "k" * 20,
                                        "--port", "1"])
     assert result.exit_code == 2 and "--demo" in result.output and "Traceback" not in result.output
+
+
+def test_max_streams_loads_one_batched_runtime_for_every_slot(artifacts):
+    from dia2_trt.runtime.serve.command import _load
+
+    slots = _load(str(artifacts), 2, 4, "onnxruntime", 1)  # --max-streams replaces --workers
+    assert len(slots) == 4 and all(slot is slots[0] for slot in slots)
+    assert slots[0].max_streams == 4 and slots[0].engine.stats().slots == 4
