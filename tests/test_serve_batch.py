@@ -171,7 +171,9 @@ async def _full_then_freed(server) -> dict:
         out["engine_after"] = engine(server)
     finally:
         for ws in holders[1:]:
-            ws.transport.abort()  # (a close handshake mid-stream waits out the client's close_timeout)
+            # Aborted, not closed: these clients never read their audio, so their own read backpressure
+            # would hide the server's close reply and each close would wait out close_timeout (10 s).
+            ws.transport.abort()
     return out
 
 
