@@ -2,6 +2,7 @@
 
     python -m dia2_trt.benchmarks.serve_load --artifacts DIR [--workers 2] [--max-queue 6] [--clients 32]
         [--rounds 3] [--disconnects 50] [--rss-requests 300] [--out serve-load.json]
+    python -m dia2_trt.benchmarks.serve_load --artifacts DIR --compare-batched 8 [--workers 2] [--clients 32]
 
 Starts the real server (a subprocess on a free loopback port), then:
 
@@ -17,6 +18,11 @@ Starts the real server (a subprocess on a free loopback port), then:
 4. ``/healthz`` latency while ``--flood-clients`` clients post 1 MiB JSON bodies in a loop (a
    second server, taking 2 MiB bodies so each one is read, decoded and checked): the event
    loop must stay free for everything else while requests are parsed.
+
+With ``--compare-batched N`` only step 1 runs, on two servers up side by side: ``--workers W``
+(each stream stepped alone, today's default) and ``--max-streams N`` (every stream of the batch in
+one graph call per frame), their bursts alternating; it reports both, the ratios, and the batched
+engine's mean streams per frame and ms per frame (from its /metrics).
 
 Timings on a shared machine are disturbed by whatever else runs; the figures are for
 comparing configurations measured in one run, not absolute claims.
@@ -61,14 +67,17 @@ def free_port() -> int:
 class ServerProcess:
     """``dia2-rt serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, artifacts: Path, workers: int, max_queue: int, *extra: str) -> None:
+    def __init__(self, artifacts: Path, workers: int, max_queue: int, *extra: str,
+                 max_streams: int | None = None) -> None:
+        """``max_streams``: serve that many streams as one batch (``--max-streams``) instead of
+        ``workers`` streams each stepped alone."""
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         code = "from dia2_trt.runtime.cli import main; main()"
+        slots = ["--max-streams", str(max_streams)] if max_streams else ["--workers", str(workers)]
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--artifacts", str(artifacts), "--port", str(self.port),
-             "--workers", str(workers), "--max-queue", str(max_queue), "--threads", "1",
-             "--log-level", "warning", *extra],
+             *slots, "--max-queue", str(max_queue), "--threads", "1", "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, seconds: float = 120.0) -> ServerProcess:
@@ -117,7 +126,7 @@ def solo_audio(artifacts: Path) -> dict[tuple[str, int], bytes]:
     from dia2_trt.runtime import Dia2Runtime, GenerationParams
     from dia2_trt.runtime.audio import pcm16
 
-    runtime = Dia2Runtime.load(artifacts, threads=1)
+    runtime = Dia2Runtime.load(artifacts, threads=1, max_streams=1)  # each session stepped alone
     return {(text, seed): pcm16(runtime.speak(text, GenerationParams(seed=seed)).pcm) for text, seed in SCRIPTS}
 
 
@@ -261,7 +270,61 @@ def summarise(report: LoadReport, poller: QueuePoller, metrics: dict[str, float]
     }
 
 
+def engine_figures(metrics: dict[str, float]) -> dict:
+    """A batched server's engine, from /metrics: mean streams per frame and ms per frame."""
+    frames = metrics.get("dia2_engine_frames_total", 0.0)
+    if not frames:
+        return {}
+    return {"frames": int(frames),
+            "mean_streams_per_frame": metrics["dia2_engine_streams_stepped_total"] / frames,
+            "ms_per_frame": 1000 * metrics["dia2_engine_frame_seconds_total"] / frames,
+            "slots": int(metrics["dia2_engine_slots"])}
+
+
+def compare(args) -> dict:
+    """``--workers W`` (each stream stepped alone) against ``--max-streams N`` (one batch), both
+    servers up together and their bursts alternating, so drift on a shared machine hits both."""
+    solo = solo_audio(args.artifacts)
+    servers = {f"workers_{args.workers}": ServerProcess(args.artifacts, args.workers, args.max_queue),
+               f"max_streams_{args.compare_batched}": ServerProcess(args.artifacts, args.workers, args.max_queue,
+                                                                    max_streams=args.compare_batched)}
+    out: dict[str, Any] = {"config": {"workers": args.workers, "max_streams": args.compare_batched,
+                                      "max_queue": args.max_queue, "clients": args.clients, "rounds": args.rounds}}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+            asyncio.run(unloaded_ttfa(server.url, 1))  # warm: first graph calls, caches
+        reports = {name: LoadReport() for name in servers}
+        pollers = {name: QueuePoller(server.url) for name, server in servers.items()}
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                reports[name].wall_seconds += asyncio.run(_timed_burst(server, pollers[name], solo, args.clients,
+                                                                      reports[name]))
+        for name, server in servers.items():
+            metrics = server.metrics()
+            out[name] = {**summarise(reports[name], pollers[name], metrics), "engine": engine_figures(metrics)}
+    finally:
+        out["exit_codes"] = {name: server.stop() for name, server in servers.items()}
+    base, batched = (out[name] for name in servers)
+    out["batched_over_workers"] = {key: batched[key] / base[key] if base[key] else None for key in
+                                   ("requests_per_second", "audio_seconds_per_second", "ttfa_p50_seconds",
+                                    "ttfa_p95_seconds")}
+    return out
+
+
+async def _timed_burst(server: ServerProcess, poller: QueuePoller, solo: dict, clients: int,
+                       report: LoadReport) -> float:
+    """One burst into ``report``; returns its wall seconds."""
+    sample_rate = server.health()["sample_rate"]
+    async with poller:
+        began = time.perf_counter()
+        check_burst(await burst(server.url, clients), solo, sample_rate, report)
+        return time.perf_counter() - began
+
+
 def run(args) -> dict:
+    if args.compare_batched:
+        return compare(args)
     solo = solo_audio(args.artifacts)
     server = ServerProcess(args.artifacts, args.workers, args.max_queue).wait_ready()
     out: dict[str, Any] = {"config": {"workers": args.workers, "max_queue": args.max_queue, "clients": args.clients,
@@ -387,6 +450,8 @@ def main() -> None:
     parser.add_argument("--disconnects", type=int, default=50)
     parser.add_argument("--rss-requests", type=int, default=300)
     parser.add_argument("--flood-clients", type=int, default=20, help="0 skips the flood")
+    parser.add_argument("--compare-batched", type=int, default=0, metavar="N",
+                        help="only the bursts, on --workers and on --max-streams N servers side by side")
     parser.add_argument("--out", type=Path, default=Path("serve-load.json"))
     args = parser.parse_args()
     result = run(args)

@@ -308,6 +308,34 @@ def demo(artifacts, host, port, voice_options, concurrency, threads, backend) ->
         shutil.rmtree(out_dir, ignore_errors=True)  # ours: made just above
 
 
+def mount(app, runtime, voice_options: list[str], concurrency: int, path: str = "/demo") -> Path:
+    """The demo page inside another ASGI app (``dia2-rt serve --demo``), on that app's runtime: its
+    sessions join the same batch as the API's. Returns the folder of its WAVs, which goes when the
+    app's lifespan ends (before uvicorn re-raises a SIGTERM, which would skip a ``finally``)."""
+    import contextlib
+
+    import gradio as gr
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    voices = Voices(runtime, voice_options)
+    out_dir = Path(tempfile.mkdtemp(prefix="dia2-demo-"))
+    blocks = Demo(runtime, voices, out_dir).build()
+    blocks.queue(default_concurrency_limit=concurrency)
+    gr.mount_gradio_app(app, blocks, path=path, allowed_paths=[str(out_dir)], show_error=True, ssr_mode=False)
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(asgi_app):
+        try:
+            async with inner(asgi_app) as state:
+                yield state
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)  # ours: made above
+
+    app.router.lifespan_context = lifespan
+    return out_dir
+
+
 def _load(artifacts: str, backend: str, threads: int | None):
     import warnings
 

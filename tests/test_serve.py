@@ -162,13 +162,13 @@ def test_health_metrics_voices_and_page(server):
     assert _post(server, speech_body(TEXT)).status_code == 200
     health = httpx.get(f"{server.url}/healthz").json()
     assert health == {"status": "ok", "workers": 2, "busy": 0, "queued": 0, "max_queue": 4,
-                      "sample_rate": server.state.sample_rate}
+                      "max_streams": server.state.runtime.max_streams, "sample_rate": server.state.sample_rate}
     metrics = httpx.get(f"{server.url}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     assert 'dia2_requests_total{endpoint="speech",outcome="ok"}' in text
     for name in ("dia2_queue_depth", "dia2_busy_workers", "dia2_time_to_first_audio_seconds_count",
-                 "dia2_real_time_factor_count", "dia2_audio_seconds_total"):
+                 "dia2_real_time_factor_count", "dia2_audio_seconds_total", "dia2_engine_frames_total"):
         assert name in text, name
     count = next(line for line in text.splitlines() if line.startswith("dia2_time_to_first_audio_seconds_count"))
     assert float(count.split()[-1]) >= 1

@@ -70,7 +70,7 @@ class ServeState:
         self.runtime = slots[0]  # for parsing and the model's facts; generation runs on the pool's slots
         self.config = config
         self.voices = voices
-        self.metrics = Metrics()
+        self.metrics = Metrics(getattr(self.runtime, "engine", None))
         self.pool = Pool(slots, config.max_queue, open_session or VoicedSessions(),
                          on_change=self.metrics.pool_changed)
         self.metrics.pool_changed(self.pool)

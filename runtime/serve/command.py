@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import signal
 import warnings
+from pathlib import Path
 
 import click
 
@@ -60,6 +62,9 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 @click.option("--cors-origins", "cors_origins", multiple=True, metavar="ORIGIN[,ORIGIN...]",
               help="Web origins (https://app.example) whose pages may call the API from a browser: CORS headers "
                    "for them (repeatable or comma-separated; '*' for any). Off by default.")
+@click.option("--demo", "with_demo", is_flag=True,
+              help="Also serve the Gradio demo page at /demo on the same loaded runtime (its utterances share the "
+                   "batch with the API's; extra [demo]). Not with --api-key: a page cannot send the key.")
 @click.option("--shutdown-grace", default=10.0, show_default=True, type=FiniteFloat(0, 3600),
               help="Seconds in-flight streams get to finish on shutdown before they are cancelled.")
 @threads_option()
@@ -68,7 +73,8 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options, request_timeout, max_input_chars,
           max_body_bytes, max_connections, header_timeout, body_timeout, idle_timeout, max_messages,
-          allow_origins, allow_hosts, api_key, cors_origins, shutdown_grace, threads, backend, log_level) -> None:
+          allow_origins, allow_hosts, api_key, cors_origins, with_demo, shutdown_grace, threads, backend,
+          log_level) -> None:
     """Serve speech: POST /v1/audio/speech (OpenAI-compatible), WebSocket /v1/stream, a page at /."""
     try:
         import uvicorn
@@ -80,6 +86,9 @@ def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options,
         raise click.ClickException(f"dia2-rt serve needs the [serve] extra (pip install 'dia2-trt[serve]'): "
                                    f"{exc}") from None
     api_key, cors = _access(api_key, cors_origins)
+    if with_demo and api_key is not None:
+        raise click.BadParameter("the demo page cannot send an API key: serve it without --api-key, or run "
+                                 "dia2-rt demo apart", param_hint="--demo")
     try:
         sock = listen(host, port)  # before the artifacts load: a busy port fails at once
     except ListenError as exc:
@@ -93,6 +102,7 @@ def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options,
                              origins=OriginPolicy(host, allow_hosts, allow_origins), api_key=api_key,
                              cors_origins=cors)
         app = create_app(slots, config, voices)
+        demo_dir = _mount_demo(app, slots, voice_options) if with_demo else None
         if not _loopback(host) and api_key is None:
             click.echo(f"warning: serving on {host}, reachable from other machines, with no authentication",
                        err=True)
@@ -102,7 +112,22 @@ def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options,
         # SIGTERM is the server's normal stop: uvicorn drains the requests, then re-raises the signal
         # it caught, which (as before dia2-rt's own handler) ends the process as SIGTERM does.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        finally:
+            if demo_dir is not None:  # a server that never started its lifespan leaves it here
+                shutil.rmtree(demo_dir, ignore_errors=True)  # ours: made by _mount_demo
+
+
+def _mount_demo(app, slots: list, voice_options) -> Path:
+    """The Gradio demo at /demo on the server's runtime, as many at once as the server's slots;
+    returns the folder of its WAVs (removed when the app shuts down)."""
+    from ..demo import mount  # gradio itself is imported by mount
+
+    try:
+        return mount(app, slots[0], list(voice_options), len(slots))
+    except ImportError as exc:
+        raise click.ClickException(f"--demo needs the [demo] extra (pip install 'dia2-trt[demo]'): {exc}") from None
 
 
 def _access(api_key: str | None, cors_options) -> tuple[str | None, tuple[str, ...]]:

@@ -1,8 +1,16 @@
-"""Prometheus metrics, in a registry of the app's own (several apps in one process never collide)."""
+"""Prometheus metrics, in a registry of the app's own (several apps in one process never collide).
+
+With a batched runtime (``--max-streams``) the engine's own figures are read at scrape time:
+slots, busy slots and sessions waiting for one (gauges), and frames, streams stepped and
+seconds spent in frames (counters). ``streams_stepped / frames`` over an interval is the mean
+batch occupancy, ``frame_seconds / frames`` the mean time of one batched frame.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # Time to first audio: tens of ms on tiny models, seconds when the queue is long.
 _TTFA_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -10,10 +18,34 @@ _TTFA_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _RTF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
 
 
+class EngineCollector(Collector):
+    """The batch engine's ``stats()`` as metrics, read when /metrics is scraped (the engine
+    counts on its own thread; copying its figures on every frame would cost a lock per frame)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        yield GaugeMetricFamily("dia2_engine_slots", "Batch slots: streams stepped together in one graph call",
+                                value=stats.slots)
+        yield GaugeMetricFamily("dia2_engine_busy_slots", "Batch slots held by a session now", value=stats.busy)
+        yield GaugeMetricFamily("dia2_engine_waiting_sessions", "Sessions waiting for a batch slot now",
+                                value=stats.waiting)
+        yield CounterMetricFamily("dia2_engine_frames", "Batched frames stepped", value=stats.frames)
+        yield CounterMetricFamily("dia2_engine_streams_stepped", "Streams stepped, summed over frames "
+                                  "(/ frames: the mean batch occupancy)", value=stats.streams_stepped)
+        yield CounterMetricFamily("dia2_engine_frame_seconds", "Seconds spent stepping batched frames "
+                                  "(/ frames: the mean time per frame)", value=stats.frame_seconds)
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, engine=None) -> None:
+        """``engine``: the runtime's BatchEngine, whose figures join the metrics (None: unbatched)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        if engine is not None:
+            r.register(EngineCollector(engine))
         self.requests = Counter("dia2_requests", "Finished requests by endpoint and outcome "
                                 "(ok, client_error, busy, cancelled, timeout, error)",
                                 ["endpoint", "outcome"], registry=r)

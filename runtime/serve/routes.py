@@ -224,7 +224,8 @@ async def healthz(request: Request) -> JSONResponse:
     pool = state.pool
     status = "shutting_down" if pool.closing else "ok"
     return JSONResponse({"status": status, "workers": pool.workers, "busy": pool.busy, "queued": pool.waiting,
-                         "max_queue": pool.max_queue, "sample_rate": state.sample_rate},
+                         "max_queue": pool.max_queue, "max_streams": getattr(state.runtime, "max_streams", 1),
+                         "sample_rate": state.sample_rate},
                         status_code=503 if pool.closing else 200)
 
 
