@@ -307,7 +307,7 @@ def test_cli_refuses_bad_setups_with_one_line(artifacts, tmp_path):
 def test_cli_loads_the_weights_once_for_all_workers(artifacts):
     from dia2_trt.runtime.serve.command import _load
 
-    slots = _load(str(artifacts), 3, "onnxruntime", 1)
+    slots = _load(str(artifacts), 3, None, "onnxruntime", 1)
     assert len(slots) == 3 and all(slot is slots[0] for slot in slots)
 
 
