@@ -149,15 +149,8 @@ def _access(api_key: str | None, cors_options) -> tuple[str | None, tuple[str, .
 
 def _voices(options, runtime) -> VoiceRegistry:
     """Each ``--voice NAME=FILE`` loaded and checked against these artifacts now, not at its first request."""
-    from ..voice import load_voice
-
-    def load(path):
-        voice = load_voice(path)
-        runtime.prefix(voice)  # refuses a voice made for other artifacts, or too long for the context
-        return voice
-
     try:
-        return VoiceRegistry.from_options(list(options), loader=load)
+        return VoiceRegistry.checked(list(options), runtime)
     except VoiceRegistryError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -65,6 +65,19 @@ class VoiceRegistry:
             registry.register(name, Path(file))
         return registry
 
+    @classmethod
+    def checked(cls, options: list[str] | tuple[str, ...], runtime) -> VoiceRegistry:
+        """``NAME=FILE`` voices, each loaded and checked against ``runtime``'s artifacts now (made for
+        other artifacts, or too long for the context: VoiceRegistryError), not at its first request."""
+        from ..voice import load_voice
+
+        def load(path: Path):
+            voice = load_voice(path)
+            runtime.prefix(voice)  # refuses a voice made for other artifacts, or too long for the context
+            return voice
+
+        return cls.from_options(list(options), loader=load)
+
     def register(self, name: str, path: Path) -> None:
         if not _NAME.fullmatch(name):
             raise VoiceRegistryError(f"voice name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")

@@ -47,16 +47,14 @@ class Settings:
     def voice_registry(self, runtime):
         """Every ``voices/NAME.voice`` in the version folder, each checked against the loaded artifacts
         (as ``dia2-rt serve --voice NAME=FILE`` checks them at start)."""
-        import click
-
-        from ..serve.command import _voices  # TODO(move): a serve-free home for the checked-voice loader
+        from ..serve.voices import VoiceRegistry, VoiceRegistryError
 
         folder = Path(self.version_dir) / VOICES_DIR
         files = sorted(folder.glob("*.voice")) if folder.is_dir() else []
         try:
-            return _voices([f"{path.stem}={path}" for path in files], runtime)
-        except click.ClickException as exc:
-            raise ValueError(exc.message) from None
+            return VoiceRegistry.checked([f"{path.stem}={path}" for path in files], runtime)
+        except VoiceRegistryError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def _text(value) -> str:
