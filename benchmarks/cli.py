@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -53,11 +53,25 @@ from .report import markdown, plot
                    "prefill graph vs a restored warm state (first --artifacts only; writes prefix_bench.*).")
 @click.option("--prefix-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
               help="Length of the synthetic prefix for --prefix (split between the two speakers).")
+@click.option("--positions", "positions_arg", metavar="P,P,...",
+              help="Instead: ms per frame at these KV-cache positions (e.g. 0,375,750,1125,1500), per component "
+                   "(backbone step, depformer frame, codec decode), for every --artifacts: --frames timed frames per "
+                   "position after --warmup-frames, in --repeats rounds; with --streams, every count's streams "
+                   "stepped together at each position (writes positions_bench.*).")
+@click.option("--streams", "streams_arg", metavar="N,N,...",
+              help="Instead: N sessions from N threads on one runtime, different scripts started together, for "
+                   "each N (e.g. 1,2,4,8): aggregate frames/s, per-stream ms/frame, real-time streams, time to "
+                   "first audio p50/p99 (first --artifacts; up to --frames frames a stream; writes streams_bench.*).")
 def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_frames, seed, text, threads,
-          schedule, out, profile, no_plots, no_verify, prefix, prefix_seconds) -> None:
+          schedule, out, profile, no_plots, no_verify, prefix, prefix_seconds, positions_arg, streams_arg) -> None:
     """Measure frames/s, real-time factor, time to first audio, per-frame breakdown, peak RSS and
     the memory-bandwidth roofline, for each contender in its own worker process."""
-    check_bench_outputs(Path(out), PREFIX_FILES if prefix else BENCH_FILES)
+    modes = [name for name, on in (("--prefix", prefix), ("--positions", positions_arg), ("--streams", streams_arg))
+             if on]
+    if prefix and len(modes) > 1:
+        raise click.ClickException(f"{' and '.join(modes)} are separate benchmarks: run one at a time")
+    check_bench_outputs(Path(out), PREFIX_FILES if prefix else POSITIONS_FILES if positions_arg
+                        else STREAMS_FILES if streams_arg else BENCH_FILES)
     if prefix:
         _prefix_bench(artifacts[0], prefix_seconds, repeats, text, threads, Path(out))
         return
@@ -67,6 +81,14 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
         manifests = [load_manifest(a, verify=not no_verify) for a in artifacts]
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from None
+    if positions_arg or streams_arg:
+        settings = ModeSettings(list(artifacts), (backends or BACKENDS)[0], threads, frames, repeats, warmup_frames,
+                                seed, Path(out), not no_plots)
+        if positions_arg:
+            _positions_bench(positions_arg, streams_arg, settings)
+        else:
+            _streams_bench(streams_arg, settings)
+        return
     ref_checkpoint = (checkpoint or manifests[0].source.checkpoint) if reference else None
     contenders, skipped = plan_contenders([Path(a) for a in artifacts], backends or BACKENDS, ref_checkpoint, threads)
     if not contenders:
@@ -93,6 +115,72 @@ def bench(artifacts, reference, checkpoint, backends, frames, repeats, warmup_fr
 
 BENCH_FILES = ("bench.json", "bench.md", "latency.png", "breakdown.png")
 PREFIX_FILES = ("prefix_bench.json", "prefix_bench.md")
+POSITIONS_FILES = ("positions_bench.json", "positions_bench.md", "positions.png")
+STREAMS_FILES = ("streams_bench.json", "streams_bench.md", "streams.png")
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    """What --positions and --streams take from the bench's options."""
+
+    artifacts: list[str]
+    backend: str
+    threads: int | None
+    frames: int
+    repeats: int
+    warmup_frames: int
+    seed: int
+    out: Path
+    plots: bool
+
+
+def _positions_bench(arg: str, streams_arg: str | None, s: ModeSettings) -> None:
+    from . import positions, streams
+
+    try:
+        wanted = positions.parse_positions(arg)
+        counts = streams.parse_streams(streams_arg) if streams_arg else [1]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    result = positions.run_positions_bench(s.artifacts, wanted, s.frames, s.repeats, s.warmup_frames, s.backend,
+                                           s.threads, s.seed, tuple(counts), _echo)
+    if not any(a["positions"] for a in result["artifacts"]):
+        reasons = [f"{a['name']}: {a['cache_capacity']} rows" for a in result["artifacts"]]
+        reasons += [f"{k['artifacts']}: {k['reason']}" for k in result["skipped_streams"]]
+        raise click.ClickException("nothing to measure: no position fits these artifacts' caches or no stream "
+                                   "count their graphs: " + "; ".join(reasons))
+    _write_mode(s, "positions_bench", result, positions.markdown(result),
+                lambda: positions.plot(result, s.out / "positions.png", save_png))
+
+
+def _streams_bench(arg: str, s: ModeSettings) -> None:
+    from . import streams
+
+    try:
+        counts = streams.parse_streams(arg)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    result = streams.run_streams_bench(s.artifacts[0], counts, s.frames, s.repeats, s.warmup_frames, s.backend,
+                                       s.threads, s.seed, _echo)
+    _write_mode(s, "streams_bench", result, streams.markdown(result),
+                lambda: streams.plot(result, s.out / "streams.png", save_png))
+
+
+def _write_mode(s: ModeSettings, stem: str, result: dict, table: str, draw) -> None:
+    s.out.mkdir(parents=True, exist_ok=True)
+    write_text(s.out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    write_text(s.out / f"{stem}.md", table)
+    if s.plots:
+        draw()
+    click.echo(table)
+
+
+def _echo(msg: str) -> None:
+    click.echo(f"[bench] {msg}", err=True)
+
+
+def save_png(path: Path, fig) -> None:
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def check_bench_outputs(out: Path, names: tuple[str, ...]) -> None:

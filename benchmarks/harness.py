@@ -120,15 +120,17 @@ class FrameCap(Exception):
 
 @dataclass
 class FrameClock:
-    """Frame starts and time per component; a capped run stops at the start of frame ``cap``."""
+    """Frame starts and time per component, in all and per frame; a capped run stops at the start of
+    frame ``cap``. Work after the last frame (the reference's batch decode) counts in ``totals`` only."""
 
     cap: int = 0
     starts: list[float] = field(default_factory=list)
     stop: float | None = None
     totals: dict[str, float] = field(default_factory=dict)
+    parts: list[dict[str, float]] = field(default_factory=list)  # per frame: seconds per component
 
     def reset(self, cap: int) -> None:
-        self.cap, self.starts, self.stop = cap, [], None
+        self.cap, self.starts, self.stop, self.parts = cap, [], None, []
         self.totals = dict.fromkeys(COMPONENTS, 0.0)
 
     def frame(self) -> None:
@@ -137,6 +139,7 @@ class FrameClock:
             self.stop = now
             raise FrameCap
         self.starts.append(now)
+        self.parts.append(dict.fromkeys(COMPONENTS, 0.0))
 
     def end(self) -> None:
         """The last frame is over (called where the generation loop is known to have ended)."""
@@ -151,7 +154,10 @@ class FrameClock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.totals[component] += time.perf_counter() - began
+                spent = time.perf_counter() - began
+                self.totals[component] += spent
+                if self.parts and self.stop is None:
+                    self.parts[-1][component] += spent
         return wrapper
 
     def frame_seconds(self) -> list[float]:
@@ -162,7 +168,7 @@ class FrameClock:
     def report(self, wall: float, samples: int, first_audio: float | None) -> dict:
         return {"frames": len(self.starts), "wall_seconds": wall, "samples": samples,
                 "first_audio_seconds": first_audio, "frame_seconds": self.frame_seconds(),
-                "component_seconds": dict(self.totals)}
+                "component_seconds": dict(self.totals), "frame_parts": self.parts}
 
 
 # --- the runtime contender (runs inside a worker) ----------------------------------------------
@@ -193,7 +199,8 @@ class _TimedGraph:
 class _TimedBinding:
     def __init__(self, binding: Binding, clock: FrameClock, component: str | None) -> None:
         self.spec, self.resizable = binding.spec, binding.resizable
-        self.bind, self.write, self.reset_state = binding.bind, binding.write, binding.reset_state
+        self.bind, self.write_rows, self.reset_state = binding.bind, binding.write_rows, binding.reset_state
+        self.set_dims = binding.set_dims
         self.run = clock.timed(component, binding.run, component == "backbone") if component else binding.run
 
 
@@ -204,8 +211,10 @@ class RuntimeSubject:
         inner = create_backend(spec.backend, spec.threads)
         self.profiled = node_profile.profiled(inner, spec.profile_dir) if spec.profile_dir else None
         backend = TimedBackend(inner, clock)
-        # The parent has verified the checksums already (or was told not to).
-        self.runtime = rt = Dia2Runtime.load(spec.source, backend=backend, verify=False)
+        # The parent has verified the checksums already (or was told not to). One stream per session: the
+        # session steps its graphs in this thread, where the clock's FrameCap can end it (a batch engine's
+        # thread would take the exception for a failure of every stream).
+        self.runtime = rt = Dia2Runtime.load(spec.source, backend=backend, verify=False, max_streams=1)
         self.sample_rate, self.frame_rate = rt.sample_rate, rt.manifest.frame_rate
 
     def run(self, text: str, seed: int, frames: int) -> dict:
@@ -383,23 +392,47 @@ def kv_cache_elements_per_frame(topology: Topology, capacity: int) -> int:
     return 2 * topology.n_layer * 2 * topology.kv_heads * capacity * topology.head_dim
 
 
-def roofline(manifest: Manifest, precision: str, bandwidth: float) -> dict:
-    """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth."""
-    size = 2 if precision == "fp16" else 4
+def roofline(manifest: Manifest, bandwidth: float, *, float_only: bool = False) -> dict:
+    """Minimum time per frame if only the weight reads cost anything, at the measured bandwidth.
+
+    Bytes per weight come from each graph of ``manifest`` itself (its precision, its weight-only
+    record), so every contender is held to the bytes its own artifacts read: an int4 build against
+    the fp32 build's bytes showed 228 % "of roofline". ``float_only``: fp32 weights whatever the
+    manifest holds (the PyTorch reference, which reads the checkpoint's fp32 tensors).
+    """
     elements = weight_elements_per_frame(manifest.topology)
-    weights = {k: int(v * _weight_size(manifest.graphs.get(k), size)) for k, v in elements.items()}
+    weights = {k: int(v * (4 if float_only else weight_bytes_per_element(manifest.graphs.get(k))))
+               for k, v in elements.items()}
     total = sum(weights.values())
-    cache = kv_cache_elements_per_frame(manifest.topology, manifest.cache_capacity) * size
+    cache = kv_cache_elements_per_frame(manifest.topology, manifest.cache_capacity) * _cache_itemsize(manifest)
     return {"weight_bytes_per_frame": {**weights, "total": total}, "kv_cache_bytes_per_frame": cache,
             "bandwidth_bytes_per_second": bandwidth, "min_frame_seconds": total / bandwidth,
             "max_frames_per_second": bandwidth / total,
             "min_frame_seconds_with_cache": (total + cache) / bandwidth}
 
 
-def _weight_size(graph, float_size: int) -> float:
-    """Bytes per weight: a weight-only graph reads its integers plus one fp32 scale per block."""
-    q = graph.quantization if graph is not None else None
-    return q.bits / 8 + 4 / q.block_size if q and q.block_size else float_size
+def weight_bytes_per_element(graph: GraphSpec | None) -> float:
+    """Bytes a frame reads per weight of ``graph``.
+
+    A weight-only graph: its recorded MatMul bytes over their fp32 bytes (the integers plus one fp32
+    scale per block, as written), else bits / 8 plus a scale per block; fp16: 2; otherwise 4.
+    """
+    if graph is None:
+        return 4.0
+    q = graph.quantization
+    matmul = q.weights.get("matmul_weights", {}) if q else {}
+    if matmul.get("fp32_bytes"):
+        return 4.0 * matmul["bytes"] / matmul["fp32_bytes"]
+    if q and q.block_size:
+        return q.bits / 8 + 4 / q.block_size
+    return 2.0 if graph.precision == "fp16" else 4.0
+
+
+def _cache_itemsize(manifest: Manifest) -> int:
+    """Bytes per K/V element, from the backbone's declared cache input (fp32, or fp16 with the fp16 cache)."""
+    backbone = manifest.graphs.get("backbone")
+    k0 = next((t for t in backbone.inputs if t.name.startswith("k_cache")), None) if backbone else None
+    return k0.dtype.itemsize if k0 is not None else 4
 
 
 # --- statistics and the orchestration ----------------------------------------------------------
@@ -414,12 +447,16 @@ def spread(values: Iterable[float]) -> dict | None:
 
 
 def summarize(spec: Contender, info: dict, runs: list[dict], manifest: Manifest, bandwidth: float) -> dict:
+    """``manifest``: the topology's (the reference's roofline); a runtime contender reads its own."""
     frames = sum(r["frames"] for r in runs)
     frame_rate = info["frame_rate"]
-    frame_seconds = [s for r in runs for s in r["frame_seconds"]]
+    lead = steady_from(runs, manifest.max_delay)
+    frame_seconds = [s for r in runs for s in r["frame_seconds"][lead:]]
     median_frame = float(np.median(frame_seconds)) if frame_seconds else sum(r["wall_seconds"] for r in runs) / frames
-    line = roofline(manifest, spec.precision, bandwidth)
+    own = manifest if spec.kind == "reference" else load_manifest(spec.source, verify=False)
+    line = roofline(own, bandwidth, float_only=spec.kind == "reference")
     line["achieved_over_roofline"] = line["min_frame_seconds"] / median_frame
+    first_audio = spread(r["first_audio_seconds"] for r in runs if r["first_audio_seconds"] is not None)
     return {
         **asdict(spec),
         "load_seconds": info["load_seconds"],
@@ -429,14 +466,50 @@ def summarize(spec: Contender, info: dict, runs: list[dict], manifest: Manifest,
         "frames_per_second": spread(r["frames"] / r["wall_seconds"] for r in runs),
         "steady_frames_per_second": 1.0 / median_frame,
         "real_time_factor": spread(r["wall_seconds"] * frame_rate / r["frames"] for r in runs),
-        "first_audio_seconds": spread(r["first_audio_seconds"] for r in runs if r["first_audio_seconds"] is not None),
+        "first_audio_seconds": first_audio,
+        # time to first audio in steady frame-times: how many frames a listener waits
+        "first_audio_frame_times": first_audio["median"] / median_frame if first_audio else None,
+        "steady_from_frame": lead,
         "frame_seconds": spread(frame_seconds),
-        "breakdown_seconds_per_frame": _breakdown(runs),
+        "breakdown_seconds_per_frame": _steady_breakdown(runs, lead),
+        "breakdown_whole_run_seconds_per_frame": _breakdown(runs),
         "roofline": line,
         "node_profile": info.get("node_profile"),
-        "raw": {"frame_seconds": frame_seconds, "runs": [{k: v for k, v in r.items() if k != "frame_seconds"}
+        "raw": {"frame_seconds": frame_seconds, "runs": [{k: v for k, v in r.items()
+                                                           if k not in ("frame_seconds", "frame_parts")}
                                                           for r in runs]},
     }
+
+
+def steady_from(runs: list[dict], max_delay: int) -> int:
+    """The first frame of the steady state: ``max_delay``, where every component runs every frame.
+
+    Before it a fresh utterance is cheaper: the depformer skips the columns inside every codebook's
+    delay and the codec has nothing complete to decode (the 2B's first 18 frames), so a median over a
+    32-frame run would be a lead-in frame. 0 when no run reaches it (a few frames on a tiny model).
+    """
+    return max_delay if any(len(r["frame_seconds"]) > max_delay for r in runs) else 0
+
+
+def _steady_breakdown(runs: list[dict], lead: int) -> dict[str, float]:
+    """Per component, its mean time in the steady frames (from ``lead``) of each run, median over runs;
+    work outside any frame (the reference's batch decode) spread over all the run's frames; host: the
+    rest of the steady frames' time."""
+    per_run = []
+    for r in runs:
+        n = min(len(r["frame_seconds"]), len(r["frame_parts"]))
+        if n <= lead:
+            continue
+        steady = r["frame_parts"][lead:n]
+        parts = {c: float(np.mean([p[c] for p in steady])) for c in COMPONENTS}
+        inside = sum(parts.values())
+        for c in COMPONENTS:
+            parts[c] += (r["component_seconds"][c] - sum(p[c] for p in r["frame_parts"])) / r["frames"]
+        parts["host"] = float(np.mean(r["frame_seconds"][lead:n])) - inside
+        per_run.append(parts)
+    if not per_run:
+        return _breakdown(runs)
+    return {k: float(np.median([p[k] for p in per_run])) for k in (*COMPONENTS, "host")}
 
 
 def _breakdown(runs: list[dict]) -> dict[str, float]:

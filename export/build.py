@@ -34,9 +34,11 @@ from dia2_trt.runtime.manifest import (
     GraphSpec,
     Manifest,
     SourceInfo,
+    cache_name,
 )
 
 from .artifact_dir import BuildError, atomic_dir, check_output_dir, copy_tree, tree_bytes
+from .cache_dtype import CACHE_DTYPES, fp16_cache
 from .codec import export_codec_decoder, export_codec_encoder
 from .depformer_loop import export_depformer_loop, tail_stages
 from .graphs import BackbonePrefill, BackboneStep, DepformerFrame
@@ -68,6 +70,7 @@ class BuildOptions:
     overwrite: bool = False
     block_size: int | None = None  # weight-only precisions; None: the measured default
     max_streams: int = DEFAULT_MAX_STREAMS  # the bound of the graphs' streams axis
+    cache_dtype: str | None = None  # the KV cache's dtype; None: the precision's own (fp16 for fp16 builds)
 
     @staticmethod
     def opset_floor() -> int:
@@ -88,6 +91,10 @@ def check_request(out: Path, options: BuildOptions) -> None:
     """Fail before any work (or download) if the options are bad or the result could not be put in place."""
     if options.precision not in BUILD_PRECISIONS:
         raise BuildError(f"unknown precision {options.precision!r}; choose one of {', '.join(BUILD_PRECISIONS)}")
+    if options.cache_dtype not in (None, *CACHE_DTYPES) or (options.precision == "fp16"
+                                                           and options.cache_dtype == "float32"):
+        raise BuildError(f"--cache-dtype {options.cache_dtype}: choose float16 (any precision) or float32 "
+                         f"(not for fp16 builds, whose cache is fp16)")
     if not 1 <= options.max_streams <= MAX_STREAMS_LIMIT:
         raise BuildError(f"--max-streams must be in 1..{MAX_STREAMS_LIMIT}, got {options.max_streams}")
     _check_weight_only(options)
@@ -164,10 +171,22 @@ def _quantize_into(src: Path, tmp: Path, manifest: Manifest, options: BuildOptio
     for name in (n for n in (BACKBONE, DEPFORMER, BACKBONE_PREFILL) if n in graphs):
         quantized = _quantized_graph(tmp, graphs[name].file, name, options, progress, graphs)
         graphs[name] = replace(quantized, dims=graphs[name].dims)
+    _cache_dtype(tmp, graphs, options, progress)
     if graphs[CODEC_DECODER].precision == "fp32":
         graphs[CODEC_DECODER] = _quantized_codec(tmp, graphs[CODEC_DECODER], progress)
     write_manifest(replace(manifest, precision=options.precision, graphs=graphs, root=tmp), tmp)
     progress(f"done in {time.perf_counter() - started:.1f}s")
+
+
+def _cache_dtype(tmp: Path, graphs: dict, options: BuildOptions, progress) -> None:
+    """The backbone's cache in fp16 where asked (an fp16 build's already is)."""
+    spec = graphs[BACKBONE]
+    if options.cache_dtype != "float16" or spec.input(cache_name("k", 0)).dtype == np.float16:
+        return
+    progress("fp16 KV cache")
+    fp16_cache(tmp / spec.file)
+    io = graph_spec(tmp, BACKBONE, spec.file, spec.precision)
+    graphs[BACKBONE] = replace(spec, inputs=io.inputs, outputs=io.outputs, sha256=io.sha256)
 
 
 def _build_bytes(files: CheckpointFiles, options: BuildOptions) -> int:
@@ -256,6 +275,7 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
             progress(f"converting {name} to fp16")
             _convert_fp16(tmp / f"{name}.onnx")
         graphs[name] = graph_spec(tmp, name, f"{name}.onnx", options.precision)
+    _cache_dtype(tmp, graphs, options, progress)
     streams = stream_dims(options.max_streams)
     graphs[BACKBONE] = replace(graphs[BACKBONE], dims={**streams, CACHE_ROWS: capacity})
     graphs[DEPFORMER] = replace(graphs[DEPFORMER], dims=streams)

@@ -20,22 +20,40 @@ from dia2_trt.runtime.cli_common import (
     read_script,
 )
 from dia2_trt.runtime.files import AUDIO_FORMATS, audio_writer, write_atomic, write_together
-from dia2_trt.runtime.manifest import MAX_STREAMS_LIMIT
+from dia2_trt.runtime.manifest import FLOAT_PRECISIONS, MAX_STREAMS_LIMIT, WEIGHT_ONLY_PRECISIONS
 
-from .build import BUILD_PRECISIONS, DEFAULT_MAX_STREAMS, DEFAULT_OPSET, BuildOptions
-
+# torch, transformers and onnx load only inside the commands (export.build and below): `-h` and a
+# mistyped option took 6-26 s before, importing them just to print text. The build constants the
+# options show are repeated here for that reason; tests/test_first_minutes.py keeps them equal.
+BUILD_PRECISIONS = FLOAT_PRECISIONS + WEIGHT_ONLY_PRECISIONS
+DEFAULT_OPSET = 23
+DEFAULT_MAX_STREAMS = 8
 SIZES = ("tiny", "1B", "2B")
 
 
-def _checkpoint_files(size: str | None, checkpoint: str | None):
+def _checkpoint_files(size: str | None, checkpoint: str | None, mimi: str | None = None,
+                      tokenizer: str | None = None):
     from dia2_trt.models.sources import resolve_checkpoint
 
     if (size is None) == (checkpoint is None):
         fail("give exactly one of --size or --checkpoint")
-    return resolve_checkpoint(size=size, checkpoint=checkpoint)
+    return resolve_checkpoint(size=size, checkpoint=checkpoint, mimi=mimi, tokenizer=tokenizer)
+
+
+def _hub_offline(size: str | None) -> bool:
+    """A hub size (1B/2B) while the hub cannot be reached (or HF_HUB_OFFLINE): resolving reads the cache only."""
+    if size is None or size.lower() == "tiny":
+        return False
+    from huggingface_hub import constants
+
+    from dia2_trt.models.sources import hub_unreachable
+
+    return bool(constants.HF_HUB_OFFLINE) or hub_unreachable() is not None
 
 
 def _source_options(fn):
+    fn = click.option("--tokenizer", help="Tokenizer directory or hub id, instead of the checkpoint's own.")(fn)
+    fn = click.option("--mimi", help="Mimi codec directory or hub id, instead of the one the checkpoint names.")(fn)
     fn = click.option("--checkpoint", type=click.Path(),
                       help="Local checkpoint directory (config.json, model.safetensors, tokenizer).")(fn)
     return click.option("--size", type=click.Choice(SIZES, case_sensitive=False),
@@ -62,20 +80,27 @@ def main() -> None:
               type=click.IntRange(1, MAX_STREAMS_LIMIT),
               help="Most streams one graph call serves (the runtime batches up to this many; "
                    "--from-artifacts keeps the source's).")
+@click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="The KV cache's dtype (default: the precision's own). float16 halves what B streams' "
+                   "caches hold; the attention still runs in fp32.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing artifact directory (never a directory without a dia2-trt manifest).")
 @click.option("--verbose", is_flag=True, help="Show the exporters' own logs and warnings too.")
-def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, prefix_frames, max_streams, overwrite,
-          verbose):
+def build(size, checkpoint, mimi, tokenizer, precision, block_size, from_artifacts, out, opset, prefix_frames,
+          max_streams, cache_dtype, overwrite, verbose):
     """Export the backbone, depformer and codec graphs with a manifest."""
-    from .build import build_artifacts, check_request, quantize_artifacts
+    if from_artifacts and (size or checkpoint or mimi or tokenizer):
+        fail("give --from-artifacts or a checkpoint (--size/--checkpoint/--mimi/--tokenizer), not both")
+    # Offline, a hub checkpoint can only come from the cache: look there before the seconds of
+    # importing torch, so "not in the cache" is the first thing said, not the last.
+    source = (size, checkpoint, mimi, tokenizer)
+    early = _checkpoint_files(*source) if not from_artifacts and _hub_offline(size) else None
+    from .build import BuildOptions, build_artifacts, check_request, quantize_artifacts
     from .console import BuildProgress, quiet_descriptors
 
     options = BuildOptions(precision=precision, opset=opset, prefix_frames=prefix_frames, overwrite=overwrite,
-                           block_size=block_size, max_streams=max_streams)
+                           block_size=block_size, max_streams=max_streams, cache_dtype=cache_dtype)
     if from_artifacts:
-        if size or checkpoint:
-            fail("give --from-artifacts or a checkpoint (--size/--checkpoint), not both")
         with quiet_descriptors(verbose) as console:
             progress = BuildProgress(console)
             manifest = quantize_artifacts(Path(from_artifacts), Path(out), options, progress=progress)
@@ -83,7 +108,7 @@ def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, p
         click.echo(str(out))
         return
     check_request(Path(out), options)  # before resolving the checkpoint, which may download it
-    files = _checkpoint_files(size, checkpoint)
+    files = early or _checkpoint_files(*source)
     with quiet_descriptors(verbose) as console:
         progress = BuildProgress(console)
         manifest = build_artifacts(files, Path(out), options, progress=progress)
@@ -102,7 +127,7 @@ def build(size, checkpoint, precision, block_size, from_artifacts, out, opset, p
 @click.option("--against", "against", type=click.Path(),
               help="fp32 artifacts of the same checkpoint: report teacher-forced top-1 agreement instead.")
 @click.option("--script", "script_file", type=click.Path(), help="With --against: the script to speak (a file).")
-def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, against, script_file):
+def validate(artifacts, size, checkpoint, mimi, tokenizer, steps, codec_frames, report, seed, against, script_file):
     """Compare every graph with PyTorch through Polygraphy (or, with --against, with fp32 artifacts);
     exit 1 past tolerance."""
     from .validate import validate_artifacts
@@ -113,7 +138,7 @@ def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, aga
     path = Path(report) if report else Path(artifacts) / "validation.json"
     if report or Path(artifacts).is_dir():  # a missing ARTIFACTS is validate's own one-line error
         _check_report(path, [artifacts], "validation.json")  # before minutes of comparisons, not after
-    source = _checkpoint_files(size, checkpoint) if (size or checkpoint) else None
+    source = _checkpoint_files(size, checkpoint, mimi, tokenizer) if (size or checkpoint) else None
     if source is not None:
         from .build import source_dirs
 
@@ -123,6 +148,7 @@ def validate(artifacts, size, checkpoint, steps, codec_frames, report, seed, aga
                                 echo=lambda msg: click.echo(msg, err=True))
     _write_atomic(path, json.dumps(result, indent=1) + "\n")
     click.echo(f"report: {path}", err=True)
+    _verdict(result["passed"], f"{artifacts} vs PyTorch", ", ".join(result["failures"]))
     if not result["passed"]:
         fail("validation failed: " + ", ".join(result["failures"]))
 
@@ -163,6 +189,7 @@ def _accuracy(artifacts: Path, against: Path, script_file, report, steps: int | 
         click.echo(line, err=True)
     _write_atomic(path, json.dumps(result, indent=1) + "\n")
     click.echo(f"report: {path}", err=True)
+    _verdict(result["passed"], f"{result['precision']} {artifacts} vs fp32 {against}", "; ".join(result["failures"]))
     if not result["passed"]:
         fail("accuracy below the thresholds: " + "; ".join(result["failures"]))
 
@@ -178,7 +205,8 @@ def _accuracy(artifacts: Path, against: Path, script_file, report, steps: int | 
 @click.option("--tokens-out", required=True, type=click.Path(), help="JSON with aligned tokens and word timestamps.")
 @click.option("--out", "wav_out", type=click.Path(),
               help="Also decode to audio (.wav, .flac, .ogg) with transformers' Mimi.")
-def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_filter_k, seed, tokens_out, wav_out):
+def reference(size, checkpoint, mimi, tokenizer, input_file, temperature, top_k, cfg_scale, cfg_filter_k, seed,
+              tokens_out, wav_out):
     """Generate with the eager PyTorch reference loop."""
     from dia2_trt.runtime.params import GenerationParams
 
@@ -192,7 +220,7 @@ def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_f
     names = {"--tokens-out": tokens_out, "--out": wav_out}
     inputs = [("script --input", input_file)]
     check_outputs(names, inputs=inputs)
-    files = _checkpoint_files(size, checkpoint)
+    files = _checkpoint_files(size, checkpoint, mimi, tokenizer)
     outputs = check_outputs(names, protected=[("checkpoint directory", d) for d in source_dirs(files)], inputs=inputs)
     from .reference_run import run_reference
 
@@ -206,6 +234,11 @@ def reference(size, checkpoint, input_file, temperature, top_k, cfg_scale, cfg_f
         items.append((outputs["--out"], audio_writer(outputs["--out"], pcm, rate)))
     write_together(items)
     click.echo(f"{result.frames} frames, {result.tokens.shape[1]} aligned", err=True)
+
+
+def _verdict(passed: bool, what: str, failures: str) -> None:
+    """The one line a script or a person looks for, on stdout (the progress and details are on stderr)."""
+    click.echo(f"PASS: {what}" if passed else f"FAIL: {what}: {failures}")
 
 
 def _check_report(path: Path, artifact_dirs, default: str, protected=(), inputs=()) -> None:

@@ -3,17 +3,24 @@
 A checkpoint is a directory in the Hugging Face repo layout (config.json,
 model.safetensors, tokenizer files, optional dia2_assets.json), obtained one of
 three ways: ``--size 1B|2B`` (the hub, through its cache), ``--size tiny`` (built
-offline by models/tiny.py and cached), or ``--checkpoint DIR``.
+offline by models/tiny.py and cached), or ``--checkpoint DIR``. Its Mimi codec and
+tokenizer are the ones it names, or the user's ``--mimi`` / ``--tokenizer`` (a local
+directory or a hub id, as in the reference's CLI). A checkpoint may only name paths
+inside itself; the user's own options may name any directory.
 
 Every failure is one line saying what is missing and how to get it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,34 +55,65 @@ class CheckpointFiles:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_checkpoint(size: str | None = None, checkpoint: str | Path | None = None) -> CheckpointFiles:
-    """Exactly one of ``size`` ("tiny", "1B", "2B") or ``checkpoint`` (a local directory)."""
+def resolve_checkpoint(size: str | None = None, checkpoint: str | Path | None = None, *,
+                       mimi: str | None = None, tokenizer: str | None = None) -> CheckpointFiles:
+    """Exactly one of ``size`` ("tiny", "1B", "2B") or ``checkpoint`` (a local directory); ``mimi`` and
+    ``tokenizer`` (a directory or a hub id) replace what the checkpoint names, which is then not read."""
     if (size is None) == (checkpoint is None):
         raise CheckpointError("give either a model size or a checkpoint directory, not both or neither")
+    overrides = _Overrides(_user_mimi(mimi) if mimi else None, _user_tokenizer(tokenizer) if tokenizer else None)
     if checkpoint is not None:
-        return _resolve_local(Path(checkpoint))
+        return _resolve_local(Path(checkpoint), overrides)
     assert size is not None  # exactly one of the two, checked above
     key = size.upper() if size.lower() != "tiny" else "tiny"
     if key == "tiny":
-        return _resolve_local(tiny_checkpoint_dir())
+        return _resolve_local(tiny_checkpoint_dir(), overrides)
     if key not in HUB_REPOS:
         raise CheckpointError(f"unknown model size {size!r}; valid sizes: {', '.join(SIZES)}")
-    return _resolve_hub(HUB_REPOS[key])
+    return _resolve_hub(HUB_REPOS[key], overrides)
+
+
+@dataclass(frozen=True)
+class _Overrides:
+    mimi: str | None = None  # a resolved local directory or a hub id
+    tokenizer: Path | None = None  # a checked tokenizer directory
+
+
+def _user_path(ref: str, option: str) -> Path | None:
+    """The user's own directory (any path: it is their machine), or None for a hub id."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.is_absolute() or ref.startswith(("~", "./", "../")) or path.exists():
+        raise CheckpointError(f"{option} {ref}: no such directory")
+    return None
+
+
+def _user_mimi(ref: str) -> str:
+    path = _user_path(ref, "--mimi")
+    return str(path) if path is not None else ref
+
+
+def _user_tokenizer(ref: str) -> Path:
+    path = _user_path(ref, "--tokenizer")
+    return _check_tokenizer(path if path is not None else _hub_snapshot_files(ref, TOKENIZER_FILES))
 
 
 # --- local directories -------------------------------------------------------
 
 
-def _resolve_local(root: Path) -> CheckpointFiles:
+def _resolve_local(root: Path, overrides: _Overrides) -> CheckpointFiles:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {root}")
     manifest = _read_manifest(root / ASSETS_FILE)
     config_path = _require_file(root, manifest.get("config", "config.json"))
     weights_path = _require_file(root, manifest.get("weights", "model.safetensors"))
     assets = load_config(config_path).assets
-    tokenizer_ref = manifest.get("tokenizer") or assets.tokenizer
-    tokenizer_dir = _tokenizer_dir(tokenizer_ref, root) if tokenizer_ref else _check_tokenizer(root)
-    mimi_ref = _local_or_hub(manifest.get("mimi") or assets.mimi or DEFAULT_MIMI, root)
+    tokenizer_dir = overrides.tokenizer
+    if tokenizer_dir is None:
+        tokenizer_ref = manifest.get("tokenizer") or assets.tokenizer
+        tokenizer_dir = _tokenizer_dir(tokenizer_ref, root) if tokenizer_ref else _check_tokenizer(root)
+    mimi_ref = overrides.mimi or _local_or_hub(manifest.get("mimi") or assets.mimi or DEFAULT_MIMI, root, "--mimi")
     return CheckpointFiles(config_path, weights_path, tokenizer_dir, mimi_ref, None, manifest)
 
 
@@ -98,21 +136,23 @@ def _require_file(root: Path, name: str) -> Path:
     return path
 
 
-def _contained(name: str, what: str) -> str:
+def _contained(name: str, what: str, option: str | None = None) -> str:
     """A path named by the checkpoint must stay inside it: no absolute paths, no ``..`` out, no ``~``.
 
     Checked on the name, not on resolved files: a hub snapshot is made of symlinks into
-    the cache's blob store, which is where its files legitimately live."""
+    the cache's blob store, which is where its files legitimately live. ``option`` is the
+    command-line option that names the same thing from the user instead."""
     normal = os.path.normpath(name)
     if Path(name).is_absolute() or name.startswith("~") or normal == ".." or normal.startswith(".." + os.sep):
+        hint = f"; pass {option} DIR_OR_REPO to name it yourself" if option else ""
         raise CheckpointError(f"the checkpoint names {what} {name!r}, outside its directory; "
-                              f"paths a checkpoint names must stay inside it")
+                              f"paths a checkpoint names must stay inside it{hint}")
     return name
 
 
-def _local_or_hub(ref: str, root: Path) -> str:
+def _local_or_hub(ref: str, root: Path, option: str) -> str:
     """An existing directory (relative to the checkpoint) wins; anything else is a hub id."""
-    local = root / _contained(ref, "directory")
+    local = root / _contained(ref, "directory", option)
     if local.is_dir():
         return str(local.resolve())
     if ref.startswith("./"):
@@ -121,7 +161,7 @@ def _local_or_hub(ref: str, root: Path) -> str:
 
 
 def _tokenizer_dir(ref: str, root: Path) -> Path:
-    resolved = _local_or_hub(ref, root)
+    resolved = _local_or_hub(ref, root, "--tokenizer")
     if Path(resolved).is_dir():
         return _check_tokenizer(Path(resolved))
     return _check_tokenizer(_hub_snapshot_files(resolved, TOKENIZER_FILES))
@@ -168,7 +208,7 @@ def _cache_root() -> Path:
 # --- the Hugging Face hub ----------------------------------------------------
 
 
-def _resolve_hub(repo_id: str) -> CheckpointFiles:
+def _resolve_hub(repo_id: str, overrides: _Overrides) -> CheckpointFiles:
     manifest = _hub_manifest(repo_id)
     config_name = _contained(manifest.get("config", "config.json"), "file")
     weights_name = _contained(manifest.get("weights", "model.safetensors"), "file")
@@ -178,12 +218,14 @@ def _resolve_hub(repo_id: str) -> CheckpointFiles:
     root = config_path.parents[len(Path(config_name).parts) - 1]
     # As in the reference: a hub checkpoint's tokenizer is the manifest's or the repo's own.
     tokenizer_ref = manifest.get("tokenizer") or repo_id
-    if tokenizer_ref == repo_id:
+    if overrides.tokenizer is not None:
+        tokenizer_dir = overrides.tokenizer
+    elif tokenizer_ref == repo_id:
         tokenizer_dir = _check_tokenizer(_hub_snapshot_files(repo_id, TOKENIZER_FILES))
     else:
         tokenizer_dir = _tokenizer_dir(tokenizer_ref, root)
     assets = load_config(config_path).assets
-    mimi_ref = _local_or_hub(manifest.get("mimi") or assets.mimi or DEFAULT_MIMI, root)
+    mimi_ref = overrides.mimi or _local_or_hub(manifest.get("mimi") or assets.mimi or DEFAULT_MIMI, root, "--mimi")
     return CheckpointFiles(config_path, weights_path, tokenizer_dir, mimi_ref, repo_id, manifest)
 
 
@@ -225,13 +267,43 @@ def _hub_file(repo_id: str, name: str) -> str:
         raise CheckpointError(f"{name} not found in Hugging Face repo {repo_id}") from None
 
 
+# Seconds to wait for a TCP connection to the hub (or the proxy) before treating the machine as offline.
+PROBE_TIMEOUT = 3.0
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (no route, no DNS, refused), or None when a connection opens.
+
+    Without this, an offline ``--size 1B`` spent 35-83 s in huggingface_hub's retries (5 per file,
+    with backoff, printing a line each) before its one-line error. One TCP connect to the
+    endpoint, or to the HTTPS proxy when one is set, answers in at most PROBE_TIMEOUT; when it
+    fails the download goes on from the cache only (``local_files_only``), so cached files
+    still work offline.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # the hub's own offline mode: it never tries the network
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def _download(repo_id: str, name: str) -> str:
     """hf_hub_download with the hub's failures other than "no such file" turned into CheckpointError."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
-        return hf_hub_download(repo_id, name)
+        return hf_hub_download(repo_id, name, local_files_only=hub_unreachable() is not None)
     except EntryNotFoundError:
         raise
     except GatedRepoError:
@@ -249,7 +321,9 @@ def _offline_hint(repo_id: str) -> str:
 
     if constants.HF_HUB_OFFLINE:
         return f" and HF_HUB_OFFLINE is set; run `hf download {repo_id}` on a machine with network"
-    return f" and the hub could not be reached; check the network or run `hf download {repo_id}`"
+    reason = hub_unreachable()
+    reached = f" ({reason})" if reason else ""
+    return f" and the hub could not be reached{reached}; check the network or run `hf download {repo_id}`"
 
 
 # --- loading -----------------------------------------------------------------
@@ -304,7 +378,9 @@ def load_mimi(ref: str) -> MimiModel:
     from transformers import MimiModel
 
     try:
-        loaded: Any = MimiModel.from_pretrained(ref, dtype=torch.float32, output_loading_info=True)
+        offline = not Path(ref).is_dir() and hub_unreachable() is not None  # cache only: no minute of retries
+        loaded: Any = MimiModel.from_pretrained(ref, dtype=torch.float32, output_loading_info=True,
+                                                local_files_only=offline)
         model, info = loaded  # (model, loading info): transformers types the return as the model alone
     except OSError:
         if Path(ref).is_dir():

@@ -38,6 +38,8 @@ class Binding(Protocol):
 
     spec: GraphSpec
     resizable: bool  # whether bind() takes a bounded axis below its bound (else only at the bound)
+    # (optional, default False) whether bound inputs live on a device, bound once at their bound: set_dims
+    # keeps them, and they change only through write_rows (TensorRT). Else bind() again after set_dims.
 
     def bind(self, name: str, array: np.ndarray) -> None:
         """Use ``array`` as the persistent buffer of input ``name`` (read in place by every run)."""
@@ -344,6 +346,7 @@ class TakingTurns:
     def __init__(self, binding: Binding, lock) -> None:
         self.spec, self._binding, self._lock = binding.spec, binding, lock
         self.resizable = binding.resizable
+        self.device_inputs = getattr(binding, "device_inputs", False)
         self.bind, self.write_rows, self.reset_state = binding.bind, binding.write_rows, binding.reset_state
         self.set_dims = binding.set_dims
 

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from .session import AudioChunk, Session
 
 _END = object()  # the lane ended: every chunk is out
+# A cancel waits for the engine to reach the stream: one frame, unless a graph call hangs.
+CANCEL_WAIT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,18 @@ class Lane:
         self.parked = False  # waiting for text: not stepped until woken
         self.ended = False
         self.wakes = 0  # feed/close/cancel calls so far
+        self.over = threading.Event()  # set once the lane has ended and its state is back
         self._out: queue.SimpleQueue = queue.SimpleQueue()
 
     def wake(self) -> None:
         self.engine.wake(self)
+
+    def cancel(self, wait: bool = True) -> None:
+        """End at the next frame; with ``wait``, from any thread but the engine's, wait for that (a
+        frame at most), so the session's state and slot are free when ``Session.cancel`` returns."""
+        self.engine.cancel(self)
+        if wait and threading.current_thread() is not self.engine.thread:
+            self.over.wait(CANCEL_WAIT_SECONDS)
 
     def put(self, item: object) -> None:
         self._out.put(item)
@@ -66,6 +76,8 @@ class Lane:
     def chunks(self) -> Iterator[AudioChunk]:
         """What the engine made for the session, up to its end or to its wait for more text."""
         while True:
+            if self.session.cancelled:  # what it made before the cancel is dropped, as a solo session's is
+                return
             item = self._out.get()
             if item is _END:
                 self._out.put(_END)  # iterating again ends at once
@@ -125,6 +137,26 @@ class BatchEngine:
             lane.parked = False
             self._cond.notify()
 
+    def cancel(self, lane: Lane) -> None:
+        """A session waiting for a slot ends here; a seated one is ended by the engine's next frame."""
+        with self._cond:
+            if lane in self._line:
+                self._line.remove(lane)
+                seated = False
+            else:
+                seated = True
+                lane.wakes += 1
+                lane.parked = False
+                self._cond.notify()
+        if not seated:
+            with lane.session._lock:
+                lane.session._end()  # its loop never ran: this gives its state back
+            self._end(lane, None)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
     def stats(self) -> EngineStats:
         with self._cond:
             busy = sum(lane is not None for lane in self._slots)
@@ -166,12 +198,13 @@ class BatchEngine:
             if lanes:
                 return lanes
             if not self._line and all(lane is None for lane in self._slots):
-                self.stepper.restart()  # nobody left: the cache back to its first rows
                 self._thread = None  # admit() starts another
                 return None
             self._cond.wait()
 
     def _seat(self) -> None:
+        if self._line and all(lane is None for lane in self._slots):
+            self.stepper.restart()  # a new batch: every slot scrubbed, the cache back to its first rows
         for slot, lane in enumerate(self._slots):
             if lane is None and self._line:
                 new = self._line.popleft()
@@ -247,13 +280,15 @@ class BatchEngine:
         lane.ended = True
         if error is not None:
             lane.session._end()  # the loop's `finally` gives its state back
-            lane.put(error)
-        lane.put(_END)
-        with self._cond:
+        with self._cond:  # the slot is free before the reader hears of the end
             if lane.slot is not None and self._slots[lane.slot] is lane:
                 self._slots[lane.slot] = None
             lane.session.stepper = None
             self._cond.notify()
+        if error is not None:
+            lane.put(error)
+        lane.put(_END)
+        lane.over.set()
 
     def _fail_all(self, error: Exception) -> None:
         """(Holding the lock) end every lane, seated or waiting."""
@@ -261,5 +296,6 @@ class BatchEngine:
             lane.ended = True
             lane.put(error)
             lane.put(_END)
+            lane.over.set()
         self._line.clear()
         self._slots = [None] * len(self._slots)

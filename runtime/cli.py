@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .audio import pcm16
 from .backends import BACKEND_NAMES, create_backend
@@ -31,7 +33,9 @@ class _Group(OneLineGroup):
     pulls in the benchmark harness, which ``speak`` must not load."""
 
     LAZY = {"bench": ("dia2_trt.benchmarks.cli", "bench"), "voice": ("dia2_trt.runtime.voice_cli", "voice"),
-            "serve": ("dia2_trt.runtime.serve.command", "serve")}
+            "serve": ("dia2_trt.runtime.serve.command", "serve"), "demo": ("dia2_trt.runtime.demo", "demo"),
+            "triton-repo": ("dia2_trt.runtime.triton.command", "triton_repo"),
+            "triton-serve": ("dia2_trt.runtime.triton.command", "triton_serve")}
 
     def list_commands(self, ctx) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -55,7 +59,7 @@ def main() -> None:
 @click.option("--input", "input_file", type=click.Path(dir_okay=False), help="Read the script from a file.")
 @click.option("--artifacts", required=True, type=click.Path(), help="Artifact directory (dia2-export build).")
 @click.option("--out", "out", required=True,
-              help="Audio file (.wav, .flac, .ogg), or '-' for raw 16-bit PCM on stdout.")
+              help="Audio file (.wav, .flac, .ogg, .mp3, .opus), or '-' for raw 16-bit PCM on stdout.")
 @click.option("--seed", default=0, show_default=True, type=int64_range())
 @click.option("--temperature", type=FiniteFloat(min=0), help="Both streams' temperature (0 = greedy).")
 @click.option("--text-temperature", type=FiniteFloat(min=0), help="Text-action temperature [0.6].")
@@ -86,7 +90,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
                                            audio_temperature=audio_temperature, top_k=top_k, cfg_scale=cfg_scale,
                                            cfg_filter_k=cfg_filter_k)
     if out != "-" and Path(out).suffix.lower() not in AUDIO_FORMATS:
-        fail(f"{out}: unknown audio format (use .wav, .flac or .ogg, or '-' for raw PCM)")
+        _check_encoded_format(out)
     outputs = check_outputs({"--out": None if out == "-" else out, "--timestamps-out": timestamps_out,
                              "--tokens-out": tokens_out}, protected=[("artifact directory", Path(artifacts))],
                             inputs=[("script --input", input_file), *prefix_inputs(prefix_args)])
@@ -110,6 +114,7 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     _write_outputs(outputs, result, runtime.sample_rate)
     if not quiet:
         _summary(result)
+        _noise_note(runtime.manifest.source, result)
 
 
 def _generate(session, to_stdout: bool):
@@ -133,12 +138,62 @@ def _write_stdout(data: bytes) -> None:
 def _write_outputs(outputs: dict[str, Path], result, rate: int) -> None:
     stamps = [[word, seconds] for word, seconds in result.timestamps]
     documents = {"--timestamps-out": stamps, "--tokens-out": {"tokens": result.tokens.tolist(), "timestamps": stamps}}
-    items = [(path, audio_writer(path, result.pcm, rate) if option == "--out" else _json_writer(documents[option]))
+    items = [(path, _audio_writer(path, result.pcm, rate) if option == "--out" else _json_writer(documents[option]))
              for option, path in outputs.items()]
     try:
         write_together(items)
     except Exception as exc:  # OSError, or soundfile's own error types
         fail(f"cannot write {', '.join(str(p) for p in outputs.values())}: {getattr(exc, 'strerror', None) or exc}")
+
+
+# The server's whole-file encoders (runtime/serve/audio.py: libsndfile's MP3 and Ogg Opus, the same
+# int16 rounding as every other output), by file extension.
+_ENCODED = {".mp3": "mp3", ".opus": "opus"}
+
+
+def _check_encoded_format(out: str) -> None:
+    from .serve.audio import available_formats
+
+    name = _ENCODED.get(Path(out).suffix.lower())
+    if name is None:
+        fail(f"{out}: unknown audio format (use .wav, .flac, .ogg, .mp3 or .opus, or '-' for raw PCM)")
+    if name not in available_formats():
+        import soundfile as sf
+
+        fail(f"{out}: this machine's libsndfile ({sf.__libsndfile_version__}) cannot encode {name}; "
+             "use .wav, .flac or .ogg")
+
+
+def _audio_writer(path: Path, pcm, rate: int):
+    name = _ENCODED.get(Path(path).suffix.lower())
+    if name is None:
+        return audio_writer(path, pcm, rate)
+    from .serve.audio import FORMATS, encode_whole
+
+    data = encode_whole(FORMATS[name], pcm, rate)
+    return lambda tmp: Path(tmp).write_bytes(data)
+
+
+def _noise_note(source, result) -> None:
+    """Say so when the audio is noise because the weights are random: a new user's first WAV (the tiny
+    checkpoint, README step 1) has a quarter of its samples at full scale and sounds broken otherwise."""
+    pcm = result.pcm
+    clipped = float(np.mean(np.abs(pcm) >= 0.999)) if len(pcm) else 0.0
+    tiny = _random_checkpoint(source)
+    if tiny or clipped >= 0.05:
+        why = ("these artifacts come from the tiny checkpoint, random weights" if tiny
+               else f"{clipped:.0%} of the samples are at full scale, as random weights give")
+        click.echo(f"note: expect noise: {why}; for speech build --size 1B or --size 2B", err=True)
+
+
+def _random_checkpoint(source) -> bool:
+    """The tiny checkpoint: built by models/tiny.py into the cache as tiny-v<format>-seed<seed>
+    (``--size tiny``), or the committed fixture, whose source names no checkpoint or repo at all."""
+    if source.repo_id is not None:
+        return False
+    if source.checkpoint is None:
+        return source.mimi is None
+    return re.fullmatch(r"tiny-v\d+-seed\d+", Path(source.checkpoint).name) is not None
 
 
 def _json_writer(document):
@@ -169,7 +224,12 @@ class _ProgressBar:
 
 
 def _summary(result) -> None:
-    first = f"{result.first_audio_seconds:.2f}s" if result.first_audio_seconds is not None else "n/a"
+    first = "n/a"
+    if result.first_audio_seconds is not None:
+        # in frame-times too: the part of first audio that is the codebook delays, not a slow frame
+        frame = result.wall_seconds / result.frames if result.frames else 0.0
+        first = f"{result.first_audio_seconds * 1e3:.0f} ms" + (
+            f" ({result.first_audio_seconds / frame:.1f} frame-times)" if frame > 0 else "")
     click.echo(f"{result.audio_seconds:.2f}s audio in {result.wall_seconds:.2f}s wall "
                f"(RTF {result.real_time_factor:.3f}), first audio after {first}"
                + (" [truncated]" if result.truncated else ""), err=True)

@@ -48,16 +48,15 @@ def check_size(text: str) -> None:
 def check_script(text: str) -> None:
     """Reject input that the reference would silently mangle; safe on a complete prefix of a script.
 
-    The reference happily speaks unknown tags and stray brackets as words and starts
-    with no speaker; we ask for a speaker tag up front, known tags only, every
-    ``<``/``[`` closed, and break times that are numbers of seconds.
+    The reference happily speaks unknown tags and stray brackets as words; we ask for
+    known tags only, every ``<``/``[`` closed, and break times that are numbers of
+    seconds. Text before any speaker tag is not refused: the reference speaks it as
+    speaker 1 (``parse_script`` puts ``[S1]``'s token before the first word, as it
+    does), which is what plain-text clients (OpenAI's ``input``) send.
     """
     check_size(text)
     if not text.strip():
         raise ScriptError("the script is empty")
-    stripped = text.lstrip()
-    if not stripped.startswith(_SPEAKERS):
-        raise ScriptError("the script must start with a speaker tag, [S1] or [S2]")
     for match in _TAG.finditer(text):
         _check_tag(match.group(0))
     stray = _STRAY.search(_TAG.sub(" ", text))

@@ -208,11 +208,14 @@ class Session:
         if self._lane is not None:
             self._lane.wake()
 
-    def cancel(self) -> None:
-        """Stop at the next frame (safe from another thread) and free this session's state."""
+    def cancel(self, wait: bool = True) -> None:
+        """Stop at the next frame (safe from another thread) and free this session's state.
+
+        On a batched runtime the engine ends it before its next frame; with ``wait`` (the default)
+        this returns once it has (its state and slot free), without, at once (an event loop)."""
         self._cancelled = True
-        if self._lane is not None:  # the engine ends it before its next frame
-            self._lane.wake()
+        if self._lane is not None:
+            self._lane.cancel(wait)
             return
         if self._lock.acquire(blocking=False):  # not mid-frame: end the loop now
             try:

@@ -98,7 +98,8 @@ class FrameStepper:
         self.decoders = [decoder] if self.batched_codec else [decoder, *(bind(CODEC_DECODER)
                                                                         for _ in range(streams - 1))]
         self.rows_written = [0] * streams  # per slot: cache rows 0 .. n-1 may hold a stream's values
-        self._laid_out = 0  # the S the bindings are laid out for (0: none yet)
+        self._laid_out = 0  # the S the backbone's cache is bound for (0: none yet)
+        self._sizes: dict[int, int] = {}  # id(binding) -> the S it is laid out for
         self._cache_rows = 0  # the cache rows bound
         self._codec_inputs = _codec_inputs(decoder.spec)
 
@@ -110,7 +111,7 @@ class FrameStepper:
 
     def _run(self, binding: Binding, s: int, feeds: dict) -> dict:
         """Run ``binding`` on S = ``s`` streams' feeds, each shaped as the graph takes it at that size
-        (artifacts made before the stream axis take one stream, in their own shapes)."""
+        (a codec decoder without a stream axis takes one stream's codes as [1, Q, 1])."""
         spec, dims = binding.spec, {**binding.spec.dims, STREAMS: s, STREAM_ROWS: BRANCHES * s}
         shaped = {name: np.reshape(value, spec.input(name).bounded(dims).static_shape)
                   for name, value in feeds.items()}
@@ -118,14 +119,19 @@ class FrameStepper:
 
     # --- layout -------------------------------------------------------------------------------
 
+    def _size(self, binding: Binding, s: int) -> None:
+        """Lay ``binding`` out for S = ``s`` streams (each graph keeps its own size: a frame's
+        depformer call may hold fewer streams than its backbone call)."""
+        if self._sizes.get(id(binding)) != s:
+            binding.set_dims({STREAMS: s, STREAM_ROWS: BRANCHES * s})
+            self._sizes[id(binding)] = s
+
     def _layout(self, s: int) -> None:
-        """Lay the bindings out for S = ``s`` streams and bind slots 0 .. s-1 of the cache."""
-        if s != self._laid_out:
-            dims = {STREAMS: s, STREAM_ROWS: BRANCHES * s}
-            for binding in (self.backbone, self.depformer, *(self.decoders if self.batched_codec else ())):
-                binding.set_dims(dims)
-            self._laid_out = 0  # the cache must be bound again at the new size
-        if not self.backbone.resizable:  # a device cache at its bound, bound once: only rows are written
+        """Lay the backbone out for S = ``s`` streams and bind slots 0 .. s-1 of the cache."""
+        if self._sizes.get(id(self.backbone)) != s:
+            self._size(self.backbone, s)
+            self._laid_out = 0  # set_dims dropped the bound cache: bind it again at the new size
+        if getattr(self.backbone, "device_inputs", False):  # bound once on the device: only rows are written
             if not self._cache_rows:
                 self._bind_cache(self.streams)
             self._laid_out, self._cache_rows = s, self.cache.rows
@@ -162,15 +168,16 @@ class FrameStepper:
     def depformer_frame(self, calls: dict[int, DepformerCall]) -> dict[int, np.ndarray]:
         """Every codebook of one frame for the slots in ``calls``: slot -> tokens [Q]."""
         s = max(calls) + 1
-        self._layout(s)
+        self._size(self.depformer, s)
         first = next(iter(calls.values()))
         q = first.noise.shape[0]
         feeds = {
             HIDDEN: np.zeros((BRANCHES * s, *first.hidden.shape[1:]), first.hidden.dtype),
             CB0_LOGITS: np.zeros((BRANCHES * s, *first.cb0_logits.shape[1:]), first.cb0_logits.dtype),
             TEXT_TOKENS: np.zeros((s, 2), np.int64), NOISE: np.zeros((s, q), np.float32),
-            # rows nobody asked for sample greedily and unguided: the cheapest path through the graph
-            TEMPERATURE: np.zeros(s, np.float32), TOP_K: np.zeros(s, np.int64),
+            # rows nobody asked for sample greedily and unguided, with k = 1: the TopK fast path (k = 0,
+            # "no cut", would send the whole batch through the full sort)
+            TEMPERATURE: np.zeros(s, np.float32), TOP_K: np.ones(s, np.int64),
             CFG_SCALE: np.ones(s, np.float32), CFG_FILTER_K: np.zeros(s, np.int64),
         }
         for slot, call in calls.items():
@@ -191,7 +198,7 @@ class FrameStepper:
                 out[slot] = self._run(self.decoders[slot], 1, {codes_name: call.codes})[pcm_name].reshape(-1).copy()
             return out
         s = max(calls) + 1
-        self._layout(s)
+        self._size(self.decoders[0], s)
         q = next(iter(calls.values())).codes.shape[0]
         codes, active = np.zeros((s, q, 1), np.int64), np.zeros(s, np.bool_)
         for slot, call in calls.items():
@@ -229,7 +236,9 @@ class FrameStepper:
             self.write_rows(slot, 0, zeros, zeros)
         self.rows_written[slot] = 0
         if self.batched_codec:
-            self.decoders[0].reset_state(slice(slot, slot + 1))
+            decoder = self.decoders[0]
+            self._size(decoder, max(self._sizes.get(id(decoder), 1), slot + 1))  # the slot's state in view
+            decoder.reset_state(slice(slot, slot + 1))
         else:
             self.decoders[slot].reset_state()
 

@@ -152,6 +152,7 @@ class TrtBinding:
     """
 
     resizable = False
+    device_inputs = True  # a bound input lives on the device, at its bound, whatever set_dims does
 
     def __init__(self, graph: TrtGraph) -> None:
         self.spec = graph.spec

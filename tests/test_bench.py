@@ -29,6 +29,9 @@ def check_contender(c: dict, frame_rate: float) -> None:
     per_run = [r["wall_seconds"] * frame_rate / r["frames"] for r in c["raw"]["runs"]]
     assert min(per_run) - 1e-9 <= c["real_time_factor"]["median"] <= max(per_run) + 1e-9
     assert c["first_audio_seconds"] is None or c["first_audio_seconds"]["median"] > 0
+    if c["first_audio_seconds"] is not None:  # time to first audio in steady frame-times
+        assert c["first_audio_frame_times"] == pytest.approx(
+            c["first_audio_seconds"]["median"] / c["frame_seconds"]["median"])
     assert c["frame_seconds"]["median"] > 0
     parts = c["breakdown_seconds_per_frame"]
     assert set(parts) == {"backbone", "depformer", "codec", "host"}
@@ -53,7 +56,8 @@ def test_bench_reference_and_runtime(tiny_artifacts, tmp_path):
         check_contender(c, frame_rate)
     ref, rt = result["contenders"]
     assert ref["speedup_vs_reference"] == 1.0 and rt["speedup_vs_reference"] > 0
-    assert "| onnxruntime-fp32 |" in (out / "bench.md").read_text()
+    table = (out / "bench.md").read_text()
+    assert "| onnxruntime-fp32 |" in table and "| first audio ms | first audio frames |" in table
     assert (out / "latency.png").stat().st_size > 0 and (out / "breakdown.png").stat().st_size > 0
 
 

@@ -156,7 +156,7 @@ def test_calibrate_cli_rejects_missing_scripts_in_one_line_without_a_directory(t
 
 @pytest.mark.parametrize("content, message", [
     ("\n  \n", "holds no calibration scripts"),
-    ("Hello without a speaker\n", "script 1: the script must start with a speaker tag"),
+    ("[S1] Hello <laugh>\n", "script 1: unknown tag"),
 ])
 def test_read_scripts_rejects_empty_and_bad_files(tmp_path, content, message):
     from dia2_trt.calibration.calibrate import read_scripts

@@ -87,7 +87,7 @@ def test_reference_cli_writes_tokens_and_audio(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("", "empty"),
-    ("Hello there", "speaker tag"),
+    ("[S3] Hello there", "unknown tag"),
     ("[S1] Hello <laugh> there", "unknown tag"),
 ])
 def test_reference_cli_rejects_bad_scripts(tiny_checkpoint, tmp_path, text, message):

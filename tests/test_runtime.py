@@ -264,7 +264,7 @@ def test_incremental_feed_equals_whole_text(runtimes, variant, script, size):
 @pytest.mark.parametrize("script,message", [
     ("", "empty"),
     ("   \n", "empty"),
-    ("Hello there", "speaker tag"),
+    ("[S3] Hello there", "unknown tag"),
     ("[S1] Hello <laugh> there", "unknown tag"),
     ("[S1] " + "hello there friend " * 40, "too long"),
 ])
@@ -345,14 +345,14 @@ def test_cli_raw_pcm_from_stdin(built, runtimes):
 
 @pytest.mark.parametrize("args,message", [
     (["speak", ""], "empty"),
-    (["speak", "Hello"], "speaker tag"),
+    (["speak", "[S3] Hello"], "unknown tag"),
     (["speak", "[S1] hi <laugh>"], "unknown tag"),
     (["speak", "[S1] " + "hello there friend " * 40], "too long"),
     (["speak", "[S1] hi", "--cfg", "0"], "--cfg"),
     (["speak", "[S1] hi", "--top-k", "-1"], "--top-k"),
     (["speak", "[S1] hi", "--temperature", "-1"], "--temperature"),
     (["speak", "[S1] hi", "--threads", "0"], "--threads"),
-    (["speak", "[S1] hi", "--out", "x.mp3"], "unknown audio format"),
+    (["speak", "[S1] hi", "--out", "x.aac"], "unknown audio format"),
     (["speak", "--input", "missing.txt"], "cannot read"),
     (["speak", "[S1] hi", "--input", "missing.txt"], "not both"),
     (["speak", "[S1] hi", "--artifacts", "missing-dir"], "artifact directory not found"),

@@ -77,7 +77,7 @@ def _still_serving(server, expected: bytes) -> None:
 BAD_BODIES = {
     "empty input": (speech_body(""), 400, "input"),
     "blank input": (speech_body("   "), 400, "input"),
-    "no speaker tag": (speech_body("Hello there."), 400, "input"),
+    "unknown speaker tag": (speech_body("[S3] Hello there."), 400, "input"),
     "unknown tag": (speech_body("[S1] Hi <laugh> there."), 400, "input"),
     "unknown voice": (speech_body(TEXT, voice="bob"), 400, "voice"),
     "unknown voice 2": (speech_body(TEXT, voice_2="nobody"), 400, "voice_2"),
@@ -93,7 +93,6 @@ BAD_BODIES = {
     "negative seed": (speech_body(TEXT, seed=-1), 400, "seed"),
     "string seed": (speech_body(TEXT, seed="abc"), 400, "seed"),
     "speed": (speech_body(TEXT, speed=2.0), 400, "speed"),
-    "instructions": (speech_body(TEXT, instructions="whisper"), 400, "instructions"),
     "too many chars": (speech_body("[S1] " + "la " * 900), 400, "input"),
     "past the context": (speech_body("[S1] " + " ".join(["word"] * 600)), 400, "input"),
     "json list": ([TEXT], 400, None),
@@ -227,8 +226,8 @@ BAD_SOCKETS = {
     "unknown message": ([START, json.dumps({"type": "dance"})], 1008, "unexpected"),
     "text after end": ([START, TEXT_MSG, json.dumps({"type": "end"}), TEXT_MSG], 1008, None),
     "text not a string": ([START, json.dumps({"type": "text", "text": 5})], 1008, "unexpected"),
-    "no speaker tag": ([START, json.dumps({"type": "text", "text": "Hello there friend. "}),
-                        json.dumps({"type": "end"})], 1008, "speaker tag"),
+    "unknown tag": ([START, json.dumps({"type": "text", "text": "[S3] Hello there friend. "}),
+                     json.dumps({"type": "end"})], 1008, "unknown tag"),
     # mostly spaces: past the character limit while the words still fit the tiny model's context,
     # so only the length limit can refuse it (500 words tripped the context check first at times)
     "too long": ([START] + [json.dumps({"type": "text", "text": "[S1] la" + " " * 1500})] * 2, 1008, "2000 characters"),

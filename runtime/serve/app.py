@@ -23,10 +23,10 @@ from fastapi import FastAPI
 from .. import Dia2Runtime, GenerationParams, ScriptError
 from ..script import check_script
 from .audio import available_formats
-from .guard import EdgeChecks, OriginPolicy
+from .guard import ApiKeyCheck, EdgeChecks, OriginPolicy
 from .metrics import Metrics
 from .page import router as page_router
-from .routes import ClientGone, StreamAborted, install_error_handlers
+from .routes import IGNORED_HEADER, ClientGone, StreamAborted, install_error_handlers
 from .routes import router as http_router
 from .schema import GenerationFields, RequestError
 from .voices import RegisteredVoice, VoiceRegistry, VoiceRegistryError
@@ -45,6 +45,8 @@ class ServeConfig:
     shutdown_grace: float = 10.0  # seconds in-flight streams get to finish on shutdown
     parse_threads: int = 2  # threads decoding and checking requests, off the event loop
     origins: OriginPolicy = field(default_factory=OriginPolicy)
+    api_key: str | None = None  # required as "Authorization: Bearer KEY" on every route but /healthz
+    cors_origins: tuple[str, ...] = ()  # pages that may call the API from a browser (CORS); none by default
 
 
 T = TypeVar("T")
@@ -164,9 +166,25 @@ def create_app(slots: Sequence[Dia2Runtime], config: ServeConfig | None = None,
                   docs_url=None, redoc_url=None)
     app.state.serve = state
     app.add_middleware(_CutOffQuietly)
-    app.add_middleware(EdgeChecks, policy=state.config.origins)  # added last: runs first
+    _add_access_control(app, state.config)
     install_error_handlers(app)
     app.include_router(http_router)
     app.include_router(ws_router)
     app.include_router(page_router)
     return app
+
+
+def _add_access_control(app: FastAPI, config: ServeConfig) -> None:
+    """From the outside in: Host/Origin checks, CORS (answers preflights, which carry no key), the key.
+    Starlette runs the middleware added last first."""
+    if config.api_key is not None:
+        app.add_middleware(ApiKeyCheck, key=config.api_key)
+    origins = config.origins
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=[IGNORED_HEADER, "Retry-After"], max_age=600)
+        origins = origins.allowing(config.cors_origins)
+    app.add_middleware(EdgeChecks, policy=origins)

@@ -54,6 +54,12 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="A Host name to answer besides IP addresses and localhost, e.g. behind a proxy "
                    "(repeatable; '*' for any).")
+@click.option("--api-key", envvar="DIA2_API_KEY", show_envvar=True, metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on every route but /healthz (401 otherwise). Prefer the "
+                   "environment variable: a command line is visible to every user of the machine.")
+@click.option("--cors-origins", "cors_origins", multiple=True, metavar="ORIGIN[,ORIGIN...]",
+              help="Web origins (https://app.example) whose pages may call the API from a browser: CORS headers "
+                   "for them (repeatable or comma-separated; '*' for any). Off by default.")
 @click.option("--shutdown-grace", default=10.0, show_default=True, type=FiniteFloat(0, 3600),
               help="Seconds in-flight streams get to finish on shutdown before they are cancelled.")
 @threads_option()
@@ -62,7 +68,7 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options, request_timeout, max_input_chars,
           max_body_bytes, max_connections, header_timeout, body_timeout, idle_timeout, max_messages,
-          allow_origins, allow_hosts, shutdown_grace, threads, backend, log_level) -> None:
+          allow_origins, allow_hosts, api_key, cors_origins, shutdown_grace, threads, backend, log_level) -> None:
     """Serve speech: POST /v1/audio/speech (OpenAI-compatible), WebSocket /v1/stream, a page at /."""
     try:
         import uvicorn
@@ -73,6 +79,7 @@ def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options,
     except ImportError as exc:
         raise click.ClickException(f"dia2-rt serve needs the [serve] extra (pip install 'dia2-trt[serve]'): "
                                    f"{exc}") from None
+    api_key, cors = _access(api_key, cors_origins)
     try:
         sock = listen(host, port)  # before the artifacts load: a busy port fails at once
     except ListenError as exc:
@@ -83,9 +90,10 @@ def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options,
         config = ServeConfig(max_queue=max_queue, limits=Limits(request_timeout, max_input_chars, idle_timeout),
                              max_body_bytes=max_body_bytes, max_messages=max_messages,
                              body_timeout=body_timeout, shutdown_grace=shutdown_grace,
-                             origins=OriginPolicy(host, allow_hosts, allow_origins))
+                             origins=OriginPolicy(host, allow_hosts, allow_origins), api_key=api_key,
+                             cors_origins=cors)
         app = create_app(slots, config, voices)
-        if not _loopback(host):
+        if not _loopback(host) and api_key is None:
             click.echo(f"warning: serving on {host}, reachable from other machines, with no authentication",
                        err=True)
         edge = EdgeLimits(max_connections, header_timeout, body_timeout)
@@ -95,6 +103,23 @@ def serve(artifacts, host, port, workers, max_streams, max_queue, voice_options,
         # it caught, which (as before dia2-rt's own handler) ends the process as SIGTERM does.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         server.run(sockets=[sock])
+
+
+def _access(api_key: str | None, cors_options) -> tuple[str | None, tuple[str, ...]]:
+    """The checked API key (None: no key) and CORS origins; a bad value is a usage error (exit 2)."""
+    from .guard import check_api_key
+
+    if api_key is not None:
+        try:
+            check_api_key(api_key)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--api-key") from None
+    cors = tuple(o.strip() for option in cors_options for o in option.split(",") if o.strip())
+    for origin in cors:
+        if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("//", 1)[1]):
+            raise click.BadParameter(f"{origin[:100]!r} is not an origin: scheme://host[:port], or '*'",
+                                     param_hint="--cors-origins")
+    return api_key, cors
 
 
 def _voices(options, runtime) -> VoiceRegistry:

@@ -6,12 +6,14 @@ descriptor) forever, and nothing bounds a request body's pace or the number of c
 (``limit_concurrency`` answers 503 only once a request's headers are in, and never to a
 WebSocket). :class:`GuardedH11Protocol` adds per-connection deadlines and a connection cap
 below the app; :class:`EdgeChecks` refuses requests a browser page could forge (DNS
-rebinding's foreign ``Host``, a foreign ``Origin``) before any route sees them.
+rebinding's foreign ``Host``, a foreign ``Origin``) before any route sees them; :class:`ApiKeyCheck`
+asks for ``--api-key`` on every route but ``/healthz``.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import ipaddress
 import json
 import socket
@@ -166,6 +168,12 @@ class OriginPolicy:
                          f"start it with --allow-origin ORIGIN to allow one")
         return None
 
+    def allowing(self, origins: Iterable[str]) -> OriginPolicy:
+        """This policy with more origins allowed (the CORS ones: a page they serve may call the API)."""
+        wider = OriginPolicy()
+        wider.hosts, wider.origins = set(self.hosts), self.origins | {o.strip().rstrip("/").lower() for o in origins}
+        return wider
+
     def _host_allowed(self, host: str) -> bool:
         name = _hostname(_strip_port(host))
         return _is_ip(name) or name in self.hosts
@@ -219,19 +227,64 @@ class EdgeChecks:
         if refusal is None:
             return await self.app(scope, receive, send)
         status, message = refusal
-        body = json.dumps(error_body(message)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await receive()  # websocket.connect
-        if "websocket.http.response" in scope.get("extensions", {}):
-            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close", "code": 1008})  # the server answers 403
+        await refuse(scope, receive, send, status, error_body(message))
+
+
+async def refuse(scope, receive, send, status: int, body: dict, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer an HTTP request or a WebSocket handshake with ``status`` and a JSON body, then close."""
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+               (b"connection", b"close"), *extra]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+        return
+    await receive()  # websocket.connect
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": data})
+    else:
+        await send({"type": "websocket.close", "code": 1008})  # the server answers 403
+
+
+# --- the API key ---------------------------------------------------------------------------------
+
+OPEN_PATHS = frozenset({"/healthz"})  # a load balancer's probe carries no key
+
+
+def check_api_key(key: str) -> str:
+    """The key as given, or ValueError: it must fit in an ``Authorization`` header as one token."""
+    if not key or len(key) > 1024 or not all(33 <= ord(c) <= 126 for c in key):
+        raise ValueError("the API key must be 1-1024 printable ASCII characters without spaces")
+    return key
+
+
+class ApiKeyCheck:
+    """ASGI middleware: every request and WebSocket handshake but ``/healthz`` must carry
+    ``Authorization: Bearer KEY`` (what OpenAI's clients send); otherwise 401 in OpenAI's error shape.
+
+    A CORS preflight carries no credentials by design; the CORS middleware, outside this one,
+    answers it before it gets here."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app = app
+        self._expected = f"bearer {check_api_key(key)}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in OPEN_PATHS or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        body = error_body("a valid API key is required: send Authorization: Bearer KEY (the server's --api-key "
+                          "or DIA2_API_KEY)", code="invalid_api_key")
+        await refuse(scope, receive, send, 401, body, ((b"www-authenticate", b"Bearer"),))
+
+    def _allowed(self, scope) -> bool:
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+        scheme, _, token = given.partition(b" ")
+        # Constant time over the token: the comparison must not say how much of a guess was right.
+        return hmac.compare_digest(scheme.lower() + b" " + token.strip(), self._expected)
 
 
 # --- the listening socket ------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""HTTP routes: the OpenAI-compatible speech endpoint, health, metrics and the voice list.
+"""HTTP routes: the OpenAI-compatible speech endpoint, the model and voice lists, health, metrics.
+
+The lists are what OpenAI clients read before they speak: ``GET /v1/models`` (the SDK's
+``models.list()``), ``/v1/audio/models`` and ``/v1/audio/voices`` (Open WebUI's TTS settings).
 
 ``POST /v1/audio/speech`` answers only once the request is sure to produce audio
 (its first chunk exists), so every refusal is a proper status with OpenAI's
@@ -28,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from .. import ScriptError
 from .audio import AudioFormat, encode_whole, wav_header
 from .schema import RequestError, SpeechRequest, error_body, parse_json, validate
-from .voices import VoiceRegistryError
+from .voices import DEFAULT, OPENAI_VOICES, VoiceRegistryError
 from .workers import Busy, Chunk, Failed, Finished, Job
 
 log = logging.getLogger("dia2_trt.serve")
@@ -57,13 +60,22 @@ async def speech(request: Request) -> Response:
         return Response(status_code=499)
     if isinstance(first, Failed):
         return failure_response(state, first)
+    headers = {**_NO_BUFFERING, **_ignored_header(body)}
     if body.stream_format == "sse":
         stream = sse_body(state, job, first, fmt, plan.input_tokens)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=_NO_BUFFERING)
-    return StreamingResponse(audio_body(state, job, first, fmt), media_type=fmt.media_type, headers=_NO_BUFFERING)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(audio_body(state, job, first, fmt), media_type=fmt.media_type, headers=headers)
 
 
 _NO_BUFFERING = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+IGNORED_HEADER = "X-Dia2-Ignored"
+
+
+def _ignored_header(body: SpeechRequest) -> dict[str, str]:
+    """OpenAI clients send ``instructions`` unasked (Open WebUI, the SDK's examples): serve them, and
+    say in a header that it changed nothing."""
+    ignored = body.ignored()
+    return {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
 
 
 def _plan_speech(state, raw: bytes):
@@ -72,8 +84,9 @@ def _plan_speech(state, raw: bytes):
     assert isinstance(body, SpeechRequest)  # validate returns an instance of the model it is given
     fmt = state.formats.get(body.response_format)
     if fmt is None:
-        raise RequestError(f"response_format: unknown or unavailable format {body.response_format!r} "
-                           f"(use {', '.join(state.formats)})", "response_format")
+        shown = body.response_format[:40]
+        raise RequestError(f"response_format: {shown!r} is not served here; supported: "
+                           f"{', '.join(state.formats)}", "response_format")
     return body, fmt, state.plan(body, body.input, count_tokens=body.stream_format == "sse")
 
 
@@ -224,6 +237,44 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/voices")
 async def voices(request: Request) -> JSONResponse:
     return JSONResponse({"voices": request.app.state.serve.voices.listing()})
+
+
+# Any model name is accepted (one model is served); these are the ones listed, so that clients which
+# pick from /v1/models (Open WebUI, SillyTavern) offer Dia2 and the names OpenAI's own TTS uses.
+MODEL_IDS = ("dia2", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+
+
+def _model(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "dia2-trt"}
+
+
+@router.get("/v1/models")
+async def models() -> JSONResponse:
+    """OpenAI's model list (``client.models.list()``)."""
+    return JSONResponse({"object": "list", "data": [_model(m) for m in MODEL_IDS]})
+
+
+@router.get("/v1/models/{model_id}")
+async def model(model_id: str) -> JSONResponse:
+    """Any name is served by the one model, so any name is found (``client.models.retrieve``)."""
+    return JSONResponse(_model(model_id[:128]))
+
+
+@router.get("/v1/audio/models")
+async def audio_models() -> JSONResponse:
+    """The TTS model list Open WebUI reads (``{"models": [{"id"}]}``)."""
+    return JSONResponse({"models": [{"id": m, "name": m} for m in MODEL_IDS]})
+
+
+@router.get("/v1/audio/voices")
+async def audio_voices(request: Request) -> JSONResponse:
+    """The voices a request may name, in the shape Open WebUI reads (``{"voices": [{"id", "name"}]}``):
+    the registered voices, ``default``, and OpenAI's names (each an alias of ``default``)."""
+    registry = request.app.state.serve.voices
+    listed = [{"id": v["name"], "name": v["name"], "conditioned": v["conditioned"]} for v in registry.listing()]
+    listed += [{"id": name, "name": name, "conditioned": False, "alias_of": DEFAULT}
+               for name in sorted(OPENAI_VOICES)]
+    return JSONResponse({"voices": listed})
 
 
 def install_error_handlers(app) -> None:

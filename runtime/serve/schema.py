@@ -62,22 +62,24 @@ class SpeechRequest(GenerationFields):
     input: str = Field(..., min_length=1)
     response_format: str = "mp3"  # OpenAI's default; checked against the formats this machine can encode
     stream_format: Literal["audio", "sse"] = "audio"
-    speed: float = Field(1.0, description="Only 1.0: Dia2 has no speed control")
-    instructions: str | None = Field(None, description="Not supported: Dia2 takes no style prompt")
+    speed: float = Field(1.0, description="OpenAI's 0.25-4.0; only 1.0 is served (Dia2 has no speed control)")
+    instructions: str | None = Field(None, max_length=4096,
+                                     description="Accepted and ignored (Dia2 takes no style prompt); the "
+                                                 "response's X-Dia2-Ignored header says so")
 
     @field_validator("speed")
     @classmethod
     def _speed(cls, value: float) -> float:
+        # Resampling would change the pitch with the pace, and Dia2 has no pace control of its own:
+        # refusing is honest where a silent 1.0 would not be.
         if value != 1.0:
-            raise ValueError("Dia2 has no speed control; use 1.0")
+            raise ValueError(f"{value:g} is not supported: only 1.0 is (Dia2 has no speed control; "
+                             f"OpenAI's 0.25-4.0 range is not served)")
         return value
 
-    @field_validator("instructions")
-    @classmethod
-    def _instructions(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("Dia2 takes no instructions; put speaker tags and breaks in the input")
-        return value
+    def ignored(self) -> list[str]:
+        """Fields the request set that this server accepts but does not act on."""
+        return ["instructions"] if self.instructions else []
 
 
 class StreamStart(GenerationFields):

@@ -136,7 +136,7 @@ class Job:
         self._inbox.put(_CANCEL)  # wakes a worker waiting for text
         session = self._session
         if session is not None:
-            session.cancel()  # thread-safe: the session ends itself at its next frame
+            session.cancel(wait=False)  # from the event loop: the session ends itself at its next frame
 
     @property
     def cancelled(self) -> bool:

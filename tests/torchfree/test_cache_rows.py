@@ -58,7 +58,7 @@ def test_tokens_are_the_same_whether_the_cache_grows_or_not(monkeypatch):
     greedy and sampled, and the growing one reads only the rows it has grown to."""
     script = "[S1] Hello there, how are you? [S2] I am fine, thanks."
     monkeypatch.setattr(KVCache, "ROW_STEP", 8)  # the fixture's utterances are short: grow often
-    grown = Dia2Runtime.load(FIXTURE, threads=1)
+    grown = Dia2Runtime.load(FIXTURE, threads=1, max_streams=1)
     capacity = grown.manifest.cache_capacity
     results = [grown.speak(script, GenerationParams(seed=4, **kw)) for kw in (GREEDY, {})]
     (stepper,) = grown.solo._free
@@ -67,7 +67,7 @@ def test_tokens_are_the_same_whether_the_cache_grows_or_not(monkeypatch):
     assert stepper.cache.rows < capacity
     assert stepper.backbone.spec.dims["cache_rows"] == capacity
     monkeypatch.setattr(OrtBinding, "resizable", False)
-    fixed = Dia2Runtime.load(FIXTURE, threads=1)
+    fixed = Dia2Runtime.load(FIXTURE, threads=1, max_streams=1)
     for kw, result in zip((GREEDY, {}), results):
         again = fixed.speak(script, GenerationParams(seed=4, **kw))
         assert np.array_equal(again.tokens, result.tokens)

@@ -5,8 +5,8 @@ Each test runs a session A that ends badly on a runtime (NaN in its graph output
 mid-frame, a cancel, a poisoned state), then a session B on the same runtime, and requires B's
 tokens, timestamps and PCM bytes to be exactly those of B on a fresh runtime. The faults are
 injected by wrapping one binding of the pooled stepper (its graphs, cache and codec state), as a
-graph or device failure would show up. Before scrubbing on reset, B after a NaN-row session came out different: a step masks the
-rows past its length with weight exactly 0, and 0 * NaN is NaN.
+graph or device failure would show up. Before scrubbing on reset, B after a NaN-row session came
+out different: a step masks the rows past its length with weight exactly 0, and 0 * NaN is NaN.
 """
 
 from __future__ import annotations
@@ -71,9 +71,17 @@ def assert_same(result: SpeakResult, expected: SpeakResult) -> None:
     assert result.timestamps == expected.timestamps and result.frames == expected.frames
 
 
-@pytest.fixture
-def runtime() -> Dia2Runtime:
-    return Dia2Runtime.load(FIXTURE, threads=1)
+@pytest.fixture(params=[1, 4], ids=["own-stepper", "batched"])
+def runtime(request) -> Dia2Runtime:
+    """A runtime stepping each session on its own stepper, or every session in one batch."""
+    return Dia2Runtime.load(FIXTURE, threads=1, max_streams=request.param)
+
+
+def _idle(runtime: Dia2Runtime) -> bool:
+    """Every session's state (and stepper, or batch slot) is back."""
+    if runtime.engine is not None:
+        return len(runtime.states) == 1 and runtime.engine.stats().busy == 0
+    return len(runtime.states) == 1 and len(runtime.solo) == 1
 
 
 def _binding(stepper, graph: str):
@@ -90,15 +98,23 @@ def _set_binding(stepper, graph: str, binding) -> None:
 def _faulty_state(runtime: Dia2Runtime, graph: str, mode: str, at: int = FAULT_FRAME):
     """Put a stepper whose ``graph`` binding fails into the pool (the next session takes it); returns
     (stepper, undo) where undo() puts the real binding back."""
-    stepper = runtime.solo.take()
+    stepper = _stepper(runtime)
     inner = _binding(stepper, graph)
     _set_binding(stepper, graph, Faulty(inner, at, mode))
 
     def undo():
         _set_binding(stepper, graph, inner)
 
-    runtime.solo.give_back(stepper)
     return stepper, undo
+
+
+def _stepper(runtime: Dia2Runtime):
+    """The stepper the next session runs on: the batch's (it takes slot 0), or the pooled one."""
+    if runtime.engine is not None:
+        return runtime.engine.stepper
+    stepper = runtime.solo.take()
+    runtime.solo.give_back(stepper)
+    return stepper
 
 
 def _has_nan(stepper) -> bool:
@@ -116,7 +132,7 @@ def test_nan_rows_of_a_finished_session_do_not_reach_the_next(runtime, params):
     undo()
     assert _has_nan(state), "the fault must leave NaN rows for this test to mean anything"
     b = runtime.speak(B_SCRIPT, params)
-    assert runtime.solo._free == [state]  # B ran on A's stepper
+    assert _stepper(runtime) is state and _idle(runtime)  # B ran on A's stepper
     assert_same(b, _fresh(B_SCRIPT, params))
 
 
@@ -125,7 +141,7 @@ def test_an_exception_mid_frame_leaves_nothing_behind(runtime, graph):
     """NaN rows first, then a graph raises mid-frame: the exception reaches the caller, the state
     goes back to the pool, and the next session does not see any of it."""
     params = PARAMS[0]
-    state = runtime.solo.take()
+    state = _stepper(runtime)
     real = {name: _binding(state, name) for name in ("backbone", "depformer", "codec_decoder")}
     # The codec decodes frame k at step k + 2 (the largest delay is 3): NaN from step 2 on, its 2nd run raises.
     state.backbone = Faulty(real["backbone"], 3 if graph == "codec_decoder" else FAULT_FRAME - 3, "nan")
@@ -135,12 +151,11 @@ def test_an_exception_mid_frame_leaves_nothing_behind(runtime, graph):
         state.depformer = Faulty(real["depformer"], FAULT_FRAME, "raise")
     else:
         state.decoders[0] = Faulty(real["codec_decoder"], 2, "raise")
-    runtime.solo.give_back(state)
     with pytest.raises(Injected):
         runtime.speak(A_SCRIPT, params)
     for name, binding in real.items():
         _set_binding(state, name, binding)
-    assert len(runtime.states) == 1 and len(runtime.solo) == 1 and _has_nan(state)
+    assert _idle(runtime) and _has_nan(state)
     assert_same(runtime.speak(B_SCRIPT, params), _fresh(B_SCRIPT, params))
 
 
@@ -167,7 +182,7 @@ def test_a_session_cancelled_mid_way_leaves_nothing_behind(runtime):
     chunks = list(session)
     undo()
     assert session.cancelled and not session.done and seen[-1] == FAULT_FRAME + 4 and chunks is not None
-    assert _has_nan(state) and len(runtime.states) == 1 and len(runtime.solo) == 1
+    assert _has_nan(state) and _idle(runtime)
     assert_same(runtime.speak(B_SCRIPT, params), _fresh(B_SCRIPT, params))
 
 
@@ -182,7 +197,7 @@ def test_a_session_cancelled_from_another_thread_leaves_nothing_behind(runtime):
     worker.start()
     worker.join()
     undo()
-    assert session.cancelled and _has_nan(state) and len(runtime.states) == 1 and len(runtime.solo) == 1
+    assert session.cancelled and _has_nan(state) and _idle(runtime)
     assert_same(runtime.speak(B_SCRIPT, params), _fresh(B_SCRIPT, params))
 
 
@@ -191,7 +206,7 @@ def test_every_buffer_of_a_pooled_state_is_scrubbed(runtime):
     codec's streaming state, the step buffers, the random generator -- the next session starts clean."""
     params = PARAMS[0]
     runtime.speak(A_SCRIPT, params)
-    (state,), (stepper,) = runtime.states._free, runtime.solo._free
+    (state,), stepper = runtime.states._free, _stepper(runtime)
     for storage in stepper.cache._storage.values():
         storage.fill(np.nan)
     stepper.rows_written[0] = stepper.cache.capacity  # what a session that wrote every row leaves
@@ -208,7 +223,7 @@ def test_every_buffer_of_a_pooled_state_is_scrubbed(runtime):
 def test_a_fixed_size_cache_is_scrubbed_too(monkeypatch):
     """The capacity-sized cache (as TensorRT binds it) zeroes the rows a session wrote and binds again."""
     monkeypatch.setattr(OrtBinding, "resizable", False)
-    runtime, params = Dia2Runtime.load(FIXTURE, threads=1), PARAMS[0]
+    runtime, params = Dia2Runtime.load(FIXTURE, threads=1, max_streams=1), PARAMS[0]
     state, undo = _faulty_state(runtime, "backbone", "nan")
     runtime.speak(A_SCRIPT, params)
     undo()
