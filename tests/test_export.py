@@ -290,6 +290,26 @@ def test_manifest_round_trips_optional_entries(tiny_artifacts):
     assert raw["graphs"]["backbone"]["engine"]["gpu"] == "NVIDIA H200"
 
 
+def test_max_streams_is_recorded_and_bounds_the_graphs(tiny_checkpoint, tmp_path):
+    """--max-streams N: the manifest records it, the step graphs' stream axes are bounded by it, and the
+    TensorRT profiles span 1..N; an int4 copy made from them keeps it."""
+    from dia2_trt.export.build import BuildOptions, build_artifacts, quantize_artifacts
+    from dia2_trt.export.tensorrt import axis_ranges
+
+    result = _run_cli("build", "--checkpoint", str(tiny_checkpoint), "--max-streams", "3", "--out",
+                      str(tmp_path / "fp32"))
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(tmp_path / "fp32")
+    assert manifest.max_streams == 3
+    for name in ("backbone", "depformer"):
+        spec = manifest.graph(name)
+        assert spec.dims[STREAMS] == 3 and spec.dims[STREAM_ROWS] == 6
+        ranges = axis_ranges(manifest, spec)
+        assert ranges[STREAMS] == (1, 3, 3) and ranges[STREAM_ROWS] == (2, 6, 6)
+    int4 = quantize_artifacts(tmp_path / "fp32", tmp_path / "int4", BuildOptions(precision="int4"))
+    assert int4.max_streams == 3 and int4.graph("depformer").dims == manifest.graph("depformer").dims
+
+
 def test_fp16_artifacts_validate(artifacts_factory, tiny_checkpoint):
     art = artifacts_factory("default", 0, "fp16")
     backbone = load_manifest(art).graph("backbone")
@@ -335,6 +355,8 @@ def test_validate_cli_reports_per_output_errors(tiny_artifacts, tiny_checkpoint,
 @pytest.mark.parametrize("args, message", [
     (["--size", "3B"], "invalid value for '--size'"),
     (["--size", "tiny", "--precision", "int3"], "unknown precision"),
+    (["--size", "tiny", "--max-streams", "0"], "invalid value for '--max-streams'"),
+    (["--size", "tiny", "--max-streams", "65"], "invalid value for '--max-streams'"),
 ])
 def test_build_rejects_bad_options(tmp_path, args, message):
     out = tmp_path / "out"

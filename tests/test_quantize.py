@@ -150,12 +150,13 @@ def test_int8_is_closer_to_fp32_than_int4(quantized, tiny_artifacts):
     rng = np.random.default_rng(0)
     feeds = {}
     for t in spec["inputs"]:
-        shape = [spec["dims"].get(d, d) if isinstance(d, str) else d for d in t["shape"]]  # cache rows: all
+        # every stream (8 at the bound) and all cache rows
+        shape = [spec["dims"].get(d, d) if isinstance(d, str) else d for d in t["shape"]]
         if t["dtype"] == "int64":
             feeds[t["name"]] = rng.integers(0, 60, size=shape).astype(np.int64)
         else:
             feeds[t["name"]] = rng.standard_normal(shape).astype(np.float32) * 0.1
-    feeds["position"] = np.array([3], dtype=np.int64)
+    feeds["position"] = np.full_like(feeds["position"], 3)
     ref = _run(tiny_artifacts, feeds)
     error = {p: _run(quantized[p], feeds) for p in PRECISIONS}
     for name, value in ref.items():

@@ -135,10 +135,31 @@ def test_speak_refuses_a_tampered_graph_unless_told_not_to_verify(artifact_copy,
     ("graphs.backbone.sha256", "abc", "sha256 'abc' is not a hex digest"),
     ("graphs.extra", {}, "unknown graph 'extra'"),
     ("version", 99, "version 99 is not supported"),
+    ("max_streams", 0, r"max_streams must be in \[1, 64\], got 0"),
+    ("max_streams", 65, r"max_streams must be in \[1, 64\], got 65"),
+    ("max_streams", "8", "max_streams: expected an integer"),
+    ("max_streams", 4, r"graphs.backbone.dims.streams 8 != 4 \(max_streams 4\)"),
+    ("graphs.depformer.dims.stream_rows", 8, r"graphs.depformer.dims.stream_rows 8 != 16"),
+    ("graphs.backbone.inputs.1.shape", [1], r"graphs.backbone.inputs.position: the manifest says int64 \[1\]"),
 ])
 def test_a_bad_field_is_named(artifact_copy, field, value, message):
     edit_manifest(artifact_copy, _set(field, value))
     _refused(artifact_copy, message)
+
+
+def test_a_version_4_directory_is_refused_naming_the_rebuild(artifact_copy):
+    """Artifacts from before the streams axis: one line that says how to get ones this runtime reads."""
+    edit_manifest(artifact_copy, lambda raw: raw.update(version=4))
+    message = _refused(artifact_copy, "manifest version 4 is not supported")
+    assert "dia2-export build ... --overwrite" in message
+
+
+def test_the_fixture_serves_streams(artifact_copy):
+    """The committed fixture is batch-capable: max_streams recorded, the step graphs bounded by it."""
+    m = load_manifest(artifact_copy, verify=False)
+    assert m.max_streams == 8
+    for name in ("backbone", "depformer"):
+        assert m.graph(name).dims["streams"] == 8 and m.graph(name).dims["stream_rows"] == 16
 
 
 def test_a_missing_field_is_named(artifact_copy):
