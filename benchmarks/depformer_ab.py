@@ -64,7 +64,7 @@ def _session(path: Path, threads: int):
 def _feeds(session, rng: np.random.Generator, temperature: float) -> dict:
     """One stream's frame (a graph with a streams axis takes it as S = 1)."""
     one = {"streams": 1, "stream_rows": 2}
-    shapes = {i.name: [one.get(d, d) if isinstance(d, str) else d for d in i.shape] for i in session.get_inputs()}
+    shapes = {i.name: [int(one[d]) if isinstance(d, str) else int(d) for d in i.shape] for i in session.get_inputs()}
     return {"hidden": rng.standard_normal(shapes["hidden"]).astype(np.float32),
             "cb0_logits": rng.standard_normal(shapes["cb0_logits"]).astype(np.float32),
             "text_tokens": np.array([[5, 3]]), "noise": rng.random(shapes["noise"]).astype(np.float32),

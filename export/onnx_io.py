@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -36,7 +36,7 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
 
     module.eval()
     path = Path(path)
-    dims: dict[str, object] = {}  # one Dim per name: inputs that share a name share the size
+    dims: dict[str, Any] = {}  # one Dim per name: inputs that share a name share the size
 
     def dim(name: str):
         if name in DERIVED_DIMS:

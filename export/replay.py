@@ -19,12 +19,13 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from dia2_trt.runtime import Dia2Runtime, TruncationWarning
 from dia2_trt.runtime.artifacts import GraphSpec, Manifest, cache_name, load_manifest
-from dia2_trt.runtime.backends import OrtBackend
+from dia2_trt.runtime.backends import Graph, OrtBackend
 from dia2_trt.runtime.manifest import BACKBONE, DEPFORMER, STREAM_ROWS, STREAMS
 from dia2_trt.runtime.params import GenerationParams
 
@@ -89,19 +90,19 @@ class _RecordingBackend(OrtBackend):
         super().__init__(threads)
         self.recorders: dict[str, _Recorder] = {}
 
-    def load(self, spec: GraphSpec):
+    def load(self, spec: GraphSpec) -> Graph:
         graph = super().load(spec)
         if spec.name not in self._KEEP:
             return graph
         self.recorders[spec.name] = recorder = _Recorder(graph, *self._KEEP[spec.name])
-        return recorder
+        return cast(Graph, recorder)  # a Graph by its attributes (spec, concurrent, binding)
 
 
 def record(artifacts: Path, scripts: Sequence[str], params: GenerationParams,
            threads: int | None = None) -> list[Trace]:
     """Speak every script with the runtime and return what its graphs were fed."""
     backend = _RecordingBackend(threads)
-    runtime = Dia2Runtime.load(artifacts, backend)
+    runtime = Dia2Runtime.load(artifacts, backend, max_streams=1)  # each script's calls in this thread
     traces = []
     for script in scripts:
         for recorder in backend.recorders.values():

@@ -225,7 +225,8 @@ class BatchEngine:
         from .session import run_calls  # session imports this module's types for checking only
 
         while True:
-            group = {lane.slot: lane for lane in lanes if not lane.ended and isinstance(lane.pending, kind)}
+            group = {lane.slot: lane for lane in lanes
+                     if lane.slot is not None and not lane.ended and isinstance(lane.pending, kind)}
             if not group:
                 return
             calls = {slot: lane.pending for slot, lane in group.items()}

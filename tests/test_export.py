@@ -293,7 +293,7 @@ def test_manifest_round_trips_optional_entries(tiny_artifacts):
 def test_max_streams_is_recorded_and_bounds_the_graphs(tiny_checkpoint, tmp_path):
     """--max-streams N: the manifest records it, the step graphs' stream axes are bounded by it, and the
     TensorRT profiles span 1..N; an int4 copy made from them keeps it."""
-    from dia2_trt.export.build import BuildOptions, build_artifacts, quantize_artifacts
+    from dia2_trt.export.build import BuildOptions, quantize_artifacts
     from dia2_trt.export.tensorrt import axis_ranges
 
     result = _run_cli("build", "--checkpoint", str(tiny_checkpoint), "--max-streams", "3", "--out",
