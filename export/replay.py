@@ -62,17 +62,8 @@ class _RecordingBinding:
         self._inner, self._recorder = inner, recorder
         self.spec, self.resizable = inner.spec, inner.resizable
 
-    def __getattr__(self, name):  # the rest of the binding's interface (row writes...) as is
+    def __getattr__(self, name):  # the rest of the binding's interface (bind, write_rows, set_dims...) as is
         return getattr(self._inner, name)
-
-    def bind(self, name, array) -> None:
-        self._inner.bind(name, array)
-
-    def write(self, name, index, values) -> None:
-        self._inner.write(name, index, values)
-
-    def reset_state(self) -> None:
-        self._inner.reset_state()
 
     def run(self, feeds):
         out = self._inner.run(feeds)

@@ -16,7 +16,8 @@ from .backends import Binding
 class CodecStream:
     """decode_frame(codes [Q]) -> pcm [frame_samples] float32, continuing the stream; encode(pcm) -> codes [Q, T].
 
-    One per session: the decoder binding holds that session's codec state.
+    A codec on its own, over one decoder binding (which holds its state): the codec tests drive
+    exported graphs with it. Sessions decode through their slot of ``step.FrameStepper`` instead.
     """
 
     def __init__(self, decoder: Binding, codebook_size: int, encoder: Binding | None = None) -> None:

@@ -397,7 +397,7 @@ class Dia2Runtime:
 
 def _max_streams(m: Manifest, asked: int | None) -> int:
     """The batch size a runtime steps: what was asked for, within what the artifacts' graphs take."""
-    most = getattr(m, "max_streams", 1)  # artifacts made before the stream axis step one stream
+    most = m.max_streams
     if asked is None:
         return most
     if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:

@@ -165,8 +165,7 @@ class Session:
             self._release()  # back to the pool; the next session's reset scrubs whatever this start wrote
             raise
         self._loop = self._generate()
-        self._reply = None  # what the loop is sent next (a call's result)
-        runtime.admit(self)
+        runtime.admit(self)  # a slot in the batch, or a stepper of its own
 
     def _start_prefix(self) -> None:
         """The reference queues the prefix's words before the script's; a trimmed prefix's words
@@ -282,13 +281,13 @@ class Session:
                 if self._cancelled:
                     self._end()
                     return
-                item = self.advance()
+                item = self._advance_solo()
             if item is _WAIT or item is None:
                 return
             assert isinstance(item, AudioChunk)  # the loop yields chunks and _WAIT only
             yield item
 
-    def advance(self, reply=None) -> AudioChunk | object | None:
+    def _advance_solo(self, reply=None) -> AudioChunk | object | None:
         """Run the loop on this session's own stepper to its next chunk or wait (None: it ended)."""
         stepper = self.stepper
         assert stepper is not None, "a session without a batch engine runs on its own stepper"
