@@ -228,7 +228,7 @@ def test_speak_summary_gives_first_audio_in_ms_and_frame_times(artifacts, tmp_pa
     done = CliRunner().invoke(main, ["speak", "[S1] Hello there, how are you?", "--artifacts", str(artifacts),
                                      "--out", str(tmp_path / "a.wav"), "--threads", "1"])
     assert done.exit_code == 0, done.stderr
-    line = done.stderr.strip().splitlines()[-1]
-    assert "first audio after " in line and " ms (" in line and "frame-times)" in line
+    (line,) = [line for line in done.stderr.splitlines() if "first audio after " in line]
+    assert " ms (" in line and "frame-times)" in line
     frames = float(line.split(" ms (")[1].split(" frame-times")[0])
     assert frames > 0
