@@ -73,10 +73,9 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "text_embedding": {"model.depformer.text_embedding": True},
     "low_rank": {"model.decoder.low_rank_dim": 16},
     "full": {"model.depformer.text_embedding": True, "model.decoder.low_rank_dim": 16},
-    # delays like the real 16/18 in kind: the first columns are inside every codebook's delay (dead)
-    "long_delays": {"data.delay_pattern": [4, 5, 6, 6, 6]},
-    # 16 codebooks (the batch engine's exactness tests): delays and weights schedule as the default's, longer
-    "codebooks16": {"data.channels": 18, "data.delay_pattern": [1, 2] + [3] * 14,
+    # 16 codebooks (the batch engine's exactness tests), with delays like the real 16/18 in kind: the
+    # first columns lie inside every codebook's delay (dead), as the real delays leave 15
+    "codebooks16": {"data.channels": 18, "data.delay_pattern": [4, 5] + [6] * 14,
                     "runtime.weights_schedule": [0, 1, 1] + [2] * 12},
 }
 

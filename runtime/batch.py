@@ -57,6 +57,7 @@ class Lane:
         self.parked = False  # waiting for text: not stepped until woken
         self.ended = False
         self.wakes = 0  # feed/close/cancel calls so far
+        self.advancing = False  # the engine is running this session's loop now
         self.over = threading.Event()  # set once the lane has ended and its state is back
         self._out: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -64,10 +65,11 @@ class Lane:
         self.engine.wake(self)
 
     def cancel(self, wait: bool = True) -> None:
-        """End at the next frame; with ``wait``, from any thread but the engine's, wait for that (a
-        frame at most), so the session's state and slot are free when ``Session.cancel`` returns."""
+        """End at the next frame; with ``wait``, wait for that (a frame at most), so the session's state
+        and slot are free when ``Session.cancel`` returns. Not while the engine is running this session's
+        loop (a progress callback may be waiting on the caller): the loop ends itself right after."""
         self.engine.cancel(self)
-        if wait and threading.current_thread() is not self.engine.thread:
+        if wait and not self.advancing:
             self.over.wait(CANCEL_WAIT_SECONDS)
 
     def put(self, item: object) -> None:
@@ -77,6 +79,7 @@ class Lane:
         """What the engine made for the session, up to its end or to its wait for more text."""
         while True:
             if self.session.cancelled:  # what it made before the cancel is dropped, as a solo session's is
+                self.over.wait(CANCEL_WAIT_SECONDS)  # and the iteration ends once its state is back
                 return
             item = self._out.get()
             if item is _END:
@@ -250,6 +253,7 @@ class BatchEngine:
         session = lane.session
         with self._cond:
             wakes = lane.wakes
+            lane.advancing = True
         try:
             with session._lock:
                 if session.cancelled:
@@ -264,6 +268,8 @@ class BatchEngine:
         except Exception as exc:
             self._end(lane, exc)
             return
+        finally:
+            lane.advancing = False
         if item is None:
             self._end(lane, None)
         elif item is _WAIT:

@@ -41,7 +41,7 @@ PLANS = [
 
 @pytest.fixture(scope="module")
 def artifacts(artifacts_factory):
-    return artifacts_factory("codebooks16", 0, "fp32")
+    return artifacts_factory("codebooks16", 0, "fp32", prefix_frames=40)  # shared with test_dead_columns
 
 
 def test_eight_streams_each_give_their_solo_tokens(artifacts):

@@ -19,8 +19,9 @@ PARAMS = [GenerationParams(seed=5), GenerationParams(text_temperature=0.0, audio
 
 @pytest.fixture(scope="module")
 def runtime(artifacts_factory) -> Dia2Runtime:
-    """A checkpoint whose delays (4..6) leave the first three columns dead, as the real 16/18 leave 15."""
-    return Dia2Runtime.load(artifacts_factory("long_delays", 0, "fp32", prefix_frames=40), threads=1,
+    """A checkpoint whose delays (4..6) leave the first three columns dead, as the real 16/18 leave 15
+    (the batch engine's 16-codebook build: one export for both)."""
+    return Dia2Runtime.load(artifacts_factory("codebooks16", 0, "fp32", prefix_frames=40), threads=1,
                             max_streams=1)
 
 
