@@ -156,10 +156,6 @@ class BatchEngine:
                 lane.session._end()  # its loop never ran: this gives its state back
             self._end(lane, None)
 
-    @property
-    def thread(self) -> threading.Thread | None:
-        return self._thread
-
     def stats(self) -> EngineStats:
         with self._cond:
             busy = sum(lane is not None for lane in self._slots)
