@@ -221,6 +221,9 @@ class FrameStepper:
 
     def read_rows(self, slot: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """A slot's rows 0 .. count-1 of every layer: ([L, 2, Hkv, count, D], same for V)."""
+        if getattr(self.backbone, "device_inputs", False):  # the rows live on the device, not here
+            raise NotImplementedError("reading cache rows back from a device backend is not supported: "
+                                      "make warm states with the onnxruntime backend (they restore on any)")
         pair = slice(BRANCHES * slot, BRANCHES * slot + BRANCHES)
         return tuple(np.stack([self.cache.layer(kind, i)[pair, :, :count] for i in range(len(self.cache_names))])
                      for kind in ("k", "v"))  # type: ignore[return-value]
