@@ -37,7 +37,10 @@ class Trace:
     script: str
     tokens: np.ndarray  # [T, 2, C] backbone step tokens (CFG pair)
     text_tokens: np.ndarray  # [T, 2] (main, second) fed to the depformer
-    audio_tokens: np.ndarray  # [T, Q] what the recorded run's depformer produced
+    audio_tokens: np.ndarray  # [T, Q] what the recorded run's depformer produced (-1 before first_live)
+    # Steps before this one wrote columns inside every codebook's delay: the runtime skipped their
+    # depformer (dead work), so the recorded run has no audio tokens there to compare with.
+    first_live: int = 0
 
     @property
     def steps(self) -> int:
@@ -102,10 +105,22 @@ def record(artifacts: Path, scripts: Sequence[str], params: GenerationParams,
             warnings.simplefilter("ignore", TruncationWarning)  # a cut-off script still calibrates
             runtime.speak(script, params)
         bb, dep = backend.recorders[BACKBONE].calls, backend.recorders[DEPFORMER].calls
-        traces.append(Trace(script, np.stack([_one_stream(c["tokens"], 2) for c in bb]),
-                            np.stack([_one_stream(c["text_tokens"], 1)[0] for c in dep]),
-                            np.stack([_one_stream(c["audio_tokens"], 1)[0] for c in dep])))
+        traces.append(_trace(script, [_one_stream(c["tokens"], 2) for c in bb],
+                             [_one_stream(c["text_tokens"], 1)[0] for c in dep],
+                             [_one_stream(c["audio_tokens"], 1)[0] for c in dep]))
     return traces
+
+
+def _trace(script: str, tokens: list, text: list, audio: list) -> Trace:
+    """A trace from one run's calls. The depformer ran for the last steps only (the first ones'
+    columns were dead): their text tokens are the next step's (row 0 of the backbone's step tokens
+    carries the previous frame's main and second text tokens), their audio tokens unknown (-1)."""
+    dead = len(tokens) - len(text)
+    lead = [tokens[min(t + 1, len(tokens) - 1)][0, :2] for t in range(dead)]
+    q = audio[0].shape[0] if audio else tokens[0].shape[1] - 2
+    return Trace(script, np.stack(tokens), np.stack([*lead, *text]).astype(np.int64),
+                 np.concatenate([np.full((dead, q), -1, np.int64), np.asarray(audio, np.int64).reshape(-1, q)]),
+                 first_live=dead)
 
 
 def _one_stream(value: np.ndarray, rows: int) -> np.ndarray:

@@ -67,3 +67,19 @@ def test_skipping_dead_columns_changes_nothing(runtime, params, with_prefix, mon
     assert full_calls - skipped_calls == max(dead - start, 0)
     if not with_prefix:
         assert skipped_calls < full_calls
+
+
+def test_a_recorded_run_replays_with_its_dead_steps(runtime):
+    """The calibration and accuracy recorder sees no depformer call for the dead steps: the trace
+    still has every step's text tokens (the next step's tokens carry them) and marks where the
+    recorded audio starts, and the artifacts' own replay reproduces every live step."""
+    from dia2_trt.export.accuracy import accuracy_report
+    from dia2_trt.export.replay import record
+
+    artifacts = runtime.manifest.root
+    (trace,) = record(artifacts, [SCRIPT], PARAMS[1])
+    assert trace.first_live == min(runtime.manifest.delays) - 1
+    assert len(trace.text_tokens) == len(trace.audio_tokens) == trace.steps
+    assert (trace.audio_tokens[:trace.first_live] == -1).all() and (trace.audio_tokens[trace.first_live:] >= 0).all()
+    report = accuracy_report(artifacts, artifacts, SCRIPT, echo=lambda line: None)
+    assert report["reference_replay_agreement"] == 1.0 and report["passed"]
