@@ -244,7 +244,7 @@ class BatchEngine:
 
     def _advance(self, lane: Lane, reply: object) -> None:
         """Run the lane's loop to its next graph call, putting out its chunks; park or end it there."""
-        from .session import _WAIT
+        from .session import _WAIT, CALLS
 
         session = lane.session
         with self._cond:
@@ -257,8 +257,7 @@ class BatchEngine:
                     self._end(lane, None)
                     return
                 item = session.send(reply)
-                while item is not None and item is not _WAIT and not isinstance(
-                        item, (BackboneCall, DepformerCall, DecodeCall)):
+                while item is not None and item is not _WAIT and not isinstance(item, CALLS):
                     lane.put(item)  # a chunk
                     item = session.send(None)
         except Exception as exc:

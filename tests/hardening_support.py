@@ -38,3 +38,26 @@ def _export(args, input=None):
     from dia2_trt.export.cli import main
 
     return _invoke(main, args, input)
+
+
+def copy_with_negated_action_head(src: Path, dst: Path) -> None:
+    """A copy of artifacts ``src`` whose backbone's text-action head is negated: consistent (its
+    manifest checksum updated), wrong (every action flips), for the accuracy checks to catch."""
+    import json
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from dia2_trt.runtime.artifacts import sha256
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "backbone.onnx"))
+    head = next(n for n in model.graph.node if "action_head" in str(list(n.metadata_props)) and n.op_type == "MatMul")
+    weight = next(t for t in model.graph.initializer if t.name == head.input[1])
+    weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), weight.name))
+    onnx.save(model, str(dst / "backbone.onnx"))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["graphs"]["backbone"]["sha256"] = sha256(dst / "backbone.onnx")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    (dst / ".verified.json").unlink(missing_ok=True)

@@ -8,11 +8,14 @@ live in tests/conftest.py.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import struct
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -93,6 +96,36 @@ def wait_until(predicate, seconds: float = 20.0, step: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {seconds} s")
         time.sleep(step)
+
+
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@contextmanager
+def headless_chromium(profile: Path, window: str = "1100,800", page_timeout: float = 30):
+    """Debian's chromium under its chromedriver, headless, audio allowed to play unprompted; the
+    calling test skips (one reason) where selenium, chromium or the driver is missing."""
+    import pytest
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs the [serve-test] extra (selenium)")
+    binary = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None)
+    if binary is None or not CHROMEDRIVER.exists():
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--autoplay-policy=no-user-gesture-required", f"--window-size={window}",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(page_timeout)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def pcm16(pcm: np.ndarray) -> bytes:

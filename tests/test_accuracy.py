@@ -9,14 +9,12 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from dia2_trt.export.accuracy import MIN_COMPARED_STEPS, THRESHOLDS, _failures, accuracy_report
-from dia2_trt.runtime.artifacts import sha256
 
 from conftest import SCRIPTS
+from hardening_support import copy_with_negated_action_head
 
 
 def _quiet(msg: str) -> None:
@@ -42,19 +40,6 @@ def test_fp16_passes_with_small_logits_errors(artifacts_factory, tiny_artifacts)
         assert r["confident_steps"] > 0 and r["confident_agreement"] >= THRESHOLDS["fp16"]["confident_agreement"]
 
 
-def _copy_with_negated_action_head(src, dst):
-    shutil.copytree(src, dst)
-    model = onnx.load(str(dst / "backbone.onnx"))
-    head = next(n for n in model.graph.node if "action_head" in str(list(n.metadata_props)) and n.op_type == "MatMul")
-    weight = next(t for t in model.graph.initializer if t.name == head.input[1])
-    weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), weight.name))
-    onnx.save(model, str(dst / "backbone.onnx"))
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["graphs"]["backbone"]["sha256"] = sha256(dst / "backbone.onnx")  # a consistent, wrong artifact
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    (dst / ".verified.json").unlink(missing_ok=True)
-
-
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dia2_trt.export", *args], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -62,7 +47,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_validate_against_exits_1_when_a_head_is_broken(tiny_artifacts, tmp_path):
     broken = tmp_path / "broken"
-    _copy_with_negated_action_head(tiny_artifacts, broken)
+    copy_with_negated_action_head(tiny_artifacts, broken)
     report = tmp_path / "accuracy.json"
     result = _run_cli("validate", str(broken), "--against", str(tiny_artifacts), "--report", str(report))
     assert result.returncode == 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ import pytest
 pytest.importorskip("gradio", reason="needs the [demo] extra (pip install 'dia2-trt[demo]')")
 gradio_client = pytest.importorskip("gradio_client", reason="needs the [demo] extra (gradio_client)")
 
+from serve_support import free_port, headless_chromium, wait_until  # noqa: E402
+
 DATA = Path(__file__).resolve().parent / "data"
 FIXTURE = DATA / "tiny-artifacts"
 VOICES = DATA / "voices"
 SCRIPT = "[S1] Hello there, how are you? [S2] I am fine, thanks."
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 STARTUP_SECONDS = 120.0  # importing gradio alone takes 5-15 s on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for(url: str, process: subprocess.Popen) -> None:
@@ -62,7 +56,7 @@ def demo(tmp_path_factory):
     voice = tmp_path_factory.mktemp("voices") / "anna.voice"
     runtime = Dia2Runtime.load(FIXTURE, threads=1)
     save_voice(runtime.voice(VOICES / "s1_24k_mono.flac", VOICES / "s1_24k_mono.words.json", 1), voice)
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "dia2_trt.runtime", "demo", "--artifacts", str(FIXTURE), "--port", str(port),
          "--threads", "1", "--voice", f"anna={voice}"],
@@ -111,41 +105,10 @@ def test_speak_endpoint_refuses_a_bad_script_in_one_line(demo):
     assert "unknown tag" in message and "\n" not in message
 
 
-def _chromium() -> str | None:
-    return next((path for path in (shutil.which("chromium"), "/usr/bin/chromium") if path and Path(path).exists()),
-                None)
-
-
 @pytest.fixture
 def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs the [serve-test] extra (selenium)")
-    binary = _chromium()
-    if binary is None or not CHROMEDRIVER.exists():
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a browser or driver
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--autoplay-policy=no-user-gesture-required", "--window-size=1280,1400",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-
-
-def _wait(predicate, seconds: float):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {seconds} s")
-        time.sleep(0.25)
+    with headless_chromium(tmp_path / "profile", window="1280,1400", page_timeout=60) as driver:
+        yield driver
 
 
 # Gradio's player (wavesurfer) keeps its media element out of the DOM: it is playing when its Pause
@@ -171,7 +134,7 @@ def test_page_uploads_a_voice_generates_plays_and_lists_words(demo, browser, tmp
     expected = runtime.speak(SCRIPT, GenerationParams(), prefix=prefix)
 
     browser.get(demo)
-    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#script textarea"), 60)
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#script textarea"), 60)
     script = browser.find_element(By.CSS_SELECTOR, "#script textarea")
     script.clear()
     script.send_keys(SCRIPT)
@@ -180,12 +143,12 @@ def test_page_uploads_a_voice_generates_plays_and_lists_words(demo, browser, tmp
         str(VOICES / "s1_24k_mono.words.json"))
     # An upload is done when the component lists its file (a name link replaces the drop zone).
     for slot in ("voice-1", "words-1"):
-        _wait(lambda slot=slot: browser.find_elements(By.CSS_SELECTOR, f"#{slot} a, #{slot} .file-name"), 30)
+        wait_until(lambda slot=slot: browser.find_elements(By.CSS_SELECTOR, f"#{slot} a, #{slot} .file-name"), 30)
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     status = lambda: browser.find_element(By.CSS_SELECTOR, "#status textarea").get_attribute("value")  # noqa: E731
-    _wait(lambda: status().startswith("done"), 120)
-    state = _wait(lambda: (p := browser.execute_script(_PLAYER)) and p["playing"] and p["time"] != "0:00" and p,
-                  30)
+    wait_until(lambda: status().startswith("done"), 120)
+    state = wait_until(lambda: (p := browser.execute_script(_PLAYER)) and p["playing"] and p["time"] != "0:00" and p,
+                       30)
     table = browser.find_element(By.ID, "words").text.split()
     browser.save_screenshot(str(tmp_path / "demo-page.png"))
     if os.environ.get("DIA2_DEMO_SCREENSHOT"):

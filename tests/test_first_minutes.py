@@ -24,6 +24,8 @@ from dia2_trt.models import sources
 from dia2_trt.models.sources import CheckpointError, resolve_checkpoint
 from dia2_trt.models.tiny import build_tiny_checkpoint
 
+from hardening_support import copy_with_negated_action_head
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "tiny-artifacts"
 SCRIPT = "[S1] Hello there, how are you? [S2] I am fine, thanks."
@@ -128,29 +130,11 @@ def test_probe_goes_through_the_https_proxy(monkeypatch):
 # --- validate --against: PASS / FAIL --------------------------------------------------------------
 
 
-def _negate_action_head(src: Path, dst: Path) -> None:
-    import onnx
-    from onnx import numpy_helper
-
-    from dia2_trt.export.manifest import sha256
-
-    shutil.copytree(src, dst)
-    model = onnx.load(str(dst / "backbone.onnx"))
-    head = next(n for n in model.graph.node if "action_head" in str(list(n.metadata_props)) and n.op_type == "MatMul")
-    weight = next(t for t in model.graph.initializer if t.name == head.input[1])
-    weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), weight.name))
-    onnx.save(model, str(dst / "backbone.onnx"))
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["graphs"]["backbone"]["sha256"] = sha256(dst / "backbone.onnx")
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    (dst / ".verified.json").unlink(missing_ok=True)
-
-
 def test_validate_against_says_pass_or_fail(tmp_path):
     same = _export(["validate", str(FIXTURE), "--against", str(FIXTURE), "--report", str(tmp_path / "a.json")])
     assert same.returncode == 0, same.stderr
     assert same.stdout.splitlines()[0] == f"PASS: fp32 {FIXTURE} vs fp32 {FIXTURE}"
-    _negate_action_head(FIXTURE, tmp_path / "broken")
+    copy_with_negated_action_head(FIXTURE, tmp_path / "broken")
     broken = _export(["validate", str(tmp_path / "broken"), "--against", str(FIXTURE),
                       "--report", str(tmp_path / "b.json")])
     assert broken.returncode == 1

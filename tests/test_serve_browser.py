@@ -8,10 +8,6 @@ downloaded; without chromium the test skips and says so (.ci/run installs it).
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
@@ -20,35 +16,14 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="needs the [serve-t
 from dia2_trt.runtime import GenerationParams  # noqa: E402
 from dia2_trt.runtime.serve.app import create_app  # noqa: E402
 
-from serve_support import live_server, wait_until  # noqa: E402
+from serve_support import headless_chromium, live_server, wait_until  # noqa: E402
 
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCRIPT = "[S1] Hello there, how are you? [S2] I am fine, thanks."
-
-
-def _chromium() -> str | None:
-    return next((path for path in (shutil.which("chromium"), "/usr/bin/chromium") if path and Path(path).exists()),
-                None)
-
 
 @pytest.fixture
 def browser(tmp_path):
-    binary = _chromium()
-    if binary is None or not CHROMEDRIVER.exists():
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a browser or driver
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--autoplay-policy=no-user-gesture-required", "--window-size=1100,800",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    with headless_chromium(tmp_path / "profile") as driver:
+        yield driver
 
 
 def test_page_plays_audio_while_words_light_up(browser, runtime, tmp_path):
