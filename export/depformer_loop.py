@@ -36,7 +36,7 @@ from dia2_trt.models.dia2 import DepformerLayer, Dia2Model, Rotary, pair_rows, t
 from dia2_trt.runtime.manifest import STREAM_ROWS, STREAMS
 from dia2_trt.runtime.state_machine import TokenIds
 
-from .graphs import BRANCHES, EXAMPLE_STREAMS, DepformerFrame, guide, sample
+from .graphs import BRANCHES, EXAMPLE_STREAMS, DepformerFrame, guided_sample
 from .onnx_io import export_module, save_model
 from .unroll import defined_names, rename_graph
 
@@ -141,7 +141,7 @@ class DepformerFrameBody(nn.Module):
             values.append(v)
         logits = self.stage_logits(self.norm(x), iteration)[:, 0, : self.vocab_limit]
         uniform = noise.index_select(1, (stage + 1).reshape(1))[:, 0]
-        token = sample(guide(logits, cfg_scale, cfg_filter_k), uniform, temperature, top_k)
+        token = guided_sample(logits, uniform, temperature, top_k, cfg_scale, cfg_filter_k)
         return token, *keys, *values
 
     def _layer(self, layer, x, stage, past_k, past_v):
