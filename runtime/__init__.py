@@ -18,6 +18,7 @@ _EXPORTS = {
     "Dia2Runtime": "runtime",
     "Session": "session",
     "AudioChunk": "session",
+    "Chunking": "params",
     "SpeakResult": "session",
     "Progress": "session",
     "TruncationWarning": "session",
@@ -32,13 +33,14 @@ _EXPORTS = {
 }
 
 # Spelled out (not sorted(_EXPORTS)) so that type checkers see the public names; a test keeps the two equal.
-__all__ = ["ArtifactError", "AudioChunk", "BACKEND_NAMES", "Backend", "Binding", "Dia2Runtime", "GenerationParams",
-           "Graph", "Progress", "ScriptError", "Session", "SpeakResult", "TruncationWarning", "create_backend"]
+__all__ = ["ArtifactError", "AudioChunk", "BACKEND_NAMES", "Backend", "Binding", "Chunking", "Dia2Runtime",
+           "GenerationParams", "Graph", "Progress", "ScriptError", "Session", "SpeakResult", "TruncationWarning",
+           "create_backend"]
 
 if TYPE_CHECKING:
     from .artifacts import ArtifactError
     from .backends import BACKEND_NAMES, Backend, Binding, Graph, create_backend
-    from .params import GenerationParams
+    from .params import Chunking, GenerationParams
     from .runtime import Dia2Runtime
     from .script import ScriptError
     from .session import AudioChunk, Progress, Session, SpeakResult, TruncationWarning

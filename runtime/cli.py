@@ -24,7 +24,7 @@ from .cli_common import (
     threads_option,
 )
 from .files import AUDIO_FORMATS, audio_writer, write_together
-from .params import GenerationParams
+from .params import MAX_CHUNK_FRAMES, Chunking, GenerationParams
 from .voice_cli import check_prefix_args, load_prefix, prefix_inputs, prefix_options
 
 
@@ -68,6 +68,10 @@ def main() -> None:
 @click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Classifier-free guidance scale (1 = off).")
 @click.option("--cfg-filter-k", default=50, show_default=True, type=int64_range())
+@click.option("--first-chunk-frames", default=1, show_default=True, type=click.IntRange(1, MAX_CHUNK_FRAMES),
+              help="Frames (80 ms each) in the first audio chunk written to '--out -'.")
+@click.option("--chunk-frames", default=1, show_default=True, type=click.IntRange(1, MAX_CHUNK_FRAMES),
+              help="Frames in each later chunk written to '--out -'.")
 @click.option("--timestamps-out", type=click.Path(dir_okay=False), help="JSON [[word, seconds], ...].")
 @click.option("--tokens-out", type=click.Path(dir_okay=False),
               help="JSON {tokens, timestamps}, as dia2-export reference.")
@@ -77,8 +81,8 @@ def main() -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the artifact files' checksums (seconds for the 2B).")
 @prefix_options
 def speak(text, input_file, artifacts, out, seed, temperature, text_temperature, audio_temperature, top_k,
-          cfg_scale, cfg_filter_k, timestamps_out, tokens_out, threads, backend, quiet, no_verify,
-          prefix_args) -> None:
+          cfg_scale, cfg_filter_k, first_chunk_frames, chunk_frames, timestamps_out, tokens_out, threads, backend,
+          quiet, no_verify, prefix_args) -> None:
     """Speak TEXT (or --input FILE, or stdin) into --out.
 
     Every output is checked before the (slow) load and written at the end, all
@@ -103,7 +107,8 @@ def speak(text, input_file, artifacts, out, seed, temperature, text_temperature,
     runtime = Dia2Runtime.load(artifacts, backend=backend, verify=not no_verify, max_streams=1)
     prefix = load_prefix(runtime, prefix_args)
     bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
-    session = runtime.stream(script, params, progress=bar, prefix=prefix, prefill=not prefix_args["step_warmup"])
+    session = runtime.stream(script, params, progress=bar, prefix=prefix, prefill=not prefix_args["step_warmup"],
+                             chunking=Chunking(first_chunk_frames, chunk_frames))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
         result = _generate(session, out == "-")

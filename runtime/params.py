@@ -85,3 +85,27 @@ def _integer(name: str, value) -> int:
     if number > INT64_MAX:
         raise ValueError(f"{_label(name)} must be at most 2**63 - 1, got {value}")
     return number
+
+
+MAX_CHUNK_FRAMES = 250  # 20 s: a chunk past that is the whole utterance in all but name
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How many frames (80 ms each) a chunk holds: the first, and each after it.
+
+    One frame each by default: a frame goes out as soon as the codec has made it, which is
+    the earliest first audio (the Mimi decoder step has no look-ahead). A player that wants a
+    longer first buffer, or fewer and larger writes, asks for more; the last chunk holds
+    whatever is left. Only the grouping changes, never the audio or the words.
+    """
+
+    first_frames: int = 1
+    frames: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("first_frames", "frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHUNK_FRAMES:
+                raise ValueError(f"{name} must be an integer in 1..{MAX_CHUNK_FRAMES}, "
+                                 f"got {value!r}")

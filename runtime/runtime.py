@@ -28,7 +28,7 @@ from .audio import file_sha256, load_mono, read_audio
 from .backends import Backend, Binding, Graph, TakingTurns, create_backend
 from .batch import BatchEngine
 from .codec import encode
-from .params import GenerationParams
+from .params import Chunking, GenerationParams
 from .prefix import WARM_REMEDY, Prefix, WarmState, check_warm, script_free_frames
 from .script import parse_script
 from .session import AudioChunk, Progress, Session, SpeakResult, TruncationWarning, _check_text
@@ -142,7 +142,7 @@ class Dia2Runtime:
     def open_session(self, params: GenerationParams | None = None,
                      progress: Callable[[Progress], None] | None = None,
                      prefix: Prefix | WarmState | SpeakResult | None = None, *, include_prefix: bool = False,
-                     prefill: bool = True) -> Session:
+                     prefill: bool = True, chunking: Chunking | None = None) -> Session:
         """Start an utterance fed incrementally (``feed``, ``close``, iterate); sessions are independent.
 
         ``prefix``: an audio prefix (``self.prefix(...)``), a warmed voice pair
@@ -150,6 +150,7 @@ class Dia2Runtime:
         keeps its audio (and words) in the output, when ``prefix`` is not a Prefix.
         ``prefill``: warm up in one graph call where the artifacts have the prefill
         graph (else frame by frame, as the reference).
+        ``chunking``: frames per chunk (``Chunking(first_frames, frames)``); one each by default.
         """
         params = GenerationParams() if params is None else params
         if not isinstance(params, GenerationParams):
@@ -162,11 +163,14 @@ class Dia2Runtime:
             self.check_warm(prefix)
         elif prefix is not None and not isinstance(prefix, Prefix):
             raise TypeError(f"prefix must be a Prefix, WarmState or SpeakResult, got {type(prefix).__name__}")
-        return Session(self, params, progress, prefix, include_prefix, prefill)
+        if chunking is not None and not isinstance(chunking, Chunking):
+            raise TypeError(f"chunking must be a Chunking, got {type(chunking).__name__}")
+        return Session(self, params, progress, prefix, include_prefix, prefill, chunking)
 
     def stream(self, text: str, params: GenerationParams | None = None,
                progress: Callable[[Progress], None] | None = None, **prefix_options) -> Session:
-        """The whole script at once; iterate the result for AudioChunks. Bad scripts raise here."""
+        """The whole script at once; iterate the result for AudioChunks. Bad scripts raise here.
+        The keywords are open_session's (prefix, include_prefix, prefill, chunking)."""
         _check_text(text)
         session = self.open_session(params, progress, **prefix_options)
         try:

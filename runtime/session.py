@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .frames import UNGENERATED, finish
-from .params import GenerationParams
+from .params import Chunking, GenerationParams
 from .prefix import ROW_SHIFT, Prefix, WarmState, delay_codes, warmup_tokens
 from .sampling import guide, sample
 from .script import ScriptError, check_complete_script, check_script, check_size, complete_prefix
@@ -128,8 +128,9 @@ class Session:
     def __init__(self, runtime: Dia2Runtime, params: GenerationParams,
                  progress: Callable[[Progress], None] | None = None,
                  prefix: Prefix | WarmState | None = None, include_prefix: bool = False,
-                 prefill: bool = True) -> None:
+                 prefill: bool = True, chunking: Chunking | None = None) -> None:
         m = runtime.manifest
+        self.chunking = Chunking() if chunking is None else chunking
         self.runtime, self.params, self._progress = runtime, params, progress
         self.machine = StateMachine(m.token_ids, second_stream_ahead=m.second_stream_ahead,
                                     initial_padding=params.initial_padding, max_padding=m.max_padding)
@@ -464,7 +465,12 @@ class Session:
             assert isinstance(frame, np.ndarray), "the driver answers a decode call with the frame's pcm"
             pcm.append(np.clip(frame, -1.0, 1.0))  # the reference clamps Mimi's output
         e.next_frame = max(e.next_frame, stop)
+        e.held += pcm
+        target = self.chunking.first_frames if e.first_audio is None else self.chunking.frames
+        if e.held and len(e.held) < target and not final:
+            return None  # the chunk fills up first (its words wait with it)
         words = self._words(None if final else e.next_frame)
+        pcm, e.held = e.held, []
         if not pcm and not words:
             return None
         chunk = AudioChunk(np.concatenate(pcm) if pcm else np.zeros(0, np.float32), words, m.sample_rate)

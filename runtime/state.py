@@ -40,6 +40,7 @@ class Emitter:
     started: float = 0.0  # perf_counter at the first frame
     first_audio: float | None = None  # seconds from the start to the first PCM
     pcm: list[np.ndarray] = field(default_factory=list)
+    held: list[np.ndarray] = field(default_factory=list)  # decoded frames not yet sent (a chunk filling up)
 
 
 @dataclass

@@ -213,3 +213,19 @@ def test_registered_voice_speaks_as_the_runtime_does_with_that_prefix(runtime, t
         assert _post(server, speech_body(TEXT, seed=4)).content == plain != expected
         lone = _post(server, speech_body(TEXT, voice="alloy", voice_2="anna"))
         assert lone.status_code == 400 and lone.json()["error"]["param"] == "voice_2"
+
+
+def test_chunk_sizes_are_the_requests_and_the_audio_the_same(server, cli_pcm):
+    """first_chunk_frames / chunk_frames (Dia2 extras) group the frames; the audio stays the CLI's."""
+    frame_bytes = 2 * server.state.runtime.manifest.samples_per_frame
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", timeout=60,
+                      json=speech_body(TEXT, stream_format="sse", first_chunk_frames=6, chunk_frames=4,
+                                       **EXTRAS)) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+    deltas = [base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta"]
+    sizes = [len(d) // frame_bytes for d in deltas if d]
+    assert sizes[0] == 6 and all(n == 4 for n in sizes[1:-1]) and 1 <= sizes[-1] <= 4
+    assert b"".join(deltas) == cli_pcm
+    refused = _post(server, speech_body(TEXT, first_chunk_frames=0))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "first_chunk_frames"

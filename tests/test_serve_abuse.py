@@ -34,8 +34,8 @@ SLACK = 5.0  # seconds past a deadline that still count as "cut at the deadline"
 START = json.dumps({"type": "start"})
 
 
-def plain_session(runtime, params, voices, progress):
-    return runtime.open_session(params, progress=progress)
+def plain_session(runtime, params, voices, progress, chunking=None):
+    return runtime.open_session(params, progress=progress, chunking=chunking)
 
 
 @pytest.fixture(scope="module")

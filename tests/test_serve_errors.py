@@ -39,15 +39,15 @@ class _CutOff:
             raise RuntimeError("injected failure after the first chunk")
 
 
-def plain_session(runtime, params, voices, progress):
-    return runtime.open_session(params, progress=progress)
+def plain_session(runtime, params, voices, progress, chunking=None):
+    return runtime.open_session(params, progress=progress, chunking=chunking)
 
 
-def faulty_session(runtime, params, voices, progress):
+def faulty_session(runtime, params, voices, progress, chunking=None):
     """plain_session, except that two seeds fail: one before any audio, one after the first chunk."""
     if params.seed == FAIL_SEED:
         raise RuntimeError("injected failure before any audio")
-    session = plain_session(runtime, params, voices, progress)
+    session = plain_session(runtime, params, voices, progress, chunking)
     return _CutOff(session) if params.seed == CUT_SEED else session
 
 
@@ -147,7 +147,7 @@ def test_failures_inside_generation_leave_the_server_serving(server, expected):
     assert 'dia2_requests_total{endpoint="speech",outcome="error"} 2.0' in httpx.get(f"{server.url}/metrics").text
 
 
-def slow_session(runtime, params, voices, progress):
+def slow_session(runtime, params, voices, progress, chunking=None):
     """With SLOW_SEED, frames take at least 40 ms, so a 1 s limit strikes mid-utterance on any machine."""
 
     def crawl(report):

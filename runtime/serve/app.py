@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from fastapi import FastAPI
 
-from .. import Dia2Runtime, GenerationParams, ScriptError
+from .. import Chunking, Dia2Runtime, GenerationParams, ScriptError
 from ..script import check_script
 from .audio import available_formats
 from .guard import ApiKeyCheck, EdgeChecks, OriginPolicy
@@ -60,6 +60,7 @@ class Plan:
     voices: tuple[RegisteredVoice, RegisteredVoice]
     text: str | None = None  # the whole script (HTTP); None: it arrives in pieces (WebSocket)
     input_tokens: int = 0
+    chunking: Chunking = field(default_factory=Chunking)
 
 
 class ServeState:
@@ -97,12 +98,12 @@ class ServeState:
         if text is not None:
             self.check_script(text)
         tokens = self.input_tokens(text) if text is not None and count_tokens else 0
-        return Plan(params, voices, text, tokens)
+        return Plan(params, voices, text, tokens, fields.chunking())
 
     def admit(self, plan: Plan) -> Job:
         """The planned job, admitted to the pool (a whole script is fed and closed); may raise Busy.
         On the event loop: a job belongs to the loop that reads its events."""
-        job = Job(plan.params, plan.voices, self.config.limits)
+        job = Job(plan.params, plan.voices, self.config.limits, plan.chunking)
         if plan.text is not None:
             try:
                 job.feed(plan.text)

@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .. import GenerationParams
+from .. import Chunking, GenerationParams
 from ..files import InputFileError
 from ..files import parse_json as parse_bounded_json
+from ..params import MAX_CHUNK_FRAMES
 
 
 class RequestError(ValueError):
@@ -46,6 +47,12 @@ class GenerationFields(BaseModel):
     top_k: int = Field(50, ge=0, le=1_000_000, description="0 = no top-k cut")
     cfg_scale: float = Field(2.0, gt=0, le=100, description="Classifier-free guidance (1 = off)")
     cfg_filter_k: int = Field(50, ge=0, le=1_000_000)
+    first_chunk_frames: int = Field(1, ge=1, le=MAX_CHUNK_FRAMES,
+                                    description="Frames (80 ms each) in the first audio chunk (Dia2 extra)")
+    chunk_frames: int = Field(1, ge=1, le=MAX_CHUNK_FRAMES, description="Frames in each later chunk (Dia2 extra)")
+
+    def chunking(self) -> Chunking:
+        return Chunking(self.first_chunk_frames, self.chunk_frames)
 
     def params(self) -> GenerationParams:
         """As ``dia2-rt speak`` builds them from the same options."""

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .. import Dia2Runtime, GenerationParams, ScriptError, SpeakResult
+from .. import Chunking, Dia2Runtime, GenerationParams, ScriptError, SpeakResult
 from ..audio import pcm16
 from ..prefix import WarmState
 from .voices import RegisteredVoice
@@ -89,6 +89,7 @@ class Job:
     params: GenerationParams
     voices: tuple[RegisteredVoice, RegisteredVoice]
     limits: Limits = field(default_factory=Limits)
+    chunking: Chunking = field(default_factory=Chunking)
 
     def __post_init__(self) -> None:
         self._events: asyncio.Queue = asyncio.Queue()
@@ -165,7 +166,7 @@ class Job:
 
     def _generate(self, runtime: Dia2Runtime, open_session: Callable) -> Finished:
         self._check(None)
-        session = open_session(runtime, self.params, self.voices, self._check_deadline)
+        session = open_session(runtime, self.params, self.voices, self._check_deadline, self.chunking)
         self._session = session
         if self._cancelled.is_set():  # cancelled while the session opened
             session.cancel()
@@ -238,10 +239,10 @@ class VoicedSessions:
         self._lock = threading.Lock()  # one warm-up per pair, even when two requests want it at once
 
     def __call__(self, runtime: Dia2Runtime, params: GenerationParams,
-                 voices: tuple[RegisteredVoice, RegisteredVoice], progress):
+                 voices: tuple[RegisteredVoice, RegisteredVoice], progress, chunking: Chunking | None = None):
         first, second = voices
         if not (first.conditioned or second.conditioned):
-            return runtime.open_session(params, progress=progress)
+            return runtime.open_session(params, progress=progress, chunking=chunking)
         with self._lock:
             warm = self._warm.get((first.name, second.name))
             if warm is None:
@@ -249,7 +250,7 @@ class VoicedSessions:
                 assert prefix is not None  # a conditioned voice makes a prefix (or a VoiceError)
                 warm = runtime.warm(prefix)
                 self._warm[(first.name, second.name)] = warm
-        return runtime.open_session(params, progress=progress, prefix=warm)
+        return runtime.open_session(params, progress=progress, prefix=warm, chunking=chunking)
 
 
 class Pool:

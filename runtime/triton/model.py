@@ -112,7 +112,7 @@ class TritonPythonModel:
             if self.closing.is_set() or sender.is_cancelled():
                 raise _Cancelled
 
-        session = self.open_session(self.runtime, checked.params, checked.voices, each_frame)
+        session = self.open_session(self.runtime, checked.params, checked.voices, each_frame, checked.chunking)
         try:
             session.feed(checked.text)
             session.close()

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..files import InputFileError, parse_json
-from ..params import GenerationParams
+from ..params import Chunking, GenerationParams
 from ..script import ScriptError, check_script
 from ..serve.voices import RegisteredVoice, VoiceRegistry, VoiceRegistryError
 
 # The JSON type each field takes (bool is refused for both: JSON true is not a seed).
 NUMBERS = {"seed": int, "temperature": float, "text_temperature": float, "audio_temperature": float,
-           "top_k": int, "cfg_scale": float, "cfg_filter_k": int}
+           "top_k": int, "cfg_scale": float, "cfg_filter_k": int, "first_chunk_frames": int, "chunk_frames": int}
 VOICES = ("voice", "voice_2")
 MAX_PARAMS_BYTES = 64 * 1024  # the server's body limit: a params document is a few hundred bytes
 
@@ -32,6 +32,7 @@ class Plan:
     text: str
     params: GenerationParams
     voices: tuple[RegisteredVoice, RegisteredVoice]
+    chunking: Chunking = Chunking()
 
 
 def plan(text: bytes | str | None, raw_params: bytes | None, registry: VoiceRegistry, runtime,
@@ -44,10 +45,11 @@ def plan(text: bytes | str | None, raw_params: bytes | None, registry: VoiceRegi
     if voices[1].conditioned and not voices[0].conditioned:
         raise BadRequest("params.voice_2: speaker 2's voice needs a voice for speaker 1 too (as in Dia2)")
     try:
+        chunking = Chunking(fields.pop("first_chunk_frames", 1), fields.pop("chunk_frames", 1))
         params = GenerationParams.from_options(**fields)
     except (TypeError, ValueError) as exc:
         raise BadRequest(f"params: {exc}") from None
-    return Plan(script, params, voices)
+    return Plan(script, params, voices, chunking)
 
 
 def parse_params(raw: bytes | None) -> dict:

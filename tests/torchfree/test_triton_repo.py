@@ -108,6 +108,8 @@ def test_not_a_voice_file_is_refused(tmp_path):
     ("[S1] Hi.", b'{"voice": 7}', "params.voice: expected a voice name"),
     ("[S1] Hi.", b'{"voice_2": "anna"}', "params.voice_2: speaker 2's voice needs a voice for speaker 1"),
     ("[S1] a] b", None, "text:"),
+    ("[S1] Hi.", b'{"first_chunk_frames": 0}', "params: first_frames must be an integer in 1..250"),
+    ("[S1] Hi.", b'{"chunk_frames": 2.5}', "params.chunk_frames: expected an integer"),
 ])
 def test_bad_requests_are_one_line(runtime, voice_file, text, params, message):
     registry = VoiceRegistry.from_options([f"anna={voice_file}"], loader=load_voice)
@@ -119,9 +121,11 @@ def test_bad_requests_are_one_line(runtime, voice_file, text, params, message):
 def test_a_good_request_maps_the_extras_as_speak_does(runtime, voice_file):
     registry = VoiceRegistry.from_options([f"anna={voice_file}"], loader=load_voice)
     checked = plan(b"[S1] Hi.", b'{"seed": 3, "temperature": 0.9, "audio_temperature": 0.7, "top_k": 20, '
-                                b'"cfg_scale": 1.5, "cfg_filter_k": 30, "voice": "anna", "voice_2": null}',
+                                b'"cfg_scale": 1.5, "cfg_filter_k": 30, "voice": "anna", "voice_2": null, '
+                                b'"first_chunk_frames": 5, "chunk_frames": 2}',
                    registry, runtime, 4096)
     p = checked.params
     assert (p.seed, p.text_temperature, p.audio_temperature, p.text_top_k, p.audio_top_k, p.cfg_scale,
             p.cfg_filter_k) == (3, 0.9, 0.7, 20, 20, 1.5, 30)
     assert [v.name for v in checked.voices] == ["anna", "default"]
+    assert (checked.chunking.first_frames, checked.chunking.frames) == (5, 2)
