@@ -24,6 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,7 +52,9 @@ class Lane:
     """One session's place in the engine: its slot, the graph call it waits on, what it made."""
 
     def __init__(self, engine: BatchEngine, session: Session) -> None:
-        self.engine, self.session = engine, session
+        self.engine = engine
+        # Weak: a session its caller dropped (never closed or cancelled) must not keep its slot.
+        self._session = weakref.ref(session)
         self.slot: int | None = None
         self.pending: object | None = None  # the graph call the session waits on
         self.parked = False  # waiting for text: not stepped until woken
@@ -60,6 +63,11 @@ class Lane:
         self.advancing = False  # the engine is running this session's loop now
         self.over = threading.Event()  # set once the lane has ended and its state is back
         self._out: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def session(self) -> Session | None:
+        """The session, or None once nothing but the engine referred to it (it was collected)."""
+        return self._session()
 
     def wake(self) -> None:
         self.engine.wake(self)
@@ -78,7 +86,8 @@ class Lane:
     def chunks(self) -> Iterator[AudioChunk]:
         """What the engine made for the session, up to its end or to its wait for more text."""
         while True:
-            if self.session.cancelled:  # what it made before the cancel is dropped, as a solo session's is
+            session = self.session
+            if session is None or session.cancelled:  # what it made before the cancel is dropped, as solo
                 self.over.wait(CANCEL_WAIT_SECONDS)  # and the iteration ends once its state is back
                 return
             item = self._out.get()
@@ -152,8 +161,23 @@ class BatchEngine:
                 lane.parked = False
                 self._cond.notify()
         if not seated:
-            with lane.session._lock:
-                lane.session._end()  # its loop never ran: this gives its state back
+            session = lane.session
+            if session is not None:
+                with session._lock:
+                    session._end()  # its loop never ran: this gives its state back
+            self._end(lane, None)
+
+    def abandon(self, lane: Lane) -> None:
+        """The lane's session was collected unfinished (Session.__del__): its place in line goes now,
+        its slot at the next frame, where the engine finds the session gone."""
+        with self._cond:
+            queued = lane in self._line
+            if queued:
+                self._line.remove(lane)
+            else:
+                lane.parked = False
+                self._cond.notify()
+        if queued:
             self._end(lane, None)
 
     def stats(self) -> EngineStats:
@@ -205,11 +229,15 @@ class BatchEngine:
         if self._line and all(lane is None for lane in self._slots):
             self.stepper.restart()  # a new batch: every slot scrubbed, the cache back to its first rows
         for slot, lane in enumerate(self._slots):
-            if lane is None and self._line:
+            while lane is None and self._line:
                 new = self._line.popleft()
+                session = new.session
+                if session is None:  # dropped while it waited
+                    self._end(new, None)
+                    continue
                 self.stepper.scrub(slot)  # nothing of the slot's last stream reaches this one
-                new.slot, new.session.stepper, new.session.slot = slot, self.stepper, slot
-                self._slots[slot] = new
+                new.slot, session.stepper, session.slot = slot, self.stepper, slot
+                self._slots[slot] = lane = new
 
     def _frame(self, lanes: list[Lane]) -> None:
         for lane in lanes:
@@ -247,6 +275,9 @@ class BatchEngine:
         from .session import _WAIT, CALLS
 
         session = lane.session
+        if session is None:  # collected unfinished: its state went back with it
+            self._end(lane, None)
+            return
         with self._cond:
             wakes = lane.wakes
             lane.advancing = True
@@ -280,12 +311,14 @@ class BatchEngine:
         if lane.ended:
             return
         lane.ended = True
-        if error is not None:
-            lane.session._end()  # the loop's `finally` gives its state back
+        session = lane.session
+        if error is not None and session is not None:
+            session._end()  # the loop's `finally` gives its state back
         with self._cond:  # the slot is free before the reader hears of the end
             if lane.slot is not None and self._slots[lane.slot] is lane:
                 self._slots[lane.slot] = None
-            lane.session.stepper = None
+            if session is not None:
+                session.stepper = None
             self._cond.notify()
         if error is not None:
             lane.put(error)

@@ -311,7 +311,11 @@ class Session:
 
     def __del__(self) -> None:
         # A session dropped before its first frame never starts its loop, whose `finally` gives
-        # the state back: give it back here (a no-op once the loop did).
+        # the state back: give it back here (a no-op once the loop did). On a batched runtime the
+        # engine holds it weakly, so a dropped unfinished session ends up here too: its slot goes.
+        lane = getattr(self, "_lane", None)
+        if lane is not None and not lane.ended:
+            lane.engine.abandon(lane)
         loop = getattr(self, "_loop", None)
         if getattr(self, "_state", None) is not None and not (loop is not None and loop.gi_running):
             self._release()

@@ -7,7 +7,9 @@ greedy and seeded, with text arriving late, with voices, whoever joins or leaves
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -106,6 +108,32 @@ def test_a_session_waiting_for_text_does_not_stall_the_batch(batched, alone):
     assert waiting.result is not None
     np.testing.assert_array_equal(waiting.result.tokens,
                                   alone.speak("[S1] Hello there, how are you?", GREEDY).tokens)
+
+
+def test_sessions_dropped_unfinished_give_their_slots_back(alone):
+    """A caller that drops a session without closing or cancelling it (a seated one waiting for
+    text, and one still in line) frees its slot once the session is collected: the engine holds
+    sessions weakly, so every slot serves new sessions again and their tokens are their solo ones."""
+    runtime = Dia2Runtime.load(FIXTURE, threads=1, max_streams=2)
+    dropped = [runtime.open_session(GREEDY) for _ in range(3)]  # two seated, one in line
+    for session in dropped:
+        session.feed("[S1] Hello there, how")  # never closed: the seated ones park for more text
+    for seated in dropped[:2]:  # each runs until it waits for text (the engine holds none mid-frame)
+        for _ in seated:
+            pass
+    assert runtime.engine.stats().busy == 2 and runtime.engine.stats().waiting == 1
+    del dropped, session, seated
+    gc.collect()  # a session and its loop form a cycle: the cycle collector finalizes them
+    deadline = time.monotonic() + 30
+    while runtime.engine.stats().busy and time.monotonic() < deadline:  # freed at the engine's next frame
+        time.sleep(0.01)
+    assert runtime.engine.stats().busy == 0 and runtime.engine.stats().waiting == 0
+    results = [runtime.speak(SCRIPTS[i], GREEDY) for i in (2, 0)]
+    for i, result in zip((2, 0), results):
+        np.testing.assert_array_equal(result.tokens, alone.speak(SCRIPTS[i], GREEDY).tokens)
+    stats = runtime.engine.stats()
+    assert stats.busy == 0 and stats.waiting == 0
+    runtime.close()
 
 
 def test_max_streams_is_checked(tmp_path):
