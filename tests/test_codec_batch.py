@@ -121,7 +121,7 @@ def test_no_row_reads_another(batched):
     codes = rng.integers(0, 64, (3, Q, 1))
     clean = zero_state(batched, 3)
     poisoned = {name: value.copy() for name, value in clean.items()}
-    for name, value in poisoned.items():
+    for value in poisoned.values():
         value[1] = 10**6 if value.dtype == np.int64 else np.nan
     active = np.ones(3, np.bool_)
     a, _ = step(sess, batched, codes, active, clean)
