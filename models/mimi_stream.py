@@ -327,9 +327,9 @@ class MimiStreamingDecoder(nn.Module):
         offsets = torch.arange(self.num_quantizers, dtype=torch.int64) * self.codebook_size
         # F.embedding exports as a plain Gather (tensor indexing becomes GatherND)
         vectors = F.embedding(codes[:, :, 0] + offsets, self.codebooks)
-        latent = _project(self.semantic_proj, _sum_in_order(vectors[:, : self.num_semantic]))
+        latent = _project(self.semantic_proj, _sum_codebooks(vectors[:, : self.num_semantic]))
         if self.num_quantizers > self.num_semantic:
-            latent = latent + _project(self.acoustic_proj, _sum_in_order(vectors[:, self.num_semantic :]))
+            latent = latent + _project(self.acoustic_proj, _sum_codebooks(vectors[:, self.num_semantic :]))
         return latent
 
     def _transformer_step(self, x: torch.Tensor, state: dict, new: dict) -> torch.Tensor:
@@ -384,16 +384,15 @@ class MimiStreamingDecoder(nn.Module):
         return out if c.bias is None else out + c.bias[None, :, None]
 
 
-def _sum_in_order(vectors: torch.Tensor) -> torch.Tensor:
-    """[S, K, dim] -> [S, dim], adding codebook after codebook as MimiResidualVectorQuantizer.decode does.
+def _sum_codebooks(vectors: torch.Tensor) -> torch.Tensor:
+    """[S, K, dim] -> [S, dim]: the K codebooks' vectors of each stream summed, as one MatMul by ones.
 
     Not a ReduceSum: ONNX Runtime sums [1, K, dim] and [S, K, dim] over K in different orders (its
     fast path for a leading reduced axis), so a stream's pcm would depend on the batch size
-    (measured: up to 3.5e-6 apart on the tiny Mimi); a chain of Adds rounds the same for every S."""
-    total = vectors[:, 0]
-    for k in range(1, vectors.shape[1]):
-        total = total + vectors[:, k]
-    return total
+    (measured: up to 3.5e-6 apart on the tiny Mimi). A batched MatMul runs one identical GEMM per
+    stream whatever S is; a chain of K Adds would too, at 0.1 ms a frame more (K = 32, 12%)."""
+    ones = torch.ones(1, vectors.shape[1], dtype=vectors.dtype)
+    return torch.matmul(ones, vectors)[:, 0]
 
 
 def _keep_inactive(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
