@@ -203,9 +203,7 @@ def check_together(artifacts, batched_codec: bool) -> None:
     assert len(together.engine.stepper.decoders) == (1 if batched_codec else 4)
     results = run_together(together, PLANS)
     for plan, result in zip(PLANS, results):
-        expected = solo(alone, plan)
-        assert differences(result, expected) == [], plan
-        assert np.array_equal(result.pcm, expected.pcm), plan
+        assert differences(result, solo(alone, plan)) == [], plan  # pcm included
     assert together.engine.stats().streams_stepped > together.engine.stats().frames
 
 
