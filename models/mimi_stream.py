@@ -361,6 +361,8 @@ class MimiStreamingDecoder(nn.Module):
             if isinstance(layer.shortcut, MimiConv1d):
                 residual = self._conv_step(layer.shortcut, f"{name}.shortcut", residual, state, new)
             return residual + x
+        if isinstance(layer, nn.ELU):
+            return _elu(x, layer.alpha)
         return layer(x)
 
     def _conv_step(self, conv: MimiConv1d, name: str, x, state, new) -> torch.Tensor:
@@ -382,6 +384,14 @@ class MimiStreamingDecoder(nn.Module):
         new[name] = y[:, :, emitted:].float()
         out = y[:, :, :emitted]
         return out if c.bias is None else out + c.bias[None, :, None]
+
+
+def _elu(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ELU as Exp and Where, not ONNX's Elu: ONNX Runtime's Elu kernel splits a tensor among its
+    threads at element offsets, and an element at a block's unaligned edge takes a scalar exp that
+    rounds apart from the vector one, so with 2+ threads a stream's pcm depended on the batch size
+    (up to 5e-7, from the first 4x480 ELU). Its Exp kernel rounds every element alike."""
+    return torch.where(x > 0, x, alpha * (torch.exp(torch.clamp(x, max=0.0)) - 1.0))
 
 
 def _sum_codebooks(vectors: torch.Tensor) -> torch.Tensor:
