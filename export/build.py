@@ -284,7 +284,8 @@ def _build_into(files: CheckpointFiles, tmp: Path, options: BuildOptions, progre
     codec_precision = "fp32" if options.precision in WEIGHT_ONLY_BITS else options.precision
     progress("exporting codec decoder step")
     graphs[CODEC_DECODER], codec = export_codec_decoder(mimi, tmp / "codec_decoder.onnx", opset=options.opset,
-                                                        precision=codec_precision, num_quantizers=q)
+                                                        precision=codec_precision, num_quantizers=q,
+                                                        max_streams=options.max_streams)
     if options.precision in WEIGHT_ONLY_BITS:
         graphs[CODEC_DECODER] = _quantized_codec(tmp, graphs[CODEC_DECODER], progress)
     progress("exporting codec encoder")
@@ -355,8 +356,9 @@ def _quantized_codec(root: Path, spec: GraphSpec, progress) -> GraphSpec:
 
     label = f"int{CODEC_BITS}"
     state = [{"input": p.input, "output": p.output} for p in spec.state]
-    return _quantize_file(root, spec.file, spec.name, WeightOnlyScheme(CODEC_BITS, DEFAULT_BLOCK_SIZE), label,
-                          fit=True, progress=progress, state=state)
+    quantized = _quantize_file(root, spec.file, spec.name, WeightOnlyScheme(CODEC_BITS, DEFAULT_BLOCK_SIZE), label,
+                               fit=True, progress=progress, state=state)
+    return replace(quantized, dims=spec.dims)  # its streams axis keeps its bound
 
 
 def _quantize_file(root: Path, file: str, name: str, scheme, label: str, *, fit: bool, progress,

@@ -34,6 +34,7 @@ from dia2_trt.runtime.manifest import (
     GraphSpec,
     Manifest,
 )
+from dia2_trt.runtime.step import ACTIVE
 
 from .graphs import BackboneStep, DepformerFrame
 from .reference_run import decode_batch
@@ -185,12 +186,13 @@ def _codec_decoder_check(spec: GraphSpec, mimi, q: int, frames: int, gen: torch.
     decoder = MimiStreamingDecoder(mimi, q).eval()
     codes = torch.randint(0, mimi.config.codebook_size, (1, q, frames), generator=gen)
     state = decoder.initial_state()
-    in_names = ["codes"] + [STATE_IN + n for n in decoder.state_names]
+    in_names = ["codes", ACTIVE] + [STATE_IN + n for n in decoder.state_names]
     out_names = ["pcm"] + [STATE_OUT + n for n in decoder.state_names]
+    graph_inputs = {t.name for t in spec.inputs}  # one stream; a graph without a stream axis has no ``active``
     feeds, torch_out = [], []
     for f in range(frames):
-        args = (codes[:, :, f:f + 1], *state)
-        feeds.append({n: a.numpy() for n, a in zip(in_names, args)})
+        args = (codes[:, :, f:f + 1], torch.ones(1, dtype=torch.bool), *state)
+        feeds.append({n: a.numpy() for n, a in zip(in_names, args) if n in graph_inputs})
         with torch.no_grad():
             out = decoder(*args)
         torch_out.append(dict(zip(out_names, (np.ascontiguousarray(o.numpy()) for o in out))))

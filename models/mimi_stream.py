@@ -154,22 +154,27 @@ class _Transformer(nn.Module):
         self.rope_theta = float(_rope_parameters(config)["rope_theta"])
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, n, head_dim] of positions [B, n]: one row of positions per batch row."""
         # recomputed from constants (and folded at export) so fp16 weight conversion never rounds it
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        freqs = positions.float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        freqs = positions.float()[:, :, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """[B, 1, n, K] of positions q [B, n] and k [B, K]: each batch row its own window."""
         # create_sliding_window_causal_mask: a query sees keys with q - window < k <= q, i.e. itself
         # and window - 1 past keys; k < 0 marks a still-empty cache slot
-        q, k = q_pos[:, None], k_pos[None, :]
+        q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
         return (k >= 0) & (k <= q) & (k > q - self.window)
 
     def forward(self, x, positions, k_positions, past):
-        """x [1, n, H]; past: per layer (key, value) [1, kv_heads, P, head_dim] or None.
+        """x [B, n, H]; positions [B, n] and k_positions [B, K] (or [n] and [K], shared by every row);
+        past: per layer (key, value) [B, kv_heads, P, head_dim] or None.
 
         Returns the output and per layer the keys/values of past and x together (post-RoPE)."""
+        if positions.dim() == 1:
+            positions, k_positions = positions[None], k_positions[None]
         cos, sin = self.rope(positions, x.dtype)
         mask = self.mask(positions, k_positions)
         present = []
@@ -216,13 +221,20 @@ def _transposed_overlap(conv: MimiConvTranspose1d) -> int:
 
 
 class MimiStreamingDecoder(nn.Module):
-    """One Mimi frame per call: forward(codes [1,Q,1] int64, *state) -> (pcm [1,1,frame_samples] f32, *next_state).
+    """One Mimi frame of S streams per call:
+    forward(codes [S,Q,1] int64, active [S] bool, *state) -> (pcm [S,1,frame_samples] f32, *next_state).
 
-    State (see `state_specs`, all fixed-size, zeros initially):
+    State (see `state_specs`, all fixed-size per stream, zeros initially; each with a leading
+    stream axis, shown as 1 in `state_specs`):
       * `seanet.*`, `upsample`: causal-conv left context (last inputs) and transposed-conv overlap
         (the not-yet-final tail of the last output, kept without bias so bias is added exactly once);
       * `layer{i}.key` / `layer{i}.value`: the last window-1 post-RoPE keys/values of transformer layer i;
-      * `step`: int64 [1], transformer steps taken so far (the RoPE position of the next one).
+      * `step`: int64 [S], transformer steps each stream has taken (the RoPE position of its next one).
+
+    Rows are independent streams: every op works per row (per-row RoPE positions and sliding-window
+    mask), so a row's outputs depend on its own codes and state only. A row with `active` False
+    keeps its state (its next state is its state; its pcm is meaningless): a batch may hold
+    streams that have no frame to decode this call.
     """
 
     codebooks: torch.Tensor  # registered buffer
@@ -284,8 +296,9 @@ class MimiStreamingDecoder(nn.Module):
         specs.append((STEP_STATE, (1,), torch.int64))
         return specs
 
-    def initial_state(self) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.zeros(shape, dtype=dtype) for _, shape, dtype in self.state_specs)
+    def initial_state(self, streams: int = 1) -> tuple[torch.Tensor, ...]:
+        """Zero state for ``streams`` streams (the leading axis of every state tensor)."""
+        return tuple(torch.zeros((streams, *shape[1:]), dtype=dtype) for _, shape, dtype in self.state_specs)
 
     def half_compute(self) -> MimiStreamingDecoder:
         """Run weights and activations in fp16; state I/O and pcm stay fp32 (RoPE, LayerNorm, softmax too).
@@ -293,10 +306,10 @@ class MimiStreamingDecoder(nn.Module):
         Converts the wrapped MimiModel's decoder in place: wrap a copy if the original must stay fp32."""
         return self.half()
 
-    def forward(self, codes: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, codes: torch.Tensor, active: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         _require(
-            tuple(codes.shape) == (1, self.num_quantizers, 1),
-            f"codes must be [1, {self.num_quantizers}, 1], got {tuple(codes.shape)}",
+            codes.dim() == 3 and tuple(codes.shape[1:]) == (self.num_quantizers, 1),
+            f"codes must be [S, {self.num_quantizers}, 1], got {tuple(codes.shape)}",
         )
         _require(len(states) == len(self.state_specs), f"expected {len(self.state_specs)} state tensors")
         state = dict(zip(self.state_names, states))
@@ -307,19 +320,20 @@ class MimiStreamingDecoder(nn.Module):
         x = self._transformer_step(x.transpose(1, 2), state, new).transpose(1, 2)
         for i, layer in enumerate(self.seanet.layers):
             x = self._seanet_step(layer, f"seanet.layers.{i}", x, state, new)
-        return (x.float(), *(new[name] for name in self.state_names))
+        return (x.float(), *(_keep_inactive(active, new[name], state[name]) for name in self.state_names))
 
     def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [S, Q, 1] -> latent [S, hidden, 1]."""
         offsets = torch.arange(self.num_quantizers, dtype=torch.int64) * self.codebook_size
         # F.embedding exports as a plain Gather (tensor indexing becomes GatherND)
-        vectors = F.embedding(codes[0, :, 0] + offsets, self.codebooks)
-        latent = _project(self.semantic_proj, vectors[: self.num_semantic].sum(0))
+        vectors = F.embedding(codes[:, :, 0] + offsets, self.codebooks)
+        latent = _project(self.semantic_proj, _sum_codebooks(vectors[:, : self.num_semantic]))
         if self.num_quantizers > self.num_semantic:
-            latent = latent + _project(self.acoustic_proj, vectors[self.num_semantic :].sum(0))
+            latent = latent + _project(self.acoustic_proj, _sum_codebooks(vectors[:, self.num_semantic :]))
         return latent
 
     def _transformer_step(self, x: torch.Tensor, state: dict, new: dict) -> torch.Tensor:
-        step = state[STEP_STATE]
+        step = state[STEP_STATE][:, None]  # [S, 1]: each stream at its own position
         n = x.shape[1]
         window = self.transformer.window - 1
         positions = step + torch.arange(n, dtype=torch.int64)
@@ -332,7 +346,7 @@ class MimiStreamingDecoder(nn.Module):
         x, present = self.transformer(x, positions, k_positions, past)
         for i, (k, v) in enumerate(present):
             new[f"layer{i}.key"], new[f"layer{i}.value"] = k[:, :, n:].float(), v[:, :, n:].float()
-        new[STEP_STATE] = step + n
+        new[STEP_STATE] = state[STEP_STATE] + n
         return x
 
     def _seanet_step(self, layer: nn.Module, name: str, x, state, new) -> torch.Tensor:
@@ -347,6 +361,8 @@ class MimiStreamingDecoder(nn.Module):
             if isinstance(layer.shortcut, MimiConv1d):
                 residual = self._conv_step(layer.shortcut, f"{name}.shortcut", residual, state, new)
             return residual + x
+        if isinstance(layer, nn.ELU):
+            return _elu(x, layer.alpha)
         return layer(x)
 
     def _conv_step(self, conv: MimiConv1d, name: str, x, state, new) -> torch.Tensor:
@@ -370,8 +386,36 @@ class MimiStreamingDecoder(nn.Module):
         return out if c.bias is None else out + c.bias[None, :, None]
 
 
+def _elu(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ELU as max(x, 0) + alpha (exp(min(x, 0)) - 1), not ONNX's Elu: ONNX Runtime's Elu kernel
+    splits a tensor among its threads at element offsets, and an element at a block's unaligned
+    edge takes a scalar exp that rounds apart from the vector one, so with 2+ threads a stream's
+    pcm depended on the batch size (up to 6e-7, from the first 4x480 ELU). Its Exp rounds every
+    element alike; Relu, Clip and Add are exact (x > 0 gives x + 0). No Where: ORT's Where is
+    slow (13 of them were 0.4 ms of a 0.8 ms frame on the real-vocabulary Mimi)."""
+    negative = torch.exp(torch.clamp(x, max=0.0)) - 1.0
+    return torch.relu(x) + (negative if alpha == 1.0 else alpha * negative)
+
+
+def _sum_codebooks(vectors: torch.Tensor) -> torch.Tensor:
+    """[S, K, dim] -> [S, dim]: the K codebooks' vectors of each stream summed, as one MatMul by ones.
+
+    Not a ReduceSum: ONNX Runtime sums [1, K, dim] and [S, K, dim] over K in different orders (its
+    fast path for a leading reduced axis), so a stream's pcm would depend on the batch size
+    (measured: up to 3.5e-6 apart on the tiny Mimi). A batched MatMul runs one identical GEMM per
+    stream whatever S is; a chain of K Adds would too, at 0.1 ms a frame more (K = 32, 12%)."""
+    ones = torch.ones(1, vectors.shape[1], dtype=vectors.dtype)
+    return torch.matmul(ones, vectors)[:, 0]
+
+
+def _keep_inactive(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """A stream's next state: ``new`` where it is active, its state as it was where not."""
+    return torch.where(active.reshape(-1, *([1] * (new.dim() - 1))), new, old)
+
+
 def _project(proj: nn.Module | None, vector: torch.Tensor) -> torch.Tensor:
-    latent = vector[None, :, None]
+    """[S, dim] -> [S, hidden, 1]."""
+    latent = vector[:, :, None]
     return latent if proj is None else proj(latent)
 
 

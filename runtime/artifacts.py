@@ -355,6 +355,9 @@ def _check_depformer(m: Manifest) -> None:
                  f"!= [{STREAMS}, {m.audio_channels}]")
 
 
+CODEC_ACTIVE = "active"  # the codec decoder's row mask, step.ACTIVE (step.py imports this module, not the reverse)
+
+
 def _check_codec(m: Manifest) -> None:
     g = m.graph(CODEC_DECODER)
     state_in = {p.input for p in g.state}
@@ -364,7 +367,11 @@ def _check_codec(m: Manifest) -> None:
         g.output(pair.output)
     # one stream (batch 1), or a streams axis with an ``active`` mask: the runtime drives either
     batch = STREAMS if STREAMS in g.dims else 1
-    codes = [t for t in g.inputs if t.name not in state_in and t.name != "active"]
+    active = [t for t in g.inputs if t.name == CODEC_ACTIVE]
+    if (batch == STREAMS) != bool(active) or any(t.shape != (STREAMS,) or t.dtype.name != "bool" for t in active):
+        _fail(m, f"graphs.codec_decoder: a decoder with a {STREAMS} axis takes {CODEC_ACTIVE} bool [{STREAMS}], "
+                 f"one without takes none")
+    codes = [t for t in g.inputs if t.name not in state_in and t.name != CODEC_ACTIVE]
     pcm = [t for t in g.outputs if t.name not in state_out]
     if len(codes) != 1 or codes[0].shape != (batch, m.codec.num_quantizers, 1):
         _fail(m, f"graphs.codec_decoder: expected one codes input [{batch}, {m.codec.num_quantizers}, 1] "
@@ -372,6 +379,9 @@ def _check_codec(m: Manifest) -> None:
     if len(pcm) != 1 or pcm[0].shape != (batch, 1, m.codec.samples_per_frame):
         _fail(m, f"codec.samples_per_frame {m.codec.samples_per_frame} differs from the decoder's pcm output "
                  f"{[list(t.shape) for t in pcm]}")
+    for t in g.inputs + g.outputs:
+        if t.name in state_in | state_out and (not t.shape or t.shape[0] != batch):
+            _fail(m, f"graphs.codec_decoder.{t.name} {list(t.shape)}: a state's leading axis must be {batch}")
     for t in g.inputs + g.outputs:
         if not t.bounded(g.dims).static:
             _fail(m, f"graphs.codec_decoder.{t.name} has an unbounded dynamic shape {list(t.shape)}")

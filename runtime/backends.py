@@ -277,9 +277,24 @@ class OrtBinding:
             raise ValueError(f"{self.spec.name}: axis sizes {sizes} outside the bounds {self.spec.dims}")
         if all(self._dims.get(d) == n for d, n in sizes.items()):
             return
+        self._carry_state(sizes)
         self._dims.update(sizes)
         self._attached.clear()
         self._layout()
+
+    def _carry_state(self, sizes: Mapping[str, int]) -> None:
+        """Before the leading axis of a state shrinks: its rows past the new size, which runs no longer
+        write, copied from the set the next run reads into the other set. Runs swap the sets, so
+        without it a row left out for an odd number of runs would come back one run stale (or
+        another stream's, after a reset) when the axis grows again."""
+        if not self.spec.state:
+            return
+        live, other = self._sides[self._turn][0], self._sides[1 - self._turn][0]
+        for name, _ in self.spec.state:
+            shape = self.spec.input(name).shape
+            axis = shape[0] if shape else None
+            if isinstance(axis, str) and axis in sizes and sizes[axis] < live[name].shape[0]:
+                other[name][sizes[axis]:] = live[name][sizes[axis]:]
 
     def bind(self, name: str, array: np.ndarray) -> None:
         spec = self.spec.input(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import Binding
+from .step import ACTIVE, STREAMS
 
 
 class CodecStream:
@@ -22,15 +23,19 @@ class CodecStream:
 
     def __init__(self, decoder: Binding, codebook_size: int, encoder: Binding | None = None) -> None:
         spec = decoder.spec
-        state_inputs = {i for i, _ in spec.state}
-        state_outputs = {o for _, o in spec.state}
-        codes = [t for t in spec.inputs if t.name not in state_inputs]
-        pcm = [t for t in spec.outputs if t.name not in state_outputs]
+        state_inputs, state_outputs = {i for i, _ in spec.state}, {o for _, o in spec.state}
+        codes = [t.name for t in spec.inputs if t.name not in state_inputs and t.name != ACTIVE]
+        pcm = [t.name for t in spec.outputs if t.name not in state_outputs]
         if len(codes) != 1 or len(pcm) != 1:
             raise ValueError(f"{spec.name}: a codec decoder has one codes input and one pcm output besides "
-                             f"its state, got {[t.name for t in codes]} -> {[t.name for t in pcm]}")
+                             f"its state, got {codes} -> {pcm}")
         self._decoder, self._encoder = decoder, encoder
-        self._codes, self._pcm = codes[0], pcm[0]
+        # a graph with a stream axis decodes this one stream as its row 0, always active
+        self._batched = any(t.name == ACTIVE for t in spec.inputs)
+        if self._batched:
+            decoder.set_dims({STREAMS: 1})
+        one = {**spec.dims, STREAMS: 1}
+        self._codes, self._pcm = spec.input(codes[0]).bounded(one), spec.output(pcm[0]).bounded(one)
         self.num_quantizers = int(np.prod(self._codes.static_shape))
         self.frame_samples = int(np.prod(self._pcm.static_shape))
         self.codebook_size = int(codebook_size)
@@ -45,8 +50,10 @@ class CodecStream:
             raise ValueError(f"codes must be {self.num_quantizers} integers, got {codes.dtype} {codes.shape}")
         if codes.min() < 0 or codes.max() >= self.codebook_size:
             raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
-        out = self._decoder.run({self._codes.name: codes.reshape(self._codes.shape)})
-        return out[self._pcm.name].reshape(-1).copy()
+        feeds: dict[str, np.ndarray] = {self._codes.name: codes.reshape(self._codes.static_shape)}
+        if self._batched:
+            feeds[ACTIVE] = np.ones(1, np.bool_)
+        return self._decoder.run(feeds)[self._pcm.name].reshape(-1).copy()
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         if self._encoder is None:

@@ -56,7 +56,7 @@ def reference(mimi, codes):
 @pytest.fixture(scope="module")
 def decoder_onnx(mimi, tmp_path_factory):
     path = tmp_path_factory.mktemp("codec") / "decoder.onnx"
-    return (path, *export_codec_decoder(mimi, path, opset=18, precision="fp32"))
+    return (path, *export_codec_decoder(mimi, path, opset=18, precision="fp32", max_streams=4))
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +70,17 @@ def stream_torch(decoder, codes):
     chunks = []
     with torch.no_grad():
         for t in range(codes.shape[2]):
-            pcm, *state = decoder(codes[:, :, t : t + 1], *state)
+            pcm, *state = decoder(codes[:, :, t : t + 1], torch.ones(1, dtype=torch.bool), *state)
             chunks.append(pcm[0, 0].numpy())
     return np.concatenate(chunks)
 
 
 def stream_ort(path, spec, codes):
+    """One stream (row 0 of a graph with a stream axis, always active)."""
     sess = session(path)
-    feeds = {io.name: np.zeros(io.shape, io.dtype) for io in spec.inputs}
+    one = {**spec.dims, "streams": 1}
+    feeds = {io.name: np.ones(io.shape, io.dtype) if io.name == "active" else np.zeros(io.shape, io.dtype)
+             for io in (t.bounded(one) for t in spec.inputs)}
     outputs = [io.name for io in spec.outputs]
     chunks = []
     for t in range(codes.shape[2]):
@@ -119,7 +122,7 @@ def test_onnx_stream_matches_batch_decode(decoder_onnx, codes, reference):
 
 
 def test_onnx_fp16_stream_is_close(mimi, codes, reference, tmp_path):
-    spec, _ = export_codec_decoder(mimi, tmp_path / "decoder16.onnx", precision="fp16")
+    spec, _ = export_codec_decoder(mimi, tmp_path / "decoder16.onnx", precision="fp16", max_streams=4)
     assert all(io.dtype != np.float16 for io in spec.inputs + spec.outputs)
     audio = stream_ort(tmp_path / "decoder16.onnx", spec, codes[:, :, :60])
     assert np.abs(audio - reference[: audio.size]).max() <= 1e-2 * np.abs(reference).max()
@@ -179,10 +182,12 @@ def test_bad_inputs_raise(mimi, decoder_onnx):
     with pytest.raises(ValueError):
         codec.encode(np.zeros(0, dtype=np.float32))
     with pytest.raises(ValueError):
-        export_codec_decoder(mimi, "unused.onnx", precision="int8")
+        export_codec_decoder(mimi, "unused.onnx", precision="int8", max_streams=4)
+    with pytest.raises(ValueError):
+        export_codec_decoder(mimi, "unused.onnx", max_streams=0)
     decoder = MimiStreamingDecoder(mimi)
     with pytest.raises(ValueError):
-        decoder(torch.zeros(1, Q, 2, dtype=torch.int64), *decoder.initial_state())
+        decoder(torch.zeros(1, Q, 2, dtype=torch.int64), torch.ones(1, dtype=torch.bool), *decoder.initial_state())
 
 
 def test_tiny_mimi_round_trips(mimi, tmp_path):

@@ -291,8 +291,8 @@ def test_manifest_round_trips_optional_entries(tiny_artifacts):
 
 
 def test_max_streams_is_recorded_and_bounds_the_graphs(tiny_checkpoint, tmp_path):
-    """--max-streams N: the manifest records it, the step graphs' stream axes are bounded by it, and the
-    TensorRT profiles span 1..N; an int4 copy made from them keeps it."""
+    """--max-streams N: the manifest records it, the step graphs' stream axes (the codec decoder's too)
+    are bounded by it, and the TensorRT profiles span 1..N; an int4 copy made from them keeps it."""
     from dia2_trt.export.build import BuildOptions, quantize_artifacts
     from dia2_trt.export.tensorrt import axis_ranges
 
@@ -306,8 +306,11 @@ def test_max_streams_is_recorded_and_bounds_the_graphs(tiny_checkpoint, tmp_path
         assert spec.dims[STREAMS] == 3 and spec.dims[STREAM_ROWS] == 6
         ranges = axis_ranges(manifest, spec)
         assert ranges[STREAMS] == (1, 3, 3) and ranges[STREAM_ROWS] == (2, 6, 6)
+    codec = manifest.graph("codec_decoder")
+    assert codec.dims == {STREAMS: 3} and axis_ranges(manifest, codec)[STREAMS] == (1, 3, 3)
     int4 = quantize_artifacts(tmp_path / "fp32", tmp_path / "int4", BuildOptions(precision="int4"))
     assert int4.max_streams == 3 and int4.graph("depformer").dims == manifest.graph("depformer").dims
+    assert int4.graph("codec_decoder").dims == codec.dims  # its weight-only copy keeps the bound
 
 
 def test_fp16_artifacts_validate(artifacts_factory, tiny_checkpoint):

@@ -123,15 +123,18 @@ def test_int8_codec_decodes_close_to_fp32(quantized, tiny_artifacts, precision):
     sessions = [OrtBackend(threads=1).open_session(load_manifest(art).graph("codec_decoder"))
                 for art in (tiny_artifacts, quantized[precision])]
     rng = np.random.default_rng(1)
-    codes_shape = next(t["shape"] for t in spec["inputs"] if t["name"] == "codes")
-    states = [{t["name"]: np.zeros(t["shape"], t["dtype"]) for t in spec["inputs"] if t["name"] != "codes"}
-              for _ in sessions]
+    def one_stream(shape):
+        return [1 if d == "streams" else d for d in shape]
+
+    codes_shape = one_stream(next(t["shape"] for t in spec["inputs"] if t["name"] == "codes"))
+    states = [{t["name"]: np.zeros(one_stream(t["shape"]), t["dtype"]) for t in spec["inputs"]
+               if t["name"] not in ("codes", "active")} for _ in sessions]
     pcm = [[], []]
     for _ in range(12):
         codes = rng.integers(0, 64, size=codes_shape).astype(np.int64)
         for k, session in enumerate(sessions):
             names = [o.name for o in session.get_outputs()]
-            out = dict(zip(names, session.run(None, {"codes": codes, **states[k]})))
+            out = dict(zip(names, session.run(None, {"codes": codes, "active": np.ones(1, np.bool_), **states[k]})))
             pcm[k].append(out["pcm"].ravel())
             states[k] = {p["input"]: out[p["output"]] for p in spec["state"]}
     ref, got = np.concatenate(pcm[0]), np.concatenate(pcm[1])

@@ -60,7 +60,7 @@ def test_profiles_span_one_to_max_streams_for_every_graph(artifacts_factory):
     for every graph of the artifacts (prefill and codec included): pure shapes, no TensorRT needed."""
     from dia2_trt.export.tensorrt import axis_ranges, profile_shapes
     from dia2_trt.runtime.artifacts import load_manifest
-    from dia2_trt.runtime.manifest import BACKBONE, CACHE_ROWS, DEPFORMER, STREAM_ROWS, STREAMS
+    from dia2_trt.runtime.manifest import BACKBONE, CACHE_ROWS, CODEC_DECODER, DEPFORMER, STREAM_ROWS, STREAMS
 
     manifest = load_manifest(artifacts_factory("default", 0, "fp32", prefix_frames=8))
     n, capacity = manifest.max_streams, manifest.cache_capacity
@@ -76,4 +76,4 @@ def test_profiles_span_one_to_max_streams_for_every_graph(artifacts_factory):
                     seen.add((name, dim))
                     assert tuple(s[axis] for s in shapes[tensor.name]) == expected[dim], (name, tensor.name)
     assert {(BACKBONE, STREAMS), (BACKBONE, STREAM_ROWS), (BACKBONE, CACHE_ROWS), (DEPFORMER, STREAMS),
-            (DEPFORMER, STREAM_ROWS)} <= seen
+            (DEPFORMER, STREAM_ROWS), (CODEC_DECODER, STREAMS)} <= seen

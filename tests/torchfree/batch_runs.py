@@ -3,7 +3,8 @@
 A ``Plan`` is one stream: its script, parameters, prefix, how its text arrives (all at once or
 word by word) and the engine frame it starts at. ``run_together`` starts every plan's session
 from its own thread on one runtime, at its frame, and returns each result; ``solo`` runs a plan
-alone on a runtime of one stream, the reference every batched result must equal token for token.
+alone on a runtime of one stream, the reference every batched result must equal token for token
+and sample for sample.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from dia2_trt.runtime import Dia2Runtime, GenerationParams, SpeakResult
 
@@ -84,7 +87,7 @@ def run_together(runtime: Dia2Runtime, plans: list[Plan], voice=None, timeout: f
 
 
 def differences(batched: SpeakResult, alone: SpeakResult) -> list[str]:
-    """What differs between a batched stream's result and its solo run (tokens, words, frames)."""
+    """What differs between a batched stream's result and its solo run (tokens, words, frames, audio)."""
     out = []
     if batched.tokens.shape != alone.tokens.shape or (batched.tokens != alone.tokens).any():
         out.append(f"tokens {batched.tokens.shape} vs {alone.tokens.shape}")
@@ -92,4 +95,6 @@ def differences(batched: SpeakResult, alone: SpeakResult) -> list[str]:
         out.append("timestamps")
     if batched.frames != alone.frames:
         out.append(f"frames {batched.frames} vs {alone.frames}")
+    if not np.array_equal(batched.pcm, alone.pcm):  # the codec's rows are exact too, batched or not
+        out.append("pcm")
     return out

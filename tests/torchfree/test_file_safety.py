@@ -218,7 +218,8 @@ def _cache_rows(n: int):
 
 def _codec_state_axis(n: int):
     def edit(raw):
-        raw["graphs"]["codec_decoder"]["inputs"][1]["shape"] = [1, 32, n]
+        state = next(t for t in raw["graphs"]["codec_decoder"]["inputs"] if t["name"] == "state.upsample")
+        state["shape"] = [state["shape"][0], 32, n]
     return edit
 
 
