@@ -101,15 +101,15 @@ def _measure(rt: Dia2Runtime, counts: list[int], frames: int, repeats: int, warm
     # made while measured) and past the codebook delays (the codec's first run is not timed either).
     echo("warm-up")
     _round(rt, max(counts), max(warmup_frames, rt.manifest.max_delay + 2), seed)
-    rows = []
-    for n in counts:
-        runs = []
-        for rep in range(repeats):
-            runs.append(_round(rt, n, frames, seed + 1000 * rep))
-            echo(f"{n} streams, repeat {rep + 1}/{repeats}: {runs[-1]['frames']} frames "
-                 f"in {runs[-1]['wall_seconds']:.2f}s")
-        rows.append(summarize(n, runs, rt.manifest.frame_rate))
-    return rows
+    # The counts take turns within each repeat, so a host that speeds up or slows down over the run
+    # (a shared 2-core VM moved 90 -> 140 frames/s between runs) skews every count alike, not the ratio.
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    for rep in range(repeats):
+        for n in counts:
+            runs[n].append(_round(rt, n, frames, seed + 1000 * rep))
+            echo(f"{n} streams, repeat {rep + 1}/{repeats}: {runs[n][-1]['frames']} frames "
+                 f"in {runs[n][-1]['wall_seconds']:.2f}s")
+    return [summarize(n, runs[n], rt.manifest.frame_rate) for n in counts]
 
 
 def _round(rt: Dia2Runtime, n: int, frames: int, seed: int) -> dict:
