@@ -205,12 +205,34 @@ class TrtBinding:
             raise ValueError(f"{self.spec.name}: axis sizes {sizes} outside the bounds {self.spec.dims}")
         if all(self._dims.get(d) == n for d, n in sizes.items()):
             return
+        self._carry_state(sizes)
         self._dims.update(sizes)
         for t in self.spec.inputs:
             if not t.static:
                 self._context.set_input_shape(t.name, t.bounded(self._dims).static_shape)
         self._shapes = {t.name: t.bounded(self._dims).static_shape for t in (*self.spec.inputs, *self.spec.outputs)}
         self._graph_exec = self._graphs.setdefault(tuple(sorted(self._dims.items())), [None, None])
+
+    def _carry_state(self, sizes: Mapping[str, int]) -> None:
+        """Before a state's leading (stream) axis shrinks: its rows past the new size, which runs no
+        longer write, copied device to device from the buffer the next run reads into the other one.
+        Runs swap the two, so without it a row left out for an odd number of runs would come back
+        one run stale (or another stream's, after a reset) when the axis grows again. A row sits at
+        the same offset at every size (the tensors are packed at the buffers' start)."""
+        d2d = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        copied = False
+        for i, _ in self.spec.state:
+            axis = self.spec.input(i).shape[0] if self.spec.input(i).shape else None
+            if not isinstance(axis, str) or axis not in sizes or sizes[axis] >= self._dims[axis]:
+                continue
+            live, other = (self._buffers[i], self._spare[i]) if self._turn == 0 else (self._spare[i], self._buffers[i])
+            row = int(np.prod(live.shape[1:])) * live.dtype.itemsize
+            lo, hi = sizes[axis] * row, self._dims[axis] * row
+            _check(self._cudart.cudaMemcpyAsync(int(other.device) + lo, int(live.device) + lo, hi - lo, d2d,
+                                                self._stream))
+            copied = True
+        if copied:
+            _check(self._cudart.cudaStreamSynchronize(self._stream))
 
     def write_rows(self, name: str, batch: slice, rows: slice, values: np.ndarray) -> None:
         """``buffer[batch, :, rows] = values`` on the device, for a [batch, heads, rows, width] input
