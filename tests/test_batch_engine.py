@@ -13,20 +13,10 @@ import pytest
 from dia2_trt.runtime import Dia2Runtime, GenerationParams
 
 from conftest import FIXTURE
-from torchfree.batch_runs import GREEDY, Plan, differences, run_together, solo
+from torchfree.batch_runs import GREEDY, SCRIPTS, Plan, differences, run_together, solo
 
 DATA = FIXTURE.parent
 
-SCRIPTS = [
-    "[S1] Hello there, how are you? [S2] I am fine, thanks.",
-    "[S2] Just one speaker, talking a while about nothing in particular.",
-    "[S1] Wait. [S2] Okay!",
-    "[S1] The quick brown fox jumps over the lazy dog. [S2] Again?",
-    "[S1] Would you like to hear a story? [S2] Yes, please tell me one.",
-    "[S2] Good morning. [S1] Good evening, my friend.",
-    "[S1] Speak slowly, please. [S2] One, two, three.",
-    "[S1] It was a bright cold day in April.",
-]
 PLANS = [
     Plan(SCRIPTS[0], GREEDY, 0),
     Plan(SCRIPTS[1], GenerationParams(seed=11), 1),

@@ -28,7 +28,7 @@ from dia2_trt.runtime.backends import OrtGraph  # noqa: E402
 from dia2_trt.runtime.manifest import CODEC_DECODER, STATE_IN, STATE_OUT  # noqa: E402
 from dia2_trt.runtime.step import ACTIVE, STREAMS  # noqa: E402
 
-from torchfree.batch_runs import GREEDY, Plan, differences, run_together, solo  # noqa: E402
+from torchfree.batch_runs import GREEDY, SCRIPTS, Plan, differences, run_together, solo  # noqa: E402
 
 Q = 8
 MAX_STREAMS = 8
@@ -181,12 +181,6 @@ def test_binding_keeps_rows_a_smaller_batch_leaves_out(batched):
 
 # --- the runtime -------------------------------------------------------------------------------
 
-SCRIPTS = [
-    "[S1] Hello there, how are you? [S2] I am fine, thanks.",
-    "[S2] Just one speaker, talking a while about nothing in particular.",
-    "[S1] Wait. [S2] Okay!",
-    "[S1] The quick brown fox jumps over the lazy dog. [S2] Again?",
-]
 PLANS = [
     Plan(SCRIPTS[0], GREEDY, 0),
     Plan(SCRIPTS[1], GenerationParams(seed=7), 2),

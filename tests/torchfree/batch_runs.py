@@ -18,6 +18,17 @@ import numpy as np
 from dia2_trt.runtime import Dia2Runtime, GenerationParams, SpeakResult
 
 GREEDY = GenerationParams(text_temperature=0.0, audio_temperature=0.0)
+# Different scripts for the streams of a batch (one per slot of an 8-slot runtime).
+SCRIPTS = [
+    "[S1] Hello there, how are you? [S2] I am fine, thanks.",
+    "[S2] Just one speaker, talking a while about nothing in particular.",
+    "[S1] Wait. [S2] Okay!",
+    "[S1] The quick brown fox jumps over the lazy dog. [S2] Again?",
+    "[S1] Would you like to hear a story? [S2] Yes, please tell me one.",
+    "[S2] Good morning. [S1] Good evening, my friend.",
+    "[S1] Speak slowly, please. [S2] One, two, three.",
+    "[S1] It was a bright cold day in April.",
+]
 
 
 @dataclass

@@ -16,15 +16,8 @@ import pytest
 
 from dia2_trt.runtime import Dia2Runtime, GenerationParams
 
-from .batch_runs import GREEDY, Plan, differences, run_together, solo
+from .batch_runs import GREEDY, SCRIPTS, Plan, differences, run_together, solo
 from .conftest import DATA, FIXTURE
-
-SCRIPTS = [
-    "[S1] Hello there, how are you? [S2] I am fine, thanks.",
-    "[S2] Just one speaker, talking a while about nothing in particular.",
-    "[S1] Wait. [S2] Okay!",
-    "[S1] The quick brown fox jumps over the lazy dog. [S2] Again?",
-]
 
 
 @pytest.fixture(scope="module")
