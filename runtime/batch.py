@@ -150,7 +150,8 @@ class BatchEngine:
             self._cond.notify()
 
     def cancel(self, lane: Lane) -> None:
-        """A session waiting for a slot ends here; a seated one is ended by the engine's next frame."""
+        """A session waiting for a slot ends here; a seated one is ended by the engine's next frame
+        (also when its session was collected unfinished: ``Session.__del__`` cancels its lane)."""
         with self._cond:
             if lane in self._line:
                 self._line.remove(lane)
@@ -167,18 +168,6 @@ class BatchEngine:
                     session._end()  # its loop never ran: this gives its state back
             self._end(lane, None)
 
-    def abandon(self, lane: Lane) -> None:
-        """The lane's session was collected unfinished (Session.__del__): its place in line goes now,
-        its slot at the next frame, where the engine finds the session gone."""
-        with self._cond:
-            queued = lane in self._line
-            if queued:
-                self._line.remove(lane)
-            else:
-                lane.parked = False
-                self._cond.notify()
-        if queued:
-            self._end(lane, None)
 
     def stats(self) -> EngineStats:
         with self._cond:

@@ -107,5 +107,4 @@ class Chunking:
         for name in ("first_frames", "frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHUNK_FRAMES:
-                raise ValueError(f"{name} must be an integer in 1..{MAX_CHUNK_FRAMES}, "
-                                 f"got {value!r}")
+                raise ValueError(f"{name} must be an integer in 1..{MAX_CHUNK_FRAMES}, got {value!r}")

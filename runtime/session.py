@@ -315,7 +315,7 @@ class Session:
         # engine holds it weakly, so a dropped unfinished session ends up here too: its slot goes.
         lane = getattr(self, "_lane", None)
         if lane is not None and not lane.ended:
-            lane.engine.abandon(lane)
+            lane.engine.cancel(lane)
         loop = getattr(self, "_loop", None)
         if getattr(self, "_state", None) is not None and not (loop is not None and loop.gi_running):
             self._release()
