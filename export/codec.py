@@ -27,6 +27,7 @@ from transformers import MimiModel
 
 from dia2_trt.models.mimi_stream import MimiEncoderGraph, MimiStreamingDecoder
 from dia2_trt.runtime.manifest import (
+    ACTIVE,
     CODEC_DECODER,
     CODEC_ENCODER,
     FLOAT_PRECISIONS,
@@ -39,7 +40,6 @@ from dia2_trt.runtime.manifest import (
     StatePair,
     TensorSpec,
 )
-from dia2_trt.runtime.step import ACTIVE
 
 from .graphs import EXAMPLE_STREAMS
 from .manifest import graph_spec

@@ -25,6 +25,7 @@ from dia2_trt.models.sources import CheckpointFiles, load_mimi, load_model, reso
 from dia2_trt.models.tokens import resolve_token_ids
 from dia2_trt.runtime.artifacts import load_manifest, sha256
 from dia2_trt.runtime.manifest import (
+    ACTIVE,
     BACKBONE,
     CODEC_DECODER,
     CODEC_ENCODER,
@@ -34,7 +35,6 @@ from dia2_trt.runtime.manifest import (
     GraphSpec,
     Manifest,
 )
-from dia2_trt.runtime.step import ACTIVE
 
 from .graphs import BackboneStep, DepformerFrame
 from .reference_run import decode_batch

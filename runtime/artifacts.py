@@ -23,6 +23,7 @@ from .errors import first_line
 from .files import InputFileError, open_regular, parse_json, read_json_file, read_regular, write_atomic
 from .graph_io import GraphFormatError, read_io
 from .manifest import (  # noqa: F401  (the names the runtime has always imported from here)
+    ACTIVE,
     BACKBONE,
     BACKEND_NAMES,
     CACHE_ROWS,
@@ -355,9 +356,6 @@ def _check_depformer(m: Manifest) -> None:
                  f"!= [{STREAMS}, {m.audio_channels}]")
 
 
-CODEC_ACTIVE = "active"  # the codec decoder's row mask, step.ACTIVE (step.py imports this module, not the reverse)
-
-
 def _check_codec(m: Manifest) -> None:
     g = m.graph(CODEC_DECODER)
     state_in = {p.input for p in g.state}
@@ -367,11 +365,11 @@ def _check_codec(m: Manifest) -> None:
         g.output(pair.output)
     # one stream (batch 1), or a streams axis with an ``active`` mask: the runtime drives either
     batch = STREAMS if STREAMS in g.dims else 1
-    active = [t for t in g.inputs if t.name == CODEC_ACTIVE]
+    active = [t for t in g.inputs if t.name == ACTIVE]
     if (batch == STREAMS) != bool(active) or any(t.shape != (STREAMS,) or t.dtype.name != "bool" for t in active):
-        _fail(m, f"graphs.codec_decoder: a decoder with a {STREAMS} axis takes {CODEC_ACTIVE} bool [{STREAMS}], "
+        _fail(m, f"graphs.codec_decoder: a decoder with a {STREAMS} axis takes {ACTIVE} bool [{STREAMS}], "
                  f"one without takes none")
-    codes = [t for t in g.inputs if t.name not in state_in and t.name != CODEC_ACTIVE]
+    codes = [t for t in g.inputs if t.name not in state_in and t.name != ACTIVE]
     pcm = [t for t in g.outputs if t.name not in state_out]
     if len(codes) != 1 or codes[0].shape != (batch, m.codec.num_quantizers, 1):
         _fail(m, f"graphs.codec_decoder: expected one codes input [{batch}, {m.codec.num_quantizers}, 1] "

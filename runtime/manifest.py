@@ -54,6 +54,8 @@ CACHE_ROWS = "cache_rows"
 # (one value each: positions, sampler settings, noise, tokens) or their rows (stream s owns rows 2s
 # and 2s + 1, its CFG pair), always 2 * streams. Bounded by the manifest's max_streams (2x for rows).
 STREAMS, STREAM_ROWS = "streams", "stream_rows"
+# The codec decoder with a streams axis takes this bool [streams]: a row with False keeps its state.
+ACTIVE = "active"
 MAX_STREAMS_LIMIT = 64  # the largest max_streams a manifest may record
 
 

@@ -25,11 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import Binding
-from .manifest import BACKBONE, CODEC_DECODER, DEPFORMER, Manifest, cache_name
+from .manifest import ACTIVE, BACKBONE, CODEC_DECODER, DEPFORMER, STREAM_ROWS, STREAMS, Manifest, cache_name
 from .params import GenerationParams
 
-# Named axes of the step graphs (GraphSpec.dims holds their bounds): S, and the 2S rows of the CFG pairs.
-STREAMS, STREAM_ROWS = "streams", "stream_rows"
 BRANCHES = 2  # conditional row 2s, unconditional row 2s + 1: always both, as in the reference
 
 # Backbone step I/O.
@@ -38,8 +36,6 @@ HIDDEN, ACTION_LOGITS, CB0_LOGITS, K_NEW, V_NEW = "hidden", "action_logits", "cb
 # Depformer frame I/O.
 TEXT_TOKENS, NOISE, TEMPERATURE, TOP_K = "text_tokens", "noise", "temperature", "top_k"
 CFG_SCALE, CFG_FILTER_K, AUDIO_TOKENS = "cfg_scale", "cfg_filter_k", "audio_tokens"
-# Codec decoder: rows with active False keep their streaming state.
-ACTIVE = "active"
 # Prefill (one stream): tokens [2, C, T] -> k_rows / v_rows [L, 2, Hkv, T, D].
 K_ROWS, V_ROWS = "k_rows", "v_rows"
 
