@@ -123,14 +123,10 @@ def guide(logits: torch.Tensor, cfg_scale: torch.Tensor, filter_k: torch.Tensor)
 
 
 def _guidance(logits: torch.Tensor, cfg_scale: torch.Tensor, filter_k: torch.Tensor):
-    """(cond [S, V], guided [S, V], use_filter [S]). torch.lerp's two-branch formula is spelled
-    out so the guided values round like the reference's."""
+    """(cond [S, V], guided [S, V], use_filter [S]); the guided values round like torch.lerp's (``_lerp``)."""
     pair = logits.unflatten(0, (-1, BRANCHES))
     cond, uncond = pair[:, 0], pair[:, 1]
-    scale = cfg_scale.unsqueeze(1)
-    diff = cond - uncond
-    guided = torch.where(scale.abs() < 0.5, uncond + scale * diff, cond - diff * (1.0 - scale))
-    return cond, guided, (cfg_scale != 1.0) & (filter_k > 0)
+    return cond, _lerp(uncond, cond, cfg_scale), (cfg_scale != 1.0) & (filter_k > 0)
 
 
 def _filtered(cond, guided, use_filter, threshold) -> torch.Tensor:
@@ -274,7 +270,8 @@ def sample_candidates(logits: torch.Tensor, uniform: torch.Tensor, temperature: 
 
 def _lerp(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """torch.lerp's two-branch formula (start + w (end - start) below |w| 0.5, else end - (end - start)(1 - w)),
-    per row: the branch is picked on [S, 1] and the row computed once (negating a product is exact)."""
+    spelled out so the guided values round like the reference's. The branch is picked per row on
+    [S, 1] and the row computed once (negating a product is exact)."""
     w = weight.unsqueeze(1)
     small = w.abs() < 0.5
     return torch.where(small, start, end) + (end - start) * torch.where(small, w, -(1.0 - w))
